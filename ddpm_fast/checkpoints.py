@@ -1,0 +1,393 @@
+"""Reading, detecting, validating and converting checkpoints; ``load`` builds a Pipeline.
+
+Formats read:
+- denoising-diffusion-pytorch 1.x: a bare ``Unet`` state_dict, a ``GaussianDiffusion``
+  state_dict (``model.`` prefix plus the schedule buffers), or a ``Trainer`` checkpoint
+  (``{'step', 'model', 'ema', ...}``; EMA weights unless ``use_ema=False``);
+- ddpm-fast's own safetensors file, whose metadata carries the network config, schedule and
+  objective.
+
+Nothing is unpickled beyond tensors and plain containers (``torch.load(weights_only=True)``);
+every problem with a file is one ``CheckpointError`` naming the file and what is wrong.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .errors import CheckpointError, ConfigError
+from .models import FAMILIES, dd_pytorch_v1
+from .pipeline import DiffusionConfig, Pipeline, override_diffusion
+from .samplers import OBJECTIVES
+from .schedule import BETA_SCHEDULES, Schedule, ScheduleConfig
+from .version import __version__
+
+log = logging.getLogger(__name__)
+
+FORMAT_KEY = "ddpm_fast_format"
+FORMAT_VERSION = "1"
+
+UNET_OPTIONS = ("channels", "self_condition", "learned_variance", "resnet_block_groups", "attn_heads")
+DIFFUSION_OPTIONS = (
+    "image_size",
+    "beta_schedule",
+    "timesteps",
+    "schedule_kwargs",
+    "objective",
+    "variance",
+)
+# denoising-diffusion-pytorch 1.6.4 (the version the fixtures pin) when a file does not say.
+LIBRARY_DEFAULT_OBJECTIVE = "pred_v"
+LIBRARY_DEFAULT_SCHEDULE = "sigmoid"
+MAX_LISTED = 5
+
+
+@dataclass
+class Checkpoint:
+    """What a file holds, once its format is known."""
+
+    path: Path
+    format: str  # "unet", "diffusion", "trainer" or "ddpm-fast"
+    weights: dict[str, torch.Tensor]  # the network's state_dict
+    buffers: dict[str, torch.Tensor] = field(default_factory=dict)  # GaussianDiffusion buffers
+    metadata: dict[str, str] = field(default_factory=dict)
+    library_version: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def _listing(items: list[str]) -> str:
+    shown = ", ".join(items[:MAX_LISTED])
+    return shown + (f" (+{len(items) - MAX_LISTED} more)" if len(items) > MAX_LISTED else "")
+
+
+def _sniff(path: Path) -> str:
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if len(head) < 9:
+        raise CheckpointError(f"{path}: only {len(head)} bytes; not a checkpoint (truncated?)")
+    if head[:4] == b"PK\x03\x04" or head[0] == 0x80:
+        return "torch"
+    if head[8:9] == b"{":
+        return "safetensors"
+    raise CheckpointError(f"{path}: neither a PyTorch checkpoint nor a safetensors file")
+
+
+def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (not a dict)
+    except Exception as err:  # safetensors raises its own error types
+        raise CheckpointError(f"{path}: not a readable safetensors file ({err})") from None
+    return tensors, metadata
+
+
+def _read_torch(path: Path) -> object:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if "Weights only load failed" in str(err) or "Unsupported global" in str(err):
+            raise CheckpointError(
+                f"{path}: holds Python objects other than tensors and plain containers; "
+                "ddpm-fast does not unpickle arbitrary objects (load it in its own library and "
+                "save its state_dict)"
+            ) from None
+        raise CheckpointError(f"{path}: cannot be read as a PyTorch checkpoint ({message})") from None
+
+
+def _strip(prefix: str, state: dict) -> dict:
+    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def _split_diffusion_state(path: Path, state: dict, where: str) -> tuple[dict, dict]:
+    weights = _strip("model.", state)
+    buffers = {k: v for k, v in state.items() if not k.startswith("model.")}
+    if not weights:
+        raise CheckpointError(f"{path}: {where} has no 'model.*' keys; not a GaussianDiffusion")
+    return weights, buffers
+
+
+def read_checkpoint(path: str | os.PathLike, *, use_ema: bool = True) -> Checkpoint:
+    """Read ``path`` and find out which of the known formats it is."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file")
+    if path.is_dir():
+        raise CheckpointError(f"{path}: is a directory, not a checkpoint file")
+    if _sniff(path) == "safetensors":
+        tensors, metadata = _read_safetensors(path)
+        if FORMAT_KEY not in metadata:
+            fmt = "diffusion" if any(k.startswith("model.") for k in tensors) else "unet"
+            ckpt = Checkpoint(path, fmt, tensors, metadata=metadata)
+            if fmt == "diffusion":
+                ckpt.weights, ckpt.buffers = _split_diffusion_state(path, tensors, "the file")
+            return ckpt
+        return Checkpoint(path, "ddpm-fast", tensors, metadata=metadata)
+
+    obj = _read_torch(path)
+    if not isinstance(obj, dict) or not obj:
+        raise CheckpointError(f"{path}: holds a {type(obj).__name__}, not a state_dict")
+    if all(isinstance(v, torch.Tensor) for v in obj.values()):
+        if any(k.startswith("model.") for k in obj):
+            weights, buffers = _split_diffusion_state(path, obj, "the state_dict")
+            return Checkpoint(path, "diffusion", weights, buffers)
+        return Checkpoint(path, "unet", obj)
+    if isinstance(obj.get("model"), dict):  # a Trainer checkpoint
+        version = obj.get("version")
+        version = version if isinstance(version, str) else None
+        if use_ema:
+            if not isinstance(obj.get("ema"), dict):
+                raise CheckpointError(
+                    f"{path}: a Trainer checkpoint without an 'ema' entry; use the online weights "
+                    "(use_ema=False, CLI: --online)"
+                )
+            state = _strip("ema_model.", obj["ema"])
+            if not state:
+                raise CheckpointError(f"{path}: its 'ema' entry has no 'ema_model.*' keys")
+            where = "the EMA model"
+        else:
+            state, where = obj["model"], "the 'model' entry"
+        weights, buffers = _split_diffusion_state(path, state, where)
+        note = f"{'EMA' if use_ema else 'online'} weights of a Trainer checkpoint"
+        if isinstance(obj.get("step"), int):
+            note += f" at step {obj['step']}"
+        return Checkpoint(path, "trainer", weights, buffers, library_version=version, notes=[note])
+    keys = [str(k) for k in obj]
+    raise CheckpointError(f"{path}: not a checkpoint ddpm-fast knows (top-level keys: {_listing(keys)})")
+
+
+def check_weights(path: Path, network: torch.nn.Module, weights: dict[str, torch.Tensor]) -> None:
+    """Raise one CheckpointError listing missing, unexpected, mis-shaped and non-finite weights."""
+    expected = network.state_dict()
+    missing = [k for k in expected if k not in weights]
+    unexpected = [k for k in weights if k not in expected]
+    misshaped = [
+        f"{k} {list(weights[k].shape)} (network: {list(v.shape)})"
+        for k, v in expected.items()
+        if k in weights and weights[k].shape != v.shape
+    ]
+    problems = []
+    if missing:
+        problems.append(f"missing keys: {_listing(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys: {_listing(unexpected)}")
+    if misshaped:
+        problems.append(f"mis-shaped: {_listing(misshaped)}")
+    if problems:
+        config = getattr(network, "config", None)
+        raise CheckpointError(
+            f"{path}: does not fit the network {config}: " + "; ".join(problems)
+        )
+    bad = [k for k, v in weights.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise CheckpointError(f"{path}: NaN or infinite values in {_listing(bad)}")
+
+
+def _check_buffers(path: Path, buffers: dict, schedule: Schedule) -> list[str]:
+    """Names of the GaussianDiffusion buffers that disagree with ``schedule``'s tables."""
+    wrong = []
+    for name, table in schedule.library_buffers().items():
+        stored = buffers.get(name)
+        if stored is None:
+            continue
+        if stored.shape != table.shape or not torch.allclose(
+            stored.to(torch.float32), table, rtol=1e-5, atol=1e-6
+        ):
+            wrong.append(name)
+    return wrong
+
+
+def _resolve_schedule(ckpt: Checkpoint, options: dict) -> ScheduleConfig:
+    """The schedule chosen by options, else found in the file's buffers, else the default;
+    checked against the buffers where the file has them."""
+    kwargs = options.get("schedule_kwargs") or {}
+    betas = ckpt.buffers.get("betas")
+    stored_steps = len(betas) if betas is not None else None
+    timesteps = options.get("timesteps") or stored_steps or 1000
+    if "beta_schedule" in options:
+        config = ScheduleConfig(options["beta_schedule"], timesteps, kwargs)
+        wrong = _check_buffers(ckpt.path, ckpt.buffers, Schedule(config))
+        if wrong:
+            raise CheckpointError(
+                f"{ckpt.path}: the stored schedule buffers ({_listing(wrong)}) do not match the "
+                f"{config.name} schedule over {timesteps} steps you chose"
+            )
+        return config
+    if betas is None:
+        return ScheduleConfig(LIBRARY_DEFAULT_SCHEDULE, timesteps, kwargs)
+    if timesteps != stored_steps:
+        raise CheckpointError(
+            f"{ckpt.path}: its schedule has {stored_steps} timesteps, not {timesteps}"
+        )
+    for name in BETA_SCHEDULES:
+        config = ScheduleConfig(name, timesteps, kwargs)
+        try:
+            schedule = Schedule(config)
+        except ConfigError:
+            continue
+        if not _check_buffers(ckpt.path, ckpt.buffers, schedule):
+            return config
+    raise CheckpointError(
+        f"{ckpt.path}: its betas ({timesteps} steps) match none of the "
+        f"{', '.join(BETA_SCHEDULES)} schedules; pass beta_schedule and schedule_kwargs"
+    )
+
+
+def _objective_from_loss_weight(buffers: dict, schedule: Schedule) -> str | None:
+    """GaussianDiffusion >= 1.5 stores a loss weight that depends on the objective."""
+    stored = buffers.get("loss_weight")
+    if stored is None:
+        return None
+    abar = schedule.alphas_cumprod
+    snr = abar / (1 - abar)
+    for clipped in (snr, snr.clamp(max=5)):  # min_snr_gamma = 5, the library's default
+        candidates = {
+            "pred_noise": clipped / snr,
+            "pred_x0": clipped,
+            "pred_v": clipped / (snr + 1),
+        }
+        for objective, weight in candidates.items():
+            if stored.shape == weight.shape and torch.allclose(
+                stored.to(torch.float64), weight, rtol=1e-4, atol=1e-6
+            ):
+                return objective
+    return None
+
+
+def _library_objective(version: str | None) -> str:
+    """The GaussianDiffusion default of the library version that wrote the file."""
+    match = re.match(r"(\d+)\.(\d+)\.(\d+)", version or "")
+    if match and tuple(int(g) for g in match.groups()) < (1, 6, 3):
+        return "pred_noise"
+    return LIBRARY_DEFAULT_OBJECTIVE
+
+
+def split_options(options: dict) -> tuple[dict, dict]:
+    unknown = sorted(set(options) - set(UNET_OPTIONS) - set(DIFFUSION_OPTIONS))
+    if unknown:
+        raise ConfigError(
+            f"unknown option(s) {', '.join(unknown)}; known: "
+            f"{', '.join(UNET_OPTIONS + DIFFUSION_OPTIONS)}, use_ema, device"
+        )
+    given = {k: v for k, v in options.items() if v is not None}
+    unet = {k: v for k, v in given.items() if k in UNET_OPTIONS}
+    diffusion = {k: v for k, v in given.items() if k in DIFFUSION_OPTIONS}
+    return unet, diffusion
+
+
+def _pipeline_from_library(ckpt: Checkpoint, unet_options: dict, options: dict) -> Pipeline:
+    try:
+        config = dd_pytorch_v1.infer_config(ckpt.weights, **unet_options)
+    except ConfigError as err:
+        raise CheckpointError(f"{ckpt.path}: {err}") from None
+    network = dd_pytorch_v1.Unet(config)
+    check_weights(ckpt.path, network, ckpt.weights)
+    network.load_state_dict(ckpt.weights, strict=True)
+
+    notes = list(ckpt.notes)
+    schedule_config = _resolve_schedule(ckpt, options)
+    if not ckpt.buffers and "beta_schedule" not in options:
+        notes.append(f"schedule {schedule_config.name} assumed: the file does not store it")
+    objective = options.get("objective")
+    if objective is None:
+        objective = _objective_from_loss_weight(ckpt.buffers, Schedule(schedule_config))
+    if objective is None:
+        objective = _library_objective(ckpt.library_version)
+        notes.append(f"objective {objective} assumed: the file does not store it")
+    diffusion = DiffusionConfig(
+        image_size=options.get("image_size"),
+        schedule=schedule_config,
+        objective=objective,
+        variance=options.get("variance", "fixed_small"),
+    )
+    return Pipeline(network, diffusion, source=str(ckpt.path), notes=tuple(notes))
+
+
+def _pipeline_from_own(ckpt: Checkpoint, unet_options: dict, options: dict) -> Pipeline:
+    meta = ckpt.metadata
+    if unet_options:
+        raise ConfigError(
+            f"{ckpt.path} stores its network config; {', '.join(unet_options)} cannot be overridden"
+        )
+    family = meta.get("family")
+    if family not in FAMILIES:
+        raise CheckpointError(f"{ckpt.path}: unknown model family {family!r}")
+    try:
+        config = FAMILIES[family].UnetConfig.from_dict(json.loads(meta["unet_config"]))
+        diffusion = DiffusionConfig.from_dict(json.loads(meta["diffusion"]))
+    except (KeyError, TypeError, ValueError) as err:
+        raise CheckpointError(f"{ckpt.path}: bad ddpm-fast metadata ({err})") from None
+    network = FAMILIES[family].Unet(config)
+    check_weights(ckpt.path, network, ckpt.weights)
+    network.load_state_dict(ckpt.weights, strict=True)
+
+    diffusion = override_diffusion(diffusion, options)
+    notes = tuple(json.loads(meta.get("notes", "[]")))
+    return Pipeline(network, diffusion, source=str(ckpt.path), notes=notes)
+
+
+def load_checkpoint(
+    path: str | os.PathLike,
+    *,
+    use_ema: bool = True,
+    device: torch.device | str | None = None,
+    **options,
+) -> Pipeline:
+    """A Pipeline from any checkpoint ddpm-fast reads; ``options`` fill in or override what the
+    file does not say (see UNET_OPTIONS and DIFFUSION_OPTIONS)."""
+    unet_options, diffusion_options = split_options(options)
+    if diffusion_options.get("objective", OBJECTIVES[0]) not in OBJECTIVES:
+        raise ConfigError(f"unknown objective {diffusion_options['objective']!r}")
+    ckpt = read_checkpoint(path, use_ema=use_ema)
+    if ckpt.format == "ddpm-fast":
+        pipeline = _pipeline_from_own(ckpt, unet_options, diffusion_options)
+    else:
+        pipeline = _pipeline_from_library(ckpt, unet_options, diffusion_options)
+    if device is not None:
+        pipeline.network.to(device)
+    return pipeline
+
+
+def save_pipeline(pipeline: Pipeline, path: str | os.PathLike) -> Path:
+    """Write ``pipeline`` as a self-describing safetensors file (atomically)."""
+    path = Path(path)
+    metadata = {
+        FORMAT_KEY: FORMAT_VERSION,
+        "family": pipeline.config.family,
+        "unet_config": json.dumps(pipeline.config.to_dict()),
+        "diffusion": json.dumps(pipeline.diffusion.to_dict()),
+        "notes": json.dumps(list(pipeline.notes)),
+        "ddpm_fast_version": __version__,
+    }
+    tensors = {k: v.detach().cpu().contiguous() for k, v in pipeline.network.state_dict().items()}
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        save_file(tensors, str(tmp), metadata=metadata)
+        os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise CheckpointError(f"{path}: cannot write ({err.strerror})") from None
+    return path
+
+
+def describe(pipeline: Pipeline) -> dict:
+    """What ``ddpm-fast info`` prints."""
+    config = pipeline.config
+    return {
+        "source": pipeline.source,
+        "family": config.family,
+        "parameters": pipeline.num_parameters(),
+        "network": {f.name: getattr(config, f.name) for f in fields(config) if f.init},
+        "diffusion": pipeline.diffusion.to_dict(),
+        "notes": list(pipeline.notes),
+    }

@@ -1,0 +1,244 @@
+"""The ``ddpm-fast`` command: sample, info, convert."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import load
+from .checkpoints import describe, save_pipeline
+from .errors import ConfigError, DdpmFastError
+from .images import image_path, save_folder, save_grid, save_npz, to_uint8
+from .pipeline import Pipeline
+from .samplers import OBJECTIVES, SAMPLERS, VARIANCES
+from .schedule import BETA_SCHEDULES
+from .version import __version__
+
+log = logging.getLogger("ddpm_fast")
+DEFAULT_BATCH = 64
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _model_arguments(parser: argparse.ArgumentParser, *, checkpoint_required: bool) -> None:
+    if checkpoint_required:
+        parser.add_argument("checkpoint", help="checkpoint file")
+    else:
+        parser.add_argument(
+            "checkpoint", nargs="?", help="checkpoint file (default: the embedded default model)"
+        )
+    group = parser.add_argument_group("what the checkpoint may not say")
+    group.add_argument("--image-size", type=_positive_int)
+    group.add_argument("--objective", choices=OBJECTIVES)
+    group.add_argument("--beta-schedule", choices=list(BETA_SCHEDULES))
+    group.add_argument("--timesteps", type=_positive_int)
+    group.add_argument("--variance", choices=[v for v in VARIANCES if v != "learned_range"])
+    group.add_argument("--channels", type=_positive_int)
+    group.add_argument("--resnet-block-groups", type=_positive_int)
+    group.add_argument("--attn-heads", type=_positive_int)
+    group.add_argument(
+        "--online", action="store_true", help="Trainer checkpoints: online weights, not the EMA"
+    )
+
+
+def _load(args: argparse.Namespace) -> Pipeline:
+    options = {
+        "image_size": args.image_size,
+        "objective": args.objective,
+        "beta_schedule": args.beta_schedule,
+        "timesteps": args.timesteps,
+        "variance": args.variance,
+        "channels": args.channels,
+        "resnet_block_groups": args.resnet_block_groups,
+        "attn_heads": args.attn_heads,
+    }
+    options = {k: v for k, v in options.items() if v is not None}
+    return load(args.checkpoint, use_ema=not args.online, **options)
+
+
+def _device(text: str | None) -> torch.device | None:
+    if text is None:
+        return None
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise ConfigError(f"unknown device {text!r} (try cpu or cuda)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {text!r} asked for, but CUDA is not available here")
+    return device
+
+
+def _output_kind(out: Path) -> str:
+    """'grid' for .png, 'npz' for .npz, else a folder of PNGs; checks it can be written."""
+    suffix = out.suffix.lower()
+    if suffix in (".png", ".npz"):
+        parent = out.parent
+        if out.is_dir():
+            raise ConfigError(f"{out}: is a directory")
+        if not parent.is_dir() or not os.access(parent, os.W_OK):
+            raise ConfigError(f"{out}: cannot write there ({parent} is not a writable folder)")
+        return "grid" if suffix == ".png" else "npz"
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{out}: exists and is not a folder (use .png, .npz or a folder)")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"{out}: cannot create the folder ({err.strerror})") from None
+    if not os.access(out, os.W_OK):
+        raise ConfigError(f"{out}: the folder is not writable")
+    return "folder"
+
+
+def _pending_runs(out: Path, num: int, batch: int) -> list[range]:
+    """Runs of consecutive batches with a missing PNG: what a rerun into a folder must draw."""
+    runs: list[range] = []
+    for start in range(0, num, batch):
+        stop = min(start + batch, num)
+        if all(image_path(out, i).exists() for i in range(start, stop)):
+            continue
+        if runs and runs[-1].stop == start:
+            runs[-1] = range(runs[-1].start, stop)
+        else:
+            runs.append(range(start, stop))
+    return runs
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    kind = _output_kind(out)
+    device = _device(args.device)
+    pipeline = _load(args)
+    if args.eta and args.sampler != "ddim":
+        raise ConfigError("--eta applies to --sampler ddim only")
+    batch = args.batch_size or min(args.num, DEFAULT_BATCH)
+    options = dict(
+        steps=args.steps,
+        sampler=args.sampler,
+        eta=args.eta,
+        seed=args.seed,
+        batch_size=batch,
+        device=device,
+        progress=True,
+    )
+    pipeline.sampler_spec(args.sampler, args.steps, args.eta)  # bad arguments fail before work
+    pipeline.image_shape()
+
+    if kind == "folder":
+        runs = _pending_runs(out, args.num, batch)
+        if not runs:
+            log.warning("all %d images are already in %s; nothing to do", args.num, out)
+        for run in runs:
+            if run.start or len(runs) > 1:
+                log.warning("resuming: drawing images %d..%d", run.start, run.stop - 1)
+            for indices, images in pipeline.sample_batches(
+                len(run), start_index=run.start, **options
+            ):
+                save_folder(to_uint8(images), indices, out)
+    else:
+        arrays = [to_uint8(images) for _, images in pipeline.sample_batches(args.num, **options)]
+        array = np.concatenate(arrays)
+        (save_grid if kind == "grid" else save_npz)(array, out)
+    print(f"wrote {args.num} images to {out}")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    pipeline = _load(args)
+    info = describe(pipeline)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    network = ", ".join(f"{k}={v}" for k, v in info["network"].items())
+    diffusion = info["diffusion"]
+    schedule = diffusion["schedule"]
+    lines = [
+        f"source:      {info['source']}",
+        f"family:      {info['family']}",
+        f"parameters:  {info['parameters']:,} ({info['parameters'] / 1e6:.2f}M)",
+        f"network:     {network}",
+        f"schedule:    {schedule['name']}, {schedule['timesteps']} timesteps"
+        + (f", {schedule['kwargs']}" if schedule["kwargs"] else ""),
+        f"objective:   {diffusion['objective']}",
+        f"variance:    {diffusion['variance']}",
+        f"image size:  {diffusion['image_size'] or 'not stored (pass --image-size)'}",
+    ]
+    lines += [f"note:        {note}" for note in info["notes"]]
+    print("\n".join(lines))
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    if out.suffix != ".safetensors":
+        raise ConfigError(f"{out}: the output must be a .safetensors file")
+    pipeline = _load(args)
+    save_pipeline(pipeline, out)
+    print(f"wrote {out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ddpm-fast", description="Sample from DDPM U-Nets, fast and checked."
+    )
+    parser.add_argument("--version", action="version", version=f"ddpm-fast {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    sample = commands.add_parser("sample", help="draw images from a checkpoint")
+    _model_arguments(sample, checkpoint_required=False)
+    sample.add_argument("--num", type=_positive_int, default=16, help="number of images")
+    sample.add_argument("--batch-size", type=_positive_int, help=f"default: up to {DEFAULT_BATCH}")
+    sample.add_argument("--steps", type=_positive_int, help="default: the schedule's timesteps")
+    sample.add_argument("--sampler", choices=SAMPLERS, default="ddpm")
+    sample.add_argument("--eta", type=float, default=0.0, help="DDIM's eta (0: deterministic)")
+    sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cpu)")
+    sample.add_argument(
+        "--out",
+        default="samples.png",
+        help="a .png grid, an .npz (arr_0: uint8 NHWC) or a folder of PNGs (resumable)",
+    )
+    sample.set_defaults(run=cmd_sample)
+
+    info = commands.add_parser("info", help="what a checkpoint holds")
+    _model_arguments(info, checkpoint_required=False)
+    info.add_argument("--json", action="store_true")
+    info.set_defaults(run=cmd_info)
+
+    convert = commands.add_parser("convert", help="write ddpm-fast's self-describing safetensors")
+    _model_arguments(convert, checkpoint_required=True)
+    convert.add_argument("out", help="OUT.safetensors")
+    convert.set_defaults(run=cmd_convert)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="ddpm-fast: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except DdpmFastError as err:
+        print(f"ddpm-fast: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("ddpm-fast: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

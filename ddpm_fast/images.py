@@ -1,0 +1,73 @@
+"""Writing samples: a PNG grid, a folder of PNGs, or an .npz of uint8 NHWC (``arr_0``, the
+layout FID tools read). Every file is written to a temporary name and renamed into place, so a
+crash never leaves a half-written image."""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """NCHW floats in [0, 1] -> NHWC uint8, rounding as torchvision's save_image does."""
+    array = images.detach().float().cpu().mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8)
+    return array.permute(0, 2, 3, 1).numpy()
+
+
+def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
+    """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it to ``path``."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _pil(array: np.ndarray) -> Image.Image:
+    return Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array)
+
+
+def grid(array: np.ndarray, *, padding: int = 2, scale: int | None = None) -> np.ndarray:
+    """Tile NHWC images into one near-square HWC image with ``padding`` pixels between cells,
+    each cell scaled up by ``scale`` (default: until a cell is at least 64 pixels)."""
+    n, h, w, c = array.shape
+    scale = scale or max(1, math.ceil(64 / max(h, w)))
+    if scale > 1:
+        array = array.repeat(scale, axis=1).repeat(scale, axis=2)
+        h, w = h * scale, w * scale
+    cols = math.ceil(math.sqrt(n))
+    rows = math.ceil(n / cols)
+    canvas = np.zeros((rows * (h + padding) + padding, cols * (w + padding) + padding, c), np.uint8)
+    for i, image in enumerate(array):
+        y = padding + (i // cols) * (h + padding)
+        x = padding + (i % cols) * (w + padding)
+        canvas[y : y + h, x : x + w] = image
+    return canvas
+
+
+def save_grid(array: np.ndarray, path: Path) -> None:
+    write_atomically(path, lambda tmp: _pil(grid(array)).save(tmp, format="PNG"))
+
+
+def image_path(folder: Path, index: int) -> Path:
+    return folder / f"{index:06d}.png"
+
+
+def save_folder(array: np.ndarray, indices: range, folder: Path) -> None:
+    for index, image in zip(indices, array, strict=True):
+        write_atomically(image_path(folder, index), lambda tmp, im=image: _pil(im).save(tmp, "PNG"))
+
+
+def save_npz(array: np.ndarray, path: Path) -> None:
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            np.savez(f, arr_0=array)
+
+    write_atomically(path, write)

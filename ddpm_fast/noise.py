@@ -1,0 +1,132 @@
+"""Counter-based Gaussian noise: Triton's ``tl.randn(seed, offset)`` written in PyTorch.
+
+Every noise element is a pure function of (seed, sample index, chain step, element), so sample i
+is the same image whatever the batch it is drawn in, a resume needs no generator state, and a
+Triton kernel can draw the same numbers inside a CUDA graph:
+
+    tl.randn(key, offset) with key = (sample_index << 32) | seed        (64-bit Philox key)
+                              offset = step * (C * H * W) + element       (32-bit counter)
+
+where step 0 is the initial noise x_T and step k the k-th reverse step. ``tl.randn`` is
+Philox4x32-10 on the counter (offset, 0, 0, 0) with the key split (lo, hi), the first two words
+mapped to floats in [0, 1) and through Box-Muller (cos branch), all in float32.
+
+The 32-bit words are emulated with int64 tensors: products are split into 16-bit halves so that no
+intermediate overflows.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .errors import ConfigError
+
+PHILOX_KEY_A = 0x9E3779B9
+PHILOX_KEY_B = 0xBB67AE85
+PHILOX_ROUND_A = 0xD2511F53
+PHILOX_ROUND_B = 0xCD9E8D57
+N_ROUNDS = 10
+MASK32 = 0xFFFFFFFF
+MAX_OFFSET = 2**31  # the kernels index with int32
+
+# tl.randn's float constants, rounded to float32 as Triton does.
+_UNIFORM_SCALE = 4.6566127342e-10
+_MIN_UNIFORM = 1.0e-7
+_TWO_PI = 6.283185307179586
+
+
+def _mulhilo(a: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(hi, lo) 32-bit words of the 64-bit product of the constant ``a`` and uint32 words ``x``."""
+    a_hi, a_lo = a >> 16, a & 0xFFFF
+    p_lo = x * a_lo  # < 2**48
+    p_hi = x * a_hi  # < 2**48
+    hi = (p_hi + (p_lo >> 16)) >> 16
+    lo = (p_lo + ((p_hi & 0xFFFF) << 16)) & MASK32
+    return hi & MASK32, lo
+
+
+def philox4x32(
+    c0: torch.Tensor,
+    c1: torch.Tensor,
+    c2: torch.Tensor,
+    c3: torch.Tensor,
+    k0: torch.Tensor,
+    k1: torch.Tensor,
+    n_rounds: int = N_ROUNDS,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Philox4x32 as ``triton.language.random.philox_impl``: uint32 words held in int64 tensors."""
+    for _ in range(n_rounds):
+        hi_b, lo_b = _mulhilo(PHILOX_ROUND_B, c2)
+        hi_a, lo_a = _mulhilo(PHILOX_ROUND_A, c0)
+        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        k0 = (k0 + PHILOX_KEY_A) & MASK32
+        k1 = (k1 + PHILOX_KEY_B) & MASK32
+    return c0, c1, c2, c3
+
+
+def randint4x(seed: torch.Tensor, offset: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """``tl.randint4x(seed, offset)`` for a 64-bit seed and 32-bit offsets (int64 tensors that
+    broadcast together); returns four tensors of uint32 words in int64."""
+    zero = torch.zeros_like(offset)
+    k0 = seed & MASK32
+    k1 = (seed >> 32) & MASK32
+    return philox4x32(offset & MASK32, zero, zero, zero, k0, k1)
+
+
+def _f32(value: float, like: torch.Tensor) -> torch.Tensor:
+    """A float32 constant on ``like``'s device, so arithmetic rounds as Triton's float32 does."""
+    return torch.tensor(value, dtype=torch.float32, device=like.device)
+
+
+def uint_to_uniform_float(x: torch.Tensor) -> torch.Tensor:
+    """Triton's map of a uint32 word to a float32 in [0, 1): reinterpret as int32, fold the
+    negative half with bitwise not, scale."""
+    signed = torch.where(x >= 2**31, x - 2**32, x)
+    folded = torch.where(signed < 0, ~signed, signed)
+    return folded.to(torch.float32) * _f32(_UNIFORM_SCALE, x)
+
+
+def triton_randn(seed: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+    """``tl.randn(seed, offset)``: float32 standard normals, one per offset."""
+    i1, i2, _, _ = randint4x(seed, offset)
+    u1 = uint_to_uniform_float(i1)
+    u2 = uint_to_uniform_float(i2)
+    u1 = torch.maximum(u1, _f32(_MIN_UNIFORM, u1))
+    th = _f32(_TWO_PI, u2) * u2
+    r = torch.sqrt(_f32(-2.0, u1) * torch.log(u1))
+    return r * torch.cos(th)
+
+
+def check_seed(seed: int) -> int:
+    """Seeds are the low 32 bits of the Philox key."""
+    if not isinstance(seed, int) or not 0 <= seed <= MASK32:
+        raise ConfigError(f"seed must be an integer in [0, 2**32), got {seed!r}")
+    return seed
+
+
+def keyed_noise(
+    seed: int,
+    sample_indices: torch.Tensor | list[int],
+    step: int,
+    shape: tuple[int, ...],
+    *,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Noise of shape [len(sample_indices), *shape] for chain step ``step`` (0 = x_T)."""
+    check_seed(seed)
+    numel = 1
+    for s in shape:
+        numel *= s
+    if (step + 1) * numel > MAX_OFFSET:
+        raise ConfigError(
+            f"{step + 1} steps of {numel} noise values per sample exceed the 2**31 counters of the "
+            "Philox stream; use fewer steps or smaller images"
+        )
+    indices = torch.as_tensor(sample_indices, dtype=torch.int64, device=device)
+    if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) > MASK32):
+        raise ConfigError("sample indices must lie in [0, 2**32)")
+    keys = ((indices << 32) | seed).view(-1, 1)
+    offsets = step * numel + torch.arange(numel, dtype=torch.int64, device=indices.device)
+    noise = triton_randn(keys, offsets.view(1, -1))
+    return noise.view(len(indices), *shape).to(dtype)
