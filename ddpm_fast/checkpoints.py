@@ -36,7 +36,13 @@ log = logging.getLogger(__name__)
 FORMAT_KEY = "ddpm_fast_format"
 FORMAT_VERSION = "1"
 
-UNET_OPTIONS = ("channels", "self_condition", "learned_variance", "resnet_block_groups", "attn_heads")
+UNET_OPTIONS = (
+    "channels",
+    "self_condition",
+    "learned_variance",
+    "resnet_block_groups",
+    "attn_heads",
+)
 DIFFUSION_OPTIONS = (
     "image_size",
     "beta_schedule",
@@ -48,7 +54,18 @@ DIFFUSION_OPTIONS = (
 # denoising-diffusion-pytorch 1.6.4 (the version the fixtures pin) when a file does not say.
 LIBRARY_DEFAULT_OBJECTIVE = "pred_v"
 LIBRARY_DEFAULT_SCHEDULE = "sigmoid"
+# What the shapes of a library state_dict cannot tell, with the library's defaults.
+UNSTORED_DEFAULTS = {
+    "resnet_block_groups": dd_pytorch_v1.UnetConfig.resnet_block_groups,
+    "attn_heads": dd_pytorch_v1.UnetConfig.attn_heads,
+}
 MAX_LISTED = 5
+FORMAT_NAMES = {
+    "unet": "a denoising-diffusion-pytorch Unet state_dict",
+    "diffusion": "a denoising-diffusion-pytorch GaussianDiffusion state_dict",
+    "trainer": "a denoising-diffusion-pytorch Trainer checkpoint",
+    "ddpm-fast": "a ddpm-fast safetensors file",
+}
 
 
 @dataclass
@@ -102,7 +119,9 @@ def _read_torch(path: Path) -> object:
                 "ddpm-fast does not unpickle arbitrary objects (load it in its own library and "
                 "save its state_dict)"
             ) from None
-        raise CheckpointError(f"{path}: cannot be read as a PyTorch checkpoint ({message})") from None
+        raise CheckpointError(
+            f"{path}: cannot be read as a PyTorch checkpoint ({message})"
+        ) from None
 
 
 def _strip(prefix: str, state: dict) -> dict:
@@ -163,7 +182,9 @@ def read_checkpoint(path: str | os.PathLike, *, use_ema: bool = True) -> Checkpo
             note += f" at step {obj['step']}"
         return Checkpoint(path, "trainer", weights, buffers, library_version=version, notes=[note])
     keys = [str(k) for k in obj]
-    raise CheckpointError(f"{path}: not a checkpoint ddpm-fast knows (top-level keys: {_listing(keys)})")
+    raise CheckpointError(
+        f"{path}: not a checkpoint ddpm-fast knows (top-level keys: {_listing(keys)})"
+    )
 
 
 def check_weights(path: Path, network: torch.nn.Module, weights: dict[str, torch.Tensor]) -> None:
@@ -185,9 +206,7 @@ def check_weights(path: Path, network: torch.nn.Module, weights: dict[str, torch
         problems.append(f"mis-shaped: {_listing(misshaped)}")
     if problems:
         config = getattr(network, "config", None)
-        raise CheckpointError(
-            f"{path}: does not fit the network {config}: " + "; ".join(problems)
-        )
+        raise CheckpointError(f"{path}: does not fit the network {config}: " + "; ".join(problems))
     bad = [k for k, v in weights.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
         raise CheckpointError(f"{path}: NaN or infinite values in {_listing(bad)}")
@@ -294,7 +313,10 @@ def _pipeline_from_library(ckpt: Checkpoint, unet_options: dict, options: dict) 
     check_weights(ckpt.path, network, ckpt.weights)
     network.load_state_dict(ckpt.weights, strict=True)
 
-    notes = list(ckpt.notes)
+    notes = [f"read as {FORMAT_NAMES[ckpt.format]}", *ckpt.notes]
+    assumed = [f"{k}={v}" for k, v in UNSTORED_DEFAULTS.items() if k not in unet_options]
+    if assumed:
+        notes.append(f"{', '.join(assumed)} assumed: the file cannot store them")
     schedule_config = _resolve_schedule(ckpt, options)
     if not ckpt.buffers and "beta_schedule" not in options:
         notes.append(f"schedule {schedule_config.name} assumed: the file does not store it")

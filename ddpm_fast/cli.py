@@ -16,13 +16,15 @@ from . import load
 from .checkpoints import describe, save_pipeline
 from .errors import ConfigError, DdpmFastError
 from .images import image_path, save_folder, save_grid, save_npz, to_uint8
-from .pipeline import Pipeline
+from .pipeline import DEFAULT_BATCH_SIZE, Pipeline
 from .samplers import OBJECTIVES, SAMPLERS, VARIANCES
 from .schedule import BETA_SCHEDULES
 from .version import __version__
 
-log = logging.getLogger("ddpm_fast")
-DEFAULT_BATCH = 64
+
+def _say(message: str) -> None:
+    """A note for the person at the terminal (stderr, so stdout stays clean)."""
+    print(f"ddpm-fast: {message}", file=sys.stderr)
 
 
 def _positive_int(text: str) -> int:
@@ -125,7 +127,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     pipeline = _load(args)
     if args.eta and args.sampler != "ddim":
         raise ConfigError("--eta applies to --sampler ddim only")
-    batch = args.batch_size or min(args.num, DEFAULT_BATCH)
+    batch = args.batch_size or min(args.num, DEFAULT_BATCH_SIZE)
     options = dict(
         steps=args.steps,
         sampler=args.sampler,
@@ -141,10 +143,10 @@ def cmd_sample(args: argparse.Namespace) -> int:
     if kind == "folder":
         runs = _pending_runs(out, args.num, batch)
         if not runs:
-            log.warning("all %d images are already in %s; nothing to do", args.num, out)
+            _say(f"all {args.num} images are already in {out}; nothing to do")
         for run in runs:
             if run.start or len(runs) > 1:
-                log.warning("resuming: drawing images %d..%d", run.start, run.stop - 1)
+                _say(f"resuming: drawing images {run.start}..{run.stop - 1}")
             for indices, images in pipeline.sample_batches(
                 len(run), start_index=run.start, **options
             ):
@@ -202,7 +204,9 @@ def build_parser() -> argparse.ArgumentParser:
     sample = commands.add_parser("sample", help="draw images from a checkpoint")
     _model_arguments(sample, checkpoint_required=False)
     sample.add_argument("--num", type=_positive_int, default=16, help="number of images")
-    sample.add_argument("--batch-size", type=_positive_int, help=f"default: up to {DEFAULT_BATCH}")
+    sample.add_argument(
+        "--batch-size", type=_positive_int, help=f"default: up to {DEFAULT_BATCH_SIZE}"
+    )
     sample.add_argument("--steps", type=_positive_int, help="default: the schedule's timesteps")
     sample.add_argument("--sampler", choices=SAMPLERS, default="ddpm")
     sample.add_argument("--eta", type=float, default=0.0, help="DDIM's eta (0: deterministic)")

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import torch
 
-from .models.dd_pytorch_v1 import Unet, UnetConfig
 from .errors import ConfigError
+from .models.dd_pytorch_v1 import Unet, UnetConfig
 from .pipeline import DiffusionConfig, Pipeline, override_diffusion
 from .schedule import ScheduleConfig
 
@@ -45,7 +45,9 @@ def load_default(**options) -> Pipeline:
     options.pop("use_ema", None)
     unet_options, diffusion_options = split_options(options)
     if unet_options:
-        raise ConfigError(f"the default model's network is fixed; {', '.join(unet_options)} cannot be set")
+        raise ConfigError(
+            f"the default model's network is fixed; {', '.join(unet_options)} cannot be set"
+        )
     pipeline = untrained_default()
     pipeline = Pipeline(
         pipeline.network,

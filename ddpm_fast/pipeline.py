@@ -15,6 +15,8 @@ from .noise import check_seed, keyed_noise
 from .samplers import OBJECTIVES, VARIANCES, SamplerSpec, sample_loop, step_tables
 from .schedule import Schedule, ScheduleConfig
 
+DEFAULT_BATCH_SIZE = 64
+
 
 @dataclass
 class DiffusionConfig:
@@ -152,7 +154,7 @@ class Pipeline:
         if isinstance(num, bool) or not isinstance(num, int) or num < 1:
             raise ConfigError(f"the number of images must be a positive integer, got {num!r}")
         if batch_size is None:
-            batch_size = num
+            batch_size = min(num, DEFAULT_BATCH_SIZE)
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
         check_seed(seed)
@@ -191,18 +193,47 @@ class Pipeline:
                 else:
                     x = noise(0, (len(indices), *shape))
                 x = sample_loop(
-                    network, x, tables, spec, self.diffusion.objective, noise, on_step=bar.update
+                    network,
+                    x,
+                    tables,
+                    spec,
+                    self.diffusion.objective,
+                    noise,
+                    on_step=lambda k, x: bar.update(),
                 )
                 yield indices, (x + 1) * 0.5
 
-    def sample(self, num: int, **kwargs) -> torch.Tensor:
-        """Draw ``num`` images as an NCHW float tensor in [0, 1].
+    def sample(
+        self,
+        num: int,
+        *,
+        steps: int | None = None,
+        sampler: str = "ddpm",
+        eta: float = 0.0,
+        seed: int = 0,
+        batch_size: int | None = None,
+        initial_noise: torch.Tensor | None = None,
+        device: torch.device | str | None = None,
+        start_index: int = 0,
+        progress: bool = False,
+    ) -> torch.Tensor:
+        """Draw ``num`` images as an NCHW float32 tensor in [0, 1] (on the CPU).
 
-        Keyword arguments: ``steps`` (default: the schedule's length), ``sampler`` ("ddpm" or
-        "ddim"), ``eta`` (DDIM), ``seed``, ``batch_size``, ``initial_noise`` ([num, C, H, W];
-        default: Philox noise), ``device``, ``start_index`` (image i uses the noise of sample
-        ``start_index + i``), ``progress`` (a tqdm bar). Image i is the same for a given seed
-        whatever the batch size.
+        ``steps`` defaults to the schedule's length; ``sampler`` is "ddpm" or "ddim" (with
+        ``eta``); ``batch_size`` defaults to up to 64; ``initial_noise`` [num, C, H, W] replaces
+        the Philox x_T; image i uses the noise of sample ``start_index + i``, so it is the same
+        image for a given seed whatever the batch size; ``progress`` shows a tqdm bar.
         """
-        batches = [images.cpu() for _, images in self.sample_batches(num, **kwargs)]
-        return torch.cat(batches)
+        batches = self.sample_batches(
+            num,
+            steps=steps,
+            sampler=sampler,
+            eta=eta,
+            seed=seed,
+            batch_size=batch_size,
+            initial_noise=initial_noise,
+            device=device,
+            start_index=start_index,
+            progress=progress,
+        )
+        return torch.cat([images.cpu() for _, images in batches])

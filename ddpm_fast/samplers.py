@@ -1,4 +1,5 @@
-"""The reference samplers: DDPM ancestral sampling and DDIM, as denoising-diffusion-pytorch runs them.
+"""The reference samplers: DDPM ancestral sampling and DDIM, as denoising-diffusion-pytorch
+runs them.
 
 Both are one update rule over a table of per-step coefficients (float64, from ``schedule``):
 
@@ -180,11 +181,12 @@ def sample_loop(
     spec: SamplerSpec,
     objective: str,
     noise_fn: NoiseFn,
-    on_step: Callable[[], None] | None = None,
+    on_step: Callable[[int, torch.Tensor], None] | None = None,
 ) -> torch.Tensor:
     """Run the reverse chain from x_T; returns x_0 in [-1, 1] (the network's data range).
 
     Self-conditioning networks get the previous step's clipped x0 (zeros at the first step).
+    ``on_step(k, x)`` is called after each step k = 1 .. n with its output.
     """
     self_condition = getattr(network, "self_condition", False)
     x0 = None
@@ -194,5 +196,5 @@ def sample_loop(
         noise = noise_fn(k + 1, tuple(x.shape)) if tables.adds_noise(k, spec) else None
         x, x0 = denoise_step(model_output, x, tables, k, spec, objective, noise)
         if on_step is not None:
-            on_step()
+            on_step(k + 1, x)
     return x

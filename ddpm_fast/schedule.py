@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from itertools import pairwise
 
 import torch
 import torch.nn.functional as F
@@ -87,10 +88,19 @@ class Schedule:
             betas = BETA_SCHEDULES[config.name](config.timesteps, **config.kwargs)
         except TypeError as err:
             raise ConfigError(f"bad arguments for the {config.name} schedule: {err}") from None
+        if not bool(((betas > 0) & (betas < 1)).all()):
+            # e.g. the linear schedule rescaled to 20 steps reaches beta = 1, where abar = 0 and
+            # every table divides by zero.
+            raise ConfigError(
+                f"the {config.name} schedule over {config.timesteps} timesteps has betas outside "
+                f"(0, 1) (max {float(betas.max()):.4g}); use more timesteps"
+            )
         self.betas = betas
         self.alphas = alphas = 1.0 - betas
         self.alphas_cumprod = alphas_cumprod = torch.cumprod(alphas, dim=0)
-        self.alphas_cumprod_prev = alphas_cumprod_prev = F.pad(alphas_cumprod[:-1], (1, 0), value=1.0)
+        self.alphas_cumprod_prev = alphas_cumprod_prev = F.pad(
+            alphas_cumprod[:-1], (1, 0), value=1.0
+        )
         self.sqrt_alphas_cumprod = torch.sqrt(alphas_cumprod)
         self.sqrt_one_minus_alphas_cumprod = torch.sqrt(1.0 - alphas_cumprod)
         self.log_one_minus_alphas_cumprod = torch.log(1.0 - alphas_cumprod)
@@ -135,7 +145,9 @@ def sampling_timesteps(num_timesteps: int, steps: int) -> list[tuple[int, int]]:
     (T-1, T-2), ..., (0, -1). DDIM uses it for any step count, and so does respaced DDPM here.
     """
     if not 1 <= steps <= num_timesteps:
-        raise ConfigError(f"steps must be between 1 and the schedule's {num_timesteps}, got {steps}")
+        raise ConfigError(
+            f"steps must be between 1 and the schedule's {num_timesteps}, got {steps}"
+        )
     times = torch.linspace(-1, num_timesteps - 1, steps=steps + 1)
     times = list(reversed(times.int().tolist()))
-    return list(zip(times[:-1], times[1:], strict=True))
+    return list(pairwise(times))

@@ -12,6 +12,7 @@ import math
 import re
 from dataclasses import asdict, dataclass, field
 from functools import partial
+from itertools import pairwise
 
 import torch
 import torch.nn.functional as F
@@ -57,11 +58,15 @@ class UnetConfig:
     def __post_init__(self) -> None:
         self.dim_mults = tuple(int(m) for m in self.dim_mults)
         if self.dim <= 0 or not self.dim_mults or min(self.dim_mults) <= 0:
-            raise ConfigError(f"dim and dim_mults must be positive, got {self.dim}, {self.dim_mults}")
+            raise ConfigError(
+                f"dim and dim_mults must be positive, got {self.dim}, {self.dim_mults}"
+            )
         if self.init_dim not in (None, self.dim):
             # The final block takes cat(x, r) with 2 * init_dim channels but is built for 2 * dim:
             # the library builds such a network and fails in its forward.
-            raise ConfigError(f"init_dim must equal dim ({self.dim}) in {FAMILY}, got {self.init_dim}")
+            raise ConfigError(
+                f"init_dim must equal dim ({self.dim}) in {FAMILY}, got {self.init_dim}"
+            )
         groups = self.resnet_block_groups
         widths = {self.dim, *self.block_widths}
         bad = sorted(w for w in widths if w % groups)
@@ -70,7 +75,9 @@ class UnetConfig:
                 f"resnet_block_groups={groups} must divide every block width; {bad} do not"
             )
         if self.learned_sinusoidal_dim % 2:
-            raise ConfigError(f"learned_sinusoidal_dim must be even, got {self.learned_sinusoidal_dim}")
+            raise ConfigError(
+                f"learned_sinusoidal_dim must be even, got {self.learned_sinusoidal_dim}"
+            )
 
     @property
     def block_widths(self) -> list[int]:
@@ -129,7 +136,8 @@ def dtype_eps(dtype: torch.dtype) -> float:
 
 
 class WeightStandardizedConv2d(nn.Conv2d):
-    """https://arxiv.org/abs/1903.10520: w <- (w - mean_o) / sqrt(var_o + eps), per output channel."""
+    """Weight standardisation (arXiv 1903.10520): w <- (w - mean_o) / sqrt(var_o + eps) per
+    output channel o."""
 
     def standardized_weight(self, dtype: torch.dtype) -> torch.Tensor:
         eps = dtype_eps(dtype)
@@ -249,7 +257,7 @@ class LinearAttention(nn.Module):
         self.to_out = nn.Sequential(nn.Conv2d(hidden_dim, dim, 1), LayerNorm(dim))
 
     def forward(self, x):
-        b, c, h, w = x.shape
+        h, w = x.shape[-2:]
         qkv = self.to_qkv(x).chunk(3, dim=1)
         q, k, v = (rearrange(t, "b (h c) x y -> b h c (x y)", h=self.heads) for t in qkv)
         q = q.softmax(dim=-2)
@@ -272,7 +280,7 @@ class Attention(nn.Module):
         self.to_out = nn.Conv2d(hidden_dim, dim, 1)
 
     def forward(self, x):
-        b, c, h, w = x.shape
+        h, w = x.shape[-2:]
         qkv = self.to_qkv(x).chunk(3, dim=1)
         q, k, v = (rearrange(t, "b (h c) x y -> b h c (x y)", h=self.heads) for t in qkv)
         q = q * self.scale
@@ -297,9 +305,11 @@ class Unet(nn.Module):
         dims = config.block_widths
         init_dim = dims[0]
         self.init_conv = nn.Conv2d(input_channels, init_dim, 7, padding=3)
-        in_out = list(zip(dims[:-1], dims[1:], strict=True))
+        in_out = list(pairwise(dims))
         block_klass = partial(ResnetBlock, groups=config.resnet_block_groups)
-        attn_klass = partial(LinearAttention, heads=config.attn_heads, dim_head=config.attn_dim_head)
+        attn_klass = partial(
+            LinearAttention, heads=config.attn_heads, dim_head=config.attn_dim_head
+        )
 
         time_dim = dim * 4
         self.random_or_learned_sinusoidal_cond = (
@@ -425,7 +435,11 @@ def infer_config(state_dict: dict[str, torch.Tensor], **options) -> UnetConfig:
         raise CheckpointError(f"no 'downs.*' keys: this is not a {FAMILY} Unet state_dict")
     widths = [init_dim]
     for i in range(num_stages):
-        key = f"downs.{i}.3.1.weight" if f"downs.{i}.3.1.weight" in state_dict else f"downs.{i}.3.weight"
+        key = (
+            f"downs.{i}.3.1.weight"
+            if f"downs.{i}.3.1.weight" in state_dict
+            else f"downs.{i}.3.weight"
+        )
         widths.append(shape(key)[0])
     if any(w % dim for w in widths[1:]):
         raise CheckpointError(f"stage widths {widths[1:]} are not multiples of dim={dim}")
@@ -443,7 +457,7 @@ def infer_config(state_dict: dict[str, torch.Tensor], **options) -> UnetConfig:
         self_condition = in_channels == 2 * channels
     if learned_variance is None:
         learned_variance = out_channels == 2 * channels
-    heads = options.pop("attn_heads", 4)
+    heads = options.pop("attn_heads", UnetConfig.attn_heads)
     config = UnetConfig(
         dim=dim,
         init_dim=init_dim if init_dim != dim else None,

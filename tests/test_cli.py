@@ -1,0 +1,117 @@
+"""The ddpm-fast command: outputs, resume, info, convert, and one clear line for bad input."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ddpm_fast.cli import main
+
+from .helpers import FIXTURES
+
+FAST = ["--sampler", "ddim", "--steps", "4"]
+
+
+def run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_sample_png_grid(tmp_path, capsys):
+    out = tmp_path / "grid.png"
+    code, stdout, _ = run(capsys, "sample", "--num", 5, *FAST, "--out", out)
+    assert code == 0 and "wrote 5 images" in stdout
+    image = Image.open(out)
+    # 3 x 2 cells of 8 x 8 scaled up 8 times, 2 pixels of padding around each
+    assert image.size == (3 * 66 + 2, 2 * 66 + 2)
+
+
+def test_sample_npz_is_uint8_nhwc(tmp_path, capsys):
+    out = tmp_path / "samples.npz"
+    code, _, _ = run(capsys, "sample", "--num", 3, "--batch-size", 2, *FAST, "--out", out)
+    assert code == 0
+    array = np.load(out)["arr_0"]
+    assert array.dtype == np.uint8 and array.shape == (3, 8, 8, 1)
+
+
+def test_folder_output_resumes(tmp_path, capsys):
+    folder = tmp_path / "pngs"
+    argv = ["sample", "--num", 6, "--batch-size", 2, *FAST, "--out", folder]
+    assert run(capsys, *argv)[0] == 0
+    files = sorted(p.name for p in folder.iterdir())
+    assert files == [f"{i:06d}.png" for i in range(6)]
+    first = {p.name: p.read_bytes() for p in folder.iterdir()}
+    (folder / "000003.png").unlink()
+    code, _, err = run(capsys, *argv)
+    assert code == 0 and "resuming: drawing images 2..3" in err
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == first
+    code, _, err = run(capsys, *argv)
+    assert "nothing to do" in err
+
+
+def test_info(capsys):
+    code, out, _ = run(capsys, "info", FIXTURES / "trainer.pt")
+    assert code == 0
+    assert "family:      dd-pytorch-v1" in out
+    assert "schedule:    linear, 30 timesteps" in out
+    assert "EMA weights" in out
+
+
+def test_convert_then_sample_without_options(tmp_path, capsys):
+    converted = tmp_path / "model.safetensors"
+    code, _, _ = run(
+        capsys, "convert", FIXTURES / "diffusion_state_dict.pt", converted, "--image-size", 8
+    )
+    assert code == 0
+    code, _, _ = run(capsys, "sample", converted, "--num", 2, *FAST, "--out", tmp_path / "s.png")
+    assert code == 0
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["sample", "--steps", 5000], "steps must be between 1 and the schedule's 1000"),
+        (["sample", "--out", "/nonexistent/dir/x.png"], "cannot write there"),
+        (["sample", "nope.pt"], "nope.pt: no such file"),
+        (["sample", "--device", "tpu:x"], "unknown device"),
+        (["sample", "--eta", 0.5], "--eta applies to --sampler ddim only"),
+        (["sample", FIXTURES / "unet_state_dict.pt"], "image size is not stored"),
+        (["convert", FIXTURES / "unet_state_dict.pt", "out.pt"], "must be a .safetensors file"),
+    ],
+)
+def test_bad_arguments_give_one_line_and_exit_2(tmp_path, capsys, monkeypatch, argv, message):
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run(capsys, *argv)
+    assert code == 2
+    assert err.startswith("ddpm-fast: error: ") and message in err
+    assert err.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["sample", "--num", "0"], ["sample", "--sampler", "euler"], ["sample", "--steps", "x"]],
+)
+def test_argparse_errors_exit_2(capsys, argv):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+
+
+def test_python_dash_m_and_the_console_script(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "-m", "ddpm_fast", "--version"], capture_output=True, text=True, check=True
+    )
+    assert out.stdout.startswith("ddpm-fast ")
+    console_script = Path(sys.executable).parent / "ddpm-fast"  # installed beside the interpreter
+    script = subprocess.run(
+        [str(console_script), "sample", "--num", "2", *FAST, "--out", str(tmp_path / "s.png")],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert script.returncode == 0, script.stderr
+    assert (tmp_path / "s.png").exists()
