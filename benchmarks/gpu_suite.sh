@@ -1,0 +1,83 @@
+#!/usr/bin/env bash
+# Everything that needs a CUDA GPU, in one run and offline: the tests marked gpu, then the kernel
+# benchmarks (pytest-benchmark JSON), then a table of them. Results go to
+# ${OUT:-benchmarks/results/gpu-<date>}: machine.txt (date, GPU, versions, command),
+# gpu-tests.txt, kernels.json, kernels.md (every benchmark) and summary.md (printed last).
+# Usage: benchmarks/gpu_suite.sh [extra pytest args for the benchmarks, e.g. -k group_norm]
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+if [[ -z "${PYTHON:-}" ]]; then
+    if [[ -x .venv/bin/python ]]; then PYTHON=.venv/bin/python; else PYTHON=python; fi
+fi
+OUT=${OUT:-benchmarks/results/gpu-$(date +%F)}
+mkdir -p "$OUT"
+status=0
+
+{
+    echo "date: $(date -Is)"
+    echo "command: $0 $*"
+    echo "commit: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null \
+        | sed 's/^/gpu: /' || echo "gpu: (nvidia-smi unavailable)"
+    "$PYTHON" -c 'import platform, torch, triton
+print("python:", platform.python_version(), "| torch:", torch.__version__,
+      "| cuda:", torch.version.cuda, "| triton:", triton.__version__)
+print("device:", torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA")'
+} | tee "$OUT/machine.txt"
+
+echo "== tests marked gpu"
+"$PYTHON" -m pytest -m gpu tests -q -p no:cacheprovider 2>&1 | tee "$OUT/gpu-tests.txt" \
+    || status=$?
+
+echo "== kernel benchmarks"
+"$PYTHON" -m pytest benchmarks/test_kernels.py -q -p no:cacheprovider \
+    --benchmark-json="$OUT/kernels.json" --benchmark-columns=median,rounds \
+    --benchmark-sort=name "$@" >"$OUT/kernels-pytest.txt" 2>&1 || status=$?
+tail -n 3 "$OUT/kernels-pytest.txt"
+
+"$PYTHON" - "$OUT" <<'PY'
+"""Tables from kernels.json: every benchmark (kernels.md), and per kernel, dtype and batch the
+median speed-up of the Triton kernel over eager PyTorch and torch.compile (summary.md)."""
+import json, statistics, sys
+from collections import defaultdict
+from pathlib import Path
+
+out = Path(sys.argv[1])
+path = out / "kernels.json"
+if not path.exists():
+    sys.exit(f"no {path}: the benchmarks did not run")
+rows = defaultdict(dict)
+for b in json.loads(path.read_text())["benchmarks"]:
+    e = b["extra_info"]
+    key = (e["kernel"], e["image"], e["channels"], e["res"], e["batch"], e["dtype"])
+    rows[key][e["provider"]] = (e["us_per_call"], e["gb_per_s"])
+lines = ["| kernel | image | C@res | batch | dtype | triton us (GB/s) | torch us | compile us "
+         "| vs torch | vs compile |", "|" + "---|" * 10]
+speedups = defaultdict(lambda: ([], []))
+for key in sorted(rows):
+    p = rows[key]
+    kernel, image, c, res, batch, dtype = key
+    if "triton" not in p:
+        continue
+    t = p["triton"][0]
+    cell = lambda name: f"{p[name][0]:.1f}" if name in p else "-"  # noqa: E731
+    vs = {name: p[name][0] / t for name in ("torch", "compile") if name in p}
+    for i, name in enumerate(("torch", "compile")):
+        if name in vs:
+            speedups[(kernel, dtype, batch)][i].append(vs[name])
+    ratio = lambda name: f"{vs[name]:.2f}x" if name in vs else "-"  # noqa: E731
+    lines.append(f"| {kernel} | {image} | {c}@{res} | {batch} | {dtype} | {t:.1f} "
+                 f"({p['triton'][1]:.0f}) | {cell('torch')} | {cell('compile')} "
+                 f"| {ratio('torch')} | {ratio('compile')} |")
+(out / "kernels.md").write_text("\n".join(lines) + "\n")
+summary = ["| kernel | dtype | batch | median speed-up vs torch | vs torch.compile |",
+           "|---|---|---|---|---|"]
+median = lambda v: f"{statistics.median(v):.2f}x" if v else "-"  # noqa: E731
+for (kernel, dtype, batch), (vt, vc) in sorted(speedups.items()):
+    summary.append(f"| {kernel} | {dtype} | {batch} | {median(vt)} | {median(vc)} |")
+(out / "summary.md").write_text("\n".join(summary) + "\n")
+print(f"== {len(rows)} shapes; every one in {out / 'kernels.md'}")
+print("\n".join(summary))
+PY
+exit "$status"

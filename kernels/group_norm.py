@@ -1,0 +1,493 @@
+"""GroupNorm with everything around it, in one pass over the statistics and one over the output:
+
+    y = act( GN_affine(x + pre_bias[n, c]) * (1 + scale[n, c]) + shift[n, c] )
+
+``pre_bias``, ``scale``, ``shift``, the affine ``weight``/``bias`` are each optional; ``act`` is
+SiLU or none. The seed's blocks are GroupNorm -> scale/shift -> SiLU; the original DDPM's add the
+time embedding before the second GroupNorm (``pre_bias``), then SiLU.
+
+Statistics are fp32 and stable for inputs with a large mean relative to their spread. Every
+value is first shifted by ``k``, the mean of the first tile of the program's chunk (an estimate
+of the mean: ``x - k`` is exact in fp32 for values within a factor two of ``k``, and one outlier
+moves ``k`` by its share of a tile only); the pre-bias is added after the shift. Each tile's
+per-channel mean and centred sum of squares are merged with Chan's formula, and the output is
+``((x - k + b) - mean) * rstd``, so the mean is never rounded at the magnitude of the input.
+
+At batch 1 the N x G programs of the one-kernel path leave a big GPU idle: then the reduction over
+H x W is split in chunks (``_group_norm_partial_kernel`` writes each chunk's statistics, and
+``_group_norm_apply_kernel`` merges them and normalises its chunk). :func:`plan_split` chooses.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ._launch import (
+    cast_to,
+    cdiv,
+    check_input,
+    check_out,
+    check_param,
+    check_split,
+    device_guard,
+    jit,
+    next_power_of_2,
+    num_warps,
+    per_sample_channel,
+    plan_split,
+    silu,
+    sm_count,
+    spatial_strides,
+    tile_shape,
+    tl,
+    use_triton,
+)
+
+ACTIVATIONS = (None, "silu")
+
+
+@jit
+def _channel_vector(
+    ptr, off, stride, Cg, other: tl.constexpr, BLOCK_C: tl.constexpr, HAS: tl.constexpr
+):
+    """A per-channel vector of the group in fp32, or ``other`` everywhere when absent."""
+    if HAS:
+        offs_c = tl.arange(0, BLOCK_C)
+        v = tl.load(ptr + off + offs_c * stride, mask=offs_c < Cg, other=other).to(tl.float32)
+    else:
+        v = tl.full([BLOCK_C], other, tl.float32)
+    return v
+
+
+@jit
+def _chunk_stats(
+    x_base, sxC, sxS, pb, k, Cg, s_begin, s_end, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr
+):
+    """Mean and centred sum of squares of ``(x - k) + pb`` over the group's channels and positions
+    ``[s_begin, s_end)``: per-channel tiles merged with Chan's formula, then across channels."""
+    offs_c = tl.arange(0, BLOCK_C)
+    mask_c = offs_c < Cg
+    mean_c = tl.zeros([BLOCK_C], dtype=tl.float32)
+    m2_c = tl.zeros([BLOCK_C], dtype=tl.float32)
+    for s0 in range(s_begin, s_end, BLOCK_S):
+        offs_s = s0 + tl.arange(0, BLOCK_S)
+        mask = mask_c[:, None] & (offs_s < s_end)[None, :]
+        ptrs = x_base + offs_c[:, None] * sxC + offs_s[None, :] * sxS
+        v = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+        v = tl.where(mask, (v - k) + pb[:, None], 0.0)
+        n_a = (s0 - s_begin).to(tl.float32)
+        n_b = tl.minimum(s_end - s0, BLOCK_S).to(tl.float32)
+        tile_mean = tl.sum(v, axis=1) / n_b
+        d = tl.where(mask, v - tile_mean[:, None], 0.0)
+        delta = tile_mean - mean_c
+        n_ab = n_a + n_b
+        mean_c += delta * (n_b / n_ab)
+        m2_c += tl.sum(d * d, axis=1) + delta * delta * (n_a * n_b / n_ab)
+    mean = tl.sum(mean_c, axis=0) / Cg
+    dm = tl.where(mask_c, mean_c - mean, 0.0)
+    m2 = tl.sum(m2_c, axis=0) + (s_end - s_begin).to(tl.float32) * tl.sum(dm * dm, axis=0)
+    return mean, m2
+
+
+@jit
+def _apply_chunk(
+    x_base,
+    y_base,
+    sxC,
+    sxS,
+    syC,
+    syS,
+    pb,
+    k,
+    mean,
+    a,
+    b,
+    Cg,
+    s_begin,
+    s_end,
+    BLOCK_C: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    SILU: tl.constexpr,
+):
+    """y = act((((x - k) + pb) - mean) * a + b) over positions ``[s_begin, s_end)``."""
+    offs_c = tl.arange(0, BLOCK_C)
+    mask_c = offs_c < Cg
+    for s0 in range(s_begin, s_end, BLOCK_S):
+        offs_s = s0 + tl.arange(0, BLOCK_S)
+        mask = mask_c[:, None] & (offs_s < s_end)[None, :]
+        v = tl.load(x_base + offs_c[:, None] * sxC + offs_s[None, :] * sxS, mask=mask, other=0.0)
+        y = ((v.to(tl.float32) - k + pb[:, None]) - mean) * a[:, None] + b[:, None]
+        if SILU:
+            y = silu(y)
+        y_ptrs = y_base + offs_c[:, None] * syC + offs_s[None, :] * syS
+        tl.store(y_ptrs, cast_to(y, y_base.dtype.element_ty), mask=mask)
+
+
+@jit
+def _group_setup(
+    x_ptr,
+    pb_ptr,
+    G,
+    Cg,
+    sxN,
+    sxC,
+    spbN,
+    spbC,
+    BLOCK_C: tl.constexpr,
+    HAS_PRE_BIAS: tl.constexpr,
+):
+    """Sample, first channel, the group's base pointer and its pre-bias vector."""
+    pid = tl.program_id(0)
+    n = (pid // G).to(tl.int64)
+    c0 = (pid % G) * Cg
+    x_base = x_ptr + n * sxN + c0 * sxC
+    pb = _channel_vector(pb_ptr, n * spbN + c0 * spbC, spbC, Cg, 0.0, BLOCK_C, HAS_PRE_BIAS)
+    return n, c0, x_base, pb
+
+
+@jit
+def _shift_estimate(
+    x_base, sxC, sxS, Cg, s_begin, s_end, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr
+):
+    """``k``: the mean of the chunk's first tile, which the statistics subtract from x."""
+    offs_c = tl.arange(0, BLOCK_C)
+    offs_s = s_begin + tl.arange(0, BLOCK_S)
+    mask = (offs_c < Cg)[:, None] & (offs_s < s_end)[None, :]
+    ptrs = x_base + offs_c[:, None] * sxC + offs_s[None, :] * sxS
+    x = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+    total = tl.sum(tl.sum(x, axis=1), axis=0)
+    return total / tl.sum(tl.sum(mask.to(tl.float32), axis=1), axis=0)
+
+
+@jit
+def _output_coefficients(
+    w_ptr,
+    b_ptr,
+    sc_ptr,
+    sh_ptr,
+    n,
+    c0,
+    Cg,
+    rstd,
+    sscN,
+    sscC,
+    sshN,
+    sshC,
+    BLOCK_C: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    HAS_SHIFT: tl.constexpr,
+):
+    """Per-channel (a, b) with y = (x_centred) * a + b: the affine, the scale and the shift."""
+    w = _channel_vector(w_ptr, c0, 1, Cg, 1.0, BLOCK_C, HAS_WEIGHT)
+    bias = _channel_vector(b_ptr, c0, 1, Cg, 0.0, BLOCK_C, HAS_BIAS)
+    scale = _channel_vector(sc_ptr, n * sscN + c0 * sscC, sscC, Cg, 0.0, BLOCK_C, HAS_SCALE)
+    shift = _channel_vector(sh_ptr, n * sshN + c0 * sshC, sshC, Cg, 0.0, BLOCK_C, HAS_SHIFT)
+    return rstd * w * (1.0 + scale), bias * (1.0 + scale) + shift
+
+
+@jit
+def _group_norm_fused_kernel(
+    x_ptr,
+    y_ptr,
+    pb_ptr,
+    w_ptr,
+    b_ptr,
+    sc_ptr,
+    sh_ptr,
+    G,
+    Cg,
+    HW,
+    eps,
+    sxN,
+    sxC,
+    sxS,
+    syN,
+    syC,
+    syS,
+    spbN,
+    spbC,
+    sscN,
+    sscC,
+    sshN,
+    sshC,
+    BLOCK_C: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    HAS_PRE_BIAS: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    HAS_SHIFT: tl.constexpr,
+    SILU: tl.constexpr,
+):
+    """One program per (sample, group): statistics over all of H x W, then the output."""
+    n, c0, x_base, pb = _group_setup(
+        x_ptr, pb_ptr, G, Cg, sxN, sxC, spbN, spbC, BLOCK_C, HAS_PRE_BIAS
+    )
+    s_begin = tl.program_id(1) * HW  # 0, as a tensor
+    s_end = s_begin + HW
+    k = _shift_estimate(x_base, sxC, sxS, Cg, s_begin, s_end, BLOCK_C, BLOCK_S)
+    mean, m2 = _chunk_stats(x_base, sxC, sxS, pb, k, Cg, s_begin, s_end, BLOCK_C, BLOCK_S)
+    rstd = 1.0 / tl.sqrt(m2 / (Cg * HW * 1.0) + eps)
+    a, b = _output_coefficients(
+        w_ptr, b_ptr, sc_ptr, sh_ptr, n, c0, Cg, rstd, sscN, sscC, sshN, sshC,
+        BLOCK_C, HAS_WEIGHT, HAS_BIAS, HAS_SCALE, HAS_SHIFT,
+    )  # fmt: skip
+    y_base = y_ptr + n * syN + c0 * syC
+    _apply_chunk(
+        x_base, y_base, sxC, sxS, syC, syS, pb, k, mean, a, b, Cg, s_begin, s_end,
+        BLOCK_C, BLOCK_S, SILU,
+    )  # fmt: skip
+
+
+@jit
+def _group_norm_partial_kernel(
+    x_ptr,
+    pb_ptr,
+    ws_ptr,
+    G,
+    Cg,
+    HW,
+    chunk,
+    sxN,
+    sxC,
+    sxS,
+    spbN,
+    spbC,
+    BLOCK_C: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    HAS_PRE_BIAS: tl.constexpr,
+):
+    """Program (sample x group, chunk): the chunk's shift k, and the mean (less k) and centred
+    sum of squares of its values, into ws."""
+    _n, _c0, x_base, pb = _group_setup(
+        x_ptr, pb_ptr, G, Cg, sxN, sxC, spbN, spbC, BLOCK_C, HAS_PRE_BIAS
+    )
+    s_begin = tl.program_id(1) * chunk
+    s_end = tl.minimum(s_begin + chunk, HW)
+    k = _shift_estimate(x_base, sxC, sxS, Cg, s_begin, s_end, BLOCK_C, BLOCK_S)
+    mean, m2 = _chunk_stats(x_base, sxC, sxS, pb, k, Cg, s_begin, s_end, BLOCK_C, BLOCK_S)
+    ws = ws_ptr + (tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)) * 3
+    tl.store(ws, k)
+    tl.store(ws + 1, mean)
+    tl.store(ws + 2, m2)
+
+
+@jit
+def _group_norm_apply_kernel(
+    x_ptr,
+    y_ptr,
+    pb_ptr,
+    w_ptr,
+    b_ptr,
+    sc_ptr,
+    sh_ptr,
+    ws_ptr,
+    G,
+    Cg,
+    HW,
+    chunk,
+    eps,
+    sxN,
+    sxC,
+    sxS,
+    syN,
+    syC,
+    syS,
+    spbN,
+    spbC,
+    sscN,
+    sscC,
+    sshN,
+    sshC,
+    BLOCK_C: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    HAS_PRE_BIAS: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    HAS_SHIFT: tl.constexpr,
+    SILU: tl.constexpr,
+):
+    """Program (sample x group, chunk): merge all chunks' statistics, normalise this chunk."""
+    n, c0, x_base, pb = _group_setup(
+        x_ptr, pb_ptr, G, Cg, sxN, sxC, spbN, spbC, BLOCK_C, HAS_PRE_BIAS
+    )
+    num_chunks = tl.num_programs(1)
+    ws = ws_ptr + tl.program_id(0) * num_chunks * 3
+    k = tl.load(ws + tl.program_id(1) * 3)  # this chunk's shift, as its statistics used it
+    offs_p = tl.arange(0, BLOCK_P)
+    mask_p = offs_p < num_chunks
+    # every chunk's mean, moved to this chunk's shift (k_i - k: exact for nearby shifts)
+    means = tl.load(ws + offs_p * 3 + 1, mask=mask_p, other=0.0)
+    means += tl.where(mask_p, tl.load(ws + offs_p * 3, mask=mask_p, other=0.0) - k, 0.0)
+    m2s = tl.load(ws + offs_p * 3 + 2, mask=mask_p, other=0.0)
+    counts = tl.where(mask_p, tl.minimum(HW - offs_p * chunk, chunk), 0) * 1.0
+    mean = tl.sum(counts * means, axis=0) / (HW * 1.0)
+    dm = means - mean
+    m2 = tl.sum(m2s, axis=0) + (Cg * 1.0) * tl.sum(counts * dm * dm, axis=0)
+    rstd = 1.0 / tl.sqrt(m2 / (Cg * HW * 1.0) + eps)
+    a, b = _output_coefficients(
+        w_ptr, b_ptr, sc_ptr, sh_ptr, n, c0, Cg, rstd, sscN, sscC, sshN, sshC,
+        BLOCK_C, HAS_WEIGHT, HAS_BIAS, HAS_SCALE, HAS_SHIFT,
+    )  # fmt: skip
+    s_begin = tl.program_id(1) * chunk
+    s_end = tl.minimum(s_begin + chunk, HW)
+    y_base = y_ptr + n * syN + c0 * syC
+    _apply_chunk(
+        x_base, y_base, sxC, sxS, syC, syS, pb, k, mean, a, b, Cg, s_begin, s_end,
+        BLOCK_C, BLOCK_S, SILU,
+    )  # fmt: skip
+
+
+def group_norm_settings(
+    batch: int,
+    channels: int,
+    groups: int,
+    positions: int,
+    device: torch.device,
+    split: int | None = None,
+) -> dict:
+    """Launch settings: tile, warps and the split of H x W (``chunks`` of ``chunk`` positions)."""
+    block_c, block_s = tile_shape(channels // groups, positions)
+    if split is not None:  # a forced split gets at least ``split`` tiles to cut
+        block_s = max(2, min(block_s, next_power_of_2(cdiv(positions, split))))
+    chunks, chunk = plan_split(batch * groups, positions, block_s, sm_count(device), split)
+    return {
+        "BLOCK_C": block_c,
+        "BLOCK_S": block_s,
+        "num_warps": num_warps(block_c * block_s),
+        "chunks": chunks,
+        "chunk": chunk,
+    }
+
+
+def group_norm(
+    x: torch.Tensor,
+    num_groups: int,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    *,
+    pre_bias: torch.Tensor | None = None,
+    scale: torch.Tensor | None = None,
+    shift: torch.Tensor | None = None,
+    eps: float = 1e-5,
+    act: str | None = None,
+    out: torch.Tensor | None = None,
+    split: int | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """``act(GroupNorm(x + pre_bias) * (1 + scale) + shift)`` for x [N, C, H, W], fused.
+
+    ``weight``/``bias`` [C] are GroupNorm's affine; ``pre_bias``, ``scale``, ``shift`` are
+    [N or 1, C] or [N or 1, C, 1, 1] (views such as ``chunk(2, dim=1)`` of one tensor are fine);
+    ``act`` is ``"silu"`` or None. Parameters are x's dtype or float32; the output is x's dtype,
+    in ``out`` when given. ``split`` forces the number of chunks H x W is cut into (None: chosen
+    from the shape and the GPU). ``backend``: see :mod:`ddpm_fast.kernels._launch`.
+    """
+    check_input("x", x, (4,))
+    n, c, h, w = x.shape
+    if not isinstance(num_groups, int) or num_groups < 1 or c % num_groups:
+        raise ValueError(
+            f"num_groups must be a positive divisor of the {c} channels of x {tuple(x.shape)}, "
+            f"got {num_groups}"
+        )
+    if act not in ACTIVATIONS:
+        raise ValueError(f"act must be one of {ACTIVATIONS}, got {act!r}")
+    check_split(split)
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None:
+            check_param(name, t, x)
+            if tuple(t.shape) != (c,):
+                raise ValueError(
+                    f"{name} must be [{c}] for x {tuple(x.shape)}, got {tuple(t.shape)}"
+                )
+    per_sample = {"pre_bias": pre_bias, "scale": scale, "shift": shift}
+    per_sample = {k: per_sample_channel(k, t, x) for k, t in per_sample.items() if t is not None}
+    if out is not None:
+        check_out(out, x.shape, x)
+
+    if not use_triton(backend, x, _group_norm_fused_kernel):
+        y = group_norm_reference(
+            x, num_groups, weight, bias, pre_bias=pre_bias, scale=scale, shift=shift, eps=eps,
+            act=act,
+        )  # fmt: skip
+        return y if out is None else out.copy_(y)
+
+    if out is None:
+        out = torch.empty_like(x)  # keeps channels_last
+    if x.numel() == 0:
+        return out
+    sx, sy = spatial_strides("x", x), spatial_strides("out", out)
+    settings = group_norm_settings(n, c, num_groups, h * w, x.device, split)
+    pb, sc, sh = (per_sample.get(k, x) for k in ("pre_bias", "scale", "shift"))
+    params = {
+        "HAS_PRE_BIAS": pre_bias is not None,
+        "HAS_WEIGHT": weight is not None,
+        "HAS_BIAS": bias is not None,
+        "HAS_SCALE": scale is not None,
+        "HAS_SHIFT": shift is not None,
+        "SILU": act == "silu",
+        "BLOCK_C": settings["BLOCK_C"],
+        "BLOCK_S": settings["BLOCK_S"],
+        "num_warps": settings["num_warps"],
+    }
+    vector_strides = (pb.stride(0), pb.stride(1), sc.stride(0), sc.stride(1))
+    vector_strides += (sh.stride(0), sh.stride(1))
+    weight = x if weight is None else weight
+    bias = x if bias is None else bias
+    cg, hw, chunks, chunk = c // num_groups, h * w, settings["chunks"], settings["chunk"]
+    with device_guard(x):
+        if chunks == 1:
+            _group_norm_fused_kernel[(n * num_groups, 1)](
+                x, out, pb, weight, bias, sc, sh, num_groups, cg, hw, eps, *sx, *sy,
+                *vector_strides, **params,
+            )  # fmt: skip
+            return out
+        ws = torch.empty(n * num_groups, chunks, 3, device=x.device, dtype=torch.float32)
+        grid = (n * num_groups, chunks)
+        _group_norm_partial_kernel[grid](
+            x, pb, ws, num_groups, cg, hw, chunk, *sx, pb.stride(0), pb.stride(1),
+            BLOCK_C=params["BLOCK_C"], BLOCK_S=params["BLOCK_S"],
+            HAS_PRE_BIAS=params["HAS_PRE_BIAS"], num_warps=params["num_warps"],
+        )  # fmt: skip
+        _group_norm_apply_kernel[grid](
+            x, out, pb, weight, bias, sc, sh, ws, num_groups, cg, hw, chunk, eps, *sx, *sy,
+            *vector_strides, BLOCK_P=max(2, next_power_of_2(chunks)), **params,
+        )  # fmt: skip
+    return out
+
+
+def group_norm_reference(
+    x: torch.Tensor,
+    num_groups: int,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    *,
+    pre_bias: torch.Tensor | None = None,
+    scale: torch.Tensor | None = None,
+    shift: torch.Tensor | None = None,
+    eps: float = 1e-5,
+    act: str | None = None,
+) -> torch.Tensor:
+    """The unfused PyTorch sequence of :func:`group_norm`, computed in x's dtype."""
+    c = x.shape[1]
+
+    def vector(t: torch.Tensor) -> torch.Tensor:
+        return t.to(x.dtype).reshape(t.shape[0], c, 1, 1)
+
+    if pre_bias is not None:
+        x = x + vector(pre_bias)
+    weight = None if weight is None else weight.to(x.dtype)
+    bias = None if bias is None else bias.to(x.dtype)
+    y = F.group_norm(x, num_groups, weight, bias, eps)
+    if scale is not None:
+        y = y * (vector(scale) + 1)
+    if shift is not None:
+        y = y + vector(shift)
+    if act == "silu":
+        y = F.silu(y)
+    return y

@@ -1,0 +1,315 @@
+"""Linear attention of denoising-diffusion-pytorch (1.x and 2.x), from the 1x1 conv's output
+``qkv`` [B, 3*h*d, N] (or [B, 3*h*d, H, W], N = H*W) to ``out`` [B, h*d, N] (or [B, h*d, H, W]).
+Per batch and head, with q, k, v of shape [d, N]:
+
+    q = softmax_d(q) * q_scale                  (q_scale = d ** -0.5)
+    k = softmax_n([mem_k | k]),  v = [mem_v | v] * v_scale
+    context[d, e] = sum_n k[d, n] v[e, n]
+    out[e, n] = sum_d context[d, e] q[d, n]
+
+``mem_kv`` [2, h, d, M] are 2.x's memory keys and values, prepended to k and v. 1.x has no memory
+and divides v by N: pass ``v_scale=1 / N`` to compute its ``LinearAttention`` exactly.
+
+Two kernels, each one pass over the positions, fp32 throughout: ``_context_kernel`` runs an
+online softmax over a chunk of positions (per-row running max and sum, the context rescaled as
+the max grows) and writes the chunk's (max, sum, context); ``_output_kernel`` merges the chunks
+and the memory, then computes softmax(q) and ``context^T q`` for its chunk of positions. At small
+batch the positions are cut in several chunks so that the GPU fills (:func:`plan_split`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._launch import (
+    cast_to,
+    check_input,
+    check_out,
+    check_param,
+    check_split,
+    device_guard,
+    jit,
+    next_power_of_2,
+    num_warps,
+    plan_split,
+    sm_count,
+    spatial_strides,
+    tl,
+    use_triton,
+)
+
+MAX_HEAD_DIM = 128
+MAX_MEMORY = 256
+
+
+@jit
+def _context_kernel(
+    qkv_ptr,
+    m_ptr,
+    l_ptr,
+    ctx_ptr,
+    heads,
+    D,
+    HD,
+    N,
+    chunk,
+    sB,
+    sC,
+    sN,
+    BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """Program (batch x head, chunk): softmax_n(k) v^T over the chunk, as (max, sum, context)."""
+    pid = tl.program_id(0)
+    b = (pid // heads).to(tl.int64)
+    head = pid % heads
+    k_base = qkv_ptr + b * sB + (HD + head * D) * sC
+    v_base = qkv_ptr + b * sB + (2 * HD + head * D) * sC
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < D
+    s_begin = tl.program_id(1) * chunk
+    s_end = tl.minimum(s_begin + chunk, N)
+    m_i = tl.full([BLOCK_D], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_D], tl.float32)
+    ctx = tl.zeros([BLOCK_D, BLOCK_D], tl.float32)
+    for s0 in range(s_begin, s_end, BLOCK_N):
+        offs_n = s0 + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < s_end
+        k_ptrs = k_base + offs_d[:, None] * sC + offs_n[None, :] * sN
+        kt = tl.load(k_ptrs, mask=mask_d[:, None] & mask_n[None, :], other=0.0).to(tl.float32)
+        kt = tl.where(mask_n[None, :], kt, float("-inf"))  # padded d rows stay finite
+        m_new = tl.maximum(m_i, tl.max(kt, axis=1))
+        alpha = tl.exp(m_i - m_new)
+        p = tl.exp(kt - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v_ptrs = v_base + offs_n[:, None] * sN + offs_d[None, :] * sC
+        vt = tl.load(v_ptrs, mask=mask_n[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
+        ctx = ctx * alpha[:, None] + tl.dot(p, vt, input_precision="ieee")
+        m_i = m_new
+    w = pid * tl.num_programs(1) + tl.program_id(1)
+    tl.store(m_ptr + w * BLOCK_D + offs_d, m_i)
+    tl.store(l_ptr + w * BLOCK_D + offs_d, l_i)
+    ctx_ptrs = ctx_ptr + w * BLOCK_D * BLOCK_D + offs_d[:, None] * BLOCK_D + offs_d[None, :]
+    tl.store(ctx_ptrs, ctx)
+
+
+@jit
+def _output_kernel(
+    qkv_ptr,
+    mem_ptr,
+    m_ptr,
+    l_ptr,
+    ctx_ptr,
+    out_ptr,
+    heads,
+    D,
+    N,
+    M,
+    S,
+    chunk,
+    q_scale,
+    v_scale,
+    sB,
+    sC,
+    sN,
+    smT,
+    smH,
+    smD,
+    smM,
+    soB,
+    soC,
+    soN,
+    BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    HAS_MEM: tl.constexpr,
+):
+    """Program (batch x head, chunk): merge the S context partials and the memory, then
+    out = context^T (softmax_d(q) * q_scale) over the chunk's positions."""
+    pid = tl.program_id(0)
+    b = (pid // heads).to(tl.int64)
+    head = pid % heads
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < D
+    m = tl.full([BLOCK_D], float("-inf"), tl.float32)
+    for i in range(S):
+        m = tl.maximum(m, tl.load(m_ptr + (pid * S + i) * BLOCK_D + offs_d))
+    if HAS_MEM:
+        offs_m = tl.arange(0, BLOCK_M)
+        mask_m = offs_m < M
+        mem_base = mem_ptr + head * smH
+        mk_ptrs = mem_base + offs_d[:, None] * smD + offs_m[None, :] * smM
+        mk = tl.load(mk_ptrs, mask=mask_d[:, None] & mask_m[None, :], other=0.0).to(tl.float32)
+        mk = tl.where(mask_m[None, :], mk, float("-inf"))
+        m = tl.maximum(m, tl.max(mk, axis=1))
+    l_sum = tl.zeros([BLOCK_D], tl.float32)
+    ctx = tl.zeros([BLOCK_D, BLOCK_D], tl.float32)
+    for i in range(S):
+        w = pid * S + i
+        alpha = tl.exp(tl.load(m_ptr + w * BLOCK_D + offs_d) - m)
+        l_sum += tl.load(l_ptr + w * BLOCK_D + offs_d) * alpha
+        ctx_ptrs = ctx_ptr + w * BLOCK_D * BLOCK_D + offs_d[:, None] * BLOCK_D + offs_d[None, :]
+        ctx += tl.load(ctx_ptrs) * alpha[:, None]
+    if HAS_MEM:
+        p = tl.exp(mk - m[:, None])
+        l_sum += tl.sum(p, axis=1)
+        mv_ptrs = mem_base + smT + offs_m[:, None] * smM + offs_d[None, :] * smD
+        mv = tl.load(mv_ptrs, mask=mask_m[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
+        ctx += tl.dot(p, mv, input_precision="ieee")
+    ctx = tl.where(mask_d[:, None], ctx * (v_scale / l_sum)[:, None], 0.0)
+
+    q_base = qkv_ptr + b * sB + head * D * sC
+    o_base = out_ptr + b * soB + head * D * soC
+    s_begin = tl.program_id(1) * chunk
+    s_end = tl.minimum(s_begin + chunk, N)
+    for s0 in range(s_begin, s_end, BLOCK_N):
+        offs_n = s0 + tl.arange(0, BLOCK_N)
+        mask = (offs_n < s_end)[:, None] & mask_d[None, :]
+        qt = tl.load(q_base + offs_n[:, None] * sN + offs_d[None, :] * sC, mask=mask, other=0.0)
+        qt = tl.where(mask_d[None, :], qt.to(tl.float32), float("-inf"))
+        qt = tl.exp(qt - tl.max(qt, axis=1)[:, None])
+        qt = qt * (q_scale / tl.sum(qt, axis=1))[:, None]
+        o = tl.dot(qt, ctx, input_precision="ieee")
+        o_ptrs = o_base + offs_n[:, None] * soN + offs_d[None, :] * soC
+        tl.store(o_ptrs, cast_to(o, out_ptr.dtype.element_ty), mask=mask)
+
+
+def linear_attention_settings(
+    batch_heads: int,
+    dim_head: int,
+    positions: int,
+    device: torch.device,
+    split: int | None = None,
+) -> dict:
+    """Launch settings: tiles (``tl.dot`` wants every side >= 16) and the split of the positions
+    into ``chunks`` of ``chunk`` for the context and the output kernels."""
+    block_d = max(16, next_power_of_2(dim_head))
+    block_n = max(16, min(next_power_of_2(positions), 2048 // block_d, 128))
+    chunks, chunk = plan_split(batch_heads, positions, block_n, sm_count(device), split)
+    return {
+        "BLOCK_D": block_d,
+        "BLOCK_N": block_n,
+        "num_warps": num_warps(max(block_d * block_n, block_d * block_d)),
+        "chunks": chunks,
+        "chunk": chunk,
+    }
+
+
+def linear_attention(
+    qkv: torch.Tensor,
+    heads: int,
+    *,
+    mem_kv: torch.Tensor | None = None,
+    q_scale: float | None = None,
+    v_scale: float = 1.0,
+    out: torch.Tensor | None = None,
+    split: int | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Linear attention from qkv [B, 3*h*d, N or H, W] to [B, h*d, N or H, W] (module docstring).
+
+    ``mem_kv`` [2, h, d, M] (qkv's dtype or float32) prepends memory keys/values (2.x);
+    ``q_scale`` defaults to d ** -0.5; 1.x's LinearAttention is ``v_scale=1 / (H * W)``.
+    ``split`` forces the number of chunks the positions are cut into (None: from the shape and
+    the GPU). ``backend``: see :mod:`ddpm_fast.kernels._launch`.
+    """
+    check_input("qkv", qkv, (3, 4))
+    b, c = qkv.shape[:2]
+    spatial = tuple(qkv.shape[2:])
+    if not isinstance(heads, int) or heads < 1 or c % (3 * heads):
+        raise ValueError(
+            f"qkv {tuple(qkv.shape)} must have 3 * heads * dim_head channels; heads={heads} "
+            f"does not divide {c} / 3"
+        )
+    d = c // (3 * heads)
+    if d > MAX_HEAD_DIM:
+        raise ValueError(f"dim_head {d} of qkv {tuple(qkv.shape)} is over {MAX_HEAD_DIM}")
+    if mem_kv is not None:
+        check_param("mem_kv", mem_kv, qkv)
+        ok = mem_kv.dim() == 4 and tuple(mem_kv.shape[:3]) == (2, heads, d)
+        if not ok or not 1 <= mem_kv.shape[3] <= MAX_MEMORY:
+            raise ValueError(
+                f"mem_kv must be [2, {heads}, {d}, M] with 1 <= M <= {MAX_MEMORY} for qkv "
+                f"{tuple(qkv.shape)} and heads={heads}, got {tuple(mem_kv.shape)}"
+            )
+    check_split(split)
+    out_shape = (b, heads * d, *spatial)
+    if out is not None:
+        check_out(out, out_shape, qkv)
+    q_scale = d**-0.5 if q_scale is None else float(q_scale)
+
+    if not use_triton(backend, qkv, _context_kernel):
+        y = linear_attention_reference(qkv, heads, mem_kv=mem_kv, q_scale=q_scale, v_scale=v_scale)
+        return y if out is None else out.copy_(y)
+
+    if out is None:
+        out = torch.empty(
+            out_shape, dtype=qkv.dtype, device=qkv.device, memory_format=_memory_format(qkv)
+        )
+    n = out.shape[2:].numel()
+    if out.numel() == 0:
+        return out
+    sq, so = spatial_strides("qkv", qkv), spatial_strides("out", out)
+    settings = linear_attention_settings(b * heads, d, n, qkv.device, split)
+    block_d, block_n, chunks, chunk = (
+        settings[k] for k in ("BLOCK_D", "BLOCK_N", "chunks", "chunk")
+    )
+    partials = b * heads * chunks
+    ws_m = torch.empty(partials, block_d, device=qkv.device, dtype=torch.float32)
+    ws_l = torch.empty_like(ws_m)
+    ws_ctx = torch.empty(partials, block_d, block_d, device=qkv.device, dtype=torch.float32)
+    mem = qkv if mem_kv is None else mem_kv
+    mem_strides = mem.stride() if mem_kv is not None else (0, 0, 0, 0)
+    memory = 1 if mem_kv is None else mem_kv.shape[3]
+    warps = settings["num_warps"]
+    with device_guard(qkv):
+        grid = (b * heads, chunks)
+        _context_kernel[grid](
+            qkv, ws_m, ws_l, ws_ctx, heads, d, heads * d, n, chunk, *sq,
+            BLOCK_D=block_d, BLOCK_N=block_n, num_warps=warps,
+        )  # fmt: skip
+        _output_kernel[grid](
+            qkv, mem, ws_m, ws_l, ws_ctx, out, heads, d, n, memory, chunks, chunk,
+            q_scale, float(v_scale), *sq, *mem_strides, *so,
+            BLOCK_D=block_d, BLOCK_N=block_n, BLOCK_M=max(16, next_power_of_2(memory)),
+            HAS_MEM=mem_kv is not None, num_warps=warps,
+        )  # fmt: skip
+    return out
+
+
+def _memory_format(t: torch.Tensor) -> torch.memory_format:
+    if (
+        t.dim() == 4
+        and not t.is_contiguous()
+        and t.is_contiguous(memory_format=torch.channels_last)
+    ):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def linear_attention_reference(
+    qkv: torch.Tensor,
+    heads: int,
+    *,
+    mem_kv: torch.Tensor | None = None,
+    q_scale: float | None = None,
+    v_scale: float = 1.0,
+) -> torch.Tensor:
+    """denoising-diffusion-pytorch's ``LinearAttention.forward`` between to_qkv and to_out, in
+    qkv's dtype (1.x: ``v_scale=1 / (H * W)``; 2.x: ``mem_kv``)."""
+    b, c = qkv.shape[:2]
+    spatial = qkv.shape[2:]
+    d = c // (3 * heads)
+    q, k, v = qkv.reshape(b, 3, heads, d, -1).unbind(1)
+    if mem_kv is not None:
+        mk, mv = mem_kv.to(qkv.dtype).unsqueeze(1).expand(2, b, *mem_kv.shape[1:]).unbind(0)
+        k = torch.cat((mk, k), dim=-1)
+        v = torch.cat((mv, v), dim=-1)
+    q = q.softmax(dim=-2)
+    k = k.softmax(dim=-1)
+    q = q * (d**-0.5 if q_scale is None else q_scale)
+    if v_scale != 1.0:
+        v = v * v_scale
+    context = torch.einsum("b h d n, b h e n -> b h d e", k, v)
+    out = torch.einsum("b h d e, b h d n -> b h e n", context, q)
+    return out.reshape(b, heads * d, *spatial)

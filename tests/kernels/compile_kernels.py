@@ -1,0 +1,83 @@
+"""Compile every kernel for a CUDA target without a GPU (Triton's compiler runs on the CPU), so
+that a machine with no GPU still catches what the interpreter lets through: type changes of a
+loop-carried value, shapes ``tl.dot`` refuses, ints that Triton specialises to constants.
+
+Run as a script with ``TRITON_INTERPRET`` unset (``tests/kernels/test_compile.py`` does):
+``python tests/kernels/compile_kernels.py [sm]``. Needs Triton's ``ASTSource(fn, signature,
+constexprs)`` with names as keys (triton >= 3.3); exits 3 where that API differs.
+"""
+
+from __future__ import annotations
+
+import inspect
+import sys
+
+FLOATS = {"eps", "gain", "q_scale", "v_scale"}
+
+
+def signature(kernel, pointers: dict[str, str], constexprs: dict) -> dict[str, str]:
+    """Types by name: ``*_ptr`` from ``pointers`` (default fp32), floats, constexprs, else i32."""
+    sig = {}
+    for name in kernel.arg_names:
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            sig[name] = "*" + pointers.get(name, "fp32")
+        else:
+            sig[name] = "fp32" if name in FLOATS else "i32"
+    return sig
+
+
+def cases():
+    from ddpm_fast.kernels import channel_norm, group_norm, linear_attention
+
+    gn_flags = ("HAS_PRE_BIAS", "HAS_WEIGHT", "HAS_BIAS", "HAS_SCALE", "HAS_SHIFT", "SILU")
+    on = dict.fromkeys(gn_flags, True)
+    off = dict.fromkeys(gn_flags, False)
+    half = {"x_ptr": "bf16", "y_ptr": "bf16"}
+    yield group_norm._group_norm_fused_kernel, half, {"BLOCK_C": 16, "BLOCK_S": 256, **on}
+    # Ints equal to 1 arrive as constants: 1 channel per group, a 1 x 1 image, unit strides.
+    ones = {"Cg": 1, "HW": 1, "sxS": 1, "syS": 1, "spbC": 1}
+    yield group_norm._group_norm_fused_kernel, {}, {"BLOCK_C": 2, "BLOCK_S": 2, **off, **ones}
+    yield (
+        group_norm._group_norm_partial_kernel,
+        half,
+        {"BLOCK_C": 64, "BLOCK_S": 64, "HAS_PRE_BIAS": True},
+    )
+    yield group_norm._group_norm_apply_kernel, {"x_ptr": "fp16", "y_ptr": "fp16"}, {
+        "BLOCK_C": 128, "BLOCK_S": 32, "BLOCK_P": 64, **on,
+    }  # fmt: skip
+    cn = {"BLOCK_C": 512, "BLOCK_S": 8}
+    yield channel_norm._channel_norm_kernel, {}, {
+        **cn, "CENTER": True, "HAS_SCALE": False, "HAS_SHIFT": False, "SILU": False,
+    }  # fmt: skip
+    yield channel_norm._channel_norm_kernel, half, {
+        **cn, "CENTER": False, "HAS_SCALE": True, "HAS_SHIFT": True, "SILU": True,
+    }  # fmt: skip
+    la = {"BLOCK_D": 32, "BLOCK_N": 64}
+    yield linear_attention._context_kernel, {"qkv_ptr": "bf16"}, la
+    yield linear_attention._context_kernel, {}, {"BLOCK_D": 16, "BLOCK_N": 16, "N": 1}
+    bf16_io = {"qkv_ptr": "bf16", "mem_ptr": "bf16", "out_ptr": "bf16"}
+    yield linear_attention._output_kernel, bf16_io, {**la, "BLOCK_M": 16, "HAS_MEM": True}
+    yield linear_attention._output_kernel, {}, {**la, "BLOCK_M": 16, "HAS_MEM": False, "S": 1}
+
+
+def main() -> int:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    if "constexprs" not in inspect.signature(ASTSource).parameters:
+        print(f"triton {triton.__version__}: ASTSource has no constexprs argument", file=sys.stderr)
+        return 3
+    arch = int(sys.argv[1]) if len(sys.argv) > 1 else 90
+    target = GPUTarget("cuda", arch, 32)
+    for kernel, pointers, constexprs in cases():
+        src = ASTSource(kernel, signature(kernel, pointers, constexprs), constexprs)
+        compiled = triton.compile(src, target=target)
+        print(f"ok {kernel.__name__} sm_{arch} {len(compiled.asm['ptx'])} chars of PTX")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
