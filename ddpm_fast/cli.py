@@ -16,7 +16,7 @@ from . import load
 from .checkpoints import describe, save_pipeline
 from .errors import ConfigError, DdpmFastError
 from .images import image_path, save_folder, save_grid, save_npz, to_uint8
-from .pipeline import DEFAULT_BATCH_SIZE, Pipeline
+from .pipeline import DEFAULT_BATCH_SIZE, Pipeline, resolve_batch_size
 from .samplers import OBJECTIVES, SAMPLERS, VARIANCES
 from .schedule import BETA_SCHEDULES
 from .version import __version__
@@ -56,6 +56,18 @@ def _model_arguments(parser: argparse.ArgumentParser, *, checkpoint_required: bo
     group.add_argument(
         "--online", action="store_true", help="Trainer checkpoints: online weights, not the EMA"
     )
+
+
+def _sampling_arguments(parser: argparse.ArgumentParser, *, default_num: int) -> None:
+    parser.add_argument("--num", type=_positive_int, default=default_num, help="number of images")
+    parser.add_argument(
+        "--batch-size", type=_positive_int, help=f"default: up to {DEFAULT_BATCH_SIZE}"
+    )
+    parser.add_argument("--steps", type=_positive_int, help="default: the schedule's timesteps")
+    parser.add_argument("--sampler", choices=SAMPLERS, default="ddpm")
+    parser.add_argument("--eta", type=float, default=0.0, help="DDIM's eta (0: deterministic)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cpu)")
 
 
 def _load(args: argparse.Namespace) -> Pipeline:
@@ -120,25 +132,29 @@ def _pending_runs(out: Path, num: int, batch: int) -> list[range]:
     return runs
 
 
-def cmd_sample(args: argparse.Namespace) -> int:
-    out = Path(args.out)
-    kind = _output_kind(out)
-    device = _device(args.device)
-    pipeline = _load(args)
+def _sampling_options(args: argparse.Namespace, pipeline: Pipeline) -> dict:
+    """Keyword arguments of Pipeline.sample_batches, checked before any work is done."""
     if args.eta and args.sampler != "ddim":
         raise ConfigError("--eta applies to --sampler ddim only")
-    batch = args.batch_size or min(args.num, DEFAULT_BATCH_SIZE)
-    options = dict(
+    pipeline.sampler_spec(args.sampler, args.steps, args.eta)
+    pipeline.image_shape()
+    return dict(
         steps=args.steps,
         sampler=args.sampler,
         eta=args.eta,
         seed=args.seed,
-        batch_size=batch,
-        device=device,
+        batch_size=resolve_batch_size(args.num, args.batch_size),
+        device=_device(args.device),
         progress=True,
     )
-    pipeline.sampler_spec(args.sampler, args.steps, args.eta)  # bad arguments fail before work
-    pipeline.image_shape()
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    kind = _output_kind(out)
+    pipeline = _load(args)
+    options = _sampling_options(args, pipeline)
+    batch = options["batch_size"]
 
     if kind == "folder":
         runs = _pending_runs(out, args.num, batch)
@@ -156,6 +172,17 @@ def cmd_sample(args: argparse.Namespace) -> int:
         array = np.concatenate(arrays)
         (save_grid if kind == "grid" else save_npz)(array, out)
     print(f"wrote {args.num} images to {out}")
+    return 0
+
+
+def cmd_quality(args: argparse.Namespace) -> int:
+    from .quality import real_digits_report, score_digits
+
+    pipeline = _load(args)
+    options = _sampling_options(args, pipeline)
+    images = torch.cat([images.cpu() for _, images in pipeline.sample_batches(args.num, **options)])
+    print(f"samples:     {score_digits(images)}")
+    print(f"real digits: {real_digits_report()}")
     return 0
 
 
@@ -203,21 +230,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     sample = commands.add_parser("sample", help="draw images from a checkpoint")
     _model_arguments(sample, checkpoint_required=False)
-    sample.add_argument("--num", type=_positive_int, default=16, help="number of images")
-    sample.add_argument(
-        "--batch-size", type=_positive_int, help=f"default: up to {DEFAULT_BATCH_SIZE}"
-    )
-    sample.add_argument("--steps", type=_positive_int, help="default: the schedule's timesteps")
-    sample.add_argument("--sampler", choices=SAMPLERS, default="ddpm")
-    sample.add_argument("--eta", type=float, default=0.0, help="DDIM's eta (0: deterministic)")
-    sample.add_argument("--seed", type=int, default=0)
-    sample.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cpu)")
+    _sampling_arguments(sample, default_num=16)
     sample.add_argument(
         "--out",
         default="samples.png",
         help="a .png grid, an .npz (arr_0: uint8 NHWC) or a folder of PNGs (resumable)",
     )
     sample.set_defaults(run=cmd_sample)
+
+    quality = commands.add_parser(
+        "quality", help="score samples of an 8x8 digits model (the default) with a classifier"
+    )
+    _model_arguments(quality, checkpoint_required=False)
+    _sampling_arguments(quality, default_num=256)
+    quality.set_defaults(run=cmd_quality)
 
     info = commands.add_parser("info", help="what a checkpoint holds")
     _model_arguments(info, checkpoint_required=False)

@@ -34,9 +34,12 @@ def _pil(array: np.ndarray) -> Image.Image:
     return Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array)
 
 
+GRID_PAD_VALUE = 128  # grey, so that black backgrounds of neighbouring cells stay apart
+
+
 def grid(array: np.ndarray, *, padding: int = 2, scale: int | None = None) -> np.ndarray:
-    """Tile NHWC images into one near-square HWC image with ``padding`` pixels between cells,
-    each cell scaled up by ``scale`` (default: until a cell is at least 64 pixels)."""
+    """Tile NHWC images into one near-square HWC image with ``padding`` grey pixels around the
+    cells, each cell scaled up by ``scale`` (default: until a cell is at least 64 pixels)."""
     n, h, w, c = array.shape
     scale = scale or max(1, math.ceil(64 / max(h, w)))
     if scale > 1:
@@ -44,7 +47,8 @@ def grid(array: np.ndarray, *, padding: int = 2, scale: int | None = None) -> np
         h, w = h * scale, w * scale
     cols = math.ceil(math.sqrt(n))
     rows = math.ceil(n / cols)
-    canvas = np.zeros((rows * (h + padding) + padding, cols * (w + padding) + padding, c), np.uint8)
+    shape = (rows * (h + padding) + padding, cols * (w + padding) + padding, c)
+    canvas = np.full(shape, GRID_PAD_VALUE, np.uint8)
     for i, image in enumerate(array):
         y = padding + (i // cols) * (h + padding)
         x = padding + (i % cols) * (w + padding)

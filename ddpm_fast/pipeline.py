@@ -52,6 +52,15 @@ class DiffusionConfig:
         return cls(**d)
 
 
+def resolve_batch_size(num: int, batch_size: int | None) -> int:
+    """The batch size ``sample`` uses: as given, else up to DEFAULT_BATCH_SIZE."""
+    if batch_size is None:
+        return min(num, DEFAULT_BATCH_SIZE)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
+    return batch_size
+
+
 def override_diffusion(diffusion: DiffusionConfig, options: dict) -> DiffusionConfig:
     """``diffusion`` with the options given (image_size, objective, variance, beta_schedule,
     timesteps, schedule_kwargs) put in."""
@@ -153,10 +162,7 @@ class Pipeline:
         """Yield (sample indices, images in [0, 1]) one batch at a time; see ``sample``."""
         if isinstance(num, bool) or not isinstance(num, int) or num < 1:
             raise ConfigError(f"the number of images must be a positive integer, got {num!r}")
-        if batch_size is None:
-            batch_size = min(num, DEFAULT_BATCH_SIZE)
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
+        batch_size = resolve_batch_size(num, batch_size)
         check_seed(seed)
         spec = self.sampler_spec(sampler, steps, eta)
         device = torch.device(device) if device is not None else self.device

@@ -50,6 +50,9 @@ def test_fixed_large_variance_is_another_chain():
     assert not torch.allclose(small, large)
 
 
-def test_default_model_is_labelled(pipeline):
+def test_default_model_is_the_trained_digits_model(pipeline):
     assert pipeline.config.channels == 1 and pipeline.diffusion.image_size == 8
+    assert pipeline.diffusion.objective == "pred_noise"
+    assert pipeline.diffusion.schedule.name == "linear"
     assert pipeline.source.startswith("embedded default")
+    assert any("trained on scikit-learn's 8x8 digits" in note for note in pipeline.notes)
