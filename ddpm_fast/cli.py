@@ -221,8 +221,15 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a bad argument reported in one line (not the whole usage) and exit 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"ddpm-fast: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="ddpm-fast", description="Sample from DDPM U-Nets, fast and checked."
     )
     parser.add_argument("--version", action="version", version=f"ddpm-fast {__version__}")

@@ -95,10 +95,12 @@ def test_bad_arguments_give_one_line_and_exit_2(tmp_path, capsys, monkeypatch, a
     "argv",
     [["sample", "--num", "0"], ["sample", "--sampler", "euler"], ["sample", "--steps", "x"]],
 )
-def test_argparse_errors_exit_2(capsys, argv):
+def test_argparse_errors_exit_2_with_one_line(capsys, argv):
     with pytest.raises(SystemExit) as exit_info:
         main(argv)
     assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("ddpm-fast: error: ") and err.count("\n") == 1
 
 
 def test_python_dash_m_and_the_console_script(tmp_path):
