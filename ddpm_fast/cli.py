@@ -229,9 +229,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
-        prog="ddpm-fast", description="Sample from DDPM U-Nets, fast and checked."
-    )
+    parser = _Parser(prog="ddpm-fast", description="Sample from DDPM U-Nets, fast and checked.")
     parser.add_argument("--version", action="version", version=f"ddpm-fast {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
