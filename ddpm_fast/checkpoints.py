@@ -14,7 +14,6 @@ every problem with a file is one ``CheckpointError`` naming the file and what is
 from __future__ import annotations
 
 import json
-import logging
 import os
 import re
 from dataclasses import dataclass, field, fields
@@ -30,8 +29,6 @@ from .pipeline import DiffusionConfig, Pipeline, override_diffusion
 from .samplers import OBJECTIVES
 from .schedule import BETA_SCHEDULES, Schedule, ScheduleConfig
 from .version import __version__
-
-log = logging.getLogger(__name__)
 
 FORMAT_KEY = "ddpm_fast_format"
 FORMAT_VERSION = "1"

@@ -17,6 +17,8 @@ intermediate overflows.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from .errors import ConfigError
@@ -106,7 +108,7 @@ def check_seed(seed: int) -> int:
 
 def keyed_noise(
     seed: int,
-    sample_indices: torch.Tensor | list[int],
+    sample_indices: Sequence[int],
     step: int,
     shape: tuple[int, ...],
     *,
@@ -123,9 +125,10 @@ def keyed_noise(
             f"{step + 1} steps of {numel} noise values per sample exceed the 2**31 counters of the "
             "Philox stream; use fewer steps or smaller images"
         )
-    indices = torch.as_tensor(sample_indices, dtype=torch.int64, device=device)
-    if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) > MASK32):
+    # Checked on the host, before the tensor exists: no device sync inside a sampling loop.
+    if sample_indices and (min(sample_indices) < 0 or max(sample_indices) > MASK32):
         raise ConfigError("sample indices must lie in [0, 2**32)")
+    indices = torch.as_tensor(list(sample_indices), dtype=torch.int64, device=device)
     keys = ((indices << 32) | seed).view(-1, 1)
     offsets = step * numel + torch.arange(numel, dtype=torch.int64, device=indices.device)
     noise = triton_randn(keys, offsets.view(1, -1))

@@ -192,7 +192,7 @@ class Pipeline:
                 indices = range(start_index + rows.start, start_index + rows.stop)
 
                 def noise(step: int, batch_shape: tuple[int, ...], indices=indices):
-                    return keyed_noise(seed, list(indices), step, batch_shape[1:], device=device)
+                    return keyed_noise(seed, indices, step, batch_shape[1:], device=device)
 
                 if initial_noise is not None:
                     x = initial_noise[rows.start : rows.stop].to(device, torch.float32)
