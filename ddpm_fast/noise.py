@@ -128,8 +128,20 @@ def keyed_noise(
     # Checked on the host, before the tensor exists: no device sync inside a sampling loop.
     if sample_indices and (min(sample_indices) < 0 or max(sample_indices) > MASK32):
         raise ConfigError("sample indices must lie in [0, 2**32)")
-    indices = torch.as_tensor(list(sample_indices), dtype=torch.int64, device=device)
-    keys = ((indices << 32) | seed).view(-1, 1)
-    offsets = step * numel + torch.arange(numel, dtype=torch.int64, device=indices.device)
+    keys = philox_keys(seed, sample_indices, device=device).view(-1, 1)
+    offsets = step * numel + torch.arange(numel, dtype=torch.int64, device=keys.device)
     noise = triton_randn(keys, offsets.view(1, -1))
-    return noise.view(len(indices), *shape).to(dtype)
+    return noise.view(len(sample_indices), *shape).to(dtype)
+
+
+def philox_keys(
+    seed: int, sample_indices: Sequence[int], *, device: torch.device | str | None = None
+) -> torch.Tensor:
+    """The 64-bit Philox keys ``sample_index << 32 | seed`` as int64 (two's complement: the bits
+    of indices >= 2**31 land in the sign), one per sample."""
+    if isinstance(sample_indices, range):  # made on the device: no host-to-device copy
+        r = sample_indices
+        indices = torch.arange(r.start, r.stop, r.step, dtype=torch.int64, device=device)
+    else:
+        indices = torch.as_tensor(list(sample_indices), dtype=torch.int64, device=device)
+    return (indices << 32) | seed

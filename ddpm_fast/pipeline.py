@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 
 from .errors import ConfigError
 from .noise import check_seed, keyed_noise
-from .samplers import OBJECTIVES, VARIANCES, SamplerSpec, sample_loop, step_tables
+from .samplers import OBJECTIVES, VARIANCES, SamplerSpec, StepTables, sample_loop, step_tables
 from .schedule import Schedule, ScheduleConfig
 
 DEFAULT_BATCH_SIZE = 64
@@ -166,7 +166,7 @@ class Pipeline:
         check_seed(seed)
         spec = self.sampler_spec(sampler, steps, eta)
         device = torch.device(device) if device is not None else self.device
-        network = self.network.to(device)
+        self.network.to(device)
         if initial_noise is not None:
             shape = tuple(initial_noise.shape[1:])
             if initial_noise.ndim != 4 or initial_noise.shape[0] != num:
@@ -191,23 +191,35 @@ class Pipeline:
                 rows = range(first, min(first + batch_size, num))
                 indices = range(start_index + rows.start, start_index + rows.stop)
 
-                def noise(step: int, batch_shape: tuple[int, ...], indices=indices):
-                    return keyed_noise(seed, indices, step, batch_shape[1:], device=device)
-
                 if initial_noise is not None:
                     x = initial_noise[rows.start : rows.stop].to(device, torch.float32)
                 else:
-                    x = noise(0, (len(indices), *shape))
-                x = sample_loop(
-                    network,
-                    x,
-                    tables,
-                    spec,
-                    self.diffusion.objective,
-                    noise,
-                    on_step=lambda k, x: bar.update(),
+                    x = keyed_noise(seed, indices, 0, shape, device=device)
+                x = self._run_chain(
+                    x, tables, spec, seed=seed, indices=indices, on_step=lambda k: bar.update()
                 )
                 yield indices, (x + 1) * 0.5
+
+    def _run_chain(
+        self,
+        x: torch.Tensor,
+        tables: StepTables,
+        spec: SamplerSpec,
+        *,
+        seed: int,
+        indices: range,
+        on_step: Callable[[int], None],
+    ) -> torch.Tensor:
+        """The reverse chain of one batch from x_T (on the device it runs on) to x_0: the
+        reference loop. ``ddpm_fast.engine.Engine`` runs the same chain its own way."""
+
+        def noise(step: int, batch_shape: tuple[int, ...]) -> torch.Tensor:
+            return keyed_noise(seed, indices, step, batch_shape[1:], device=x.device)
+
+        objective = self.diffusion.objective
+        return sample_loop(
+            self.network, x, tables, spec, objective, noise, on_step=lambda k, x: on_step(k)
+        )
 
     def sample(
         self,

@@ -1,0 +1,233 @@
+"""``Engine``: a Pipeline whose chains run on the fast path, with the same ``sample`` contract.
+
+For each chain (sampler spec, device) it prepares once: a ``FastUnet`` (folded weights, the time
+conditioning of every timestep the chain visits, fused modules) in the engine's dtype, and the
+fused step's coefficient table on the device. Each denoising step is then the network plus one
+``sampler_step`` kernel, reading the step index from a device tensor that the step itself
+advances. On CUDA the step is captured as a CUDA graph per (batch, height, width) and replayed
+for every step of the chain: no host sync, no host-side indexing inside the loop. Elsewhere the
+same step runs eagerly on PyTorch, with the noise drawn by ``ddpm_fast.noise``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import ConfigError
+from ..kernels.sampler_step import draws_noise, sampler_step
+from ..noise import keyed_noise, philox_keys
+from ..pipeline import Pipeline
+from ..samplers import SamplerSpec, StepTables
+from .coefficients import coefficient_table
+from .cpu_conv import use_cpu_convolutions
+from .graph import CapturedStep
+from .network import FastUnet
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+        return dtype
+    if dtype in DTYPES:
+        return DTYPES[dtype]
+    raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+
+
+def cast_convolutions(network: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Convolutions (weights and biases) in ``dtype``; norms and time tables stay fp32, which the
+    kernels take as they are and keep the statistics' precision."""
+    for module in network.modules():
+        if isinstance(module, torch.nn.Conv2d):
+            module.to(dtype)
+
+
+@dataclass
+class ChainState:
+    """The device buffers one step reads and writes: the chain's state x and the clipped x0
+    (fp32, the self-conditioning input of the next step), the step index, the noise keys."""
+
+    x: torch.Tensor
+    x0: torch.Tensor
+    step: torch.Tensor
+    keys: torch.Tensor
+
+    @classmethod
+    def empty(cls, shape: tuple[int, ...], device: torch.device) -> ChainState:
+        return cls(
+            x=torch.zeros(shape, device=device),
+            x0=torch.zeros(shape, device=device),
+            step=torch.zeros(1, dtype=torch.int64, device=device),
+            keys=torch.zeros(shape[0], dtype=torch.int64, device=device),
+        )
+
+    def reset(self, x_t: torch.Tensor, keys: torch.Tensor) -> None:
+        self.x.copy_(x_t)
+        self.x0.zero_()
+        self.step.zero_()
+        self.keys.copy_(keys)
+
+
+class PreparedChain:
+    """The fast network and coefficient table of one chain on one device."""
+
+    def __init__(self, engine: Engine, tables: StepTables, spec: SamplerSpec, device):
+        self.spec = spec
+        self.device = device
+        self.dtype = engine.dtype
+        self.steps = len(tables)
+        self.learned = spec.kind == "ddpm" and spec.variance == "learned_range"
+        self.noise_on = [tables.adds_noise(k, spec) for k in range(self.steps)]
+        network = FastUnet(engine.network, tables.timesteps.to(device))
+        cast_convolutions(network, self.dtype)
+        if device.type == "cpu":
+            use_cpu_convolutions(network)
+        self.channels_last = engine.channels_last_on(device)
+        if self.channels_last:
+            network = network.to(memory_format=torch.channels_last)
+        self.network = network.to(device)
+        table = coefficient_table(tables, spec, engine.diffusion.objective)
+        self.coeffs = table.to(device)
+        self.graphs: dict[tuple[int, ...], CapturedStep | None] = {}
+
+    def network_input(self, x: torch.Tensor) -> torch.Tensor:
+        memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
+        return x.to(self.dtype, memory_format=memory_format)
+
+    def step(self, state: ChainState, z: torch.Tensor | None = None) -> None:
+        """One denoising step on ``state``, in place; ``z`` is the noise where the kernel does
+        not draw it (the PyTorch path)."""
+        self_cond = self.network_input(state.x0) if self.network.self_condition else None
+        out = self.network(self.network_input(state.x), state.step, self_cond)
+        sampler_step(
+            out, state.x, self.coeffs, state.step, state.keys, z=z, learned=self.learned,
+            out=(state.x, state.x0),
+        )  # fmt: skip
+        state.step.add_(1)
+
+
+class Engine(Pipeline):
+    """A pipeline on the fast path: ``Engine(pipeline, dtype="fp32", cuda_graph=None)``.
+
+    ``dtype``: "fp32" (the default: matches the reference within fp32's tolerance; TF32 is off),
+    "bf16" or "fp16" (convolutions and matmuls in half precision, norm statistics and the
+    chain's state in fp32). ``cuda_graph``: capture each step as a CUDA graph (default: on CUDA
+    devices); a failed capture falls back to eager with one warning. ``channels_last``: the
+    network's memory format (default: on CUDA in half precision).
+    ``sample``/``sample_batches`` take the reference Pipeline's arguments and give the same images
+    for the same seed, within the dtype's tolerance.
+    """
+
+    def __init__(
+        self,
+        pipeline: Pipeline,
+        *,
+        dtype: str | torch.dtype = "fp32",
+        cuda_graph: bool | None = None,
+        channels_last: bool | None = None,
+    ):
+        super().__init__(
+            pipeline.network, pipeline.diffusion, source=pipeline.source, notes=pipeline.notes
+        )
+        self.dtype = resolve_dtype(dtype)
+        self.cuda_graph = cuda_graph
+        self.channels_last = channels_last
+        self._chains: dict[tuple, PreparedChain] = {}
+        self._graph_pool = None
+        self._warned = False
+
+    def channels_last_on(self, device: torch.device) -> bool:
+        if self.channels_last is not None:
+            return self.channels_last
+        return device.type == "cuda" and self.dtype != torch.float32
+
+    def _uses_graphs(self, device: torch.device) -> bool:
+        if device.type != "cuda":
+            if self.cuda_graph:
+                raise ConfigError(f"cuda_graph=True needs a CUDA device, not {device}")
+            return False
+        return self.cuda_graph is not False
+
+    def prepare(self, tables: StepTables, spec: SamplerSpec, device) -> PreparedChain:
+        """The prepared chain for ``spec`` on ``device`` (built on first use, then cached)."""
+        device = torch.device(device)
+        key = (spec, str(device))
+        if key not in self._chains:
+            self._chains[key] = PreparedChain(self, tables, spec, device)
+        return self._chains[key]
+
+    def _run_chain(
+        self,
+        x: torch.Tensor,
+        tables: StepTables,
+        spec: SamplerSpec,
+        *,
+        seed: int,
+        indices: range,
+        on_step: Callable[[int], None],
+    ) -> torch.Tensor:
+        chain = self.prepare(tables, spec, x.device)
+        keys = philox_keys(seed, indices, device=x.device)
+        with _exact_fp32(self.dtype, x.device):
+            if not self._uses_graphs(x.device):
+                return self._run_eager(chain, x, keys, seed, indices, on_step)
+            captured = self._captured(chain, tuple(x.shape))
+            if captured is None:
+                return self._run_eager(chain, x, keys, seed, indices, on_step)
+            captured.state.reset(x, keys)
+            for k in range(chain.steps):
+                captured.replay()
+                on_step(k + 1)
+            return captured.state.x.clone()
+
+    def _run_eager(self, chain, x, keys, seed, indices, on_step) -> torch.Tensor:
+        state = ChainState.empty(tuple(x.shape), x.device)
+        state.reset(x, keys)
+        # The kernel draws z itself; the PyTorch path is given it.
+        kernel_draws = draws_noise(x)
+        z = None if kernel_draws else torch.zeros_like(x)
+        for k in range(chain.steps):
+            if not kernel_draws and chain.noise_on[k]:
+                z = keyed_noise(seed, indices, k + 1, tuple(x.shape[1:]), device=x.device)
+            chain.step(state, z)
+            on_step(k + 1)
+        return state.x
+
+    def _captured(self, chain: PreparedChain, shape: tuple[int, ...]) -> CapturedStep | None:
+        """The chain's step captured for this batch shape, or None where capture failed."""
+        if shape not in chain.graphs:
+            if self._graph_pool is None:
+                self._graph_pool = torch.cuda.graph_pool_handle()
+            state = ChainState.empty(shape, chain.device)
+            try:
+                chain.graphs[shape] = CapturedStep(
+                    lambda: chain.step(state), state, self._graph_pool
+                )
+            except Exception as error:  # any capture failure: eager still gives the same images
+                chain.graphs[shape] = None
+                if not self._warned:
+                    self._warned = True
+                    warnings.warn(
+                        f"CUDA graph capture failed ({type(error).__name__}: {error}); "
+                        "ddpm-fast runs the engine eagerly instead",
+                        RuntimeWarning,
+                        stacklevel=4,
+                    )
+        return chain.graphs[shape]
+
+
+def _exact_fp32(dtype: torch.dtype, device: torch.device):
+    """fp32 means fp32: cuDNN's TF32 convolutions (on by default) are switched off."""
+    if dtype == torch.float32 and device.type == "cuda":
+        return torch.backends.cudnn.flags(
+            enabled=torch.backends.cudnn.enabled,
+            benchmark=torch.backends.cudnn.benchmark,
+            deterministic=torch.backends.cudnn.deterministic,
+            allow_tf32=False,
+        )
+    return contextlib.nullcontext()

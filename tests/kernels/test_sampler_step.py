@@ -1,0 +1,141 @@
+"""The fused sampler step: the Triton kernel (interpreted here) against its PyTorch reference and
+the reference sampler (``ddpm_fast.samplers.denoise_step``), its in-kernel noise against the
+PyTorch Philox stream of ``ddpm_fast.noise``, and its input checks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ddpm_fast.engine.coefficients import coefficient_table
+from ddpm_fast.kernels.sampler_step import (
+    COEFFICIENTS,
+    NUM_COEFFICIENTS,
+    sampler_step,
+    sampler_step_reference,
+)
+from ddpm_fast.noise import keyed_noise, philox_keys
+from ddpm_fast.samplers import SamplerSpec, denoise_step, step_tables
+from ddpm_fast.schedule import Schedule, ScheduleConfig
+
+from .common import HAS_TRITON, poisoned, randn
+
+needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not importable")
+SEED = 1234
+# tl.randn's float32 log/cos on one side, torch's on the other: the 32-bit Philox words are the
+# same (tests/test_noise.py checks them bit for bit), the normals differ in the last bits.
+NOISE_ATOL = 4e-6
+
+CHAINS = [
+    ("pred_noise", SamplerSpec("ddpm", 20)),
+    ("pred_v", SamplerSpec("ddpm", 20, variance="fixed_large")),
+    ("pred_x0", SamplerSpec("ddim", 8, eta=0.5)),
+    ("pred_noise", SamplerSpec("ddim", 8)),
+    ("pred_v", SamplerSpec("ddpm", 20, variance="learned_range")),
+]
+
+
+def chain_id(case) -> str:
+    objective, spec = case
+    return (
+        f"{objective}-{spec.kind}{spec.steps}-{spec.variance if spec.kind == 'ddpm' else spec.eta}"
+    )
+
+
+def setup(objective: str, spec: SamplerSpec, batch: int = 3, shape=(3, 5, 6)):
+    schedule = Schedule(ScheduleConfig("cosine", 20))
+    tables = step_tables(schedule, spec)
+    coeffs = coefficient_table(tables, spec, objective)
+    learned = spec.variance == "learned_range" and spec.kind == "ddpm"
+    x = randn((batch, *shape), seed=1)
+    out_channels = 2 * shape[0] if learned else shape[0]
+    out = randn((batch, out_channels, *shape[1:]), seed=2, std=0.8)
+    return tables, coeffs, learned, x, out
+
+
+def keys_for(indices) -> torch.Tensor:
+    return philox_keys(SEED, indices)
+
+
+@needs_triton
+@pytest.mark.parametrize("case", CHAINS, ids=chain_id)
+def test_the_kernel_is_the_reference_sampler(case):
+    """Every step of the chain: the kernel, drawing its own noise, against ``denoise_step`` given
+    ``keyed_noise`` for the same (seed, sample, step)."""
+    objective, spec = case
+    tables, coeffs, learned, x, out = setup(objective, spec)
+    indices = [0, 5, 2**32 - 1]
+    for k in range(len(tables)):
+        z = keyed_noise(SEED, indices, k + 1, tuple(x.shape[1:]))
+        noise = z if tables.adds_noise(k, spec) else None
+        want_next, want_x0 = denoise_step(out, x, tables, k, spec, objective, noise)
+        buffers = (poisoned(x.shape, x), poisoned(x.shape, x))
+        got_next, got_x0 = sampler_step(
+            out, x, coeffs, torch.tensor([k]), keys_for(indices), learned=learned,
+            out=buffers, backend="triton",
+        )  # fmt: skip
+        assert got_next.data_ptr() == buffers[0].data_ptr()
+        torch.testing.assert_close(got_x0, want_x0, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got_next, want_next, rtol=1e-5, atol=NOISE_ATOL)
+
+
+@needs_triton
+@pytest.mark.parametrize("case", CHAINS, ids=chain_id)
+def test_the_kernel_given_noise_is_its_reference(case):
+    objective, spec = case
+    tables, coeffs, learned, x, out = setup(objective, spec, batch=2)
+    z = randn(x.shape, seed=3)
+    for k in (0, len(tables) // 2, len(tables) - 1):
+        step = torch.tensor([k])
+        got = sampler_step(out, x, coeffs, step, z=z, learned=learned, backend="triton")
+        want = sampler_step_reference(out, x, coeffs[k], z, learned=learned)
+        for g, w in zip(got, want, strict=True):
+            assert not torch.isnan(g).any()
+            torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-6)
+
+
+@needs_triton
+def test_the_in_kernel_noise_is_the_philox_stream():
+    """A row that keeps only sigma * z shows z: the stream of ``keyed_noise`` for step k + 1."""
+    row = dict.fromkeys(COEFFICIENTS, 0.0) | {"x0_from_eps": 1.0, "sigma": 1.0, "noise_on": 1.0}
+    coeffs = torch.tensor([[row[name] for name in COEFFICIENTS]] * 4)
+    x = randn((3, 2, 7, 9), seed=4)
+    indices = [3, 1, 70000]
+    for k in (0, 3):
+        got, _ = sampler_step(x, x, coeffs, torch.tensor([k]), keys_for(indices), backend="triton")
+        want = keyed_noise(SEED, indices, k + 1, (2, 7, 9))
+        torch.testing.assert_close(got, want, rtol=0, atol=NOISE_ATOL)
+        assert got.std() > 0.5
+
+
+def test_the_reference_backend_needs_the_noise():
+    objective, spec = CHAINS[0]
+    _, coeffs, _, x, out = setup(objective, spec)
+    with pytest.raises(ValueError, match="needs z"):
+        sampler_step(out, x, coeffs, torch.tensor([0]), backend="torch")
+
+
+def bad_calls():
+    objective, spec = CHAINS[0]
+    _, coeffs, _, x, out = setup(objective, spec)
+    step = torch.tensor([0])
+    z = torch.randn_like(x)
+    return [
+        (lambda: sampler_step(out[:, :2], x, coeffs, step, z=z), "model_output must be"),
+        (lambda: sampler_step(out, x, coeffs, step, z=z, learned=True), "model_output must be"),
+        (lambda: sampler_step(out, x.half(), coeffs, step, z=z), "x must be contiguous float32"),
+        (lambda: sampler_step(out, x, coeffs[:, :3], step, z=z), "coeffs must be float32"),
+        (lambda: sampler_step(out, x, coeffs, torch.tensor([0, 1]), z=z), "step must be one"),
+        (lambda: sampler_step(out, x, coeffs, step, z=z[:1]), "z must be float32"),
+    ]
+
+
+@pytest.mark.parametrize("index", range(6))
+def test_bad_inputs_are_clear_errors(index):
+    call, message = bad_calls()[index]
+    with pytest.raises(ValueError, match=message):
+        call()
+
+
+def test_the_columns_are_the_kernels():
+    assert NUM_COEFFICIENTS == len(COEFFICIENTS) == 11

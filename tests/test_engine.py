@@ -1,0 +1,263 @@
+"""The engine against the reference path: one network forward per config and timestep, whole
+chains of the embedded default model, per-sample determinism, the kernels' path end to end
+(under the Triton interpreter), and on a GPU the graphs, the absence of host syncs and half
+precision."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import ddpm_fast
+from ddpm_fast.engine import Engine, FastUnet
+from ddpm_fast.engine.cpu_conv import CpuConv2d
+from ddpm_fast.errors import ConfigError
+from ddpm_fast.models.dd_pytorch_v1 import Unet, UnetConfig
+from ddpm_fast.pipeline import DiffusionConfig, Pipeline
+from ddpm_fast.schedule import ScheduleConfig
+
+from .helpers import rel_error
+
+HAS_CUDA = torch.cuda.is_available()
+NETWORK_TOLERANCE = 1e-4  # fp32, a whole network
+# Images in [0, 1] after a whole chain in fp32; the chains below stay within 5e-6 here.
+CHAIN_ATOL = 1e-4
+# On a GPU in half precision, against the engine's fp32 chain (DDIM 50, default model):
+HALF_CHAIN_MEAN = {torch.bfloat16: 2e-2, torch.float16: 5e-3}
+
+
+def randomized(config: UnetConfig, seed: int = 0) -> Unet:
+    """A network with every parameter random (norm gains around 1, so none is trivial)."""
+    torch.manual_seed(seed)
+    network = Unet(config).eval()
+    with torch.no_grad():
+        for name, p in network.named_parameters():
+            if name.endswith((".g", "norm.weight")):
+                p.normal_(1.0, 0.2)
+            elif name.endswith("bias") or p.dim() == 1:
+                p.normal_(0.0, 0.1)
+            else:
+                p.normal_(0.0, 0.5 / p[0].numel() ** 0.5)
+    return network
+
+
+CONFIGS = {
+    "plain": UnetConfig(dim=16, dim_mults=(1, 2)),
+    "self-cond+learned-var": UnetConfig(
+        dim=16, dim_mults=(1, 2, 2), self_condition=True, learned_variance=True
+    ),
+    "fourier+groups4": UnetConfig(
+        dim=8, dim_mults=(1, 2, 4), learned_sinusoidal_cond=True, resnet_block_groups=4
+    ),
+    "1-channel": UnetConfig(dim=8, dim_mults=(1, 2), channels=1, attn_heads=2, attn_dim_head=8),
+}
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_one_forward_is_the_reference_network(name):
+    config = CONFIGS[name]
+    network = randomized(config)
+    timesteps = torch.tensor([999, 500, 1, 0])
+    fast = FastUnet(network, timesteps)
+    x = torch.randn(3, config.channels, 16, 16)
+    cond = torch.rand_like(x) * 2 - 1 if config.self_condition else None
+    with torch.no_grad():
+        for k, t in enumerate(timesteps.tolist()):
+            want = network(x, torch.full((3,), t), cond)
+            got = fast(x, torch.tensor([k]), cond)
+            assert got.shape == want.shape
+            assert rel_error(got, want) <= NETWORK_TOLERANCE, (name, t)
+
+
+def test_the_engine_leaves_the_reference_network_as_it_was():
+    network = randomized(CONFIGS["plain"])
+    before = {k: v.clone() for k, v in network.state_dict().items()}
+    FastUnet(network, torch.tensor([5]))
+    after = network.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_the_cpu_convolutions_are_the_convolutions():
+    conv = torch.nn.Conv2d(32, 24, 3, padding=1).requires_grad_(False)
+    fast = CpuConv2d(conv)
+    for shape in [(1, 32, 4, 4), (2, 32, 16, 16)]:
+        x = torch.randn(shape)
+        want = conv(x)
+        assert rel_error(fast(x), want) <= 1e-5
+        assert rel_error(fast(x), want) <= 1e-5  # the planned path, second call
+
+
+@pytest.fixture(scope="module")
+def default_pipeline():
+    return ddpm_fast.load()
+
+
+@pytest.fixture(scope="module")
+def default_engine(default_pipeline):
+    return Engine(default_pipeline)
+
+
+@pytest.mark.parametrize(
+    "chain",
+    [dict(sampler="ddim", steps=50), dict(steps=100), dict(sampler="ddim", steps=20, eta=1.0)],
+    ids=["ddim50", "ddpm100", "ddim20-eta1"],
+)
+def test_whole_chains_give_the_reference_images(default_pipeline, default_engine, chain):
+    want = default_pipeline.sample(6, seed=11, **chain)
+    got = default_engine.sample(6, seed=11, **chain)
+    assert got.shape == want.shape and got.dtype == want.dtype
+    assert (want - want.mean()).abs().max() > 0.1  # images, not a constant
+    torch.testing.assert_close(got, want, rtol=0, atol=CHAIN_ATOL)
+
+
+def test_a_sample_is_the_same_image_in_any_batch(default_engine):
+    """The same noise and the same function; the convolutions' algorithms (chosen per batch
+    shape) sum in other orders, hence a few fp32 ulps more than the reference's 1e-5."""
+    kwargs = dict(sampler="ddim", steps=10, seed=3)
+    in_64 = default_engine.sample(64, batch_size=64, **kwargs)
+    in_7 = default_engine.sample(14, batch_size=7, **kwargs)
+    alone = default_engine.sample(1, start_index=12, **kwargs)
+    torch.testing.assert_close(in_7, in_64[:14], rtol=0, atol=5e-5)
+    torch.testing.assert_close(alone[0], in_64[12], rtol=0, atol=5e-5)
+    assert not torch.allclose(in_64[0], in_64[1])
+
+
+def small_pipeline(name: str, objective: str, variance: str = "fixed_small") -> Pipeline:
+    diffusion = DiffusionConfig(
+        image_size=8, schedule=ScheduleConfig("linear", 30), objective=objective, variance=variance
+    )
+    return Pipeline(Unet(CONFIGS[name]), diffusion)
+
+
+@pytest.mark.parametrize(
+    ("name", "objective", "variance"),
+    [
+        ("self-cond+learned-var", "pred_v", "fixed_small"),  # learned_range
+        ("plain", "pred_x0", "fixed_large"),
+        ("fourier+groups4", "pred_noise", "fixed_small"),
+    ],
+)
+def test_chains_of_other_networks_and_objectives(name, objective, variance):
+    torch.manual_seed(0)
+    pipeline = small_pipeline(name, objective, variance)
+    for chain in (dict(steps=30), dict(sampler="ddim", steps=6, eta=0.3)):
+        want = pipeline.sample(3, seed=2, **chain)
+        got = Engine(pipeline).sample(3, seed=2, **chain)
+        torch.testing.assert_close(got, want, rtol=0, atol=CHAIN_ATOL)
+
+
+@pytest.mark.slow
+def test_the_kernels_path_end_to_end(monkeypatch):
+    """Every launcher forced to its Triton kernel (interpreted here): fused norms, linear
+    attention and the step drawing its own noise, against the reference chain."""
+    from ddpm_fast.kernels import HAS_TRITON, channel_norm, group_norm, linear_attention
+    from ddpm_fast.kernels import sampler_step as step_module
+
+    if not HAS_TRITON:
+        pytest.skip("triton is not importable")
+    launched = set()
+    for module in (group_norm, channel_norm, linear_attention, step_module):
+
+        def spy(backend, x, kernel, module=module, real=module.use_triton):
+            if real(backend, x, kernel):
+                launched.add(module.__name__.rsplit(".", 1)[1])
+                return True
+            return False
+
+        monkeypatch.setattr(module, "use_triton", spy)
+    torch.manual_seed(0)
+    config = UnetConfig(dim=8, dim_mults=(1, 2), self_condition=True, learned_variance=True)
+    diffusion = DiffusionConfig(image_size=8, schedule=ScheduleConfig("linear", 100))
+    pipeline = Pipeline(randomized(config), diffusion)
+    want = pipeline.sample(2, steps=3, seed=9, start_index=2**31)
+    monkeypatch.setenv("DDPM_FAST_KERNELS_BACKEND", "triton")
+    got = Engine(pipeline).sample(2, steps=3, seed=9, start_index=2**31)
+    torch.testing.assert_close(got, want, rtol=0, atol=CHAIN_ATOL)
+    assert launched == {"group_norm", "channel_norm", "linear_attention", "sampler_step"}
+
+
+def test_bad_options_are_config_errors(default_pipeline):
+    with pytest.raises(ConfigError, match="dtype must be one of"):
+        Engine(default_pipeline, dtype="fp8")
+    if not HAS_CUDA:
+        with pytest.raises(ConfigError, match="needs a CUDA device"):
+            Engine(default_pipeline, cuda_graph=True).sample(1, steps=2)
+
+
+def test_the_engine_is_a_pipeline_with_the_same_contract(default_pipeline, default_engine):
+    assert isinstance(default_engine, Pipeline)
+    assert default_engine.config == default_pipeline.config
+    with pytest.raises(ConfigError, match="steps must be between"):
+        default_engine.sample(1, steps=5000)
+
+
+# GPU
+
+
+@pytest.mark.gpu
+def test_graph_replay_is_eager(default_pipeline):
+    kwargs = dict(sampler="ddpm", steps=50, seed=5, device="cuda")
+    graphed = Engine(default_pipeline, cuda_graph=True).sample(8, **kwargs)
+    eager = Engine(default_pipeline, cuda_graph=False).sample(8, **kwargs)
+    torch.testing.assert_close(graphed, eager, rtol=0, atol=1e-6)
+
+
+@pytest.mark.gpu
+def test_the_gpu_engine_gives_the_cpu_reference_images(default_pipeline):
+    for chain in (dict(sampler="ddim", steps=50), dict(steps=100)):
+        want = default_pipeline.sample(6, seed=11, device="cpu", **chain)
+        got = Engine(default_pipeline).sample(6, seed=11, device="cuda", **chain)
+        torch.testing.assert_close(got, want, rtol=0, atol=CHAIN_ATOL)
+
+
+@pytest.mark.gpu
+def test_no_host_sync_inside_the_chain(default_pipeline):
+    engine = Engine(default_pipeline, cuda_graph=True)
+    engine.sample(4, steps=10, device="cuda")  # prepare and capture outside the check
+    syncs = []
+
+    def on_step(k: int) -> None:
+        syncs.append(k)
+
+    from ddpm_fast.noise import keyed_noise
+    from ddpm_fast.samplers import step_tables
+
+    spec = engine.sampler_spec("ddpm", 10)
+    tables = step_tables(engine.schedule, spec)
+    x = keyed_noise(0, range(4), 0, engine.image_shape(), device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = engine._run_chain(x, tables, spec, seed=0, indices=range(4), on_step=on_step)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert syncs == list(range(1, 11))
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_half_precision_chains_stay_near_fp32(default_pipeline, dtype):
+    kwargs = dict(sampler="ddim", steps=50, seed=4, device="cuda")
+    fp32 = Engine(default_pipeline).sample(16, **kwargs)
+    half = Engine(default_pipeline, dtype=dtype).sample(16, **kwargs)
+    assert (half - fp32).abs().mean() <= HALF_CHAIN_MEAN[dtype]
+
+
+@pytest.mark.gpu
+def test_a_failed_capture_falls_back_to_eager_with_one_warning(default_pipeline, monkeypatch):
+    from ddpm_fast.engine import engine as engine_module
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("capture refused")
+
+    monkeypatch.setattr(engine_module, "CapturedStep", broken)
+    engine = Engine(default_pipeline, cuda_graph=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        a = engine.sample(2, steps=5, device="cuda")
+        b = engine.sample(2, steps=5, batch_size=1, device="cuda")
+    assert [str(w.message) for w in caught if "capture failed" in str(w.message)].__len__() == 1
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
