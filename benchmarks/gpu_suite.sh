@@ -1,9 +1,14 @@
 #!/usr/bin/env bash
-# Everything that needs a CUDA GPU, in one run and offline: the tests marked gpu, then the kernel
-# benchmarks (pytest-benchmark JSON), then a table of them. Results go to
-# ${OUT:-benchmarks/results/gpu-<date>}: machine.txt (date, GPU, versions, command),
-# gpu-tests.txt, kernels.json, kernels.md (every benchmark) and summary.md (printed last).
-# Usage: benchmarks/gpu_suite.sh [extra pytest args for the benchmarks, e.g. -k group_norm]
+# Everything that needs a CUDA GPU, in one run and offline: the tests marked gpu, the kernel
+# benchmarks (pytest-benchmark JSON) and their table, then the sampler benchmark (1000-step DDPM
+# of the CIFAR-10 U-Net at batch 1 and 64: reference eager, the engine fp32/bf16 with and without
+# graphs, and in a second run torch.compile's reduce-overhead and max-autotune modes beside the
+# reference and the engine). Results go to ${OUT:-benchmarks/results/gpu-<date>}: machine.txt
+# (date, GPU, versions, command), gpu-tests.txt, kernels.json, kernels.md (every benchmark),
+# summary.md (kernels), sampler-engine.md/.json and sampler-compile.md/.json; the last lines
+# printed are the sampler tables and the kernel summary. Each stage has a time limit, so the
+# whole suite stays under 8 minutes; a stage cut short keeps what it wrote and fails the exit code.
+# Usage: benchmarks/gpu_suite.sh [extra pytest args for the kernel benchmarks, e.g. -k group_norm]
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -27,11 +32,11 @@ print("device:", torch.cuda.get_device_name() if torch.cuda.is_available() else 
 } | tee "$OUT/machine.txt"
 
 echo "== tests marked gpu"
-"$PYTHON" -m pytest -m gpu tests -q -p no:cacheprovider 2>&1 | tee "$OUT/gpu-tests.txt" \
-    || status=$?
+timeout 120 "$PYTHON" -m pytest -m gpu tests -q -p no:cacheprovider 2>&1 \
+    | tee "$OUT/gpu-tests.txt" || status=$?
 
 echo "== kernel benchmarks"
-"$PYTHON" -m pytest benchmarks/test_kernels.py -q -p no:cacheprovider \
+timeout 100 "$PYTHON" -m pytest benchmarks/test_kernels.py -q -p no:cacheprovider \
     --benchmark-json="$OUT/kernels.json" --benchmark-columns=median,rounds \
     --benchmark-sort=name "$@" >"$OUT/kernels-pytest.txt" 2>&1 || status=$?
 tail -n 3 "$OUT/kernels-pytest.txt"
@@ -80,4 +85,19 @@ for (kernel, dtype, batch), (vt, vc) in sorted(speedups.items()):
 print(f"== {len(rows)} shapes; every one in {out / 'kernels.md'}")
 print("\n".join(summary))
 PY
+
+sampler=("$PYTHON" benchmarks/sampler.py --device cuda --batch 1 64 --steps 1000 --repeats 2
+         --out "$OUT")
+echo "== sampler: reference eager and the engine, 1000-step DDPM"
+timeout 100 "${sampler[@]}" --name sampler-engine --dtype fp32 bf16 \
+    --backends reference engine engine-eager || status=$?
+echo "== sampler: torch.compile of the reference beside the engine"
+timeout 150 "${sampler[@]}" --name sampler-compile \
+    --backends reference compile-reduce-overhead compile-max-autotune engine || status=$?
+
+echo "== results in $OUT"
+for table in sampler-engine sampler-compile; do
+    [[ -f "$OUT/$table.md" ]] && grep '^|' "$OUT/$table.md"
+done
+[[ -f "$OUT/summary.md" ]] && cat "$OUT/summary.md"
 exit "$status"

@@ -10,8 +10,10 @@ Each measurement samples ``--batch`` images with a ``--steps``-step DDPM chain
 (``Pipeline.sample``, so noise, the update and the copy back are in it); the first call of each
 backend is its warm-up (engine preparation, graph capture, compilation) and is reported apart.
 Then ``--repeats`` rounds run every backend once each, interleaved, so that the noise of a shared
-machine hits them alike; the table gives the median ms per step, the spread (min-max), and the
-ratio to the reference's median from the same run. Writes ``<out>/<name>.md`` and ``.json``.
+machine hits them alike; the table gives the median ms per step, the spread (min-max), the whole
+chain's time and images/s, the warm-up (first call less one chain), the peak CUDA memory, and the
+ratio to the reference's median from the same run. Writes ``<out>/<name>.md`` and ``.json``
+after each (dtype, batch), so a run cut short keeps what it measured.
 """
 
 from __future__ import annotations
@@ -109,22 +111,30 @@ def _cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-def run(args: argparse.Namespace) -> dict:
+def peak_memory_mb(device: str) -> float | None:
+    return torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda") else None
+
+
+def run(args: argparse.Namespace, save) -> dict:
+    """Measure every (dtype, batch, backend); ``save(report)`` after each group, so that a run
+    cut short (a time limit) keeps what it measured."""
     pipeline = (
         ddpm_fast.load(args.checkpoint, image_size=args.image_size)
         if args.checkpoint
         else cifar10_pipeline(args.image_size)
     )
-    results = []
+    report = {"machine": machine(), "model": pipeline.source, "results": []}
     for dtype in args.dtype:
         for batch in args.batch:
+            # The reference and torch.compile of it run in fp32 only; the engine in each dtype.
             names = [n for n in args.backends if dtype == "fp32" or n.startswith("engine")]
             backends = {n: make_backend(n, pipeline, dtype) for n in names}
-            warmup = {}
+            first, memory = {}, {}
             for name, sampler in backends.items():
                 if args.device.startswith("cuda"):
                     torch.cuda.reset_peak_memory_stats()
-                warmup[name] = timed_chain(sampler, batch, args.steps, args.device, seed=0)
+                first[name] = timed_chain(sampler, batch, args.steps, args.device, seed=0)
+                memory[name] = peak_memory_mb(args.device)
             times = {name: [] for name in backends}
             for r in range(args.repeats):
                 for name, sampler in backends.items():
@@ -133,7 +143,8 @@ def run(args: argparse.Namespace) -> dict:
             base = statistics.median(times["reference"]) if "reference" in times else None
             for name, ms in times.items():
                 median = statistics.median(ms)
-                results.append(
+                chain_s = median * args.steps / 1e3
+                report["results"].append(
                     {
                         "backend": name,
                         "dtype": dtype,
@@ -142,29 +153,35 @@ def run(args: argparse.Namespace) -> dict:
                         "ms_per_step": median,
                         "ms_min": min(ms),
                         "ms_max": max(ms),
-                        "images_per_s": batch * 1e3 / (median * args.steps),
-                        "warmup_s": warmup[name],
+                        "chain_s": chain_s,
+                        "images_per_s": batch / chain_s,
+                        "first_call_s": first[name],
+                        # preparation, capture or compilation: the first call less a chain
+                        "warmup_s": max(0.0, first[name] - chain_s),
+                        "peak_memory_mb": memory[name],
                         "vs_reference": base / median if base else None,
                         "runs": ms,
                     }
                 )
-                print(_row(results[-1]), flush=True)
-    return {"machine": machine(), "model": pipeline.source, "results": results}
+                print(_row(report["results"][-1]), flush=True)
+            save(report)
+    return report
 
 
 HEADER = (
-    "| backend | dtype | batch | ms/step (median) | min-max | images/s | warm-up s "
-    "| vs reference |",
-    "|---|---|---|---|---|---|---|---|",
+    "| backend | dtype | batch | ms/step (median) | min-max | chain s | images/s "
+    "| warm-up s | peak MiB | vs reference |",
+    "|---|---|---|---|---|---|---|---|---|---|",
 )
 
 
 def _row(r: dict) -> str:
     ratio = f"{r['vs_reference']:.2f}x" if r["vs_reference"] else "-"
+    memory = f"{r['peak_memory_mb']:.0f}" if r["peak_memory_mb"] is not None else "-"
     return (
         f"| {r['backend']} | {r['dtype']} | {r['batch']} | {r['ms_per_step']:.2f} "
-        f"| {r['ms_min']:.2f}-{r['ms_max']:.2f} | {r['images_per_s']:.2f} "
-        f"| {r['warmup_s']:.2f} | {ratio} |"
+        f"| {r['ms_min']:.2f}-{r['ms_max']:.2f} | {r['chain_s']:.2f} | {r['images_per_s']:.2f} "
+        f"| {r['warmup_s']:.2f} | {memory} | {ratio} |"
     )
 
 
@@ -202,13 +219,16 @@ def main(argv: list[str] | None = None) -> None:
     for name in args.backends:
         if name not in BACKENDS:
             parser.error(f"unknown backend {name!r}; known: {', '.join(BACKENDS)}")
-    print("\n".join(HEADER), flush=True)
-    report = run(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     name = args.name or f"sampler-{args.device.split(':')[0]}-{datetime.date.today()}"
-    (out / f"{name}.json").write_text(json.dumps(report, indent=1) + "\n")
-    (out / f"{name}.md").write_text(markdown(report))
+
+    def save(report: dict) -> None:
+        (out / f"{name}.json").write_text(json.dumps(report, indent=1) + "\n")
+        (out / f"{name}.md").write_text(markdown(report))
+
+    print("\n".join(HEADER), flush=True)
+    run(args, save)
     print(f"wrote {out / name}.md and .json")
 
 

@@ -239,7 +239,9 @@ def linear_attention(
     q_scale = d**-0.5 if q_scale is None else float(q_scale)
 
     if not use_triton(backend, qkv, _context_kernel):
-        y = linear_attention_reference(qkv, heads, mem_kv=mem_kv, q_scale=q_scale, v_scale=v_scale)
+        y = linear_attention_reference(
+            qkv, heads, mem_kv=mem_kv, q_scale=q_scale, v_scale=v_scale, scale_context=True
+        )
         return y if out is None else out.copy_(y)
 
     if out is None:
@@ -294,9 +296,12 @@ def linear_attention_reference(
     mem_kv: torch.Tensor | None = None,
     q_scale: float | None = None,
     v_scale: float = 1.0,
+    scale_context: bool = False,
 ) -> torch.Tensor:
     """denoising-diffusion-pytorch's ``LinearAttention.forward`` between to_qkv and to_out, in
-    qkv's dtype (1.x: ``v_scale=1 / (H * W)``; 2.x: ``mem_kv``)."""
+    qkv's dtype (1.x: ``v_scale=1 / (H * W)``; 2.x: ``mem_kv``). ``scale_context``: apply both
+    scales to the small d x d context instead of to q and v (the launcher's PyTorch path; the
+    same products in another order)."""
     b, c = qkv.shape[:2]
     spatial = qkv.shape[2:]
     d = c // (3 * heads)
@@ -307,9 +312,13 @@ def linear_attention_reference(
         v = torch.cat((mv, v), dim=-1)
     q = q.softmax(dim=-2)
     k = k.softmax(dim=-1)
-    q = q * (d**-0.5 if q_scale is None else q_scale)
-    if v_scale != 1.0:
-        v = v * v_scale
+    q_scale = d**-0.5 if q_scale is None else q_scale
+    if not scale_context:
+        q = q * q_scale
+        if v_scale != 1.0:
+            v = v * v_scale
     context = torch.einsum("b h d n, b h e n -> b h d e", k, v)
+    if scale_context:
+        context = context * (q_scale * v_scale)
     out = torch.einsum("b h d e, b h d n -> b h e n", context, q)
     return out.reshape(b, heads * d, *spatial)
