@@ -6,7 +6,9 @@ the PyTorch reference of the same function:
 - ``group_norm``: ``group_norm`` / ``group_norm_reference`` (GroupNorm + pre-bias + affine +
   time scale/shift + SiLU);
 - ``channel_norm``: ``channel_layer_norm`` / ``channel_rms_norm`` and their ``*_reference``;
-- ``linear_attention``: ``linear_attention`` / ``linear_attention_reference``.
+- ``linear_attention``: ``linear_attention`` / ``linear_attention_reference``;
+- ``sampler_step``: ``sampler_step`` / ``sampler_step_reference`` (one DDPM/DDIM update with its
+  Philox noise drawn in the kernel).
 
 Import them from their modules (``from ddpm_fast.kernels.group_norm import group_norm``). This
 package depends on torch and triton only, and imports where triton is missing: the launchers

@@ -29,7 +29,7 @@ def signature(kernel, pointers: dict[str, str], constexprs: dict) -> dict[str, s
 
 
 def cases():
-    from ddpm_fast.kernels import channel_norm, group_norm, linear_attention
+    from ddpm_fast.kernels import channel_norm, group_norm, linear_attention, sampler_step
 
     gn_flags = ("HAS_PRE_BIAS", "HAS_WEIGHT", "HAS_BIAS", "HAS_SCALE", "HAS_SHIFT", "SILU")
     on = dict.fromkeys(gn_flags, True)
@@ -60,6 +60,12 @@ def cases():
     bf16_io = {"qkv_ptr": "bf16", "mem_ptr": "bf16", "out_ptr": "bf16"}
     yield linear_attention._output_kernel, bf16_io, {**la, "BLOCK_M": 16, "HAS_MEM": True}
     yield linear_attention._output_kernel, {}, {**la, "BLOCK_M": 16, "HAS_MEM": False, "S": 1}
+    step_ints = {"step_ptr": "i64", "keys_ptr": "i64"}
+    step = {"NCOEF": sampler_step.NUM_COEFFICIENTS, "BLOCK": sampler_step.BLOCK}
+    yield sampler_step._sampler_step_kernel, {**step_ints, "out_ptr": "bf16"}, {
+        **step, "LEARNED": True, "DRAW": True,
+    }  # fmt: skip
+    yield sampler_step._sampler_step_kernel, step_ints, {**step, "LEARNED": False, "DRAW": False}
 
 
 def main() -> int:
