@@ -2,16 +2,48 @@
 
 ``ddpm_fast.load(path=None, **options)`` returns a Pipeline (``.network``, ``.schedule``,
 ``.config``, ``.sample(...)``); with no path, the embedded default model.
+
+The names that need torch (``Pipeline``, ``load_checkpoint``, ...) are imported on first use, so
+that ``ddpm_fast.export.onnx_sampler`` (ONNX Runtime + NumPy only) runs where torch is not
+installed.
 """
 
 from __future__ import annotations
 
+import importlib
 import os
+from typing import TYPE_CHECKING
 
-from .checkpoints import load_checkpoint, save_pipeline
 from .errors import CheckpointError, ConfigError, DdpmFastError
-from .pipeline import DiffusionConfig, Pipeline
 from .version import __version__
+
+if TYPE_CHECKING:
+    from .checkpoints import load_checkpoint, save_pipeline
+    from .pipeline import DiffusionConfig, Pipeline
+
+# name -> the submodule that defines it, imported on first access (PEP 562).
+_LAZY = {
+    "load_checkpoint": "checkpoints",
+    "save_pipeline": "checkpoints",
+    "DiffusionConfig": "pipeline",
+    "Pipeline": "pipeline",
+}
+# Submodules that ``import ddpm_fast`` used to import eagerly, reachable as attributes as before.
+_SUBMODULES = ("checkpoints", "models", "noise", "pipeline", "samplers", "schedule")
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    if name in _SUBMODULES:
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY) | set(_SUBMODULES))
 
 
 def load(path: str | os.PathLike | None = None, **options) -> Pipeline:
@@ -26,6 +58,8 @@ def load(path: str | os.PathLike | None = None, **options) -> Pipeline:
         from .default_model import load_default
 
         return load_default(**options)
+    from .checkpoints import load_checkpoint
+
     return load_checkpoint(path, **options)
 
 
