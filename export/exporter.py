@@ -1,0 +1,386 @@
+"""Writing ddpm-fast ONNX files: the folded network (``unet``) or one whole reverse step
+(``step``), with the metadata a deployment needs; see :mod:`ddpm_fast.export.format`.
+
+The graph is traced by PyTorch's TorchScript exporter (``torch.onnx.export(dynamo=False)``): it
+writes opset 17 directly, where the dynamo exporter of torch >= 2.9 starts at opset 18 and fails
+to convert this network down (its ReduceMean axes), and it needs no onnxscript.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import ConfigError
+from ..folding import fold_weights, resnet_blocks, time_conditioning
+from ..models.dd_pytorch_v1 import LayerNorm, dtype_eps
+from ..pipeline import Pipeline
+from ..samplers import OBJECTIVES, SamplerSpec, StepTables, step_tables
+from ..version import __version__
+from .format import (
+    DEFAULT_OPSET,
+    DTYPES,
+    FORMAT_KEY,
+    FORMAT_VERSION,
+    SELF_COND_INPUT,
+    STEP_INPUTS,
+    STEP_OUTPUTS,
+    TABLE_NAMES,
+    UNET_INPUTS,
+    UNET_OUTPUTS,
+    WHATS,
+    OnnxFileError,
+    VerificationError,
+)
+
+logger = logging.getLogger(__name__)
+
+TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+MIN_OPSET = 14  # the oldest opset tested here (einsum, softmax over any axis)
+MAX_OPSET = 20  # the newest the TorchScript exporter of torch 2.4 writes
+
+
+def require_onnx():
+    """The ``onnx`` module, or a one-line error saying how to install it."""
+    try:
+        import onnx
+    except ImportError:
+        raise ConfigError(
+            "ONNX export needs the onnx package: pip install 'ddpm-fast[onnx]'"
+        ) from None
+    return onnx
+
+
+class _Cast(nn.Module):
+    def __init__(self, dtype: torch.dtype):
+        super().__init__()
+        self.dtype = dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.to(self.dtype)
+
+
+class _Lookup(nn.Module):
+    """A per-step table gathered by the step index: [steps, d] -> [1, d]."""
+
+    def __init__(self, table: torch.Tensor):
+        super().__init__()
+        self.register_buffer("table", table)
+
+    def forward(self, step: torch.Tensor) -> torch.Tensor:
+        return self.table[step]
+
+
+class _NormInFloat32(nn.Module):
+    """A GroupNorm, or the library's channel LayerNorm, of a half-precision graph computed in
+    float32 with the fp32 reference's epsilon, as the engine's kernels do: fp32 is the function
+    to approximate, and the library's half-precision LayerNorm epsilon (1e-3 for 1e-5) alone
+    moves the output of a trained network by ~2.5e-2."""
+
+    def __init__(self, norm: nn.Module):
+        super().__init__()
+        if isinstance(norm, nn.GroupNorm):
+            self.groups, self.eps = norm.num_groups, norm.eps
+            self.register_buffer("weight", norm.weight.detach().float().clone())
+            self.register_buffer("bias", norm.bias.detach().float().clone())
+        else:
+            self.groups, self.eps = None, dtype_eps(torch.float32)
+            self.register_buffer("weight", norm.g.detach().float().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x.float()
+        if self.groups is not None:
+            y = F.group_norm(y, self.groups, self.weight, self.bias, self.eps)
+        else:
+            var = torch.var(y, dim=1, unbiased=False, keepdim=True)
+            mean = torch.mean(y, dim=1, keepdim=True)
+            y = (y - mean) * (var + self.eps).rsqrt() * self.weight
+        return y.to(x.dtype)
+
+
+def to_half(network: nn.Module) -> nn.Module:
+    """``network`` (fp32, folded) for an fp16 graph: weights in fp16; the norms in fp32 (see
+    _NormInFloat32); the sinusoidal time features in fp32 (t reaches 1000: fp16 would lose the
+    phase), then cast."""
+    norms = {
+        name: _NormInFloat32(module)
+        for name, module in network.named_modules()
+        if isinstance(module, nn.GroupNorm | LayerNorm)
+    }
+    network = network.half()
+    for name, norm in norms.items():
+        parent, _, child = name.rpartition(".")
+        setattr(network.get_submodule(parent), child, norm)
+    if isinstance(network.time_mlp, nn.Sequential):
+        features = network.time_mlp[0].float()
+        network.time_mlp[0] = nn.Sequential(features, _Cast(torch.float16))
+    return network
+
+
+def folded_network(pipeline: Pipeline, dtype: str) -> nn.Module:
+    """The reference network with its standardised conv weights folded, on the CPU, in ``dtype``
+    (fp16: :func:`to_half`)."""
+    network = fold_weights(pipeline.network).to("cpu", torch.float32)
+    return to_half(network) if dtype == "fp16" else network
+
+
+class UnetGraph(nn.Module):
+    """What a ``unet`` file computes: the folded network, float32 in and out."""
+
+    def __init__(self, pipeline: Pipeline, dtype: str = "fp32"):
+        super().__init__()
+        self.network = folded_network(pipeline, dtype)
+        self.dtype = TORCH_DTYPES[dtype]
+
+    def forward(self, x, t, x_self_cond=None):
+        if x_self_cond is not None:
+            x_self_cond = x_self_cond.to(self.dtype)
+        return self.network(x.to(self.dtype), t, x_self_cond).float()
+
+
+class StepGraph(nn.Module):
+    """What a ``step`` file computes: ``ddpm_fast.samplers.denoise_step`` after the network, for
+    step index ``step`` [1] of one chain, float32 in and out.
+
+    The coefficients are float32 tables gathered by the step index; the time conditioning (the
+    time MLP and every block's scale/shift projection) is precomputed for the chain's timesteps
+    (``ddpm_fast.folding.time_conditioning``) and gathered the same way. Where the reference
+    skips a term (no noise at a step, c_eps = 0), the graph selects or adds zero: the same
+    numbers.
+    """
+
+    def __init__(
+        self, pipeline: Pipeline, tables: StepTables, spec: SamplerSpec, dtype: str = "fp32"
+    ):
+        super().__init__()
+        network = fold_weights(pipeline.network).to("cpu", torch.float32)
+        conditioning = time_conditioning(network, tables.timesteps)
+        network.time_mlp = nn.Identity()  # the blocks now receive the step index
+        for name, block in resnet_blocks(network):
+            block.mlp = _Lookup(conditioning[name])
+        self.dtype = TORCH_DTYPES[dtype]
+        self.network = to_half(network) if dtype == "fp16" else network
+        self.objective = pipeline.diffusion.objective
+        if self.objective not in OBJECTIVES:
+            raise ConfigError(f"unknown objective {self.objective!r}")
+        self.channels = pipeline.config.channels
+        self.learned_range = spec.kind == "ddpm" and spec.variance == "learned_range"
+        self.has_eps = bool((tables.c_eps != 0).any())
+        for name in TABLE_NAMES[1:]:
+            self.register_buffer(name, getattr(tables, name).to(torch.float32))
+        adds_noise = [tables.adds_noise(k, spec) for k in range(len(tables))]
+        self.register_buffer("adds_noise", torch.tensor(adds_noise, dtype=torch.bool))
+
+    def _c(self, name: str, k: torch.Tensor) -> torch.Tensor:
+        return getattr(self, name)[k].reshape(1, 1, 1, 1)
+
+    def forward(self, x_t, step, noise, x_self_cond=None):
+        k = step.reshape(1)
+        if x_self_cond is not None:
+            x_self_cond = x_self_cond.to(self.dtype)
+        model_output = self.network(x_t.to(self.dtype), k, x_self_cond).float()
+        variance_output = None
+        if model_output.shape[1] == 2 * self.channels:
+            model_output, variance_output = model_output.chunk(2, dim=1)
+        if self.objective == "pred_noise":
+            x0 = self._c("x0_from_xt", k) * x_t - self._c("x0_from_eps", k) * model_output
+        elif self.objective == "pred_x0":
+            x0 = model_output
+        else:
+            x0 = self._c("x0_from_xt_v", k) * x_t - self._c("x0_from_v", k) * model_output
+        x0 = x0.clamp(-1.0, 1.0)
+
+        x_next = self._c("c_x0", k) * x0 + self._c("c_xt", k) * x_t
+        if self.has_eps:
+            eps = (self._c("x0_from_xt", k) * x_t - x0) / self._c("x0_from_eps", k)
+            x_next = x_next + self._c("c_eps", k) * eps
+        if self.learned_range:
+            frac = (variance_output + 1) * 0.5
+            log_var = frac * self._c("log_var_max", k) + (1 - frac) * self._c("log_var_min", k)
+            sigma = (0.5 * log_var).exp()
+        else:
+            sigma = self._c("sigma", k)
+        x_prev = torch.where(self.adds_noise[k].reshape(1, 1, 1, 1), x_next + sigma * noise, x_next)
+        return x_prev, x0
+
+
+def graph_module(
+    pipeline: Pipeline, what: str, dtype: str, spec: SamplerSpec, tables: StepTables
+) -> nn.Module:
+    """The module a file of kind ``what`` computes, in eval mode on the CPU."""
+    if what == "unet":
+        return UnetGraph(pipeline, dtype).eval()
+    return StepGraph(pipeline, tables, spec, dtype).eval()
+
+
+def _example_inputs(pipeline: Pipeline, what: str, batch: int = 2) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(0)
+    shape = (batch, *pipeline.image_shape())
+    x = torch.randn(shape, generator=g)
+    if what == "unet":
+        inputs = (x, torch.zeros(batch, dtype=torch.int64))
+    else:
+        inputs = (x, torch.zeros(1, dtype=torch.int64), torch.randn(shape, generator=g))
+    if pipeline.config.self_condition:
+        inputs = (*inputs, torch.rand(shape, generator=g) * 2 - 1)
+    return inputs
+
+
+def _torch_export(module: nn.Module, inputs: tuple, path: Path, what: str, opset: int, sc: bool):
+    """torch.onnx.export with the TorchScript exporter, batch dynamic, H and W fixed."""
+    names = UNET_INPUTS if what == "unet" else STEP_INPUTS
+    names = (*names, SELF_COND_INPUT) if sc else names
+    outputs = UNET_OUTPUTS if what == "unet" else STEP_OUTPUTS
+    batched = [n for n in (*names, *outputs) if n not in ("t", "step")]
+    dynamic_axes = {n: {0: "batch"} for n in batched}
+    if what == "unet":
+        dynamic_axes["t"] = {0: "batch"}
+    kwargs = {}
+    if "dynamo" in inspect.signature(torch.onnx.export).parameters:  # torch >= 2.5
+        kwargs["dynamo"] = False
+    with warnings.catch_warnings():
+        # The TorchScript exporter is deprecated from torch 2.9 on (it still works, and writes
+        # opset 17); tracer warnings about shapes read as Python ints are expected: H and W are
+        # fixed per file.
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            module,
+            inputs,
+            str(path),
+            input_names=list(names),
+            output_names=list(outputs),
+            dynamic_axes=dynamic_axes,
+            opset_version=opset,
+            do_constant_folding=True,
+            **kwargs,
+        )
+
+
+def metadata(
+    pipeline: Pipeline, what: str, dtype: str, opset: int, spec: SamplerSpec, tables: StepTables
+) -> dict[str, str]:
+    """The metadata_props of a file (all strings; JSON where structured)."""
+    config = pipeline.config
+    diffusion = pipeline.diffusion.to_dict()
+    meta = {
+        FORMAT_KEY: FORMAT_VERSION,
+        "ddpm_fast_version": __version__,
+        "what": what,
+        "dtype": dtype,
+        "opset": str(opset),
+        "family": config.family,
+        "config": json.dumps(config.to_dict()),
+        "diffusion": json.dumps(diffusion),
+        "image_size": str(pipeline.diffusion.image_size),
+        "channels": str(config.channels),
+        "self_condition": json.dumps(bool(config.self_condition)),
+        "schedule": json.dumps(diffusion["schedule"]),
+        "objective": pipeline.diffusion.objective,
+        "sampler": spec.kind,
+        "steps": str(spec.steps),
+        "eta": repr(spec.eta),
+        "variance": spec.variance,
+        "noise_steps": "".join(
+            "1" if tables.adds_noise(k, spec) else "0" for k in range(len(tables))
+        ),
+    }
+    if what == "unet":
+        meta["tables"] = json.dumps({name: getattr(tables, name).tolist() for name in TABLE_NAMES})
+    return meta
+
+
+@dataclass
+class ExportResult:
+    """The file written and its verification report (None when not verified)."""
+
+    path: Path
+    report: object | None  # a VerifyReport
+
+
+def export_onnx(
+    pipeline: Pipeline,
+    path: str | os.PathLike,
+    *,
+    what: str = "unet",
+    dtype: str = "fp32",
+    opset: int = DEFAULT_OPSET,
+    sampler: str = "ddpm",
+    steps: int | None = None,
+    eta: float = 0.0,
+    verify: bool = True,
+    providers=None,
+) -> ExportResult:
+    """Write ``pipeline`` as an ONNX file: ``what="unet"`` (the network) or ``"step"`` (one reverse
+    step of the chain ``sampler``/``steps``/``eta``; a unet file carries that chain's tables for
+    OnnxSampler), in ``dtype`` fp32 or fp16, at ``opset``.
+
+    The file is written to a temporary name, checked (``onnx.checker``) and, with ``verify``,
+    compared with the reference on ONNX Runtime (:func:`~ddpm_fast.export.verify_onnx`) before it
+    is renamed into place: VerificationError (and no file) when it is over the tolerance.
+    """
+    onnx = require_onnx()
+    if what not in WHATS:
+        raise ConfigError(f"unknown export {what!r}; known: {', '.join(WHATS)}")
+    if dtype not in DTYPES:
+        raise ConfigError(f"unknown dtype {dtype!r}; known: {', '.join(DTYPES)}")
+    if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= MAX_OPSET:
+        raise ConfigError(f"opset must be an integer in [{MIN_OPSET}, {MAX_OPSET}], got {opset!r}")
+    if eta and sampler != "ddim":
+        raise ConfigError("eta applies to sampler 'ddim' only")
+    spec = pipeline.sampler_spec(sampler, steps, eta)
+    pipeline.image_shape()  # the image size is needed: H and W are fixed in the graph
+    tables = step_tables(pipeline.schedule, spec)
+    module = graph_module(pipeline, what, dtype, spec, tables)
+
+    path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{path}: is a directory")
+    if not path.parent.is_dir():
+        raise ConfigError(f"{path}: cannot write there ({path.parent} is not a folder)")
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with torch.no_grad():
+            _torch_export(
+                module,
+                _example_inputs(pipeline, what),
+                tmp,
+                what,
+                opset,
+                pipeline.config.self_condition,
+            )
+        model = onnx.load(str(tmp))
+        model.producer_name = "ddpm-fast"
+        model.producer_version = __version__
+        model.doc_string = (
+            f"ddpm-fast {what} export of a {pipeline.config.family} network; "
+            "see the metadata_props and ddpm_fast.export.format"
+        )
+        del model.metadata_props[:]
+        for key, value in metadata(pipeline, what, dtype, opset, spec, tables).items():
+            model.metadata_props.add(key=key, value=value)
+        onnx.save(model, str(tmp))
+        onnx.checker.check_model(str(tmp), full_check=True)
+        report = None
+        if verify:
+            from .verify import verify_onnx
+
+            report = verify_onnx(tmp, pipeline, providers=providers)
+            report.path = path
+            if not report.ok:
+                raise VerificationError(report.summary(), report)
+        os.replace(tmp, path)
+    except OSError as err:
+        raise OnnxFileError(f"{path}: cannot write ({err.strerror or err})") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    logger.info("wrote %s", path)
+    return ExportResult(path, report)

@@ -1,0 +1,165 @@
+"""What a ddpm-fast ONNX file is: its inputs, outputs and metadata_props (no torch, no onnx).
+
+Two kinds of file (metadata ``what``):
+
+- ``unet``: the network. Inputs ``x`` [B, C, H, W] float32, ``t`` [B] int64 (timesteps), and for
+  self-conditioning networks ``x_self_cond`` [B, C, H, W] (zeros for "none"); output
+  ``model_output`` [B, out_channels, H, W] float32. The batch is dynamic, H and W are the image
+  size. The metadata also carries the coefficient tables of one chain (``tables``), so that
+  :class:`~ddpm_fast.export.OnnxSampler` can run it.
+- ``step``: one whole reverse step of one chain (sampler, steps, eta fixed at export). Inputs
+  ``x_t`` [B, C, H, W] float32, ``step`` [1] int64 (the step index k = 0 .. steps - 1, not the
+  timestep), ``noise`` [B, C, H, W] float32 (read only where the step adds noise: see
+  ``noise_steps``), and for self-conditioning networks ``x_self_cond`` (the previous step's
+  ``x0``, zeros at the first step); outputs ``x_prev`` and ``x0`` (clipped), both
+  [B, C, H, W] float32. ``x_prev`` of the last step is the sample, in [-1, 1].
+
+Inputs and outputs are float32 for fp16 files too: the graph casts at its edges.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from ..errors import DdpmFastError
+
+FORMAT_KEY = "ddpm_fast_onnx_format"
+FORMAT_VERSION = "1"
+WHATS = ("unet", "step")
+DTYPES = ("fp32", "fp16")
+DEFAULT_OPSET = 17
+
+UNET_INPUTS = ("x", "t")
+UNET_OUTPUTS = ("model_output",)
+STEP_INPUTS = ("x_t", "step", "noise")
+STEP_OUTPUTS = ("x_prev", "x0")
+SELF_COND_INPUT = "x_self_cond"
+
+# The per-step coefficients a unet file carries (float64, as ``ddpm_fast.samplers.StepTables``).
+TABLE_NAMES = (
+    "timesteps",
+    "x0_from_xt",
+    "x0_from_eps",
+    "x0_from_xt_v",
+    "x0_from_v",
+    "c_x0",
+    "c_xt",
+    "c_eps",
+    "sigma",
+    "log_var_min",
+    "log_var_max",
+)
+
+
+class OnnxFileError(DdpmFastError):
+    """An ONNX file that cannot be read, is not one ddpm-fast wrote, or does not fit the request."""
+
+
+class VerificationError(DdpmFastError):
+    """An exported file whose outputs differ from the reference beyond the tolerance; ``report``
+    holds every comparison."""
+
+    def __init__(self, message: str, report=None):
+        super().__init__(message)
+        self.report = report
+
+
+@dataclass(frozen=True)
+class OnnxModelInfo:
+    """The metadata of a ddpm-fast ONNX file, parsed."""
+
+    what: str
+    dtype: str
+    family: str
+    config: dict  # the network's config (UnetConfig.to_dict())
+    diffusion: dict  # DiffusionConfig.to_dict()
+    image_size: int
+    channels: int
+    objective: str
+    sampler: str
+    steps: int
+    eta: float
+    variance: str
+    noise_steps: str  # "1" where step k adds noise, "0" where it does not
+    version: str
+    tables: dict | None  # unet files: {name: [float per step]}
+
+    @property
+    def self_condition(self) -> bool:
+        return bool(self.config.get("self_condition", False))
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return (self.channels, self.image_size, self.image_size)
+
+    @property
+    def input_names(self) -> tuple[str, ...]:
+        names = UNET_INPUTS if self.what == "unet" else STEP_INPUTS
+        return (*names, SELF_COND_INPUT) if self.self_condition else names
+
+    @property
+    def output_names(self) -> tuple[str, ...]:
+        return UNET_OUTPUTS if self.what == "unet" else STEP_OUTPUTS
+
+    def adds_noise(self, k: int) -> bool:
+        return self.noise_steps[k] == "1"
+
+    def chain(self) -> str:
+        """The chain in words: 'ddim, 20 steps, eta 0.5'."""
+        words = f"{self.sampler}, {self.steps} steps"
+        if self.sampler == "ddim":
+            return f"{words}, eta {self.eta:g}"
+        return f"{words}, {self.variance} variance"
+
+
+def parse_metadata(meta: dict[str, str], path: str) -> OnnxModelInfo:
+    """The OnnxModelInfo of a file's metadata_props; OnnxFileError naming ``path`` if it is not
+    a ddpm-fast file or not one this version reads."""
+    if FORMAT_KEY not in meta:
+        raise OnnxFileError(
+            f"{path}: an ONNX file without ddpm-fast metadata (not written by `ddpm-fast export`)"
+        )
+    if meta[FORMAT_KEY] != FORMAT_VERSION:
+        raise OnnxFileError(
+            f"{path}: ddpm-fast ONNX format {meta[FORMAT_KEY]!r} (written by ddpm-fast "
+            f"{meta.get('ddpm_fast_version', '?')}); this ddpm-fast reads format {FORMAT_VERSION}"
+        )
+    try:
+        info = OnnxModelInfo(
+            what=meta["what"],
+            dtype=meta["dtype"],
+            family=meta["family"],
+            config=json.loads(meta["config"]),
+            diffusion=json.loads(meta["diffusion"]),
+            image_size=int(meta["image_size"]),
+            channels=int(meta["channels"]),
+            objective=meta["objective"],
+            sampler=meta["sampler"],
+            steps=int(meta["steps"]),
+            eta=float(meta["eta"]),
+            variance=meta["variance"],
+            noise_steps=meta["noise_steps"],
+            version=meta.get("ddpm_fast_version", "?"),
+            tables=json.loads(meta["tables"]) if "tables" in meta else None,
+        )
+    except (KeyError, TypeError, ValueError) as err:
+        raise OnnxFileError(
+            f"{path}: bad ddpm-fast metadata ({type(err).__name__}: {err})"
+        ) from None
+    problems = []
+    if info.what not in WHATS:
+        problems.append(f"what={info.what!r}")
+    if info.dtype not in DTYPES:
+        problems.append(f"dtype={info.dtype!r}")
+    if len(info.noise_steps) != info.steps or set(info.noise_steps) - {"0", "1"}:
+        problems.append("noise_steps does not match steps")
+    if info.what == "unet" and (
+        info.tables is None
+        or set(info.tables) != set(TABLE_NAMES)
+        or any(len(v) != info.steps for v in info.tables.values())
+    ):
+        problems.append("the coefficient tables are missing or do not match steps")
+    if problems:
+        raise OnnxFileError(f"{path}: bad ddpm-fast metadata ({'; '.join(problems)})")
+    return info

@@ -1,0 +1,424 @@
+"""The whole reverse chain from a ddpm-fast ONNX file, with ONNX Runtime and NumPy only.
+
+Importing and running this module never imports torch: a deployment needs ``numpy`` and
+``onnxruntime`` (or ``onnxruntime-gpu``), nothing else of ddpm-fast's dependencies. Noise is
+the same Philox stream as ``ddpm_fast.noise`` (see :mod:`ddpm_fast.export.philox`), so for the
+same seed it draws the same images as ``Pipeline.sample``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import io
+import logging
+import os
+import sys
+from collections.abc import Iterator, Sequence
+from functools import cache
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import ConfigError
+from .format import SELF_COND_INPUT, OnnxFileError, OnnxModelInfo, parse_metadata
+from .philox import check_seed, keyed_noise
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_BATCH_SIZE = 64  # as Pipeline.sample
+CUDA = "CUDAExecutionProvider"
+CPU = "CPUExecutionProvider"
+# ONNX Runtime's session log levels: 0 verbose .. 3 error, 4 fatal. Warnings such as "some nodes
+# were not assigned to the preferred execution providers" (shape ops kept on the CPU, as
+# intended) are noise to a user.
+SESSION_LOG_SEVERITY = 3
+
+
+def _onnxruntime():
+    try:
+        import onnxruntime
+    except ImportError:
+        raise ConfigError(
+            "onnxruntime is not installed: pip install 'ddpm-fast[onnx]' (or onnxruntime)"
+        ) from None
+    return onnxruntime
+
+
+@cache
+def cuda_device_visible() -> bool:
+    """Whether the CUDA driver reports a device to this process (asked of libcuda directly, so
+    that neither torch nor ONNX Runtime's loud provider errors are involved)."""
+    if os.environ.get("CUDA_VISIBLE_DEVICES") in ("", "-1"):
+        return False
+    name = "nvcuda.dll" if sys.platform == "win32" else "libcuda.so.1"
+    try:
+        driver = ctypes.CDLL(name)
+        count = ctypes.c_int(0)
+        return (
+            driver.cuInit(0) == 0
+            and driver.cuDeviceGetCount(ctypes.byref(count)) == 0
+            and (count.value > 0)
+        )
+    except (OSError, AttributeError):
+        return False
+
+
+def cuda_provider(device_id: int = 0) -> tuple[str, dict]:
+    """The CUDA provider with TF32 off: ONNX Runtime's default (on) rounds float32 convolutions
+    to 10-bit mantissas on Ampere and later, which is not the reference's function in fp32."""
+    return (CUDA, {"device_id": device_id, "use_tf32": 0})
+
+
+def default_providers() -> list:
+    """CUDA (then CPU) where onnxruntime-gpu has its CUDA provider and a GPU is visible, else the
+    CPU alone: CUDA is never requested on a machine without a GPU, where ONNX Runtime would log
+    errors before falling back."""
+    available = _onnxruntime().get_available_providers()
+    if CUDA in available and cuda_device_visible():
+        return [cuda_provider(), CPU]
+    return [CPU]
+
+
+def providers_for_device(device: str | None) -> list | None:
+    """The providers for a ``--device`` string: None (default), 'cpu', 'cuda' or 'cuda:N'."""
+    if device is None:
+        return None
+    if device == "cpu":
+        return [CPU]
+    kind, _, index = device.partition(":")
+    if kind != "cuda" or (index and not index.isdigit()):
+        raise ConfigError(f"unknown device {device!r} (try cpu, cuda or cuda:1)")
+    if CUDA not in _onnxruntime().get_available_providers():
+        raise ConfigError(
+            f"device {device!r} asked for, but this onnxruntime has no CUDA provider (install "
+            "onnxruntime-gpu)"
+        )
+    if not cuda_device_visible():
+        raise ConfigError(f"device {device!r} asked for, but no CUDA device is visible here")
+    return [cuda_provider(int(index or 0)), CPU]
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def open_session(path: str | os.PathLike, providers: Sequence | None = None):
+    """An onnxruntime InferenceSession for ``path`` (quiet logs; providers as given, else
+    :func:`default_providers`); OnnxFileError for a file it cannot load."""
+    ort = _onnxruntime()
+    path = Path(path)
+    if not path.is_file():
+        raise OnnxFileError(f"{path}: no such file" if not path.exists() else f"{path}: not a file")
+    options = ort.SessionOptions()
+    options.log_severity_level = SESSION_LOG_SEVERITY
+    requested = list(providers) if providers is not None else default_providers()
+    wanted = [p if isinstance(p, str) else p[0] for p in requested]
+    if CUDA in wanted:
+        _preload_cuda_libraries(ort)
+    try:
+        session = ort.InferenceSession(str(path), options, providers=requested)
+    except Exception as err:  # onnxruntime raises its own exception types
+        if type(err).__name__ == "NotImplemented":
+            raise  # an op without a kernel on these providers: the caller decides
+        raise OnnxFileError(f"{path}: onnxruntime cannot load it ({_first_line(err)})") from None
+    if CUDA in wanted and CUDA not in session.get_providers():
+        logger.warning(
+            "%s: the CUDA provider could not start (this onnxruntime is built for CUDA %s, with "
+            "cuDNN 9); running on %s",
+            path,
+            _built_for_cuda(),
+            session.get_providers()[0],
+        )
+    return session
+
+
+def _built_for_cuda() -> str:
+    try:
+        from onnxruntime.capi import build_and_package_info
+
+        return str(getattr(build_and_package_info, "cuda_version", "?"))
+    except ImportError:
+        return "?"
+
+
+@cache
+def _preload_cuda_libraries(ort) -> None:
+    """onnxruntime >= 1.21 can load CUDA and cuDNN from the nvidia-* wheels (those torch brings)
+    when the system has none on its library path; it prints where it fails, so quietly."""
+    preload = getattr(ort, "preload_dlls", None)
+    if preload is None:
+        return
+    with contextlib.redirect_stdout(io.StringIO()) as printed:
+        try:
+            preload()
+        except Exception as err:  # best effort: the session reports what is really missing
+            logger.debug("onnxruntime.preload_dlls failed: %s", err)
+    if printed.getvalue().strip():
+        logger.debug("onnxruntime.preload_dlls: %s", printed.getvalue().strip())
+
+
+def read_info(session, path: str | os.PathLike) -> OnnxModelInfo:
+    """The ddpm-fast metadata of a loaded file, checked against its inputs and outputs."""
+    meta = dict(session.get_modelmeta().custom_metadata_map)
+    info = parse_metadata(meta, str(path))
+    inputs = tuple(i.name for i in session.get_inputs())
+    outputs = tuple(o.name for o in session.get_outputs())
+    if inputs != info.input_names or outputs != info.output_names:
+        raise OnnxFileError(
+            f"{path}: its inputs {list(inputs)} and outputs {list(outputs)} are not those of a "
+            f"ddpm-fast {info.what} file ({list(info.input_names)} -> {list(info.output_names)})"
+        )
+    return info
+
+
+def _check_array(name: str, value, shape: tuple, dtype=np.float32) -> np.ndarray:
+    """``value`` as given if it is an ndarray of ``dtype`` whose shape matches ``shape`` (None:
+    any size), else a ConfigError that says what was expected."""
+    expected = "[" + ", ".join("B" if s is None else str(s) for s in shape) + "]"
+    if not isinstance(value, np.ndarray):
+        raise ConfigError(f"{name} must be a NumPy array {expected}, got {type(value).__name__}")
+    if value.dtype != dtype:
+        raise ConfigError(f"{name} must be {np.dtype(dtype).name}, got {value.dtype}")
+    if value.ndim != len(shape) or any(
+        s is not None and s != v for s, v in zip(shape, value.shape, strict=True)
+    ):
+        raise ConfigError(f"{name} must have shape {expected}, got {list(value.shape)}")
+    return value
+
+
+class _NoBar:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+    def update(self, n: int = 1) -> None:
+        return None
+
+
+def _progress_bar(total: int, show: bool):
+    """A tqdm bar where one is asked for and tqdm is there (a deployment may lack it)."""
+    if show:
+        try:
+            from tqdm.auto import tqdm
+        except ImportError:
+            return _NoBar()
+        return tqdm(total=total, desc="sampling", unit="step")
+    return _NoBar()
+
+
+class OnnxSampler:
+    """Sample from a ddpm-fast ``step`` or ``unet`` ONNX file with ONNX Runtime and NumPy.
+
+    ``providers``: ONNX Runtime execution providers; default CUDA where onnxruntime-gpu can use a
+    GPU here, else the CPU. ``sample`` and ``sample_batches`` take Pipeline.sample's arguments; the
+    chain (sampler, steps, eta) is the one fixed at export: others are errors.
+    """
+
+    def __init__(self, path: str | os.PathLike, providers: Sequence | None = None):
+        self.path = Path(path)
+        self.session = open_session(self.path, providers)
+        self.info = read_info(self.session, self.path)
+        self.providers = self.session.get_providers()
+        self._tables = None
+        if self.info.what == "unet":
+            self._tables = {k: np.asarray(v, dtype=np.float64) for k, v in self.info.tables.items()}
+
+    def __repr__(self) -> str:
+        return (
+            f"OnnxSampler({str(self.path)!r}: {self.info.what} {self.info.dtype}, "
+            f"{self.info.chain()}, on {self.providers[0]})"
+        )
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return self.info.image_shape
+
+    @property
+    def steps(self) -> int:
+        return self.info.steps
+
+    def check_chain(
+        self, sampler: str | None = None, steps: int | None = None, eta: float | None = None
+    ) -> None:
+        """ConfigError unless the chain asked for (None: any) is the file's."""
+        info = self.info
+        again = "export it again with the chain you want"
+        if sampler is not None and sampler != info.sampler:
+            raise ConfigError(
+                f"{self.path} holds the chain '{info.chain()}', not sampler {sampler!r}; {again}"
+            )
+        if steps is not None and steps != info.steps:
+            raise ConfigError(
+                f"{self.path} was exported for {info.steps} steps, not {steps} "
+                f"('{info.chain()}'); {again}"
+            )
+        if eta is not None and float(eta) != info.eta and (info.sampler == "ddim" or eta):
+            raise ConfigError(
+                f"{self.path} was exported with eta {info.eta:g}, not {eta:g}; {again}"
+            )
+
+    # one step
+
+    def network(
+        self, x: np.ndarray, t: np.ndarray, x_self_cond: np.ndarray | None = None
+    ) -> np.ndarray:
+        """unet files: the network's output for x [B, C, H, W] float32 and timesteps t [B]."""
+        if self.info.what != "unet":
+            raise ConfigError(f"{self.path} is a step file; network() needs a unet file")
+        x = _check_array("x", x, (None, *self.image_shape))
+        if not isinstance(t, np.ndarray) or t.dtype.kind not in "iu":
+            raise ConfigError(f"t must be an integer NumPy array [B], got {getattr(t, 'dtype', t)}")
+        _check_array("t", t, (x.shape[0],), t.dtype)
+        timesteps = self.info.diffusion["schedule"]["timesteps"]
+        if t.size and (t.min() < 0 or t.max() >= timesteps):
+            raise ConfigError(f"timesteps must lie in [0, {timesteps}), got {t.min()}..{t.max()}")
+        feed = {"x": x, "t": t.astype(np.int64)}
+        if self.info.self_condition:
+            feed[SELF_COND_INPUT] = self._self_cond(x_self_cond, x.shape[0])
+        elif x_self_cond is not None:
+            raise ConfigError("x_self_cond given, but the network is not self-conditioning")
+        return self.session.run(None, feed)[0]
+
+    def step(
+        self,
+        x_t: np.ndarray,
+        k: int,
+        noise: np.ndarray | None = None,
+        x_self_cond: np.ndarray | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """One reverse step k (0 .. steps - 1) from x_t [B, C, H, W] float32: (x_prev, x0).
+
+        ``noise`` [B, C, H, W] float32 is needed where the step adds noise
+        (``info.adds_noise(k)``); ``x_self_cond`` (self-conditioning networks) is the previous
+        step's x0, None for zeros.
+        """
+        x_t = _check_array("x_t", x_t, (None, *self.image_shape))
+        if isinstance(k, bool) or not isinstance(k, int | np.integer) or not 0 <= k < self.steps:
+            raise ConfigError(f"the step index must be an integer in [0, {self.steps}), got {k!r}")
+        batch = x_t.shape[0]
+        if noise is None:
+            if self.info.adds_noise(int(k)):
+                raise ConfigError(f"step {k} adds noise: pass noise [B, C, H, W]")
+            noise = np.zeros_like(x_t)
+        noise = _check_array("noise", noise, x_t.shape)
+        if self.info.self_condition:
+            x_self_cond = self._self_cond(x_self_cond, batch)
+        elif x_self_cond is not None:
+            raise ConfigError("x_self_cond given, but the network is not self-conditioning")
+        return self._step(x_t, int(k), noise, x_self_cond)
+
+    def _self_cond(self, x_self_cond: np.ndarray | None, batch: int) -> np.ndarray:
+        if x_self_cond is None:
+            return np.zeros((batch, *self.image_shape), np.float32)
+        return _check_array(SELF_COND_INPUT, x_self_cond, (batch, *self.image_shape))
+
+    def _step(
+        self, x_t: np.ndarray, k: int, noise: np.ndarray, x_self_cond: np.ndarray | None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        if self.info.what == "step":
+            feed = {"x_t": x_t, "step": np.array([k], np.int64), "noise": noise}
+            if x_self_cond is not None:
+                feed[SELF_COND_INPUT] = x_self_cond
+            x_prev, x0 = self.session.run(None, feed)
+            return x_prev, x0
+        t = np.full((x_t.shape[0],), int(self._tables["timesteps"][k]), np.int64)
+        feed = {"x": x_t, "t": t}
+        if x_self_cond is not None:
+            feed[SELF_COND_INPUT] = x_self_cond
+        model_output = self.session.run(None, feed)[0]
+        return self._update(model_output, x_t, k, noise)
+
+    def _update(
+        self, model_output: np.ndarray, x: np.ndarray, k: int, noise: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """``ddpm_fast.samplers.denoise_step`` in NumPy (float32 arithmetic, float32
+        coefficients), for unet files."""
+        info = self.info
+
+        def c(name: str) -> np.float32:
+            return np.float32(self._tables[name][k])
+
+        channels = x.shape[1]
+        variance_output = None
+        if model_output.shape[1] == 2 * channels:  # learned variance: [prediction, frac]
+            model_output, variance_output = model_output[:, :channels], model_output[:, channels:]
+        if info.objective == "pred_noise":
+            x0 = c("x0_from_xt") * x - c("x0_from_eps") * model_output
+        elif info.objective == "pred_x0":
+            x0 = model_output
+        else:  # pred_v
+            x0 = c("x0_from_xt_v") * x - c("x0_from_v") * model_output
+        x0 = np.clip(x0, np.float32(-1.0), np.float32(1.0))
+
+        x_next = c("c_x0") * x0 + c("c_xt") * x
+        if c("c_eps") != 0:
+            eps = (c("x0_from_xt") * x - x0) / c("x0_from_eps")
+            x_next = x_next + c("c_eps") * eps
+        if not info.adds_noise(k):
+            return x_next, x0
+        if info.sampler == "ddpm" and info.variance == "learned_range":
+            frac = (variance_output + np.float32(1)) * np.float32(0.5)
+            log_var = frac * c("log_var_max") + (np.float32(1) - frac) * c("log_var_min")
+            sigma = np.exp(np.float32(0.5) * log_var)
+        else:
+            sigma = c("sigma")
+        return x_next + sigma * noise, x0
+
+    # the chain
+
+    def sample_batches(
+        self,
+        num: int,
+        *,
+        seed: int = 0,
+        batch_size: int | None = None,
+        start_index: int = 0,
+        sampler: str | None = None,
+        steps: int | None = None,
+        eta: float | None = None,
+        initial_noise: np.ndarray | None = None,
+        progress: bool = False,
+    ) -> Iterator[tuple[range, np.ndarray]]:
+        """Yield (sample indices, images NCHW float32 in [0, 1]) one batch at a time."""
+        if isinstance(num, bool) or not isinstance(num, int) or num < 1:
+            raise ConfigError(f"the number of images must be a positive integer, got {num!r}")
+        if batch_size is None:
+            batch_size = min(num, DEFAULT_BATCH_SIZE)
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
+        seed = check_seed(seed)
+        self.check_chain(sampler, steps, eta)
+        shape = self.image_shape
+        if initial_noise is not None:
+            initial_noise = _check_array("initial_noise", initial_noise, (num, *shape))
+
+        total = -(-num // batch_size) * self.steps
+        with _progress_bar(total, progress) as bar:
+            for first in range(0, num, batch_size):
+                rows = range(first, min(first + batch_size, num))
+                indices = range(start_index + rows.start, start_index + rows.stop)
+                if initial_noise is not None:
+                    x = initial_noise[rows.start : rows.stop]
+                else:
+                    x = keyed_noise(seed, indices, 0, shape)
+                silent = np.zeros_like(x)  # fed where a step adds no noise (and reads none)
+                x0 = silent if self.info.self_condition else None
+                for k in range(self.steps):
+                    noise = (
+                        keyed_noise(seed, indices, k + 1, shape)
+                        if self.info.adds_noise(k)
+                        else silent
+                    )
+                    x, x0 = self._step(x, k, noise, x0 if self.info.self_condition else None)
+                    bar.update()
+                yield indices, (x + np.float32(1)) * np.float32(0.5)
+
+    def sample(self, num: int, **options) -> np.ndarray:
+        """Draw ``num`` images as an NCHW float32 array in [0, 1]; options as
+        :meth:`sample_batches` (seed, batch_size, start_index, sampler, steps, eta,
+        initial_noise, progress)."""
+        return np.concatenate([images for _, images in self.sample_batches(num, **options)])
