@@ -1,4 +1,4 @@
-"""The ``ddpm-fast`` command: sample, info, convert."""
+"""The ``ddpm-fast`` command: sample, info, convert, export, verify."""
 
 from __future__ import annotations
 
@@ -58,14 +58,28 @@ def _model_arguments(parser: argparse.ArgumentParser, *, checkpoint_required: bo
     )
 
 
+def _chain_arguments(parser: argparse.ArgumentParser) -> None:
+    # No defaults here (None: "not given"), so that --onnx can tell a request from a default.
+    parser.add_argument("--sampler", choices=SAMPLERS, help="default: ddpm")
+    parser.add_argument("--eta", type=float, help="DDIM's eta (default 0: deterministic)")
+
+
+def _chain(args: argparse.Namespace) -> tuple[str, float]:
+    """(sampler, eta) asked for, with their defaults; eta applies to DDIM only."""
+    sampler = args.sampler or "ddpm"
+    eta = 0.0 if args.eta is None else args.eta
+    if eta and sampler != "ddim":
+        raise ConfigError("--eta applies to --sampler ddim only")
+    return sampler, eta
+
+
 def _sampling_arguments(parser: argparse.ArgumentParser, *, default_num: int) -> None:
     parser.add_argument("--num", type=_positive_int, default=default_num, help="number of images")
     parser.add_argument(
         "--batch-size", type=_positive_int, help=f"default: up to {DEFAULT_BATCH_SIZE}"
     )
     parser.add_argument("--steps", type=_positive_int, help="default: the schedule's timesteps")
-    parser.add_argument("--sampler", choices=SAMPLERS, default="ddpm")
-    parser.add_argument("--eta", type=float, default=0.0, help="DDIM's eta (0: deterministic)")
+    _chain_arguments(parser)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cpu)")
 
@@ -134,14 +148,13 @@ def _pending_runs(out: Path, num: int, batch: int) -> list[range]:
 
 def _sampling_options(args: argparse.Namespace, pipeline: Pipeline) -> dict:
     """Keyword arguments of Pipeline.sample_batches, checked before any work is done."""
-    if args.eta and args.sampler != "ddim":
-        raise ConfigError("--eta applies to --sampler ddim only")
-    pipeline.sampler_spec(args.sampler, args.steps, args.eta)
+    sampler, eta = _chain(args)
+    pipeline.sampler_spec(sampler, args.steps, eta)
     pipeline.image_shape()
     return dict(
         steps=args.steps,
-        sampler=args.sampler,
-        eta=args.eta,
+        sampler=sampler,
+        eta=eta,
         seed=args.seed,
         batch_size=resolve_batch_size(args.num, args.batch_size),
         device=_device(args.device),
@@ -149,30 +162,106 @@ def _sampling_options(args: argparse.Namespace, pipeline: Pipeline) -> dict:
     )
 
 
-def cmd_sample(args: argparse.Namespace) -> int:
-    out = Path(args.out)
-    kind = _output_kind(out)
-    pipeline = _load(args)
-    options = _sampling_options(args, pipeline)
-    batch = options["batch_size"]
-
+def _write_samples(out: Path, kind: str, num: int, batch: int, draw) -> None:
+    """Write ``num`` images drawn by ``draw(count, start_index)`` (an iterator of (indices,
+    images in [0, 1]) batches of ``batch``) as ``kind``; a folder resumes."""
     if kind == "folder":
-        runs = _pending_runs(out, args.num, batch)
+        runs = _pending_runs(out, num, batch)
         if not runs:
-            _say(f"all {args.num} images are already in {out}; nothing to do")
+            _say(f"all {num} images are already in {out}; nothing to do")
         for run in runs:
             if run.start or len(runs) > 1:
                 _say(f"resuming: drawing images {run.start}..{run.stop - 1}")
-            for indices, images in pipeline.sample_batches(
-                len(run), start_index=run.start, **options
-            ):
-                save_folder(to_uint8(images), indices, out)
+            for indices, images in draw(len(run), run.start):
+                save_folder(to_uint8(torch.as_tensor(images)), indices, out)
     else:
-        arrays = [to_uint8(images) for _, images in pipeline.sample_batches(args.num, **options)]
-        array = np.concatenate(arrays)
-        (save_grid if kind == "grid" else save_npz)(array, out)
+        arrays = [to_uint8(torch.as_tensor(images)) for _, images in draw(num, 0)]
+        (save_grid if kind == "grid" else save_npz)(np.concatenate(arrays), out)
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    kind = _output_kind(out)
+    if args.onnx is not None:
+        return _sample_onnx(args, out, kind)
+    pipeline = _load(args)
+    options = _sampling_options(args, pipeline)
+
+    def draw(num: int, start: int):
+        return pipeline.sample_batches(num, start_index=start, **options)
+
+    _write_samples(out, kind, args.num, options["batch_size"], draw)
     print(f"wrote {args.num} images to {out}")
     return 0
+
+
+# The model options of _model_arguments, which an ONNX file fixes.
+_MODEL_FLAGS = {
+    "image_size": "--image-size",
+    "objective": "--objective",
+    "beta_schedule": "--beta-schedule",
+    "timesteps": "--timesteps",
+    "variance": "--variance",
+    "channels": "--channels",
+    "resnet_block_groups": "--resnet-block-groups",
+    "attn_heads": "--attn-heads",
+    "online": "--online",
+}
+
+
+def _sample_onnx(args: argparse.Namespace, out: Path, kind: str) -> int:
+    """``sample --onnx FILE``: the same outputs from an ONNX file, by ONNX Runtime."""
+    from .export.onnx_sampler import OnnxSampler, providers_for_device
+
+    if args.checkpoint is not None:
+        raise ConfigError("give a checkpoint or --onnx FILE, not both")
+    given = [flag for dest, flag in _MODEL_FLAGS.items() if getattr(args, dest, None)]
+    if given:
+        raise ConfigError(f"{given[0]} does not apply to --onnx (the file fixes the model)")
+    sampler = OnnxSampler(args.onnx, providers=providers_for_device(args.device))
+    sampler.check_chain(args.sampler, args.steps, args.eta)
+    batch = resolve_batch_size(args.num, args.batch_size)
+
+    def draw(num: int, start: int):
+        return sampler.sample_batches(
+            num, seed=args.seed, batch_size=batch, start_index=start, progress=True
+        )
+
+    _write_samples(out, kind, args.num, batch, draw)
+    print(f"wrote {args.num} images to {out}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export.exporter import export_onnx
+    from .export.format import VerificationError
+
+    out = Path(args.out)
+    pipeline = _load(args)
+    sampler, eta = _chain(args)
+    options = dict(what=args.what, dtype=args.dtype, opset=args.opset)
+    try:
+        result = export_onnx(pipeline, out, sampler=sampler, steps=args.steps, eta=eta, **options)
+    except VerificationError as err:
+        print(err.report)
+        _say(f"{out} not written: the export does not match the reference")
+        return 1
+    print(result.report)
+    size = out.stat().st_size / 1e6
+    print(f"wrote {out} ({args.what}, {args.dtype}, opset {args.opset}, {size:.1f} MB)")
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from .export.onnx_sampler import providers_for_device
+    from .export.verify import load_onnx_info, verify_onnx
+
+    info = load_onnx_info(args.onnx_file)  # a bad file fails here, before any model is loaded
+    if args.image_size is None:
+        args.image_size = info.image_size
+    report = verify_onnx(args.onnx_file, _load(args), providers=providers_for_device(args.device))
+    print(report)
+    return 0 if report.ok else 1
 
 
 def cmd_quality(args: argparse.Namespace) -> int:
@@ -241,6 +330,11 @@ def build_parser() -> argparse.ArgumentParser:
         default="samples.png",
         help="a .png grid, an .npz (arr_0: uint8 NHWC) or a folder of PNGs (resumable)",
     )
+    sample.add_argument(
+        "--onnx",
+        metavar="FILE",
+        help="sample from a ddpm-fast ONNX file with ONNX Runtime instead of a checkpoint",
+    )
     sample.set_defaults(run=cmd_sample)
 
     quality = commands.add_parser(
@@ -259,6 +353,28 @@ def build_parser() -> argparse.ArgumentParser:
     _model_arguments(convert, checkpoint_required=True)
     convert.add_argument("out", help="OUT.safetensors")
     convert.set_defaults(run=cmd_convert)
+
+    export = commands.add_parser(
+        "export", help="write an ONNX file (the network or one whole step), verified"
+    )
+    _model_arguments(export, checkpoint_required=False)
+    export.add_argument("--out", default="model.onnx", help="the .onnx file to write")
+    export.add_argument(
+        "--what", choices=["unet", "step"], default="unet", help="the network or one whole step"
+    )
+    export.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32")
+    export.add_argument("--opset", type=_positive_int, default=17)
+    export.add_argument("--steps", type=_positive_int, help="default: the schedule's timesteps")
+    _chain_arguments(export)
+    export.set_defaults(run=cmd_export)
+
+    verify = commands.add_parser(
+        "verify", help="check an ONNX file against a checkpoint's reference path"
+    )
+    verify.add_argument("onnx_file", help="the .onnx file")
+    _model_arguments(verify, checkpoint_required=False)
+    verify.add_argument("--device", help="cpu, cuda, cuda:1 (default: CUDA where usable)")
+    verify.set_defaults(run=cmd_verify)
     return parser
 
 
