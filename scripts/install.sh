@@ -8,16 +8,61 @@
 # - otherwise, on a machine with an NVIDIA driver, pip picks torch from PyPI (a CUDA build);
 # - otherwise (no GPU: CI, laptops) it asks for torch==2.13.0, which on this project's build
 #   machines is a CPU build on local disk, installed in seconds with no download.
+#
+# ONNX (ddpm_fast.export): `onnx`, and `dev` (whose tests cover it), install the `onnx` extra
+# (onnxruntime-gpu) on a machine with an NVIDIA driver and the `onnx-cpu` extra (onnxruntime, the
+# CPU build) elsewhere; an ONNX Runtime build already installed is kept. The two builds share the
+# `onnxruntime` package, so never both.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 extras="${1:-}"
 python=${PYTHON:-python}
 
+has_dist() { "$python" -m pip show -q "$1" >/dev/null 2>&1; }
+if command -v nvidia-smi >/dev/null 2>&1; then gpu=1; else gpu=0; fi
+
+IFS=, read -ra requested <<< "$extras"
+chosen=()
+onnx=""
+for extra in ${requested[@]+"${requested[@]}"}; do
+    case "$extra" in
+        onnx) onnx=${onnx:-auto} ;;
+        onnx-cpu) onnx=onnx-cpu ;;
+        dev) chosen+=(dev); onnx=${onnx:-auto} ;;
+        "") ;;
+        *) chosen+=("$extra") ;;
+    esac
+done
+if [ "$onnx" = auto ]; then
+    if has_dist onnxruntime-gpu; then
+        onnx=onnx
+    elif has_dist onnxruntime; then
+        onnx=onnx-cpu
+    elif [ "$gpu" = 1 ]; then
+        onnx=onnx
+    else
+        onnx=onnx-cpu
+    fi
+fi
+if [ -n "$onnx" ]; then
+    chosen+=("$onnx")
+fi
+extras=$(IFS=,; echo "${chosen[*]-}")
+
 if "$python" -c 'import sys, torch; v = tuple(int(p) for p in torch.__version__.split(".")[:2]); sys.exit(v < (2, 4))' 2>/dev/null; then
     echo "install.sh: keeping torch $("$python" -c 'import torch; print(torch.__version__)')"
-elif command -v nvidia-smi >/dev/null 2>&1; then
+elif [ "$gpu" = 1 ]; then
     "$python" -m pip install "torch>=2.4"
 else
     "$python" -m pip install "torch==2.13.0"
 fi
-"$python" -m pip install -e ".${extras:+[$extras]}"
+constraints=()
+if [ "$onnx" = onnx ] && [ "$gpu" = 1 ]; then
+    # onnxruntime-gpu 1.27 and later are built for CUDA 13; with a CUDA 12 torch (whose nvidia-*
+    # wheels are the CUDA libraries ONNX Runtime finds) take the last CUDA 12 builds.
+    cuda=$("$python" -c 'import torch; print((torch.version.cuda or "").split(".")[0])' 2>/dev/null || true)
+    if [ "$cuda" = 12 ]; then
+        constraints+=("onnxruntime-gpu<1.27")
+    fi
+fi
+"$python" -m pip install -e ".${extras:+[$extras]}" ${constraints[@]+"${constraints[@]}"}
