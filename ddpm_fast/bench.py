@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from . import load
-from .engine import Engine
+from .errors import ConfigError
 from .models.dd_pytorch_v1 import Unet, UnetConfig
 from .pipeline import DiffusionConfig, Pipeline
 from .version import __version__
@@ -87,10 +87,10 @@ def make_backend(name: str, pipeline: Pipeline, dtype: str, device: str, workdir
     if name.startswith("compile"):
         mode = name.removeprefix("compile").removeprefix("-") or None
         return Pipeline(torch.compile(pipeline.network, mode=mode), pipeline.diffusion)
-    if name == "engine":
-        return Engine(pipeline, dtype=dtype)
-    if name == "engine-eager":
-        return Engine(pipeline, dtype=dtype, cuda_graph=False)
+    if name.startswith("engine"):
+        from .engine import Engine  # the kernels load only when the engine runs
+
+        return Engine(pipeline, dtype=dtype, cuda_graph=False if name == "engine-eager" else None)
     if name == "onnxruntime":
         return OnnxBackend(pipeline, device, workdir)
     raise ValueError(f"unknown backend {name!r}; known: {', '.join(BACKENDS)}")
@@ -353,7 +353,7 @@ def main(args: argparse.Namespace) -> Path:
     checks = [("steps", args.steps), ("repeats", args.repeats), *(("batch", b) for b in args.batch)]
     for what, value in checks:
         if value < 1:
-            raise ValueError(f"{what} must be at least 1, got {value}")
+            raise ConfigError(f"{what} must be at least 1, got {value}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     name = args.name or f"sampler-{args.device.split(':')[0]}-{datetime.date.today()}"

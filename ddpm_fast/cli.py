@@ -186,6 +186,13 @@ def cmd_sample(args: argparse.Namespace) -> int:
         return _sample_onnx(args, out, kind)
     pipeline = _load(args)
     options = _sampling_options(args, pipeline)
+    if args.reference:
+        if args.dtype != "fp32":
+            raise ConfigError("--dtype applies to the engine, not to --reference (fp32)")
+    else:
+        from .engine import Engine
+
+        pipeline = Engine(pipeline, dtype=args.dtype)
 
     def draw(num: int, start: int):
         return pipeline.sample_batches(num, start_index=start, **options)
@@ -218,6 +225,9 @@ def _sample_onnx(args: argparse.Namespace, out: Path, kind: str) -> int:
     given = [flag for dest, flag in _MODEL_FLAGS.items() if getattr(args, dest, None)]
     if given:
         raise ConfigError(f"{given[0]} does not apply to --onnx (the file fixes the model)")
+    if args.reference or args.dtype != "fp32":
+        flag = "--reference" if args.reference else "--dtype"
+        raise ConfigError(f"{flag} does not apply to --onnx (ONNX Runtime runs the file)")
     sampler = OnnxSampler(args.onnx, providers=providers_for_device(args.device))
     sampler.check_chain(args.sampler, args.steps, args.eta)
     batch = resolve_batch_size(args.num, args.batch_size)
@@ -335,6 +345,17 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="sample from a ddpm-fast ONNX file with ONNX Runtime instead of a checkpoint",
     )
+    sample.add_argument(
+        "--reference",
+        action="store_true",
+        help="run the plain PyTorch reference path instead of the fast engine",
+    )
+    sample.add_argument(
+        "--dtype",
+        choices=["fp32", "bf16", "fp16"],
+        default="fp32",
+        help="the engine's precision (default fp32: the reference's images within 1e-4)",
+    )
     sample.set_defaults(run=cmd_sample)
 
     quality = commands.add_parser(
@@ -375,7 +396,22 @@ def build_parser() -> argparse.ArgumentParser:
     _model_arguments(verify, checkpoint_required=False)
     verify.add_argument("--device", help="cpu, cuda, cuda:1 (default: CUDA where usable)")
     verify.set_defaults(run=cmd_verify)
+
+    bench = commands.add_parser(
+        "bench", help="time sampling chains: reference, torch.compile, the engine, ONNX Runtime"
+    )
+    from . import bench as bench_module
+
+    bench_module.add_arguments(bench)
+    bench.set_defaults(run=cmd_bench)
     return parser
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from . import bench
+
+    bench.main(args)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

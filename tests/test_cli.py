@@ -117,3 +117,32 @@ def test_python_dash_m_and_the_console_script(tmp_path):
     )
     assert script.returncode == 0, script.stderr
     assert (tmp_path / "s.png").exists()
+
+
+def test_sample_runs_the_engine_unless_told_reference(tmp_path, capsys):
+    """The engine's images equal the reference's to within a uint8 step."""
+    engine, reference = tmp_path / "engine.npz", tmp_path / "reference.npz"
+    assert run(capsys, "sample", "--num", 4, *FAST, "--out", engine)[0] == 0
+    assert run(capsys, "sample", "--num", 4, *FAST, "--reference", "--out", reference)[0] == 0
+    a = np.load(engine)["arr_0"].astype(int)
+    b = np.load(reference)["arr_0"].astype(int)
+    assert np.abs(a - b).max() <= 1 and a.std() > 10
+
+
+def test_engine_options_are_checked(tmp_path, capsys):
+    code, _, err = run(
+        capsys, "sample", "--reference", "--dtype", "bf16", "--out", tmp_path / "x.png"
+    )
+    assert code == 2 and "--dtype applies to the engine" in err
+    pytest.importorskip("onnxruntime")
+    code, _, err = run(capsys, "sample", "--onnx", tmp_path / "m.onnx", "--dtype", "fp16")
+    assert code == 2 and "--dtype does not apply to --onnx" in err
+
+
+def test_bench_writes_its_tables(tmp_path, capsys):
+    argv = ["bench", "default", "--steps", 1, "--repeats", 1, "--batch", 2, "--device", "cpu"]
+    code, stdout, _ = run(capsys, *argv, "--out", tmp_path, "--name", "b")
+    assert code == 0 and "| engine | fp32 | 2 |" in stdout
+    assert (tmp_path / "b.md").exists() and (tmp_path / "b.json").exists()
+    code, _, err = run(capsys, *argv[:2], "--steps", 0, "--out", tmp_path)
+    assert code == 2 and "steps must be at least 1" in err
