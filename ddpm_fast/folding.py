@@ -22,7 +22,8 @@ def standardized_conv(conv: WeightStandardizedConv2d) -> nn.Conv2d:
     """A plain conv with ``conv``'s weight standardised in float32 (the library's fp32 eps):
     a half-precision engine casts the fp32 reference's weights, it does not re-standardise
     with the library's looser half-precision eps."""
-    folded = nn.Conv2d(
+    folded = torch.nn.utils.skip_init(  # no random initialisation of what is overwritten
+        nn.Conv2d,
         conv.in_channels,
         conv.out_channels,
         conv.kernel_size,

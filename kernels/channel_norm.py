@@ -173,11 +173,19 @@ def channel_layer_norm(
     g_flat = _check(x, g, out)
     eps = layer_norm_eps(x.dtype) if eps is None else eps
     if not use_triton(backend, x, _channel_norm_kernel):
-        # The reference with one reduction for both statistics, and in-place products.
-        var, mean = torch.var_mean(x, dim=1, unbiased=False, keepdim=True)
-        y = (x - mean).mul_((var + eps).rsqrt()).mul_(g.to(x.dtype).reshape(1, -1, 1, 1))
+        y = _channel_layer_norm_eager(x, g_flat, eps)
         return y if out is None else out.copy_(y)
     return _launch(x, g_flat, None, None, out, center=True, eps=eps, gain=1.0, act=None)
+
+
+def _channel_layer_norm_eager(x: torch.Tensor, g: torch.Tensor, eps: float) -> torch.Tensor:
+    """The launcher's PyTorch path. channels_last: F.layer_norm over the NHWC view, one fused
+    pass and no copy; otherwise the reference with one reduction for both statistics."""
+    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        nhwc = F.layer_norm(x.permute(0, 2, 3, 1), (x.shape[1],), g.to(x.dtype), None, eps)
+        return nhwc.permute(0, 3, 1, 2)
+    var, mean = torch.var_mean(x, dim=1, unbiased=False, keepdim=True)
+    return (x - mean).mul_((var + eps).rsqrt()).mul_(g.to(x.dtype).reshape(1, -1, 1, 1))
 
 
 def channel_rms_norm(

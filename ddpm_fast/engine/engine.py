@@ -118,7 +118,7 @@ class Engine(Pipeline):
     "bf16" or "fp16" (convolutions and matmuls in half precision, norm statistics and the
     chain's state in fp32). ``cuda_graph``: capture each step as a CUDA graph (default: on CUDA
     devices); a failed capture falls back to eager with one warning. ``channels_last``: the
-    network's memory format (default: on CUDA in half precision).
+    network's memory format (default: on the CPU, and on CUDA in half precision).
     ``sample``/``sample_batches`` take the reference Pipeline's arguments and give the same images
     for the same seed, within the dtype's tolerance.
     """
@@ -144,7 +144,8 @@ class Engine(Pipeline):
     def channels_last_on(self, device: torch.device) -> bool:
         if self.channels_last is not None:
             return self.channels_last
-        return device.type == "cuda" and self.dtype != torch.float32
+        # CPU: oneDNN's convolutions and the norms' PyTorch paths run NHWC without copies.
+        return device.type == "cpu" or self.dtype != torch.float32
 
     def _uses_graphs(self, device: torch.device) -> bool:
         if device.type != "cuda":

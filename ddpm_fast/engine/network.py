@@ -124,7 +124,9 @@ def unshuffle_conv(downsample: nn.Sequential) -> nn.Conv2d:
     ``Conv2d(c, o, 2, stride=2)``: input channel c * 4 + p1 * 2 + p2 is tap (p1, p2) of c."""
     conv = downsample[1]
     out_channels, in4 = conv.weight.shape[:2]
-    folded = nn.Conv2d(in4 // 4, out_channels, 2, stride=2, device=conv.weight.device)
+    folded = torch.nn.utils.skip_init(
+        nn.Conv2d, in4 // 4, out_channels, 2, stride=2, device=conv.weight.device
+    )
     with torch.no_grad():
         folded.weight.copy_(conv.weight.reshape(out_channels, in4 // 4, 2, 2))
         folded.bias.copy_(conv.bias)

@@ -45,10 +45,11 @@ def test_group_norm_with_a_batch_wide_scale_and_shift(parts, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
-def test_channel_layer_norm(dtype):
-    x = randn((2, 48, 5, 7), dtype, mean=1.5, std=0.8, seed=1)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_channel_layer_norm(dtype, channels_last):
+    x = randn((2, 48, 5, 7), dtype, mean=1.5, std=0.8, seed=1, channels_last=channels_last)
     g = randn((48,), dtype, mean=1.0, std=0.5, seed=2)
-    out = poisoned(x.shape, x)
+    out = poisoned(x.shape, x, channels_last=channels_last)
     y = channel_layer_norm(x, g, eps=1e-5, out=out, backend="torch")
     reference = channel_layer_norm_reference(x.double(), g.double(), eps=1e-5)
     baseline = None if dtype == torch.float32 else channel_layer_norm_reference(x, g, eps=1e-5)
