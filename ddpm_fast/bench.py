@@ -25,6 +25,7 @@ import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -126,12 +127,15 @@ def network_floor(pipeline: Pipeline, batch: int) -> dict:
 
 
 def matmul_ceiling(device: str, dtype: torch.dtype, size: int | None = None) -> float:
-    """FLOP/s of a large square matmul, the best of a few: what this machine sustains."""
-    size = size or (8192 if device.startswith("cuda") else 2048)
+    """FLOP/s of a large square matmul, the best of a few after a warm-up: what this machine
+    sustains on dense math. (A convolution can beat it where its library does fewer FLOPs than
+    the direct method the counter counts, e.g. Winograd.)"""
+    size = size or (8192 if device.startswith("cuda") else 4096)
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
+    a @ b  # warm-up: threads, kernels, caches
     best = float("inf")
-    for _ in range(4):
+    for _ in range(3):
         _synchronize(device)
         start = time.perf_counter()
         a @ b
@@ -180,7 +184,11 @@ def run(args: argparse.Namespace, save=None) -> dict:
     """Measure every (dtype, batch, backend); ``save(report)`` after each (dtype, batch), so that
     a run cut short (a time limit) keeps what it measured."""
     pipeline = model_pipeline(args.model)
-    workdir = Path(args.out) / ".onnx-work"
+    with tempfile.TemporaryDirectory(prefix="ddpm-fast-bench-") as workdir:
+        return _run(args, pipeline, Path(workdir), save)
+
+
+def _run(args: argparse.Namespace, pipeline: Pipeline, workdir: Path, save) -> dict:
     report = {
         "machine": machine(args.device),
         "model": pipeline.source,
@@ -196,8 +204,6 @@ def run(args: argparse.Namespace, save=None) -> dict:
             floor = network_floor(pipeline, batch)
             # The reference and what compiles it run in fp32 (its dtype); the engine in each.
             names = [n for n in args.backends if dtype == "fp32" or n.startswith("engine")]
-            if "onnxruntime" in names:
-                workdir.mkdir(parents=True, exist_ok=True)
             backends = {n: make_backend(n, pipeline, dtype, args.device, workdir) for n in names}
             first, memory = {}, {}
             for name, sampler in backends.items():
