@@ -168,32 +168,23 @@ class FastUnet(nn.Module):
         def resnet(name: str) -> FastResnetBlock:
             return FastResnetBlock(folded.get_submodule(name), tables[name])
 
-        self.init_conv = folded.init_conv
-        self.downs = nn.ModuleList(
-            nn.ModuleList(
+        def stage(name: str, modules: nn.ModuleList) -> nn.ModuleList:
+            """[block1, block2, attention, resampling] of the stage ``name`` ("downs.0", ...)."""
+            return nn.ModuleList(
                 [
-                    resnet(f"downs.{i}.0"),
-                    resnet(f"downs.{i}.1"),
-                    FastLinearAttention(stage[2]),
-                    _resample(stage[3]),
+                    resnet(f"{name}.0"),
+                    resnet(f"{name}.1"),
+                    FastLinearAttention(modules[2]),
+                    _resample(modules[3]),
                 ]
             )
-            for i, stage in enumerate(folded.downs)
-        )
+
+        self.init_conv = folded.init_conv
+        self.downs = nn.ModuleList(stage(f"downs.{i}", m) for i, m in enumerate(folded.downs))
         self.mid_block1 = resnet("mid_block1")
         self.mid_attn = FastAttention(folded.mid_attn)
         self.mid_block2 = resnet("mid_block2")
-        self.ups = nn.ModuleList(
-            nn.ModuleList(
-                [
-                    resnet(f"ups.{i}.0"),
-                    resnet(f"ups.{i}.1"),
-                    FastLinearAttention(stage[2]),
-                    _resample(stage[3]),
-                ]
-            )
-            for i, stage in enumerate(folded.ups)
-        )
+        self.ups = nn.ModuleList(stage(f"ups.{i}", m) for i, m in enumerate(folded.ups))
         self.final_res_block = resnet("final_res_block")
         self.final_conv = folded.final_conv
         self.eval().requires_grad_(False)
