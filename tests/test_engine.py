@@ -261,3 +261,16 @@ def test_a_failed_capture_falls_back_to_eager_with_one_warning(default_pipeline,
         b = engine.sample(2, steps=5, batch_size=1, device="cuda")
     assert [str(w.message) for w in caught if "capture failed" in str(w.message)].__len__() == 1
     torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+
+
+def test_prepared_chains_are_cached_and_bounded(default_pipeline):
+    from ddpm_fast.engine.engine import MAX_CHAINS
+
+    engine = Engine(default_pipeline)
+    engine.sample(1, sampler="ddim", steps=3)
+    first = next(iter(engine._chains.values()))
+    engine.sample(1, sampler="ddim", steps=3)
+    assert list(engine._chains.values()) == [first]  # reused, not rebuilt
+    for steps in range(4, 4 + MAX_CHAINS + 1):
+        engine.sample(1, sampler="ddim", steps=steps)
+    assert len(engine._chains) == MAX_CHAINS and first not in engine._chains.values()

@@ -28,6 +28,8 @@ from .cpu_conv import use_cpu_convolutions
 from .graph import CapturedStep
 from .network import FastUnet
 
+# Prepared chains an engine keeps (each a folded network copy with its time tables and graphs).
+MAX_CHAINS = 2
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -155,12 +157,16 @@ class Engine(Pipeline):
         return self.cuda_graph is not False
 
     def prepare(self, tables: StepTables, spec: SamplerSpec, device) -> PreparedChain:
-        """The prepared chain for ``spec`` on ``device`` (built on first use, then cached)."""
+        """The prepared chain for ``spec`` on ``device``: built on first use, then cached. Each
+        holds a folded copy of the network (and its graphs), so only the most recently used
+        MAX_CHAINS are kept."""
         device = torch.device(device)
         key = (spec, str(device))
-        if key not in self._chains:
-            self._chains[key] = PreparedChain(self, tables, spec, device)
-        return self._chains[key]
+        chain = self._chains.pop(key, None) or PreparedChain(self, tables, spec, device)
+        self._chains[key] = chain  # most recent last
+        while len(self._chains) > MAX_CHAINS:
+            self._chains.pop(next(iter(self._chains)))
+        return chain
 
     def _run_chain(
         self,
