@@ -148,36 +148,6 @@ def test_chains_of_other_networks_and_objectives(name, objective, variance):
         torch.testing.assert_close(got, want, rtol=0, atol=CHAIN_ATOL)
 
 
-@pytest.mark.slow
-def test_the_kernels_path_end_to_end(monkeypatch):
-    """Every launcher forced to its Triton kernel (interpreted here): fused norms, linear
-    attention and the step drawing its own noise, against the reference chain."""
-    from ddpm_fast.kernels import HAS_TRITON, channel_norm, group_norm, linear_attention
-    from ddpm_fast.kernels import sampler_step as step_module
-
-    if not HAS_TRITON:
-        pytest.skip("triton is not importable")
-    launched = set()
-    for module in (group_norm, channel_norm, linear_attention, step_module):
-
-        def spy(backend, x, kernel, module=module, real=module.use_triton):
-            if real(backend, x, kernel):
-                launched.add(module.__name__.rsplit(".", 1)[1])
-                return True
-            return False
-
-        monkeypatch.setattr(module, "use_triton", spy)
-    torch.manual_seed(0)
-    config = UnetConfig(dim=8, dim_mults=(1, 2), self_condition=True, learned_variance=True)
-    diffusion = DiffusionConfig(image_size=8, schedule=ScheduleConfig("linear", 100))
-    pipeline = Pipeline(randomized(config), diffusion)
-    want = pipeline.sample(2, steps=3, seed=9, start_index=2**31)
-    monkeypatch.setenv("DDPM_FAST_KERNELS_BACKEND", "triton")
-    got = Engine(pipeline).sample(2, steps=3, seed=9, start_index=2**31)
-    torch.testing.assert_close(got, want, rtol=0, atol=CHAIN_ATOL)
-    assert launched == {"group_norm", "channel_norm", "linear_attention", "sampler_step"}
-
-
 def test_bad_options_are_config_errors(default_pipeline):
     with pytest.raises(ConfigError, match="dtype must be one of"):
         Engine(default_pipeline, dtype="fp8")
@@ -274,3 +244,58 @@ def test_prepared_chains_are_cached_and_bounded(default_pipeline):
     for steps in range(4, 4 + MAX_CHAINS + 1):
         engine.sample(1, sampler="ddim", steps=steps)
     assert len(engine._chains) == MAX_CHAINS and first not in engine._chains.values()
+
+
+@pytest.mark.slow
+def test_the_gpu_path_on_the_cpu(monkeypatch):
+    """What runs on a GPU, run here: every launcher forced to its Triton kernel (interpreted):
+    fused norms, linear attention, the step drawing its own noise with learned variance; and the
+    CUDA-graph branch of the chain with a stand-in graph that re-runs the captured step at each
+    replay. After the warm-up steps the state is reset, and the device-side step index, the
+    in-kernel noise and the in-place state give the reference chain, for two batches in a row
+    through one captured step."""
+    from ddpm_fast.engine import engine as engine_module
+    from ddpm_fast.engine.graph import WARMUP_STEPS
+    from ddpm_fast.kernels import HAS_TRITON, channel_norm, group_norm, linear_attention
+    from ddpm_fast.kernels import sampler_step as step_module
+
+    if not HAS_TRITON:
+        pytest.skip("triton is not importable")
+    launched = set()
+    for module in (group_norm, channel_norm, linear_attention, step_module):
+
+        def spy(backend, x, kernel, module=module, real=module.use_triton):
+            if real(backend, x, kernel):
+                launched.add(module.__name__.rsplit(".", 1)[1])
+                return True
+            return False
+
+        monkeypatch.setattr(module, "use_triton", spy)
+
+    class Replayed:
+        captures = 0
+
+        def __init__(self, step, state, pool):
+            Replayed.captures += 1
+            self.state, self.step = state, step
+            for _ in range(WARMUP_STEPS + 1):  # the warm-ups and the captured run
+                step()
+
+        def replay(self):
+            self.step()
+
+    monkeypatch.setattr(engine_module, "CapturedStep", Replayed)
+    monkeypatch.setattr(engine_module, "new_graph_pool", lambda: None)
+    monkeypatch.setattr(Engine, "_uses_graphs", lambda self, device: True)
+    monkeypatch.setenv("DDPM_FAST_KERNELS_BACKEND", "triton")
+    torch.manual_seed(0)
+    config = UnetConfig(dim=8, dim_mults=(1, 2), self_condition=True, learned_variance=True)
+    diffusion = DiffusionConfig(image_size=8, schedule=ScheduleConfig("linear", 100))
+    pipeline = Pipeline(randomized(config), diffusion)
+    kwargs = dict(batch_size=2, steps=3, seed=4, start_index=2**31)
+    got = Engine(pipeline).sample(4, **kwargs)
+    monkeypatch.delenv("DDPM_FAST_KERNELS_BACKEND")
+    want = pipeline.sample(4, **kwargs)
+    torch.testing.assert_close(got, want, rtol=0, atol=CHAIN_ATOL)
+    assert Replayed.captures == 1
+    assert launched == {"group_norm", "channel_norm", "linear_attention", "sampler_step"}

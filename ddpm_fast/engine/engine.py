@@ -25,7 +25,7 @@ from ..pipeline import Pipeline
 from ..samplers import SamplerSpec, StepTables
 from .coefficients import coefficient_table
 from .cpu_conv import use_cpu_convolutions
-from .graph import CapturedStep
+from .graph import CapturedStep, new_graph_pool
 from .network import FastUnet
 
 # Prepared chains an engine keeps (each a folded network copy with its time tables and graphs).
@@ -209,7 +209,7 @@ class Engine(Pipeline):
         """The chain's step captured for this batch shape, or None where capture failed."""
         if shape not in chain.graphs:
             if self._graph_pool is None:
-                self._graph_pool = torch.cuda.graph_pool_handle()
+                self._graph_pool = new_graph_pool()
             state = ChainState.empty(shape, chain.device)
             try:
                 chain.graphs[shape] = CapturedStep(

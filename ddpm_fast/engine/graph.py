@@ -15,6 +15,11 @@ import torch
 WARMUP_STEPS = 2  # compile the Triton kernels and pick cuDNN's algorithms before capture
 
 
+def new_graph_pool():
+    """A memory pool for the graphs of one engine."""
+    return torch.cuda.graph_pool_handle()
+
+
 class CapturedStep:
     """``step()`` (in place on ``state``) captured on the current CUDA device."""
 
