@@ -3,9 +3,10 @@
 # benchmarks (pytest-benchmark JSON) and their table, then the sampler benchmark (1000-step DDPM
 # of the CIFAR-10 U-Net at batch 1 and 64: reference eager, the engine fp32/bf16 with and without
 # graphs, and in a second run torch.compile's reduce-overhead and max-autotune modes beside the
-# reference and the engine). Results go to ${OUT:-benchmarks/results/gpu-<date>}: machine.txt
+# reference and the engine, then ONNX Runtime's CUDA provider where onnxruntime-gpu is
+# installed). Results go to ${OUT:-benchmarks/results/gpu-<date>}: machine.txt
 # (date, GPU, versions, command), gpu-tests.txt, kernels.json, kernels.md (every benchmark),
-# summary.md (kernels), sampler-engine.md/.json and sampler-compile.md/.json; the last lines
+# summary.md (kernels), sampler-{engine,compile,onnx}.md/.json; the last lines
 # printed are the sampler tables and the kernel summary. Each stage has a time limit, so the
 # whole suite stays under 8 minutes; a stage cut short keeps what it wrote and fails the exit code.
 # Usage: benchmarks/gpu_suite.sh [extra pytest args for the kernel benchmarks, e.g. -k group_norm]
@@ -32,11 +33,11 @@ print("device:", torch.cuda.get_device_name() if torch.cuda.is_available() else 
 } | tee "$OUT/machine.txt"
 
 echo "== tests marked gpu"
-timeout 120 "$PYTHON" -m pytest -m gpu tests -q -p no:cacheprovider 2>&1 \
+timeout 100 "$PYTHON" -m pytest -m gpu tests -q -p no:cacheprovider 2>&1 \
     | tee "$OUT/gpu-tests.txt" || status=$?
 
 echo "== kernel benchmarks"
-timeout 100 "$PYTHON" -m pytest benchmarks/test_kernels.py -q -p no:cacheprovider \
+timeout 90 "$PYTHON" -m pytest benchmarks/test_kernels.py -q -p no:cacheprovider \
     --benchmark-json="$OUT/kernels.json" --benchmark-columns=median,rounds \
     --benchmark-sort=name "$@" >"$OUT/kernels-pytest.txt" 2>&1 || status=$?
 tail -n 3 "$OUT/kernels-pytest.txt"
@@ -89,14 +90,22 @@ PY
 sampler=("$PYTHON" benchmarks/sampler.py --device cuda --batch 1 64 --steps 1000 --repeats 2
          --out "$OUT")
 echo "== sampler: reference eager and the engine, 1000-step DDPM"
-timeout 100 "${sampler[@]}" --name sampler-engine --dtype fp32 bf16 \
+timeout 90 "${sampler[@]}" --name sampler-engine --dtype fp32 bf16 \
     --backends reference engine engine-eager || status=$?
 echo "== sampler: torch.compile of the reference beside the engine"
-timeout 150 "${sampler[@]}" --name sampler-compile \
+timeout 120 "${sampler[@]}" --name sampler-compile \
     --backends reference compile-reduce-overhead compile-max-autotune engine || status=$?
 
+echo "== sampler: ONNX Runtime's CUDA provider beside the reference and the engine"
+if "$PYTHON" -c 'import onnxruntime, sys; sys.exit("CUDAExecutionProvider" not in onnxruntime.get_available_providers())' 2>/dev/null; then
+    timeout 50 "${sampler[@]}" --name sampler-onnx --backends reference engine onnxruntime \
+        || status=$?
+else
+    echo "skipped: no onnxruntime-gpu with its CUDA provider (scripts/install.sh onnx)"
+fi
+
 echo "== results in $OUT"
-for table in sampler-engine sampler-compile; do
+for table in sampler-engine sampler-compile sampler-onnx; do
     [[ -f "$OUT/$table.md" ]] && grep '^|' "$OUT/$table.md"
 done
 [[ -f "$OUT/summary.md" ]] && cat "$OUT/summary.md"
