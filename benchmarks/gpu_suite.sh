@@ -42,7 +42,7 @@ timeout 90 "$PYTHON" -m pytest benchmarks/test_kernels.py -q -p no:cacheprovider
     --benchmark-sort=name "$@" >"$OUT/kernels-pytest.txt" 2>&1 || status=$?
 tail -n 3 "$OUT/kernels-pytest.txt"
 
-"$PYTHON" - "$OUT" <<'PY'
+"$PYTHON" - "$OUT" <<'PY' || status=$?
 """Tables from kernels.json: every benchmark (kernels.md), and per kernel, dtype and batch the
 median speed-up of the Triton kernel over eager PyTorch and torch.compile (summary.md)."""
 import json, statistics, sys
