@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 from . import load
+from .engine import DTYPES, Engine
 from .errors import ConfigError
 from .models.dd_pytorch_v1 import Unet, UnetConfig
 from .pipeline import DiffusionConfig, Pipeline
@@ -89,8 +90,6 @@ def make_backend(name: str, pipeline: Pipeline, dtype: str, device: str, workdir
         mode = name.removeprefix("compile").removeprefix("-") or None
         return Pipeline(torch.compile(pipeline.network, mode=mode), pipeline.diffusion)
     if name.startswith("engine"):
-        from .engine import Engine  # the kernels load only when the engine runs
-
         return Engine(pipeline, dtype=dtype, cuda_graph=False if name == "engine-eager" else None)
     if name == "onnxruntime":
         return OnnxBackend(pipeline, device, workdir)
@@ -175,9 +174,6 @@ def _cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or "unknown"
-
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def run(args: argparse.Namespace, save=None) -> dict:

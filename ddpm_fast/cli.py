@@ -12,8 +12,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import bench as benchmark
 from . import load
 from .checkpoints import describe, save_pipeline
+from .engine import DTYPES as ENGINE_DTYPES
+from .engine import Engine
 from .errors import ConfigError, DdpmFastError
 from .images import image_path, save_folder, save_grid, save_npz, to_uint8
 from .pipeline import DEFAULT_BATCH_SIZE, Pipeline, resolve_batch_size
@@ -190,8 +193,6 @@ def cmd_sample(args: argparse.Namespace) -> int:
         if args.dtype != "fp32":
             raise ConfigError("--dtype applies to the engine, not to --reference (fp32)")
     else:
-        from .engine import Engine
-
         pipeline = Engine(pipeline, dtype=args.dtype)
 
     def draw(num: int, start: int):
@@ -352,7 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sample.add_argument(
         "--dtype",
-        choices=["fp32", "bf16", "fp16"],
+        choices=list(ENGINE_DTYPES),
         default="fp32",
         help="the engine's precision (default fp32: the reference's images within 1e-4)",
     )
@@ -400,17 +401,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench = commands.add_parser(
         "bench", help="time sampling chains: reference, torch.compile, the engine, ONNX Runtime"
     )
-    from . import bench as bench_module
-
-    bench_module.add_arguments(bench)
+    benchmark.add_arguments(bench)
     bench.set_defaults(run=cmd_bench)
     return parser
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from . import bench
-
-    bench.main(args)
+    benchmark.main(args)
     return 0
 
 

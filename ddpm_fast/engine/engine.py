@@ -79,7 +79,6 @@ class PreparedChain:
     """The fast network and coefficient table of one chain on one device."""
 
     def __init__(self, engine: Engine, tables: StepTables, spec: SamplerSpec, device):
-        self.spec = spec
         self.device = device
         self.dtype = engine.dtype
         self.steps = len(tables)
