@@ -1,28 +1,39 @@
-"""The ``ddpm-fast`` command: sample, info, convert, export, verify."""
+"""The ``ddpm-fast`` command: sample, info, convert, export, verify, quality, bench.
+
+torch is imported by the commands that need it, not at the top: ``ddpm-fast sample --onnx``
+runs where only NumPy and ONNX Runtime are installed.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import logging
-import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
-import torch
-
-from . import bench as benchmark
 from . import load
-from .checkpoints import describe, save_pipeline
-from .engine import DTYPES as ENGINE_DTYPES
-from .engine import Engine
 from .errors import ConfigError, DdpmFastError
-from .images import image_path, save_folder, save_grid, save_npz, to_uint8
-from .pipeline import DEFAULT_BATCH_SIZE, Pipeline, resolve_batch_size
-from .samplers import OBJECTIVES, SAMPLERS, VARIANCES
-from .schedule import BETA_SCHEDULES
+from .options import (
+    BETA_SCHEDULES,
+    DEFAULT_BATCH_SIZE,
+    ENGINE_DTYPES,
+    OBJECTIVES,
+    SAMPLERS,
+    VARIANCES,
+    check_chain,
+    resolve_batch_size,
+)
+from .output import Output, check_writable_file, file_sha256
 from .version import __version__
+
+if TYPE_CHECKING:
+    from .pipeline import Pipeline
+
+
+_HAS_TORCH = importlib.util.find_spec("torch") is not None
 
 
 def _say(message: str) -> None:
@@ -73,7 +84,7 @@ def _chain(args: argparse.Namespace) -> tuple[str, float]:
     eta = 0.0 if args.eta is None else args.eta
     if eta and sampler != "ddim":
         raise ConfigError("--eta applies to --sampler ddim only")
-    return sampler, eta
+    return check_chain(sampler, eta)
 
 
 def _sampling_arguments(parser: argparse.ArgumentParser, *, default_num: int) -> None:
@@ -102,91 +113,46 @@ def _load(args: argparse.Namespace) -> Pipeline:
     return load(args.checkpoint, use_ema=not args.online, **options)
 
 
-def _device(text: str | None) -> torch.device | None:
-    if text is None:
-        return None
-    try:
-        device = torch.device(text)
-    except RuntimeError:
-        raise ConfigError(f"unknown device {text!r} (try cpu or cuda)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {text!r} asked for, but CUDA is not available here")
-    return device
-
-
-def _output_kind(out: Path) -> str:
-    """'grid' for .png, 'npz' for .npz, else a folder of PNGs; checks it can be written."""
-    suffix = out.suffix.lower()
-    if suffix in (".png", ".npz"):
-        parent = out.parent
-        if out.is_dir():
-            raise ConfigError(f"{out}: is a directory")
-        if not parent.is_dir() or not os.access(parent, os.W_OK):
-            raise ConfigError(f"{out}: cannot write there ({parent} is not a writable folder)")
-        return "grid" if suffix == ".png" else "npz"
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"{out}: exists and is not a folder (use .png, .npz or a folder)")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise ConfigError(f"{out}: cannot create the folder ({err.strerror})") from None
-    if not os.access(out, os.W_OK):
-        raise ConfigError(f"{out}: the folder is not writable")
-    return "folder"
-
-
-def _pending_runs(out: Path, num: int, batch: int) -> list[range]:
-    """Runs of consecutive batches with a missing PNG: what a rerun into a folder must draw."""
-    runs: list[range] = []
-    for start in range(0, num, batch):
-        stop = min(start + batch, num)
-        if all(image_path(out, i).exists() for i in range(start, stop)):
-            continue
-        if runs and runs[-1].stop == start:
-            runs[-1] = range(runs[-1].start, stop)
-        else:
-            runs.append(range(start, stop))
-    return runs
-
-
 def _sampling_options(args: argparse.Namespace, pipeline: Pipeline) -> dict:
     """Keyword arguments of Pipeline.sample_batches, checked before any work is done."""
+    from .pipeline import resolve_device
+
     sampler, eta = _chain(args)
-    pipeline.sampler_spec(sampler, args.steps, eta)
+    spec = pipeline.sampler_spec(sampler, args.steps, eta)
     pipeline.image_shape()
     return dict(
-        steps=args.steps,
+        steps=spec.steps,
         sampler=sampler,
         eta=eta,
         seed=args.seed,
         batch_size=resolve_batch_size(args.num, args.batch_size),
-        device=_device(args.device),
+        device=resolve_device(args.device, pipeline.device),
         progress=True,
     )
 
 
-def _write_samples(out: Path, kind: str, num: int, batch: int, draw) -> None:
-    """Write ``num`` images drawn by ``draw(count, start_index)`` (an iterator of (indices,
-    images in [0, 1]) batches of ``batch``) as ``kind``; a folder resumes."""
-    if kind == "folder":
-        runs = _pending_runs(out, num, batch)
-        if not runs:
-            _say(f"all {num} images are already in {out}; nothing to do")
-        for run in runs:
-            if run.start or len(runs) > 1:
-                _say(f"resuming: drawing images {run.start}..{run.stop - 1}")
-            for indices, images in draw(len(run), run.start):
-                save_folder(to_uint8(torch.as_tensor(images)), indices, out)
-    else:
-        arrays = [to_uint8(torch.as_tensor(images)) for _, images in draw(num, 0)]
-        (save_grid if kind == "grid" else save_npz)(np.concatenate(arrays), out)
+def _model_identity(pipeline: Pipeline, args: argparse.Namespace) -> dict:
+    """What fixes the images of a model: its file's bytes and the config it was read with."""
+    from .checkpoints import describe
+    from .default_model import ASSET
+
+    info = describe(pipeline)
+    path = ASSET if args.checkpoint is None else Path(args.checkpoint)
+    return {
+        "sha256": file_sha256(path),
+        "family": info["family"],
+        "network": info["network"],
+        "diffusion": info["diffusion"],
+        "weights": "online" if args.online else "ema",
+    }
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    out = Path(args.out)
-    kind = _output_kind(out)
+    output = Output(args.out)  # an unwritable target fails here, before any sampling
     if args.onnx is not None:
-        return _sample_onnx(args, out, kind)
+        return _sample_onnx(args, output)
+    from .engine import Engine
+
     pipeline = _load(args)
     options = _sampling_options(args, pipeline)
     if args.reference:
@@ -194,13 +160,30 @@ def cmd_sample(args: argparse.Namespace) -> int:
             raise ConfigError("--dtype applies to the engine, not to --reference (fp32)")
     else:
         pipeline = Engine(pipeline, dtype=args.dtype)
+    if output.kind == "folder":
+        output.start(
+            {
+                "model": _model_identity(pipeline, args),
+                "backend": "reference" if args.reference else "engine",
+                "dtype": args.dtype,
+                "device": options["device"].type,
+                **_run_settings(options, pipeline.image_shape()),
+            }
+        )
 
     def draw(num: int, start: int):
-        return pipeline.sample_batches(num, start_index=start, **options)
+        for indices, images in pipeline.sample_batches(num, start_index=start, **options):
+            yield indices, images.float().cpu().numpy()
 
-    _write_samples(out, kind, args.num, options["batch_size"], draw)
-    print(f"wrote {args.num} images to {out}")
+    output.write(args.num, options["batch_size"], draw, _say)
+    print(f"wrote {args.num} images to {output.path}")
     return 0
+
+
+def _run_settings(options: dict, image_shape: tuple[int, ...]) -> dict:
+    """The chain's settings that a folder's run manifest records."""
+    keys = ("sampler", "steps", "eta", "seed")
+    return {**{k: options[k] for k in keys}, "image_shape": list(image_shape)}
 
 
 # The model options of _model_arguments, which an ONNX file fixes.
@@ -217,8 +200,8 @@ _MODEL_FLAGS = {
 }
 
 
-def _sample_onnx(args: argparse.Namespace, out: Path, kind: str) -> int:
-    """``sample --onnx FILE``: the same outputs from an ONNX file, by ONNX Runtime."""
+def _sample_onnx(args: argparse.Namespace, output: Output) -> int:
+    """``sample --onnx FILE``: the same outputs from an ONNX file, by ONNX Runtime (no torch)."""
     from .export.onnx_sampler import OnnxSampler, providers_for_device
 
     if args.checkpoint is not None:
@@ -229,17 +212,32 @@ def _sample_onnx(args: argparse.Namespace, out: Path, kind: str) -> int:
     if args.reference or args.dtype != "fp32":
         flag = "--reference" if args.reference else "--dtype"
         raise ConfigError(f"{flag} does not apply to --onnx (ONNX Runtime runs the file)")
+    if args.eta is not None:
+        _chain(args)  # a bad --eta is the same error as without --onnx
     sampler = OnnxSampler(args.onnx, providers=providers_for_device(args.device))
     sampler.check_chain(args.sampler, args.steps, args.eta)
     batch = resolve_batch_size(args.num, args.batch_size)
+    info = sampler.info
+    if output.kind == "folder":
+        settings = {"sampler": info.sampler, "steps": info.steps, "eta": info.eta}
+        output.start(
+            {
+                "model": {"sha256": file_sha256(args.onnx), "family": info.family,
+                          "network": info.config, "diffusion": info.diffusion},
+                "backend": "onnx",
+                "dtype": info.dtype,
+                "device": "cuda" if "CUDAExecutionProvider" in sampler.providers[:1] else "cpu",
+                **_run_settings({**settings, "seed": args.seed}, info.image_shape),
+            }
+        )  # fmt: skip
 
     def draw(num: int, start: int):
         return sampler.sample_batches(
             num, seed=args.seed, batch_size=batch, start_index=start, progress=True
         )
 
-    _write_samples(out, kind, args.num, batch, draw)
-    print(f"wrote {args.num} images to {out}")
+    output.write(args.num, batch, draw, _say)
+    print(f"wrote {args.num} images to {output.path}")
     return 0
 
 
@@ -248,8 +246,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     from .export.format import VerificationError
 
     out = Path(args.out)
-    pipeline = _load(args)
+    check_writable_file(out, (".onnx",))
     sampler, eta = _chain(args)
+    pipeline = _load(args)
     options = dict(what=args.what, dtype=args.dtype, opset=args.opset)
     try:
         result = export_onnx(pipeline, out, sampler=sampler, steps=args.steps, eta=eta, **options)
@@ -276,6 +275,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_quality(args: argparse.Namespace) -> int:
+    import torch
+
     from .quality import real_digits_report, score_digits
 
     pipeline = _load(args)
@@ -287,6 +288,8 @@ def cmd_quality(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
+    from .checkpoints import describe
+
     pipeline = _load(args)
     info = describe(pipeline)
     if args.json:
@@ -312,9 +315,12 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
+    from .checkpoints import save_pipeline
+
     out = Path(args.out)
     if out.suffix != ".safetensors":
         raise ConfigError(f"{out}: the output must be a .safetensors file")
+    check_writable_file(out, (".safetensors",))
     pipeline = _load(args)
     save_pipeline(pipeline, out)
     print(f"wrote {out}")
@@ -353,7 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sample.add_argument(
         "--dtype",
-        choices=list(ENGINE_DTYPES),
+        choices=ENGINE_DTYPES,
         default="fp32",
         help="the engine's precision (default fp32: the reference's images within 1e-4)",
     )
@@ -401,12 +407,19 @@ def build_parser() -> argparse.ArgumentParser:
     bench = commands.add_parser(
         "bench", help="time sampling chains: reference, torch.compile, the engine, ONNX Runtime"
     )
-    benchmark.add_arguments(bench)
+    if _HAS_TORCH:
+        from . import bench as benchmark
+
+        benchmark.add_arguments(bench)
+    else:  # parsed anyway, so that the error says what is missing
+        bench.add_argument("arguments", nargs=argparse.REMAINDER)
     bench.set_defaults(run=cmd_bench)
     return parser
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    from . import bench as benchmark
+
     benchmark.main(args)
     return 0
 
@@ -418,6 +431,15 @@ def main(argv: list[str] | None = None) -> int:
         return args.run(args)
     except DdpmFastError as err:
         print(f"ddpm-fast: error: {err}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as err:
+        if err.name != "torch":
+            raise
+        print(
+            f"ddpm-fast: error: `ddpm-fast {args.command}` needs PyTorch, which is not installed "
+            "(only `sample --onnx` runs without it): scripts/install.sh or pip install torch",
+            file=sys.stderr,
+        )
         return 2
     except KeyboardInterrupt:
         print("ddpm-fast: interrupted", file=sys.stderr)

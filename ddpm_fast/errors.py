@@ -11,3 +11,16 @@ class CheckpointError(DdpmFastError):
 
 class ConfigError(DdpmFastError, ValueError):
     """An option or argument is out of range or inconsistent with the model."""
+
+
+class NonFiniteError(DdpmFastError):
+    """A chain gave NaN or infinite values; ``indices`` are the samples concerned."""
+
+    def __init__(self, message: str, indices: list[int] | tuple[int, ...] = ()):
+        super().__init__(message)
+        self.indices = list(indices)
+
+
+class OutputError(DdpmFastError):
+    """Results cannot be written where they were asked for (not writable, disk full), or the
+    output already holds another run's results."""

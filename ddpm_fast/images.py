@@ -1,6 +1,7 @@
 """Writing samples: a PNG grid, a folder of PNGs, or an .npz of uint8 NHWC (``arr_0``, the
 layout FID tools read). Every file is written to a temporary name and renamed into place, so a
-crash never leaves a half-written image."""
+crash never leaves a half-written image. NumPy and Pillow only: ``sample --onnx`` writes with it
+where torch is not installed."""
 
 from __future__ import annotations
 
@@ -10,14 +11,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
 
 
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """NCHW floats in [0, 1] -> NHWC uint8, rounding as torchvision's save_image does."""
-    array = images.detach().float().cpu().mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8)
-    return array.permute(0, 2, 3, 1).numpy()
+def to_uint8(images: np.ndarray) -> np.ndarray:
+    """NCHW floats in [0, 1] -> NHWC uint8, rounding as torchvision's save_image does
+    (float32 x * 255 + 0.5, clamped, truncated)."""
+    array = np.asarray(images, dtype=np.float32) * np.float32(255) + np.float32(0.5)
+    return np.clip(array, 0, 255).astype(np.uint8).transpose(0, 2, 3, 1)
 
 
 def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
@@ -25,6 +26,8 @@ def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         write(tmp)
+        with open(tmp, "rb+") as f:  # on disk before the rename makes it the file
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

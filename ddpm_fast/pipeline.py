@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -10,12 +11,24 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .errors import ConfigError
+from .errors import ConfigError, NonFiniteError
 from .noise import check_seed, keyed_noise
-from .samplers import OBJECTIVES, VARIANCES, SamplerSpec, StepTables, sample_loop, step_tables
+from .options import (
+    DEFAULT_BATCH_SIZE,
+    MAX_IMAGE_SIZE,
+    OBJECTIVES,
+    VARIANCES,
+    check_chain,
+    check_choice,
+    check_int,
+    resolve_batch_size,
+)
+from .samplers import SamplerSpec, StepTables, sample_loop, step_tables
 from .schedule import Schedule, ScheduleConfig
 
-DEFAULT_BATCH_SIZE = 64
+__all__ = ["DEFAULT_BATCH_SIZE", "DiffusionConfig", "Pipeline", "resolve_batch_size"]
+# x_T is standard normal noise; a value this large is a mistake (its chain overflows).
+MAX_INITIAL_NOISE = 1e3
 
 
 @dataclass
@@ -29,16 +42,14 @@ class DiffusionConfig:
     variance: str = "fixed_small"
 
     def __post_init__(self) -> None:
-        if self.objective not in OBJECTIVES:
-            raise ConfigError(
-                f"unknown objective {self.objective!r}; known: {', '.join(OBJECTIVES)}"
+        check_choice("objective", self.objective, OBJECTIVES)
+        check_choice("variance", self.variance, VARIANCES)
+        if not isinstance(self.schedule, ScheduleConfig):
+            raise ConfigError(f"schedule must be a ScheduleConfig, got {self.schedule!r}")
+        if self.image_size is not None:
+            self.image_size = check_int(
+                "image_size", self.image_size, minimum=1, maximum=MAX_IMAGE_SIZE
             )
-        if self.variance not in VARIANCES:
-            raise ConfigError(f"unknown variance {self.variance!r}; known: {', '.join(VARIANCES)}")
-        if self.image_size is not None and (
-            not isinstance(self.image_size, int) or self.image_size < 1
-        ):
-            raise ConfigError(f"image_size must be a positive integer, got {self.image_size!r}")
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -47,18 +58,82 @@ class DiffusionConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> DiffusionConfig:
-        d = dict(d)
-        d["schedule"] = ScheduleConfig(**d["schedule"])
-        return cls(**d)
+        """The config saved by ``to_dict``; ConfigError for anything of another shape."""
+        names = {"image_size", "schedule", "objective", "variance"}
+        if not isinstance(d, dict) or not set(d) <= names or "schedule" not in d:
+            raise ConfigError(f"a diffusion config is a dict with keys {sorted(names)}, got {d!r}")
+        schedule = d["schedule"]
+        if not isinstance(schedule, dict) or not set(schedule) <= {"name", "timesteps", "kwargs"}:
+            raise ConfigError(f"a schedule is a dict of name, timesteps, kwargs; got {schedule!r}")
+        return cls(**{**d, "schedule": ScheduleConfig(**schedule)})
 
 
-def resolve_batch_size(num: int, batch_size: int | None) -> int:
-    """The batch size ``sample`` uses: as given, else up to DEFAULT_BATCH_SIZE."""
-    if batch_size is None:
-        return min(num, DEFAULT_BATCH_SIZE)
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
-    return batch_size
+def resolve_device(device: torch.device | str | None, default: torch.device) -> torch.device:
+    """The device to sample on: ``default`` for None, else a CPU or an available CUDA device;
+    anything else is a ConfigError (a "meta" or unknown device cannot hold the chain)."""
+    if device is None:
+        return default
+    if not isinstance(device, str | torch.device):
+        raise ConfigError(f"device must be a string such as 'cpu' or 'cuda:0', got {device!r}")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"unknown device {device!r} (try cpu or cuda)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device {str(device)!r} asked for, but CUDA is not available here")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(
+                f"device {str(device)!r} asked for, but there are {torch.cuda.device_count()} "
+                "CUDA devices"
+            )
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+    elif device.type != "cpu":
+        raise ConfigError(f"ddpm-fast samples on cpu or cuda devices, not {str(device)!r}")
+    return device
+
+
+def check_initial_noise(initial_noise, num: int, channels: int) -> tuple[int, int, int]:
+    """The image shape of a user's x_T [num, C, H, W]: a real, finite float tensor."""
+    if not isinstance(initial_noise, torch.Tensor):
+        raise ConfigError(
+            f"initial_noise must be a torch.Tensor [num, C, H, W], got "
+            f"{type(initial_noise).__name__}"
+        )
+    if initial_noise.ndim != 4 or initial_noise.shape[0] != num:
+        raise ConfigError(
+            f"initial_noise must have shape [num={num}, C, H, W], got {list(initial_noise.shape)}"
+        )
+    if not initial_noise.is_floating_point():
+        raise ConfigError(f"initial_noise must be a float tensor, got {initial_noise.dtype}")
+    if initial_noise.shape[1] != channels:
+        raise ConfigError(
+            f"the network takes {channels} channels, initial_noise has {initial_noise.shape[1]}"
+        )
+    largest = float(initial_noise.detach().abs().max()) if initial_noise.numel() else 0.0
+    if not math.isfinite(largest):
+        raise ConfigError("initial_noise holds NaN or infinite values")
+    if largest > MAX_INITIAL_NOISE:
+        raise ConfigError(
+            f"initial_noise reaches {largest:.3g}; x_T is standard normal noise (at most "
+            f"{MAX_INITIAL_NOISE:g} in magnitude is accepted)"
+        )
+    return tuple(initial_noise.shape[1:])
+
+
+def check_finite(images: torch.Tensor, indices: range) -> None:
+    """NonFiniteError naming the samples of a batch whose output is not finite (one host sync
+    per batch, none per step)."""
+    bad = ~torch.isfinite(images.flatten(1)).all(dim=1)
+    if bool(bad.any()):
+        which = [indices[i] for i in bad.nonzero().flatten().tolist()]
+        shown = ", ".join(map(str, which[:8])) + (" ..." if len(which) > 8 else "")
+        raise NonFiniteError(
+            f"the chain of samples {indices.start}..{indices.stop - 1} gave NaN or infinite "
+            f"values (samples {shown}); this batch was not written",
+            indices=which,
+        )
 
 
 def override_diffusion(diffusion: DiffusionConfig, options: dict) -> DiffusionConfig:
@@ -119,18 +194,17 @@ class Pipeline:
 
     def sampler_spec(self, sampler: str = "ddpm", steps: int | None = None, eta: float = 0.0):
         """The chain ``sample`` runs for these arguments (steps default to the schedule's)."""
-        steps = self.schedule.num_timesteps if steps is None else steps
-        if isinstance(steps, bool) or not isinstance(steps, int):
-            raise ConfigError(f"steps must be an integer, got {steps!r}")
-        if not 1 <= steps <= self.schedule.num_timesteps:
-            raise ConfigError(
-                f"steps must be between 1 and the schedule's {self.schedule.num_timesteps}, "
-                f"got {steps}"
-            )
+        sampler, eta = check_chain(sampler, eta)
+        total = self.schedule.num_timesteps
+        if steps is None:
+            steps = total
+        steps = check_int("steps", steps, minimum=1)
+        if steps > total:
+            raise ConfigError(f"steps must be between 1 and the schedule's {total}, got {steps}")
         variance = self.diffusion.variance
         if self.config.output_channels == 2 * self.config.channels and variance == "fixed_small":
             variance = "learned_range"
-        return SamplerSpec(kind=sampler, steps=steps, eta=float(eta), variance=variance)
+        return SamplerSpec(kind=sampler, steps=steps, eta=eta, variance=variance)
 
     def image_shape(self) -> tuple[int, int, int]:
         size = self.diffusion.image_size
@@ -160,25 +234,25 @@ class Pipeline:
         progress: bool = False,
     ) -> Iterator[tuple[range, torch.Tensor]]:
         """Yield (sample indices, images in [0, 1]) one batch at a time; see ``sample``."""
-        if isinstance(num, bool) or not isinstance(num, int) or num < 1:
-            raise ConfigError(f"the number of images must be a positive integer, got {num!r}")
+        num = check_int("the number of images", num, minimum=1)
         batch_size = resolve_batch_size(num, batch_size)
-        check_seed(seed)
+        # Sample indices are the high 32 bits of the Philox key.
+        start_index = check_int("start_index", start_index, minimum=0, maximum=2**32 - num)
+        seed = check_seed(check_int("seed", seed))
         spec = self.sampler_spec(sampler, steps, eta)
-        device = torch.device(device) if device is not None else self.device
-        self.network.to(device)
+        device = resolve_device(device, self.device)
         if initial_noise is not None:
-            shape = tuple(initial_noise.shape[1:])
-            if initial_noise.ndim != 4 or initial_noise.shape[0] != num:
+            shape = check_initial_noise(initial_noise, num, self.config.channels)
+            factor = self.config.downsample_factor
+            if shape[1] % factor or shape[2] % factor:
                 raise ConfigError(
-                    f"initial_noise must have shape [num={num}, C, H, W], got "
-                    f"{list(initial_noise.shape)}"
+                    f"initial_noise is {shape[1]}x{shape[2]}; the network needs multiples of "
+                    f"{factor}"
                 )
         else:
             shape = self.image_shape()
-        if shape[0] != self.config.channels:
-            raise ConfigError(f"the network takes {self.config.channels} channels, got {shape[0]}")
         tables = step_tables(self.schedule, spec)
+        chain = self if device == self.device else self._on_device(device)
 
         bar = tqdm(
             total=math.ceil(num / batch_size) * len(tables),
@@ -195,10 +269,22 @@ class Pipeline:
                     x = initial_noise[rows.start : rows.stop].to(device, torch.float32)
                 else:
                     x = keyed_noise(seed, indices, 0, shape, device=device)
-                x = self._run_chain(
+                x = chain._run_chain(
                     x, tables, spec, seed=seed, indices=indices, on_step=lambda k: bar.update()
                 )
+                check_finite(x, indices)
                 yield indices, (x + 1) * 0.5
+
+    def _on_device(self, device: torch.device) -> Pipeline:
+        """A shallow copy of this pipeline whose network lives on ``device`` (kept for the next
+        call): sampling elsewhere never moves the pipeline's own network."""
+        cached = getattr(self, "_device_copy", None)
+        if cached is None or cached.device != device:
+            clone = copy.copy(self)
+            clone.__dict__.pop("_device_copy", None)
+            clone.network = copy.deepcopy(self.network).to(device)
+            self._device_copy = cached = clone
+        return cached
 
     def _run_chain(
         self,

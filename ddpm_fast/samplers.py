@@ -26,11 +26,8 @@ import torch
 from torch import nn
 
 from .errors import ConfigError
+from .options import OBJECTIVES, SAMPLERS, VARIANCES
 from .schedule import Schedule, sampling_timesteps
-
-SAMPLERS = ("ddpm", "ddim")
-OBJECTIVES = ("pred_noise", "pred_x0", "pred_v")
-VARIANCES = ("fixed_small", "fixed_large", "learned_range")
 
 # (step k counted from 1, shape of the batch) -> standard normal noise for that step.
 NoiseFn = Callable[[int, tuple[int, ...]], torch.Tensor]

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import ConfigError
+from .options import MAX_TIMESTEPS, check_int, check_real
 
 
 def linear_beta_schedule(timesteps: int) -> torch.Tensor:
@@ -68,8 +69,13 @@ class ScheduleConfig:
             raise ConfigError(
                 f"unknown beta schedule {self.name!r}; known: {', '.join(BETA_SCHEDULES)}"
             )
-        if not isinstance(self.timesteps, int) or self.timesteps < 1:
-            raise ConfigError(f"timesteps must be a positive integer, got {self.timesteps!r}")
+        timesteps = check_int("timesteps", self.timesteps, minimum=1, maximum=MAX_TIMESTEPS)
+        object.__setattr__(self, "timesteps", timesteps)  # a NumPy integer becomes an int
+        kwargs = self.kwargs
+        if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
+            raise ConfigError(f"schedule_kwargs must be a dict of named numbers, got {kwargs!r}")
+        for key, value in kwargs.items():
+            check_real(f"schedule_kwargs[{key!r}]", value)
 
     def to_dict(self) -> dict:
         return {"name": self.name, "timesteps": self.timesteps, "kwargs": dict(self.kwargs)}

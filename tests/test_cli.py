@@ -43,7 +43,7 @@ def test_folder_output_resumes(tmp_path, capsys):
     argv = ["sample", "--num", 6, "--batch-size", 2, *FAST, "--out", folder]
     assert run(capsys, *argv)[0] == 0
     files = sorted(p.name for p in folder.iterdir())
-    assert files == [f"{i:06d}.png" for i in range(6)]
+    assert files == [f"{i:06d}.png" for i in range(6)] + ["run.json"]
     first = {p.name: p.read_bytes() for p in folder.iterdir()}
     (folder / "000003.png").unlink()
     code, _, err = run(capsys, *argv)

@@ -113,10 +113,10 @@ def test_ddim_with_eta_one_has_the_respaced_ddpm_variance():
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"steps": 0}, "steps must be between 1"),
+        ({"steps": 0}, "steps must be at least 1"),
         ({"steps": 1001}, "steps must be between 1"),
         ({"sampler": "euler"}, "unknown sampler"),
-        ({"eta": -0.5, "sampler": "ddim"}, "eta must be >= 0"),
+        ({"eta": -0.5, "sampler": "ddim"}, "eta must be at least 0"),
         ({"seed": -1}, "seed must be"),
         ({"batch_size": 0}, "batch_size must be"),
         ({"initial_noise": torch.randn(3, 1, 8, 8)}, "initial_noise must have shape"),
@@ -129,5 +129,5 @@ def test_bad_sampling_arguments_are_config_errors(kwargs, message):
 
 
 def test_zero_images_is_a_config_error():
-    with pytest.raises(ConfigError, match="positive integer"):
+    with pytest.raises(ConfigError, match="number of images must be at least 1"):
         ddpm_fast.load().sample(0)

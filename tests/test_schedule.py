@@ -47,7 +47,7 @@ def test_sampling_timesteps_are_the_librarys_pairs(timesteps, steps, expected):
 def test_unknown_schedule_and_bad_lengths_are_config_errors():
     with pytest.raises(ConfigError, match="unknown beta schedule 'quadratic'"):
         ScheduleConfig("quadratic")
-    with pytest.raises(ConfigError, match="positive integer"):
+    with pytest.raises(ConfigError, match="timesteps must be at least 1"):
         ScheduleConfig("linear", 0)
     with pytest.raises(ConfigError, match="steps must be between 1 and the schedule's 10"):
         sampling_timesteps(10, 11)
