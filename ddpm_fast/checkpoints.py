@@ -57,6 +57,7 @@ UNSTORED_DEFAULTS = {
     "attn_heads": dd_pytorch_v1.UnetConfig.attn_heads,
 }
 MAX_LISTED = 5
+REAL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 FORMAT_NAMES = {
     "unet": "a denoising-diffusion-pytorch Unet state_dict",
     "diffusion": "a denoising-diffusion-pytorch GaussianDiffusion state_dict",
@@ -83,15 +84,38 @@ def _listing(items: list[str]) -> str:
     return shown + (f" (+{len(items) - MAX_LISTED} more)" if len(items) > MAX_LISTED else "")
 
 
+SAFETENSORS_MAX_HEADER = 100_000_000  # the safetensors library's own limit
+TORCH_ZIP = b"PK\x03\x04"
+PICKLE_PROTOCOLS = range(2, 6)  # torch's legacy (non-zip) format starts with PROTO n
+
+
 def _sniff(path: Path) -> str:
+    """ "safetensors" or "torch", decided by structure, not by a single byte: a safetensors file
+    is an 8-byte little-endian header length n, then n bytes of JSON (an object, padded with
+    spaces) within the file; torch files are zip archives or, in the legacy format, a pickle."""
+    size = path.stat().st_size
     with open(path, "rb") as f:
-        head = f.read(9)
-    if len(head) < 9:
-        raise CheckpointError(f"{path}: only {len(head)} bytes; not a checkpoint (truncated?)")
-    if head[:4] == b"PK\x03\x04" or head[0] == 0x80:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else 0
+        header = f.read(n) if 2 <= n <= min(size - 8, SAFETENSORS_MAX_HEADER) else b""
+    if size < 9:
+        raise CheckpointError(f"{path}: only {size} bytes; not a checkpoint (truncated?)")
+    if header[:1] == b"{" and header.rstrip(b" ").endswith(b"}"):
+        try:
+            if isinstance(json.loads(header), dict):
+                return "safetensors"
+        except ValueError:
+            pass
+    if head[:4] == TORCH_ZIP or (head[0] == 0x80 and head[1] in PICKLE_PROTOCOLS):
         return "torch"
-    if head[8:9] == b"{":
-        return "safetensors"
+    with open(path, "rb") as f:
+        f.seek(8)
+        looks_safetensors = f.read(1) == b"{"
+    if looks_safetensors:
+        raise CheckpointError(
+            f"{path}: a safetensors header that does not fit the file ({size} bytes for a "
+            f"header of {n}); truncated or corrupt"
+        )
     raise CheckpointError(f"{path}: neither a PyTorch checkpoint nor a safetensors file")
 
 
@@ -140,6 +164,8 @@ def read_checkpoint(path: str | os.PathLike, *, use_ema: bool = True) -> Checkpo
         raise CheckpointError(f"{path}: no such file")
     if path.is_dir():
         raise CheckpointError(f"{path}: is a directory, not a checkpoint file")
+    if not path.is_file():  # a FIFO or a device would block or never end
+        raise CheckpointError(f"{path}: not a regular file")
     if _sniff(path) == "safetensors":
         tensors, metadata = _read_safetensors(path)
         if FORMAT_KEY not in metadata:
@@ -148,6 +174,12 @@ def read_checkpoint(path: str | os.PathLike, *, use_ema: bool = True) -> Checkpo
             if fmt == "diffusion":
                 ckpt.weights, ckpt.buffers = _split_diffusion_state(path, tensors, "the file")
             return ckpt
+        if metadata[FORMAT_KEY] != FORMAT_VERSION:
+            raise CheckpointError(
+                f"{path}: ddpm-fast safetensors format {metadata[FORMAT_KEY]!r} (written by "
+                f"ddpm-fast {metadata.get('ddpm_fast_version', '?')}); this version reads format "
+                f"{FORMAT_VERSION}"
+            )
         return Checkpoint(path, "ddpm-fast", tensors, metadata=metadata)
 
     obj = _read_torch(path)
@@ -204,9 +236,31 @@ def check_weights(path: Path, network: torch.nn.Module, weights: dict[str, torch
     if problems:
         config = getattr(network, "config", None)
         raise CheckpointError(f"{path}: does not fit the network {config}: " + "; ".join(problems))
-    bad = [k for k, v in weights.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    not_real = [f"{k} ({v.dtype})" for k, v in weights.items() if v.dtype not in REAL_DTYPES]
+    if not_real:
+        raise CheckpointError(f"{path}: weights that are not real floats: {_listing(not_real)}")
+    bad = [k for k, v in weights.items() if not torch.isfinite(v).all()]
     if bad:
         raise CheckpointError(f"{path}: NaN or infinite values in {_listing(bad)}")
+
+
+def build_network(path: Path, family, config, weights: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """``family.Unet(config)`` holding ``weights``, checked against the weights first: the
+    network is laid out on the meta device (no memory), its keys, shapes and dtypes compared
+    with the file's, and only then given the weights, so a config that does not fit them (a
+    crafted ``dim`` of 100000, say) is an error, not an allocation."""
+    with torch.device("meta"):
+        skeleton = family.Unet(config)
+    check_weights(path, skeleton, weights)
+    expected = skeleton.state_dict()
+    # The network's dtypes (fp32), as load_state_dict's copy would give them.
+    state = {k: v.to(expected[k].dtype).contiguous() for k, v in weights.items()}
+    skeleton.load_state_dict(state, strict=True, assign=True)
+    if any(t.is_meta for t in [*skeleton.parameters(), *skeleton.buffers()]):
+        network = family.Unet(config)  # a buffer outside the state_dict: build it for real
+        network.load_state_dict(state, strict=True)
+        return network
+    return skeleton
 
 
 def _check_buffers(path: Path, buffers: dict, schedule: Schedule) -> list[str]:
@@ -306,9 +360,7 @@ def _pipeline_from_library(ckpt: Checkpoint, unet_options: dict, options: dict) 
         config = dd_pytorch_v1.infer_config(ckpt.weights, **unet_options)
     except ConfigError as err:
         raise CheckpointError(f"{ckpt.path}: {err}") from None
-    network = dd_pytorch_v1.Unet(config)
-    check_weights(ckpt.path, network, ckpt.weights)
-    network.load_state_dict(ckpt.weights, strict=True)
+    network = build_network(ckpt.path, dd_pytorch_v1, config, ckpt.weights)
 
     notes = [f"read as {FORMAT_NAMES[ckpt.format]}", *ckpt.notes]
     assumed = [f"{k}={v}" for k, v in UNSTORED_DEFAULTS.items() if k not in unet_options]
@@ -342,17 +394,20 @@ def _pipeline_from_own(ckpt: Checkpoint, unet_options: dict, options: dict) -> P
     if family not in FAMILIES:
         raise CheckpointError(f"{ckpt.path}: unknown model family {family!r}")
     try:
-        config = FAMILIES[family].UnetConfig.from_dict(json.loads(meta["unet_config"]))
-        diffusion = DiffusionConfig.from_dict(json.loads(meta["diffusion"]))
-    except (KeyError, TypeError, ValueError) as err:
+        unet_config, diffusion = json.loads(meta["unet_config"]), json.loads(meta["diffusion"])
+        if not isinstance(unet_config, dict):
+            raise ConfigError(f"unet_config is a JSON {type(unet_config).__name__}, not an object")
+        config = FAMILIES[family].UnetConfig.from_dict(unet_config)
+        diffusion = DiffusionConfig.from_dict(diffusion)
+        notes = json.loads(meta.get("notes", "[]"))
+        if not isinstance(notes, list) or not all(isinstance(n, str) for n in notes):
+            raise ConfigError("notes is not a list of strings")
+    except (KeyError, TypeError, ValueError) as err:  # ConfigError is a ValueError
         raise CheckpointError(f"{ckpt.path}: bad ddpm-fast metadata ({err})") from None
-    network = FAMILIES[family].Unet(config)
-    check_weights(ckpt.path, network, ckpt.weights)
-    network.load_state_dict(ckpt.weights, strict=True)
+    network = build_network(ckpt.path, FAMILIES[family], config, ckpt.weights)
 
     diffusion = override_diffusion(diffusion, options)
-    notes = tuple(json.loads(meta.get("notes", "[]")))
-    return Pipeline(network, diffusion, source=str(ckpt.path), notes=notes)
+    return Pipeline(network, diffusion, source=str(ckpt.path), notes=tuple(notes))
 
 
 def load_checkpoint(

@@ -93,7 +93,8 @@ class Output:
         if self.kind != "folder":
             return
         manifest = self.path / MANIFEST
-        wanted = {"ddpm_fast_run": MANIFEST_VERSION, **run}
+        # Through JSON, as it is stored (tuples become lists).
+        wanted = json.loads(json.dumps({"ddpm_fast_run": MANIFEST_VERSION, **run}))
         if manifest.exists():
             _check_same_run(manifest, wanted)
             return
@@ -170,6 +171,7 @@ def _check_same_run(manifest: Path, wanted: dict) -> None:
         raise OutputError(f"{manifest}: unreadable ({err}); write to a new folder") from None
     if not isinstance(held, dict):
         raise OutputError(f"{manifest}: not a ddpm-fast run manifest; write to a new folder")
+    held, wanted = _flat(held), _flat(wanted)
     differ = [k for k in sorted(set(held) | set(wanted)) if held.get(k) != wanted.get(k)]
     if differ:
         shown = "; ".join(
@@ -179,6 +181,17 @@ def _check_same_run(manifest: Path, wanted: dict) -> None:
             f"{manifest.parent}: holds another run ({shown}); resume it with the same settings "
             "or write to a new folder"
         )
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    """{"a": {"b": 1}} -> {"a.b": 1}, so that a difference is named by its leaf."""
+    flat = {}
+    for key, value in d.items():
+        if isinstance(value, dict) and value:
+            flat |= _flat(value, f"{prefix}{key}.")
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def _short(value) -> str:

@@ -20,9 +20,12 @@ Inputs and outputs are float32 for fp16 files too: the graph casts at its edges.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
+from itertools import pairwise
 
 from ..errors import DdpmFastError
+from ..options import MAX_IMAGE_SIZE, MAX_TIMESTEPS, OBJECTIVES, SAMPLERS, VARIANCES
 
 FORMAT_KEY = "ddpm_fast_onnx_format"
 FORMAT_VERSION = "1"
@@ -147,19 +150,78 @@ def parse_metadata(meta: dict[str, str], path: str) -> OnnxModelInfo:
         raise OnnxFileError(
             f"{path}: bad ddpm-fast metadata ({type(err).__name__}: {err})"
         ) from None
-    problems = []
-    if info.what not in WHATS:
-        problems.append(f"what={info.what!r}")
-    if info.dtype not in DTYPES:
-        problems.append(f"dtype={info.dtype!r}")
-    if len(info.noise_steps) != info.steps or set(info.noise_steps) - {"0", "1"}:
-        problems.append("noise_steps does not match steps")
-    if info.what == "unet" and (
-        info.tables is None
-        or set(info.tables) != set(TABLE_NAMES)
-        or any(len(v) != info.steps for v in info.tables.values())
-    ):
-        problems.append("the coefficient tables are missing or do not match steps")
+    problems = _inconsistencies(info)
     if problems:
         raise OnnxFileError(f"{path}: bad ddpm-fast metadata ({'; '.join(problems)})")
     return info
+
+
+def expected_noise_steps(sampler: str, steps: int, eta: float) -> str:
+    """Which steps of a chain add noise ("1") and which do not ("0"): every step but the last,
+    except DDIM with eta 0, which adds none (``StepTables.adds_noise``, a test checks they
+    agree)."""
+    if sampler == "ddim" and eta == 0:
+        return "0" * steps
+    return "1" * (steps - 1) + "0"
+
+
+def _inconsistencies(info: OnnxModelInfo) -> list[str]:
+    """What in a file's metadata is out of range or contradicts the rest of it: everything a
+    sampler reads must agree with the config and chain the file states (an edited file is
+    refused, not sampled differently)."""
+    problems = []
+
+    def expect(ok: bool, what: str) -> None:
+        if not ok:
+            problems.append(what)
+
+    expect(info.what in WHATS, f"what={info.what!r}")
+    expect(info.dtype in DTYPES, f"dtype={info.dtype!r}")
+    expect(info.sampler in SAMPLERS, f"sampler={info.sampler!r}")
+    expect(info.objective in OBJECTIVES, f"objective={info.objective!r}")
+    expect(info.variance in VARIANCES, f"variance={info.variance!r}")
+    expect(math.isfinite(info.eta) and info.eta >= 0, f"eta={info.eta!r}")
+    expect(info.eta == 0 or info.sampler == "ddim", f"eta {info.eta} with sampler {info.sampler}")
+    diffusion = info.diffusion if isinstance(info.diffusion, dict) else {}
+    config = info.config if isinstance(info.config, dict) else {}
+    schedule = diffusion.get("schedule") if isinstance(diffusion.get("schedule"), dict) else {}
+    timesteps = schedule.get("timesteps")
+    expect(
+        isinstance(timesteps, int) and 1 <= timesteps <= MAX_TIMESTEPS,
+        f"schedule timesteps {timesteps!r}",
+    )
+    if isinstance(timesteps, int):
+        expect(1 <= info.steps <= timesteps, f"steps={info.steps} for {timesteps} timesteps")
+    expect(0 < info.image_size <= MAX_IMAGE_SIZE, f"image_size={info.image_size}")
+    expect(diffusion.get("image_size") == info.image_size, "image_size differs from diffusion's")
+    expect(diffusion.get("objective") == info.objective, "objective differs from diffusion's")
+    expect(config.get("channels") == info.channels, "channels differ from the config's")
+    expect(
+        info.variance in (diffusion.get("variance"), "learned_range"),
+        "variance differs from diffusion's",
+    )
+    expect(
+        info.noise_steps == expected_noise_steps(info.sampler, info.steps, info.eta),
+        "noise_steps does not match the chain",
+    )
+    if info.what == "unet":
+        tables = info.tables
+        expect(
+            isinstance(tables, dict)
+            and set(tables) == set(TABLE_NAMES)
+            and all(
+                isinstance(v, list)
+                and len(v) == info.steps
+                and all(isinstance(c, int | float) and math.isfinite(c) for c in v)
+                for v in tables.values()
+            ),
+            "the coefficient tables are missing, not finite or do not match steps",
+        )
+        if not problems and isinstance(timesteps, int):
+            t = tables["timesteps"]
+            expect(
+                all(isinstance(x, int) and 0 <= x < timesteps for x in t)
+                and all(a > b for a, b in pairwise(t)),
+                "the table of timesteps is not decreasing within the schedule",
+            )
+    return problems

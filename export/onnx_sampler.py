@@ -170,7 +170,33 @@ def read_info(session, path: str | os.PathLike) -> OnnxModelInfo:
             f"{path}: its inputs {list(inputs)} and outputs {list(outputs)} are not those of a "
             f"ddpm-fast {info.what} file ({list(info.input_names)} -> {list(info.output_names)})"
         )
+    _check_graph_shapes(session, info, path)
     return info
+
+
+def _check_graph_shapes(session, info: OnnxModelInfo, path) -> None:
+    """The graph's image inputs and outputs must be [B, C, H, W] with the metadata's channels
+    and image size (a unet's output may have 2C channels: learned variance). Inputs are fixed
+    sizes; the exporter may leave an output's sizes symbolic, which then match anything."""
+    c, h, w = info.image_shape
+    problems = []
+    for kind, args in (("input", session.get_inputs()), ("output", session.get_outputs())):
+        for arg in args:
+            if arg.name in ("t", "step"):
+                continue
+            allowed = ((c, 2 * c) if arg.name == "model_output" else (c,), (h,), (w,))
+            dims = list(arg.shape)
+            fits = len(dims) == 4 and all(
+                dim in sizes if isinstance(dim, int) else kind == "output"
+                for dim, sizes in zip(dims[1:], allowed, strict=True)
+            )
+            if not fits:
+                problems.append(f"{kind} {arg.name} {dims}")
+    if problems:
+        raise OnnxFileError(
+            f"{path}: the graph does not take the images its metadata states ([B, {c}, {h}, {w}]):"
+            f" {'; '.join(problems)}"
+        )
 
 
 def _check_array(name: str, value, shape: tuple, dtype=np.float32) -> np.ndarray:

@@ -175,6 +175,22 @@ def check_same_model(info: OnnxModelInfo, pipeline: Pipeline, path: Path) -> Sam
     return spec
 
 
+def check_chain_metadata(info: OnnxModelInfo, tables: StepTables, spec: SamplerSpec, path) -> None:
+    """OnnxFileError unless what a sampler reads from the metadata (which steps add noise, and a
+    unet file's coefficient tables) is the reference chain's."""
+    noise_steps = "".join("1" if tables.adds_noise(k, spec) else "0" for k in range(len(tables)))
+    wrong = [] if info.noise_steps == noise_steps else ["noise_steps"]
+    for name, stored in (info.tables or {}).items():
+        reference = getattr(tables, name).double().numpy()
+        if not np.allclose(np.asarray(stored, np.float64), reference, rtol=1e-12, atol=0):
+            wrong.append(f"tables.{name}")
+    if wrong:
+        raise OnnxFileError(
+            f"{path}: its metadata ({', '.join(wrong)}) differs from the reference chain "
+            f"'{info.chain()}'; the file was edited or is corrupt: export it again"
+        )
+
+
 def _inputs(shape: tuple[int, ...], abar: float, self_condition: bool, seed: int):
     """x_t as the forward process makes it at a timestep with cumulative alpha ``abar``, from
     x_0 uniform in [-0.8, 1.0] (mean 0.1): a trained network sees such inputs. Also the step's
@@ -225,6 +241,7 @@ def verify_onnx(
     info = load_onnx_info(path)
     spec = check_same_model(info, pipeline, path)
     tables = step_tables(pipeline.schedule, spec)
+    check_chain_metadata(info, tables, spec, path)
     try:
         session = open_session(path, providers)
     except Exception as err:

@@ -21,6 +21,7 @@ from einops.layers.torch import Rearrange
 from torch import nn
 
 from ..errors import CheckpointError, ConfigError
+from ..options import check_int
 
 FAMILY = "dd-pytorch-v1"
 
@@ -56,7 +57,7 @@ class UnetConfig:
     family: str = field(default=FAMILY, init=False)
 
     def __post_init__(self) -> None:
-        self.dim_mults = tuple(int(m) for m in self.dim_mults)
+        self._check_types()
         if self.dim <= 0 or not self.dim_mults or min(self.dim_mults) <= 0:
             raise ConfigError(
                 f"dim and dim_mults must be positive, got {self.dim}, {self.dim_mults}"
@@ -78,6 +79,22 @@ class UnetConfig:
             raise ConfigError(
                 f"learned_sinusoidal_dim must be even, got {self.learned_sinusoidal_dim}"
             )
+
+    def _check_types(self) -> None:
+        """Every field of the type it must have (a config may come from a file's JSON)."""
+        for name in ("dim", "channels", "resnet_block_groups", "learned_sinusoidal_dim",
+                     "attn_heads", "attn_dim_head"):  # fmt: skip
+            setattr(self, name, check_int(name, getattr(self, name), minimum=1))
+        for name in ("init_dim", "out_dim"):
+            if getattr(self, name) is not None:
+                setattr(self, name, check_int(name, getattr(self, name), minimum=1))
+        for name in ("self_condition", "learned_variance", "learned_sinusoidal_cond",
+                     "random_fourier_features"):  # fmt: skip
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if not isinstance(self.dim_mults, list | tuple) or not self.dim_mults:
+            raise ConfigError(f"dim_mults must be a list of integers, got {self.dim_mults!r}")
+        self.dim_mults = tuple(check_int("dim_mults", m, minimum=1) for m in self.dim_mults)
 
     @property
     def block_widths(self) -> list[int]:
@@ -457,7 +474,12 @@ def infer_config(state_dict: dict[str, torch.Tensor], **options) -> UnetConfig:
         self_condition = in_channels == 2 * channels
     if learned_variance is None:
         learned_variance = out_channels == 2 * channels
-    heads = options.pop("attn_heads", UnetConfig.attn_heads)
+    heads = check_int("attn_heads", options.pop("attn_heads", UnetConfig.attn_heads), minimum=1)
+    if hidden % heads:
+        raise CheckpointError(
+            f"the attention width {hidden} (downs.0.2.fn.fn.to_qkv.weight) is not a multiple of "
+            f"attn_heads={heads}"
+        )
     config = UnetConfig(
         dim=dim,
         init_dim=init_dim if init_dim != dim else None,

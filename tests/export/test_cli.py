@@ -65,7 +65,7 @@ def test_sample_onnx_folder_resumes(step_file, tmp_path, capsys):
     argv = ["sample", "--onnx", step_file, "--num", 4, "--batch-size", 2, "--out", folder]
     assert run(capsys, *argv)[0] == 0
     first = {p.name: p.read_bytes() for p in folder.iterdir()}
-    assert sorted(first) == [f"{i:06d}.png" for i in range(4)]
+    assert sorted(first) == [f"{i:06d}.png" for i in range(4)] + ["run.json"]
     (folder / "000002.png").unlink()
     code, _, err = run(capsys, *argv)
     assert code == 0 and "resuming: drawing images 2..3" in err
