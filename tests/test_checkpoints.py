@@ -1,10 +1,13 @@
 """Reading the library's files and ddpm-fast's own; clear errors for every bad file."""
 
 import json
+import os
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import save_file
 
 import ddpm_fast
 from ddpm_fast.checkpoints import describe, read_checkpoint
@@ -191,3 +194,152 @@ def test_unmatched_betas(tmp_path):
     state["betas"] = state["betas"] * 1.01
     with pytest.raises(CheckpointError, match="match none of the linear, cosine, sigmoid"):
         ddpm_fast.load(saved(tmp_path, state))
+
+
+# files read as something they are not, and crafted metadata
+
+
+def own_file(tmp_path, name="own.safetensors", weights=None, **changes) -> Path:
+    """A ddpm-fast file of the small fixture network, with metadata entries replaced (a value
+    of None removes the entry) and optionally other weights."""
+    source = ddpm_fast.load(FIXTURES / "diffusion_state_dict.pt", image_size=8)
+    path = ddpm_fast.save_pipeline(source, tmp_path / name)
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (not a dict)
+    for key, value in changes.items():
+        if value is None:
+            metadata.pop(key)
+        else:
+            metadata[key] = value if isinstance(value, str) else json.dumps(value)
+    save_file(weights if weights is not None else tensors, str(path), metadata=metadata)
+    return path
+
+
+COSINE = {"name": "cosine", "timesteps": 50}
+
+
+def header_length(path: Path) -> int:
+    return int.from_bytes(path.read_bytes()[:8], "little")
+
+
+def test_safetensors_detected_by_structure_for_every_header_length(tmp_path):
+    """A header length whose low byte is 0x80 once read as a legacy pickle and lost the
+    metadata; every length (multiples of 8, so 32 low bytes) is a ddpm-fast file now."""
+    low_bytes = set()
+    tensors = {"w": torch.arange(6, dtype=torch.float32)}
+    for pad in range(0, 256, 3):
+        path = tmp_path / f"h{pad}.safetensors"
+        save_file(tensors, str(path), metadata={"ddpm_fast_format": "1", "pad": "x" * pad})
+        low_bytes.add(header_length(path) & 0xFF)
+        ckpt = read_checkpoint(path)
+        assert ckpt.format == "ddpm-fast" and ckpt.metadata["pad"] == "x" * pad
+    assert 0x80 in low_bytes and len(low_bytes) == 32
+
+
+def test_own_file_with_a_0x80_header_length_keeps_its_schedule(tmp_path):
+    for pad in range(0, 256, 8):  # header lengths step by 8: every low byte comes once
+        path = own_file(tmp_path, notes=["x" * pad])
+        if header_length(path) & 0xFF == 0x80:
+            break
+    else:
+        pytest.fail("no header length ending in 0x80")
+    pipeline = ddpm_fast.load(path)
+    assert (
+        pipeline.diffusion.schedule.name == "cosine" and pipeline.diffusion.objective == "pred_x0"
+    )
+
+
+def test_a_fifo_is_refused_without_blocking(tmp_path):
+    fifo = tmp_path / "model.pt"
+    os.mkfifo(fifo)
+    with pytest.raises(CheckpointError, match="model.pt: not a regular file"):
+        read_checkpoint(fifo)
+
+
+def test_a_device_file_is_refused():
+    if not Path("/dev/zero").exists():
+        pytest.skip("no /dev/zero here")
+    with pytest.raises(CheckpointError, match="/dev/zero: not a regular file"):
+        read_checkpoint("/dev/zero")
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"ddpm_fast_format": "2"}, "ddpm-fast safetensors format '2'"),
+        ({"unet_config": None}, "bad ddpm-fast metadata"),
+        ({"unet_config": "{not json"}, "bad ddpm-fast metadata"),
+        ({"unet_config": [8, [1, 2]]}, "unet_config is a JSON list"),
+        ({"unet_config": {"dim": 100000}}, "mis-shaped"),
+        ({"unet_config": {"dim": 8, "dim_mults": [1, 2], "resnet_block_groups": 0}}, "at least 1"),
+        ({"unet_config": {"dim": 8, "dim_mults": [1, 2], "attn_heads": 0}}, "at least 1"),
+        ({"unet_config": {"dim": "8"}}, "dim must be an integer"),
+        ({"unet_config": {"dim": 8, "dim_mults": "12"}}, "dim_mults must be a list"),
+        ({"unet_config": {"dim": 8, "dim_mults": [1, 2], "size": 3}}, "unexpected keyword"),
+        ({"diffusion": '"cosine"'}, "a diffusion config is a dict"),
+        ({"diffusion": {"schedule": {**COSINE, "timesteps": 10**12}}}, "at most 100000"),
+        ({"diffusion": {"schedule": COSINE, "image_size": -3}}, "at least 1"),
+        ({"diffusion": {"schedule": {**COSINE, "kwargs": {"s": "x"}}}}, "real number"),
+        ({"diffusion": {"schedule": COSINE, "objective": "eps"}}, "unknown objective"),
+        ({"notes": {"a": 1}}, "notes is not a list"),
+        ({"family": "dd-pytorch-v9"}, "unknown model family"),
+    ],
+)  # fmt: skip
+def test_crafted_metadata_is_one_error(tmp_path, changes, message):
+    path = own_file(tmp_path, **changes)
+    with pytest.raises(CheckpointError, match=message) as err:
+        ddpm_fast.load(path)
+    assert str(path) in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_huge_config_is_refused_before_allocating(tmp_path):
+    """dim 100000 would be a network of hundreds of GB: it is laid out on the meta device and
+    compared with the weights, so the error comes at once and with little memory."""
+    import tracemalloc
+
+    path = own_file(tmp_path, unet_config={"dim": 100000, "dim_mults": [1, 2, 4, 8]})
+    tracemalloc.start()
+    with pytest.raises(CheckpointError, match="mis-shaped"):
+        ddpm_fast.load(path)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 200e6
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.bool, torch.complex64, torch.uint8])
+def test_weights_must_be_real_floats(tmp_path, dtype):
+    state = unet_state()
+    state["init_conv.weight"] = state["init_conv.weight"].to(dtype)
+    with pytest.raises(CheckpointError, match=f"not real floats: init_conv.weight .{dtype}"):
+        ddpm_fast.load(saved(tmp_path, state))
+
+
+def test_half_precision_weights_load_as_fp32(tmp_path):
+    state = {k: v.half() for k, v in unet_state().items()}
+    pipeline = ddpm_fast.load(saved(tmp_path, state))
+    assert {p.dtype for p in pipeline.network.parameters()} == {torch.float32}
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"attn_heads": 0}, "attn_heads must be at least 1"),
+        ({"attn_heads": 3}, "not a multiple of attn_heads=3"),
+        ({"attn_heads": "4"}, "attn_heads must be an integer"),
+        ({"resnet_block_groups": 0}, "resnet_block_groups must be at least 1"),
+        ({"image_size": 8.0}, "image_size must be an integer"),
+        ({"timesteps": 10**9}, "timesteps must be at most"),
+        ({"objective": "eps"}, "unknown objective"),
+    ],
+)
+def test_bad_load_options_are_errors(options, message):
+    with pytest.raises((ConfigError, CheckpointError), match=message):
+        ddpm_fast.load(FIXTURES / "unet_state_dict.pt", **options)
+
+
+def test_truncated_safetensors_header(tmp_path):
+    path = ddpm_fast.save_pipeline(ddpm_fast.load(), tmp_path / "model.safetensors")
+    path.write_bytes(path.read_bytes()[:200])
+    with pytest.raises(CheckpointError, match="header that does not fit the file"):
+        ddpm_fast.load(path)
