@@ -115,6 +115,7 @@ def _load(args: argparse.Namespace) -> Pipeline:
 
 def _sampling_options(args: argparse.Namespace, pipeline: Pipeline) -> dict:
     """Keyword arguments of Pipeline.sample_batches, checked before any work is done."""
+    from .noise import check_seed
     from .pipeline import resolve_device
 
     sampler, eta = _chain(args)
@@ -124,7 +125,7 @@ def _sampling_options(args: argparse.Namespace, pipeline: Pipeline) -> dict:
         steps=spec.steps,
         sampler=sampler,
         eta=eta,
-        seed=args.seed,
+        seed=check_seed(args.seed),
         batch_size=resolve_batch_size(args.num, args.batch_size),
         device=resolve_device(args.device, pipeline.device),
         progress=True,
