@@ -21,12 +21,12 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ConfigError
+from ..options import check_int, resolve_batch_size
 from .format import SELF_COND_INPUT, OnnxFileError, OnnxModelInfo, parse_metadata
 from .philox import check_seed, keyed_noise
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_BATCH_SIZE = 64  # as Pipeline.sample
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
 # ONNX Runtime's session log levels: 0 verbose .. 3 error, 4 fatal. Warnings such as "some nodes
@@ -410,13 +410,10 @@ class OnnxSampler:
         progress: bool = False,
     ) -> Iterator[tuple[range, np.ndarray]]:
         """Yield (sample indices, images NCHW float32 in [0, 1]) one batch at a time."""
-        if isinstance(num, bool) or not isinstance(num, int) or num < 1:
-            raise ConfigError(f"the number of images must be a positive integer, got {num!r}")
-        if batch_size is None:
-            batch_size = min(num, DEFAULT_BATCH_SIZE)
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
-        seed = check_seed(seed)
+        num = check_int("the number of images", num, minimum=1)
+        batch_size = resolve_batch_size(num, batch_size)
+        start_index = check_int("start_index", start_index, minimum=0, maximum=2**32 - num)
+        seed = check_seed(check_int("seed", seed))
         self.check_chain(sampler, steps, eta)
         shape = self.image_shape
         if initial_noise is not None:
