@@ -2,10 +2,13 @@
 ``gpu`` skip there with a reason."""
 
 import os
+import tempfile
 
 import pytest
 import torch
 
+# The engine's measured CPU convolution choices go to a folder of this run, not the user's cache.
+os.environ.setdefault("DDPM_FAST_CACHE_DIR", tempfile.mkdtemp(prefix="ddpm-fast-cache-"))
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
     # Must be set before any @triton.jit function is defined (at import of ddpm_fast.kernels.*).

@@ -6,13 +6,25 @@ inputs (batch 1 at the U-Net's 4 x 4 and 8 x 8 stages); a weight packed once for
 those up to 3x faster. At large spatial sizes with few channels the packed path can be slower,
 hence the measurement rather than a rule. Both compute the same convolution (the summation order
 differs: a few fp32 ulps). Anything but a float32 CPU input runs ``F.conv2d``.
+
+Because the two differ in the last bits, the choice is measured once per machine and kept on
+disk (``ConvChoices``): a seed then gives the same bits in every run and in every process of a
+multi-process run, whatever the load when a later run starts. The cache is keyed by the
+convolution's shapes, the torch version and the CPU, so a new torch or another machine measures
+again; processes that start together take a file lock, so they all read the first one's choice.
 """
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
+import json
 import logging
+import os
+import platform
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +33,85 @@ from torch import nn
 log = logging.getLogger("ddpm_fast.engine")
 
 TRIALS = 3  # calls timed per candidate; the minimum counts
+CACHE_ENV = "DDPM_FAST_CACHE_DIR"
+
+
+def cache_dir() -> Path:
+    """Where ddpm-fast keeps what it measured: $DDPM_FAST_CACHE_DIR, else
+    $XDG_CACHE_HOME/ddpm-fast, else ~/.cache/ddpm-fast."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "ddpm-fast"
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+class ConvChoices:
+    """The measured choice per convolution shape, in one JSON file per (torch, CPU), read and
+    written under an exclusive lock. Where the cache cannot be written the choice is measured
+    and kept for this process only."""
+
+    def __init__(self, folder: Path | None = None):
+        machine = f"{torch.__version__}|{_cpu_name()}|{torch.get_num_threads()} threads"
+        name = f"cpu-conv-{hashlib.sha256(machine.encode()).hexdigest()[:16]}.json"
+        self.key = machine
+        self.path = (folder or cache_dir()) / name
+        self.memory: dict[str, str] = {}
+
+    def choose(self, shape_key: str, measure: Callable[[], str]) -> str:
+        if shape_key in self.memory:
+            return self.memory[shape_key]
+        try:
+            choice = self._choose_on_disk(shape_key, measure)
+        except OSError as error:  # a read-only home, say: measured, not kept
+            log.debug("conv choice cache %s unusable: %s", self.path, error)
+            choice = measure()
+        self.memory[shape_key] = choice
+        return choice
+
+    def _choose_on_disk(self, shape_key: str, measure: Callable[[], str]) -> str:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path.with_suffix(".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+            table = self._read()
+            if shape_key not in table:
+                table[shape_key] = measure()
+                tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+                tmp.write_text(json.dumps({"machine": self.key, "choices": table}, indent=1))
+                os.replace(tmp, self.path)
+            return table[shape_key]
+
+    def _read(self) -> dict[str, str]:
+        try:
+            stored = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return {}
+        if not isinstance(stored, dict) or stored.get("machine") != self.key:
+            return {}  # another machine's or torch's choices (or a corrupt file): measure again
+        choices = stored.get("choices")
+        valid = {"torch", "packed"}
+        if not isinstance(choices, dict):
+            return {}
+        return {k: v for k, v in choices.items() if isinstance(k, str) and v in valid}
+
+
+_CHOICES: ConvChoices | None = None
+
+
+def conv_choices() -> ConvChoices:
+    global _CHOICES
+    if _CHOICES is None or _CHOICES.path.parent != cache_dir():
+        _CHOICES = ConvChoices()
+    return _CHOICES
 
 
 def _packed_available() -> bool:
@@ -67,11 +158,22 @@ class CpuConv2d(nn.Module):
         if _packed_available():
             try:
                 candidates = {"torch": self.conv.forward, "packed": self._packed(x)}
-                plan = candidates[_fastest(candidates, x)]
+                choice = conv_choices().choose(self._shape_key(x), lambda: _fastest(candidates, x))
+                plan = candidates[choice]
             except RuntimeError as error:  # an op this torch build lacks: F.conv2d it is
                 log.debug("no packed oneDNN convolution for %s: %s", tuple(x.shape), error)
         self._plans[tuple(x.shape)] = plan
         return plan
+
+    def _shape_key(self, x: torch.Tensor) -> str:
+        """Everything that decides which implementation is faster, and nothing else."""
+        conv = self.conv
+        layout = "nhwc" if x.is_contiguous(memory_format=torch.channels_last) else "nchw"
+        return (
+            f"x{list(x.shape)} {layout} w{list(conv.weight.shape)} s{list(conv.stride)} "
+            f"p{list(conv.padding)} d{list(conv.dilation)} g{conv.groups} "
+            f"b{conv.bias is not None}"
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type != "cpu" or x.dtype != torch.float32 or self.conv.weight.requires_grad:
