@@ -10,6 +10,7 @@ import argparse
 import importlib.util
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -26,7 +27,7 @@ from .options import (
     check_chain,
     resolve_batch_size,
 )
-from .output import Output, check_writable_file, file_sha256
+from .output import Output, check_writable_file, file_sha256, write_samples
 from .version import __version__
 
 if TYPE_CHECKING:
@@ -90,7 +91,9 @@ def _chain(args: argparse.Namespace) -> tuple[str, float]:
 def _sampling_arguments(parser: argparse.ArgumentParser, *, default_num: int) -> None:
     parser.add_argument("--num", type=_positive_int, default=default_num, help="number of images")
     parser.add_argument(
-        "--batch-size", type=_positive_int, help=f"default: up to {DEFAULT_BATCH_SIZE}"
+        "--batch-size",
+        type=_batch_size,
+        help=f"default: up to {DEFAULT_BATCH_SIZE}; auto: as many as the GPU's memory takes",
     )
     parser.add_argument("--steps", type=_positive_int, help="default: the schedule's timesteps")
     _chain_arguments(parser)
@@ -113,6 +116,10 @@ def _load(args: argparse.Namespace) -> Pipeline:
     return load(args.checkpoint, use_ema=not args.online, **options)
 
 
+def _batch_size(text: str) -> int | str:
+    return "auto" if text == "auto" else _positive_int(text)
+
+
 def _sampling_options(args: argparse.Namespace, pipeline: Pipeline) -> dict:
     """Keyword arguments of Pipeline.sample_batches, checked before any work is done."""
     from .noise import check_seed
@@ -121,37 +128,26 @@ def _sampling_options(args: argparse.Namespace, pipeline: Pipeline) -> dict:
     sampler, eta = _chain(args)
     spec = pipeline.sampler_spec(sampler, args.steps, eta)
     pipeline.image_shape()
+    device = resolve_device(args.device, pipeline.device)
+    batch_size = args.batch_size
+    if batch_size != "auto":  # "auto" is measured on each rank's own device, later
+        batch_size = resolve_batch_size(args.num, batch_size)
     return dict(
         steps=spec.steps,
         sampler=sampler,
         eta=eta,
         seed=check_seed(args.seed),
-        batch_size=resolve_batch_size(args.num, args.batch_size),
-        device=resolve_device(args.device, pipeline.device),
+        batch_size=batch_size,
+        device=device,
         progress=True,
     )
-
-
-def _model_identity(pipeline: Pipeline, args: argparse.Namespace) -> dict:
-    """What fixes the images of a model: its file's bytes and the config it was read with."""
-    from .checkpoints import describe
-    from .default_model import ASSET
-
-    info = describe(pipeline)
-    path = ASSET if args.checkpoint is None else Path(args.checkpoint)
-    return {
-        "sha256": file_sha256(path),
-        "family": info["family"],
-        "network": info["network"],
-        "diffusion": info["diffusion"],
-        "weights": "online" if args.online else "ema",
-    }
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
     output = Output(args.out)  # an unwritable target fails here, before any sampling
     if args.onnx is not None:
         return _sample_onnx(args, output)
+    from . import distributed
     from .engine import Engine
 
     pipeline = _load(args)
@@ -161,30 +157,17 @@ def cmd_sample(args: argparse.Namespace) -> int:
             raise ConfigError("--dtype applies to the engine, not to --reference (fp32)")
     else:
         pipeline = Engine(pipeline, dtype=args.dtype)
-    if output.kind == "folder":
-        output.start(
-            {
-                "model": _model_identity(pipeline, args),
-                "backend": "reference" if args.reference else "engine",
-                "dtype": args.dtype,
-                "device": options["device"].type,
-                **_run_settings(options, pipeline.image_shape()),
-            }
-        )
-
-    def draw(num: int, start: int):
-        for indices, images in pipeline.sample_batches(num, start_index=start, **options):
-            yield indices, images.float().cpu().numpy()
-
-    output.write(args.num, options["batch_size"], draw, _say)
-    print(f"wrote {args.num} images to {output.path}")
+    group, options["device"] = distributed.join(options["device"])
+    try:
+        pipeline.sample_to(
+            output.path, args.num, keep_shards=args.keep_shards, group=group,
+            say=_say if group.rank == 0 else lambda message: None, **options,
+        )  # fmt: skip
+    finally:
+        distributed.leave()
+    if group.rank == 0:
+        print(f"wrote {args.num} images to {output.path}")
     return 0
-
-
-def _run_settings(options: dict, image_shape: tuple[int, ...]) -> dict:
-    """The chain's settings that a folder's run manifest records."""
-    keys = ("sampler", "steps", "eta", "seed")
-    return {**{k: options[k] for k in keys}, "image_shape": list(image_shape)}
 
 
 # The model options of _model_arguments, which an ONNX file fixes.
@@ -217,27 +200,29 @@ def _sample_onnx(args: argparse.Namespace, output: Output) -> int:
         _chain(args)  # a bad --eta is the same error as without --onnx
     sampler = OnnxSampler(args.onnx, providers=providers_for_device(args.device))
     sampler.check_chain(args.sampler, args.steps, args.eta)
-    batch = resolve_batch_size(args.num, args.batch_size)
+    batch = resolve_batch_size(args.num, None if args.batch_size == "auto" else args.batch_size)
     info = sampler.info
-    if output.kind == "folder":
-        settings = {"sampler": info.sampler, "steps": info.steps, "eta": info.eta}
-        output.start(
-            {
-                "model": {"sha256": file_sha256(args.onnx), "family": info.family,
-                          "network": info.config, "diffusion": info.diffusion},
-                "backend": "onnx",
-                "dtype": info.dtype,
-                "device": "cuda" if "CUDAExecutionProvider" in sampler.providers[:1] else "cpu",
-                **_run_settings({**settings, "seed": args.seed}, info.image_shape),
-            }
-        )  # fmt: skip
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError("sample --onnx runs in one process; torchrun is for checkpoints")
+    run = {
+        "model": {"onnx_sha256": file_sha256(args.onnx), "family": info.family,
+                  "network": info.config, "diffusion": info.diffusion},
+        "backend": "onnx",
+        "dtype": info.dtype,
+        "device": "cuda" if sampler.providers[0] == "CUDAExecutionProvider" else "cpu",
+        "sampler": info.sampler,
+        "steps": info.steps,
+        "eta": info.eta,
+        "seed": args.seed,
+        "image_shape": list(info.image_shape),
+    }  # fmt: skip
 
     def draw(num: int, start: int):
         return sampler.sample_batches(
             num, seed=args.seed, batch_size=batch, start_index=start, progress=True
         )
 
-    output.write(args.num, batch, draw, _say)
+    write_samples(output, run, args.num, batch, draw, keep_shards=args.keep_shards, say=_say)
     print(f"wrote {args.num} images to {output.path}")
     return 0
 
@@ -282,6 +267,8 @@ def cmd_quality(args: argparse.Namespace) -> int:
 
     pipeline = _load(args)
     options = _sampling_options(args, pipeline)
+    if options["batch_size"] == "auto":
+        options["batch_size"] = pipeline.auto_batch_size(args.num, options["device"])
     images = torch.cat([images.cpu() for _, images in pipeline.sample_batches(args.num, **options)])
     print(f"samples:     {score_digits(images)}")
     print(f"real digits: {real_digits_report()}")
@@ -347,6 +334,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--out",
         default="samples.png",
         help="a .png grid, an .npz (arr_0: uint8 NHWC) or a folder of PNGs (resumable)",
+    )
+    sample.add_argument(
+        "--keep-shards",
+        action="store_true",
+        help=".npz and .png outputs: keep the per-batch shards (OUT.shards/) after writing OUT",
     )
     sample.add_argument(
         "--onnx",

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import copy
+import hashlib
 import math
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 
@@ -23,6 +25,7 @@ from .options import (
     check_int,
     resolve_batch_size,
 )
+from .output import Group, Output, write_samples
 from .samplers import SamplerSpec, StepTables, sample_loop, step_tables
 from .schedule import Schedule, ScheduleConfig
 
@@ -131,7 +134,7 @@ def check_finite(images: torch.Tensor, indices: range) -> None:
         shown = ", ".join(map(str, which[:8])) + (" ..." if len(which) > 8 else "")
         raise NonFiniteError(
             f"the chain of samples {indices.start}..{indices.stop - 1} gave NaN or infinite "
-            f"values (samples {shown}); this batch was not written",
+            f"values (samples {shown})",
             indices=which,
         )
 
@@ -179,6 +182,9 @@ class Pipeline:
             )
         if diffusion.variance == "learned_range" and out != 2 * channels:
             raise ConfigError("variance 'learned_range' needs a network with learned_variance")
+
+    backend = "reference"  # what runs the chain, as a run manifest records it
+    precision = "fp32"
 
     @property
     def config(self):
@@ -274,6 +280,107 @@ class Pipeline:
                 )
                 check_finite(x, indices)
                 yield indices, (x + 1) * 0.5
+
+    def identity(self) -> dict:
+        """What fixes this model's images: a hash of its weights, and its config."""
+        digest = hashlib.sha256()
+        for key, tensor in sorted(self.network.state_dict().items()):
+            tensor = tensor.detach().cpu().contiguous()
+            digest.update(f"{key} {tensor.dtype} {list(tensor.shape)}\n".encode())
+            digest.update(tensor.flatten().view(torch.uint8).numpy().tobytes())
+        config = self.config
+        return {
+            "weights_sha256": digest.hexdigest(),
+            "family": config.family,
+            "network": config.to_dict(),
+            "diffusion": self.diffusion.to_dict(),
+        }
+
+    def auto_batch_size(self, num: int, device: torch.device | str | None = None) -> int:
+        """The largest batch that fits the device's free memory (measured by one trial forward
+        at batch 4, with 20% to spare), at most 1024 and ``num``; on the CPU, up to 64."""
+        device = resolve_device(device, self.device)
+        if device.type != "cuda":
+            return min(num, DEFAULT_BATCH_SIZE)
+        chain = self if device == self.device else self._on_device(device)
+        trial = 4
+        x = torch.zeros(trial, *self.image_shape(), device=device)
+        t = torch.zeros(trial, dtype=torch.long, device=device)
+        torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        with torch.no_grad():
+            chain.network(x, t, torch.zeros_like(x) if self.config.self_condition else None)
+        per_image = max(1, (torch.cuda.max_memory_allocated(device) - base) // trial)
+        free = torch.cuda.mem_get_info(device)[0]
+        return max(1, min(num, 1024, int(0.8 * free // per_image)))
+
+    def sample_to(
+        self,
+        path: str | os.PathLike,
+        num: int,
+        *,
+        steps: int | None = None,
+        sampler: str = "ddpm",
+        eta: float = 0.0,
+        seed: int = 0,
+        batch_size: int | str | None = None,
+        device: torch.device | str | None = None,
+        progress: bool = False,
+        keep_shards: bool = False,
+        group: Group | None = None,
+        say: Callable[[str], None] = lambda message: None,
+    ) -> Output:
+        """Draw ``num`` images into ``path`` (a .png grid, an .npz or a folder) with the CLI's
+        guarantees: checked before sampling, resumable, never mixing runs, atomic, nothing
+        non-finite written (see ``ddpm_fast.output``). ``batch_size="auto"``: as large as the
+        device takes. Under torch.distributed (torchrun) every rank calls it with the same
+        arguments on its own device; ``group`` defaults to that process group."""
+        from .distributed import current_group
+
+        output = Output(path)
+        num = check_int("the number of images", num, minimum=1)
+        spec = self.sampler_spec(sampler, steps, eta)
+        seed = check_seed(check_int("seed", seed))
+        device = resolve_device(device, self.device)
+        group = current_group() if group is None else group
+        if batch_size == "auto":  # every rank must cut the run into the same batches
+            batch_size = group.smallest(self.auto_batch_size(num, device))
+        batch_size = resolve_batch_size(num, batch_size)
+        run = {
+            "model": self.identity(),
+            "backend": self.backend,
+            "dtype": self.precision,
+            "device": device.type,
+            "sampler": spec.kind,
+            "steps": spec.steps,
+            "eta": spec.eta,
+            "seed": seed,
+            "image_shape": list(self.image_shape()),
+        }
+        options = dict(steps=spec.steps, sampler=spec.kind, eta=spec.eta, seed=seed)
+        single = group.world == 1
+        bar = tqdm(
+            total=num, unit="img", desc="sampling", disable=not progress or single or group.rank
+        )
+
+        def draw(count: int, start: int):
+            batches = self.sample_batches(
+                count, start_index=start, batch_size=batch_size, device=device,
+                progress=progress and single, **options,
+            )  # fmt: skip
+            for indices, images in batches:
+                yield indices, images.float().cpu().numpy()
+
+        def advance(done: int) -> None:
+            bar.update(done - bar.n)
+
+        with bar:
+            write_samples(
+                output, run, num, batch_size, draw, group=group, keep_shards=keep_shards,
+                say=say, progress=advance,
+            )  # fmt: skip
+        return output
 
     def _on_device(self, device: torch.device) -> Pipeline:
         """A shallow copy of this pipeline whose network lives on ``device`` (kept for the next

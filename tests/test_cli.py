@@ -47,10 +47,10 @@ def test_folder_output_resumes(tmp_path, capsys):
     first = {p.name: p.read_bytes() for p in folder.iterdir()}
     (folder / "000003.png").unlink()
     code, _, err = run(capsys, *argv)
-    assert code == 0 and "resuming: drawing images 2..3" in err
+    assert code == 0 and "resuming: 2 of 6 images still to draw" in err
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == first
     code, _, err = run(capsys, *argv)
-    assert "nothing to do" in err
+    assert "nothing to draw" in err
 
 
 def test_info(capsys):

@@ -3,11 +3,11 @@ write failures as one clear error that keeps what was written, nothing non-finit
 
 import errno
 import json
+import os
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from ddpm_fast.cli import main
 from ddpm_fast.pipeline import Pipeline
@@ -51,11 +51,11 @@ def folder_run(tmp_path, capsys):
 @pytest.mark.parametrize(
     ("change", "differs"),
     [
-        (["--seed", 1], "seed: folder 0, now 1"),
-        (["--sampler", "ddpm"], 'sampler: folder "ddim", now "ddpm"'),
-        (["--steps", 4], "steps: folder 3, now 4"),
-        (["--eta", 0.5], "eta: folder 0.0, now 0.5"),
-        (["--reference"], 'backend: folder "engine", now "reference"'),
+        (["--seed", 1], "seed: before 0, now 1"),
+        (["--sampler", "ddpm"], 'sampler: before "ddim", now "ddpm"'),
+        (["--steps", 4], "steps: before 3, now 4"),
+        (["--eta", 0.5], "eta: before 0.0, now 0.5"),
+        (["--reference"], 'backend: before "engine", now "reference"'),
         ([FIXTURES / "trainer.pt", "--image-size", 8], "model."),
         (["--objective", "pred_x0"], "model.diffusion.objective"),
     ],
@@ -147,40 +147,46 @@ def test_impossible_targets_are_refused_before_sampling(
     one_error_line(err, message)
 
 
-def disk_full_after(monkeypatch, saves: int) -> None:
-    """PIL and NumPy writes fail as on a full disk once ``saves`` files were written: half the
-    bytes, then ENOSPC."""
+def disk_full_after(monkeypatch, writes: int) -> None:
+    """Every file ddpm-fast writes is flushed with fsync before its rename: after ``writes``
+    of them, fsync fails as on a full disk (ENOSPC), with the temporary file half written."""
+    import ddpm_fast.images
+
     count = {"n": 0}
-    image_save = Image.Image.save
+    fsync = os.fsync
 
-    def full(path, data: bytes):
+    def full(fd: int) -> None:
         count["n"] += 1
-        if count["n"] > saves:
-            with open(path, "wb") as f:
-                f.write(data[: len(data) // 2])
+        if count["n"] > writes:
+            os.ftruncate(fd, os.fstat(fd).st_size // 2)
             raise OSError(errno.ENOSPC, "No space left on device")
+        fsync(fd)
 
-    def save_image(self, fp, format=None, **params):
-        import io
-
-        buffer = io.BytesIO()
-        image_save(self, buffer, format=format or "PNG", **params)
-        full(fp, buffer.getvalue())
-        if count["n"] <= saves:
-            with open(fp, "wb") as f:
-                f.write(buffer.getvalue())
-
-    monkeypatch.setattr(Image.Image, "save", save_image)
-    monkeypatch.setattr(np, "savez", lambda f, **arrays: full(f.name, b"PK" * 100))
+    monkeypatch.setattr(ddpm_fast.images.os, "fsync", full)
 
 
 @pytest.mark.parametrize("name", ["x.png", "x.npz"])
-def test_a_full_disk_leaves_no_half_file(tmp_path, capsys, monkeypatch, name):
-    disk_full_after(monkeypatch, 0)
-    code, _, err = run(capsys, "sample", "--num", 2, *FAST, "--out", tmp_path / name)
+def test_a_full_disk_keeps_the_shards_and_a_rerun_writes_the_file(
+    tmp_path, capsys, monkeypatch, name
+):
+    """run.json and 2 shards are written, then the file itself fails: no file, no temporary,
+    the shards kept; the rerun draws nothing and writes what a clean run writes."""
+    argv = ["sample", "--num", 4, "--batch-size", 2, *FAST]
+    clean = tmp_path / "clean" / name
+    clean.parent.mkdir()
+    assert run(capsys, *argv, "--out", clean)[0] == 0
+    out = tmp_path / "full" / name
+    out.parent.mkdir()
+    with monkeypatch.context() as patch:
+        disk_full_after(patch, 3)
+        code, _, err = run(capsys, *argv, "--out", out)
     assert code == 2
-    one_error_line(err, "No space left on device); nothing was written")
-    assert list(tmp_path.iterdir()) == []  # neither the file nor its temporary
+    one_error_line(err, "No space left on device); the 2 shards are kept in")
+    assert sorted(p.name for p in out.parent.iterdir()) == [f"{name}.shards"]
+    code, _, err = run(capsys, *argv, "--out", out)
+    assert code == 0 and "nothing to draw" in err
+    assert out.read_bytes() == clean.read_bytes()
+    assert sorted(p.name for p in out.parent.iterdir()) == [name]
 
 
 def test_a_full_disk_keeps_the_folder_and_a_rerun_resumes(tmp_path, capsys, monkeypatch):
@@ -189,7 +195,7 @@ def test_a_full_disk_keeps_the_folder_and_a_rerun_resumes(tmp_path, capsys, monk
     assert run(capsys, *argv, "--out", reference)[0] == 0
     folder = tmp_path / "pngs"
     with monkeypatch.context() as patch:
-        disk_full_after(patch, 3)  # the second batch's second image fails
+        disk_full_after(patch, 4)  # run.json, 3 images; the second batch's second image fails
         code, _, err = run(capsys, *argv, "--out", folder)
     assert code == 2
     one_error_line(err, "the 3 images already there are kept, and a rerun resumes")

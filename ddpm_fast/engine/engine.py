@@ -124,6 +124,8 @@ class Engine(Pipeline):
     for the same seed, within the dtype's tolerance.
     """
 
+    backend = "engine"
+
     def __init__(
         self,
         pipeline: Pipeline,
@@ -136,6 +138,7 @@ class Engine(Pipeline):
             pipeline.network, pipeline.diffusion, source=pipeline.source, notes=pipeline.notes
         )
         self.dtype = resolve_dtype(dtype)
+        self.precision = next(name for name, d in DTYPES.items() if d == self.dtype)
         self.cuda_graph = cuda_graph
         self.channels_last = channels_last
         self._chains: dict[tuple, PreparedChain] = {}

@@ -68,7 +68,7 @@ def test_sample_onnx_folder_resumes(step_file, tmp_path, capsys):
     assert sorted(first) == [f"{i:06d}.png" for i in range(4)] + ["run.json"]
     (folder / "000002.png").unlink()
     code, _, err = run(capsys, *argv)
-    assert code == 0 and "resuming: drawing images 2..3" in err
+    assert code == 0 and "resuming: 2 of 4 images still to draw" in err
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == first
 
 
