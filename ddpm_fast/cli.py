@@ -89,7 +89,9 @@ def _chain(args: argparse.Namespace) -> tuple[str, float]:
 
 
 def _sampling_arguments(parser: argparse.ArgumentParser, *, default_num: int) -> None:
-    parser.add_argument("--num", type=_positive_int, default=default_num, help="number of images")
+    parser.add_argument(
+        "-n", "--num", type=_positive_int, default=default_num, help="number of images"
+    )
     parser.add_argument(
         "--batch-size",
         type=_batch_size,
