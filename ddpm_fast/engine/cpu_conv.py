@@ -21,7 +21,6 @@ import hashlib
 import json
 import logging
 import os
-import platform
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -29,6 +28,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ..machine import cpu_model
 
 log = logging.getLogger("ddpm_fast.engine")
 
@@ -45,23 +46,13 @@ def cache_dir() -> Path:
     return Path(base) / "ddpm-fast"
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 class ConvChoices:
     """The measured choice per convolution shape, in one JSON file per (torch, CPU), read and
     written under an exclusive lock. Where the cache cannot be written the choice is measured
     and kept for this process only."""
 
     def __init__(self, folder: Path | None = None):
-        machine = f"{torch.__version__}|{_cpu_name()}|{torch.get_num_threads()} threads"
+        machine = f"{torch.__version__}|{cpu_model()}|{torch.get_num_threads()} threads"
         name = f"cpu-conv-{hashlib.sha256(machine.encode()).hexdigest()[:16]}.json"
         self.key = machine
         self.path = (folder or cache_dir()) / name
