@@ -1,9 +1,10 @@
 """Many processes, one output: the process group that ``torchrun`` sets up, as an output
 ``Group`` (rank, world size, barrier), and the device each rank samples on.
 
-``torchrun --nproc-per-node N -m ddpm_fast sample ...`` sets WORLD_SIZE, RANK and LOCAL_RANK;
-ddpm-fast then joins the group (gloo on the CPU, NCCL on CUDA, where each rank takes
-``cuda:LOCAL_RANK``). Ranks share the output folder (a shared file system across machines).
+``torchrun --nproc-per-node N -m ddpm_fast -- sample ...`` sets WORLD_SIZE, RANK and
+LOCAL_RANK; ddpm-fast then joins the group (gloo on the CPU, NCCL on CUDA, where each rank takes
+``cuda:LOCAL_RANK``; with more ranks than GPUs they share them round-robin, over gloo). Ranks
+share the output folder (a shared file system across machines).
 """
 
 from __future__ import annotations
@@ -60,15 +61,15 @@ def join(device: torch.device) -> tuple[Group, torch.device]:
     import torch.distributed as dist
 
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    backend = "gloo"
     if device.type == "cuda":
-        if local_rank >= torch.cuda.device_count():
-            raise ConfigError(
-                f"LOCAL_RANK {local_rank} but {torch.cuda.device_count()} CUDA devices here"
-            )
-        device = torch.device("cuda", local_rank)
+        count = torch.cuda.device_count()
+        device = torch.device("cuda", local_rank % count)  # more ranks than GPUs: they share
         torch.cuda.set_device(device)
+        if local_world <= count:  # NCCL needs a GPU of its own per rank
+            backend = "nccl"
     if not dist.is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend, timeout=timedelta(hours=BARRIER_HOURS))
     return current_group(), device
 
