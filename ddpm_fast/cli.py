@@ -189,6 +189,7 @@ _MODEL_FLAGS = {
 def _sample_onnx(args: argparse.Namespace, output: Output) -> int:
     """``sample --onnx FILE``: the same outputs from an ONNX file, by ONNX Runtime (no torch)."""
     from .export.onnx_sampler import OnnxSampler, providers_for_device
+    from .export.philox import check_seed
 
     if args.checkpoint is not None:
         raise ConfigError("give a checkpoint or --onnx FILE, not both")
@@ -200,6 +201,7 @@ def _sample_onnx(args: argparse.Namespace, output: Output) -> int:
         raise ConfigError(f"{flag} does not apply to --onnx (ONNX Runtime runs the file)")
     if args.eta is not None:
         _chain(args)  # a bad --eta is the same error as without --onnx
+    check_seed(args.seed)
     sampler = OnnxSampler(args.onnx, providers=providers_for_device(args.device))
     sampler.check_chain(args.sampler, args.steps, args.eta)
     batch = resolve_batch_size(args.num, None if args.batch_size == "auto" else args.batch_size)
