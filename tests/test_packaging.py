@@ -55,6 +55,7 @@ def test_wheel_maps_the_top_level_folders_into_the_package(wheel):
     assert "ddpm_fast/kernels/__init__.py" in names
     assert "ddpm_fast/export/__init__.py" in names
     assert "ddpm_fast/models/dd_pytorch_v1.py" in names
+    assert "ddpm_fast/engine/__init__.py" in names  # the fast path, a subpackage of its own
     assert "ddpm_fast/assets/default.safetensors" in names  # the embedded default model
     assert not [n for n in names if n.startswith(("kernels/", "export/", "tests/"))]
 
