@@ -5,7 +5,7 @@ Each measurement samples ``batch`` images with a ``steps``-step DDPM chain throu
 ``sample`` (noise, the update and the copy back included). A cell is one (batch, dtype, backend):
 its first call is the warm-up (engine preparation, graph capture, compilation, ONNX session) and
 is reported apart, then ``repeats`` calls are timed. Cells run one after another, batch by batch,
-the reference first and the engine before the other backends (``cells``), and the report is saved
+the engine first, then the reference, then the other backends (``cells``), and the report is saved
 after every cell, so a run cut short keeps all it finished. Per cell: median ms per step and its
 spread (min-max), the chain's time and images/s, the warm-up (first call less one chain), peak
 CUDA memory, the ratio to the reference's median at that batch, and the floor: FLOPs of one
@@ -160,8 +160,8 @@ def matmul_ceiling(device: str, dtype: torch.dtype, size: int | None = None) -> 
     """FLOP/s of a large square matmul, the best of a few after a warm-up: what this machine
     sustains on dense math. (A convolution can beat it where its library does fewer FLOPs than
     the direct method the counter counts, e.g. Winograd.)"""
-    if size is None:  # CPUs without bf16/fp16 matrix units run a half-precision 4096^3 slowly
-        size = 8192 if device.startswith("cuda") else 4096 if dtype == torch.float32 else 1024
+    if size is None:  # a few seconds at most on a CPU (one without bf16 matrix units included)
+        size = 8192 if device.startswith("cuda") else 2048 if dtype == torch.float32 else 1024
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
     a @ b  # warm-up: threads, kernels, caches
@@ -210,20 +210,19 @@ def _cpu_model() -> str:
 
 def cells(args: argparse.Namespace) -> list[tuple[int, str, str]]:
     """(batch, dtype, backend) in the order they are measured: batch by batch in the order
-    given, the reference first (every ratio is to it), then each dtype in the order given with
-    the engine's backends before the others. The reference and what compiles it run in fp32 (the
-    network's dtype); the engine in each dtype. So ``--batch 1 64 --dtype bf16 fp32`` measures
-    the headline (engine bf16 at batch 1 against the reference) first."""
+    given; in each, the engine's backends in each dtype in the order given, then the reference,
+    then the other backends. The reference and what compiles it run in fp32 (the network's
+    dtype). So ``--batch 1 64 --dtype bf16 fp32`` measures the headline (the engine in bf16 at
+    batch 1) first, and a run cut short loses the slow baselines before the engine."""
     order = []
     for batch in args.batch:
+        for dtype in args.dtype:
+            order += [(batch, dtype, n) for n in args.backends if n.startswith("engine")]
         if "reference" in args.backends:
             order.append((batch, "fp32", "reference"))
-        for dtype in args.dtype:
-            names = [n for n in args.backends if n != "reference"]
-            names.sort(key=lambda n: not n.startswith("engine"))  # stable: engine first
-            for name in names:
-                if dtype == "fp32" or name.startswith("engine"):
-                    order.append((batch, dtype, name))
+        others = [n for n in args.backends if n != "reference" and not n.startswith("engine")]
+        if "fp32" in args.dtype:
+            order += [(batch, "fp32", n) for n in others]
     return order
 
 
@@ -267,8 +266,11 @@ def _run(args: argparse.Namespace, pipeline: Pipeline, workdir: Path, save) -> d
             tf32 = torch.backends.cudnn.allow_tf32
         del sampler  # a compiled network's graphs and an engine's buffers go before the next
         median = statistics.median(ms)
-        if name == "reference":
+        if name == "reference":  # the ratio of the cells measured before it, at this batch
             base[batch] = median
+            for r in report["results"]:
+                if r["batch"] == batch:
+                    r["vs_reference"] = median / r["ms_per_step"]
         chain_s = median * args.steps / 1e3
         achieved = floor["flops"] / (median / 1e3)
         report["results"].append(

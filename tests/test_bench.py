@@ -75,11 +75,11 @@ def test_the_headline_cells_come_first():
     )
     order = bench.cells(args)
     assert order[:6] == [
-        (1, "fp32", "reference"),
-        (1, "bf16", "engine"),
+        (1, "bf16", "engine"),  # the headline first
         (1, "bf16", "engine-eager"),
         (1, "fp32", "engine"),
         (1, "fp32", "engine-eager"),
+        (1, "fp32", "reference"),
         (1, "fp32", "compile"),  # what compiles the reference runs in its dtype only
     ]
     assert order[6:] == [(64, *cell[1:]) for cell in order[:6]]
@@ -112,18 +112,21 @@ def test_each_cell_is_saved_and_fp32_runs_without_tf32(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)  # PyTorch's default
     args = bench_args(tmp_path, batch=[1], dtype=["bf16", "fp32"], repeats=1, steps=1)
     report = bench.run(args, save=lambda r: saved.append(len(r["results"])))
-    assert saved == [1, 2, 3]  # reference, engine bf16, engine fp32: one save per cell
+    assert saved == [1, 2, 3]  # one save per cell
     assert [(r["backend"], r["dtype"]) for r in report["results"]] == [
-        ("reference", "fp32"),
         ("engine", "bf16"),
         ("engine", "fp32"),
+        ("reference", "fp32"),
     ]
+    reference = report["results"][2]["ms_per_step"]  # ratios filled in once it is measured
+    for r in report["results"]:
+        assert r["vs_reference"] == pytest.approx(reference / r["ms_per_step"])
     assert {(name, dtype, tf32) for name, dtype, tf32 in seen} == {
         ("reference", "fp32", False),
         ("engine", "bf16", True),
         ("engine", "fp32", False),
     }
-    assert [r["cudnn_tf32"] for r in report["results"]] == [False, True, False]
+    assert [r["cudnn_tf32"] for r in report["results"]] == [True, False, False]
     assert torch.backends.cudnn.allow_tf32  # restored after each cell
 
 
