@@ -2,9 +2,9 @@
 CUDA GPU (as tests/conftest.py does for the tests), unless ``DDPM_FAST_SUITE_DEVICE=cpu`` switches
 them to the CPU (gpu_suite.sh's dry run).
 
-The kernel benchmarks run shape by shape rather than kernel by kernel (every kernel, batch, dtype
-and provider at one shape, then the next shape), so that a run cut short by a time limit still
-has every kernel in its summary."""
+The kernel benchmarks run shape by shape rather than kernel by kernel (at one shape, batch and
+dtype: each kernel against eager PyTorch, then each against torch.compile; then the next), so
+that a run cut short by a time limit still has every kernel in its summary."""
 
 import os
 
@@ -22,12 +22,14 @@ def _interleaved(item) -> tuple:
         module.SHAPES.index(params["shape"]),
         module.BATCHES.index(params["batch"]),
         params["dtype"],
+        params["provider"] == "compile",  # its cold compiles are the slowest: last at a shape
+        item.originalname,
         module.PROVIDERS.index(params["provider"]),
     )
 
 
 def pytest_collection_modifyitems(config, items):
-    items.sort(key=_interleaved)  # stable: the kernels keep their file order within a case
+    items.sort(key=_interleaved)
     if torch.cuda.is_available() or os.environ.get("DDPM_FAST_SUITE_DEVICE") == "cpu":
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU (benchmarks time compiled kernels); none here")

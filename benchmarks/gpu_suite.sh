@@ -2,7 +2,8 @@
 # Everything that needs a CUDA GPU, in one offline run on a bare machine: a preflight, then the
 # stages below, each under a time limit. Results go to ${OUT:-benchmarks/results/gpu-<date>}.
 #
-#   benchmarks/gpu_suite.sh [--quick] [extra pytest args for the kernel benchmarks, e.g. -k group_norm]
+#   benchmarks/gpu_suite.sh [--quick] [--preflight-only] [extra pytest args for the kernel
+#                           benchmarks, e.g. -k group_norm]
 #
 # Preflight (< 30 s): where ddpm_fast.kernels/.export/.engine do not import, install this checkout
 # offline (pip -e, no index, no dependencies, no build isolation; needs setuptools >= 64), or, where
@@ -34,11 +35,11 @@
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
-QUICK=0
-if [[ "${1:-}" == "--quick" ]]; then
-    QUICK=1
+QUICK=0 PREFLIGHT_ONLY=0
+while [[ "${1:-}" == --quick || "${1:-}" == --preflight-only ]]; do
+    if [[ $1 == --quick ]]; then QUICK=1; else PREFLIGHT_ONLY=1; fi
     shift
-fi
+done
 DEVICE=${DDPM_FAST_SUITE_DEVICE:-cuda}
 if [[ "$DEVICE" != cuda && "$DEVICE" != cpu ]]; then
     echo "gpu_suite: DDPM_FAST_SUITE_DEVICE must be cuda or cpu, not '$DEVICE'" >&2
@@ -124,7 +125,14 @@ for name in needed:
         missing.append(f"{name} ({type(error).__name__}: {str(error).splitlines()[0][:120]})")
 if missing:
     sys.exit("cannot import " + "; ".join(missing))
-import torch, triton, numpy
+import os, torch, triton, numpy
+import ddpm_fast.export, ddpm_fast.kernels
+
+for package, folder in ((ddpm_fast, "ddpm_fast"), (ddpm_fast.kernels, "kernels"),
+                        (ddpm_fast.export, "export")):
+    where = os.path.dirname(os.path.realpath(package.__file__))
+    if where != os.path.realpath(folder):
+        sys.exit(f"{package.__name__} imports from {where}, not from this checkout's {folder}/")
 
 def version(name):
     try:
@@ -184,6 +192,7 @@ mode=full
 rm -f "$OUT/machine-python.txt"
 cat "$OUT/machine.txt"
 say "ok in $((SECONDS - started)) s"
+if [[ $PREFLIGHT_ONLY == 1 ]]; then exit 0; fi
 
 # ------------------------------------------------------------------------------------- stages
 limit() { echo $(($1 * SCALE / 100 > 1 ? $1 * SCALE / 100 : 1)); }
@@ -273,6 +282,7 @@ for key in sorted(rows):
     if "triton" not in p:
         continue
     t = p["triton"][0]
+    speedups[(kernel, dtype, batch)]  # a row even where no comparison finished
     cell = lambda name: f"{p[name][0]:.1f}" if name in p else "-"  # noqa: E731
     vs = {name: p[name][0] / t for name in ("torch", "compile") if name in p}
     for i, name in enumerate(("torch", "compile")):
