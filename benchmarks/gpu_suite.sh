@@ -94,7 +94,7 @@ install_mode=installed
 if ! importable; then
     # A non-editable install (into the environment or a --target) would not do: the suite runs at
     # the repository root, where ./ddpm_fast comes first on sys.path and hides an installed copy.
-    if can_build && timeout 60 "$PYTHON" -m pip install -q --no-deps --no-build-isolation \
+    if can_build && timeout 30 "$PYTHON" -m pip install -q --no-deps --no-build-isolation \
         --no-index --disable-pip-version-check -e . >>"$OUT/preflight.txt" 2>&1 && importable; then
         install_mode="pip install -e (offline)"
     else
@@ -108,68 +108,10 @@ if ! importable; then
 fi
 say "ddpm_fast: $install_mode"
 
-# One process: every import, versions, the GPU, and one Triton kernel compiled and run on it.
-"$PYTHON" - "$DEVICE" >"$OUT/machine-python.txt" 2>>"$OUT/preflight.txt" <<'PY' \
-    || die "$(tail -n 1 "$OUT/preflight.txt")"
-import importlib, importlib.util, platform, sys
-
-device = sys.argv[1]
-needed = ["torch", "triton", "numpy", "einops", "safetensors", "tqdm", "PIL", "pytest",
-          "pytest_benchmark", "ddpm_fast", "ddpm_fast.kernels", "ddpm_fast.export",
-          "ddpm_fast.engine", "ddpm_fast.bench"]
-missing = []
-for name in needed:
-    try:
-        importlib.import_module(name)
-    except Exception as error:  # an ImportError, or a library that fails as it loads
-        missing.append(f"{name} ({type(error).__name__}: {str(error).splitlines()[0][:120]})")
-if missing:
-    sys.exit("cannot import " + "; ".join(missing))
-import os, torch, triton, numpy
-import ddpm_fast.export, ddpm_fast.kernels
-
-for package, folder in ((ddpm_fast, "ddpm_fast"), (ddpm_fast.kernels, "kernels"),
-                        (ddpm_fast.export, "export")):
-    where = os.path.dirname(os.path.realpath(package.__file__))
-    if where != os.path.realpath(folder):
-        sys.exit(f"{package.__name__} imports from {where}, not from this checkout's {folder}/")
-
-def version(name):
-    try:
-        return importlib.import_module(name).__version__
-    except Exception:
-        return "absent"
-
-print(f"python: {platform.python_version()} | torch: {torch.__version__} | cuda: "
-      f"{torch.version.cuda} | triton: {triton.__version__} | numpy: {numpy.__version__} | "
-      f"onnx: {version('onnx')} | onnxruntime: {version('onnxruntime')}")
-if importlib.util.find_spec("setuptools") is None:  # torch.utils.cpp_extension imports it
-    print("warning: no setuptools: torch.compile (Inductor) may fail in the compile stages")
-if device == "cuda":
-    if not torch.cuda.is_available():
-        sys.exit(f"torch {torch.__version__} (CUDA {torch.version.cuda}) sees no GPU")
-    import triton.language as tl
-
-    @triton.jit
-    def _add_one(x_ptr, n, BLOCK: tl.constexpr):
-        i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        tl.store(x_ptr + i, tl.load(x_ptr + i, mask=i < n) + 1, mask=i < n)
-
-    x = torch.zeros(1000, device="cuda")
-    try:
-        _add_one[(4,)](x, x.numel(), BLOCK=256)
-        torch.cuda.synchronize()
-    except Exception as error:
-        sys.exit(f"Triton cannot compile and run a kernel: {type(error).__name__}: "
-                 f"{str(error).splitlines()[0][:200]}")
-    if not bool((x == 1).all()):
-        sys.exit("a Triton kernel ran but computed a wrong result")
-    p = torch.cuda.get_device_properties(0)
-    print(f"device: {p.name}, sm_{p.major}{p.minor}, {p.total_memory / 2**30:.0f} GiB, "
-          f"{p.multi_processor_count} SMs, {torch.cuda.device_count()} visible")
-else:
-    print("device: cpu (DDPM_FAST_SUITE_DEVICE=cpu: a dry run of the control flow, no timings)")
-PY
+# One process (benchmarks/gpu_preflight.py): every import and where it comes from, the versions,
+# the GPU, and one Triton kernel compiled and run on it.
+"$PYTHON" benchmarks/gpu_preflight.py "$DEVICE" >"$OUT/machine-python.txt" \
+    2>>"$OUT/preflight.txt" || die "$(tail -n 1 "$OUT/preflight.txt")"
 
 mode=full
 [[ $QUICK == 1 ]] && mode=quick
