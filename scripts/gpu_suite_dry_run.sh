@@ -61,25 +61,29 @@ import json, sys
 from pathlib import Path
 
 out, log, mode = Path(sys.argv[1]), Path(sys.argv[2]).read_text(), sys.argv[3]
-for name in ("preflight.txt", "machine.txt", "stages.txt", "sampler-headline.json"):
+for name in ("preflight.txt", "machine.txt", "stages.txt", "sampler-headline.txt"):
     assert (out / name).exists(), f"no {name}"
 machine = (out / "machine.txt").read_text()
 assert "torch:" in machine and "triton:" in machine, machine
 assert log.index("preflight: ok in") < log.index("== sampler-headline"), "preflight after a stage"
-stages = [line.split()[0] for line in (out / "stages.txt").read_text().splitlines()]
+ended = dict(line.split(None, 1) for line in (out / "stages.txt").read_text().splitlines())
+stages = list(ended)
 expected = ["sampler-headline", "gpu-tests", "kernels"]
 if mode == "full":
     expected += ["sampler-steps", "sampler-compile", "sampler-onnx", "sampler-autotune"]
 assert stages == expected, stages
-report = json.loads((out / "sampler-headline.json").read_text())
+# A loaded CPU can cut the headline before its first cell; a cell saved is in the right place.
+headline = out / "sampler-headline.json"
+report = json.loads(headline.read_text()) if headline.exists() else {"results": []}
 cells = [(r["backend"], r["dtype"]) for r in report["results"]]
-assert cells and cells == [("engine", "bf16"), ("engine", "fp32"), ("reference", "fp32")][
-    : len(cells)
-], cells
+expected_cells = [("engine", "bf16"), ("engine", "fp32"), ("reference", "fp32")]
+assert cells == expected_cells[: len(cells)], cells
+assert len(cells) == 3 or not ended["sampler-headline"].startswith("ok"), (cells, ended)
 kernels = out / "kernels.json"
 n = len(json.loads(kernels.read_text())["benchmarks"]) if kernels.exists() else 0
-print(f"dry run: checked the {mode} run: stages in order; headline cells {cells}; "
-      f"{n} kernel cases in kernels.json")
+cut = sum("cut at" in how for how in ended.values())
+print(f"dry run: checked the {mode} run: stages in order ({cut} cut at their limits); headline "
+      f"cells {cells}; {n} kernel cases in kernels.json")
 PY
 }
 
