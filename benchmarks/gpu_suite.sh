@@ -1,46 +1,201 @@
 #!/usr/bin/env bash
-# Everything that needs a CUDA GPU, in one run and offline: the tests marked gpu, the kernel
-# benchmarks (pytest-benchmark JSON) and their table, then the sampler benchmark (1000-step DDPM
-# of the CIFAR-10 U-Net at batch 1 and 64: reference eager, the engine fp32/bf16 with and without
-# graphs, and in a second run torch.compile's reduce-overhead and max-autotune modes beside the
-# reference and the engine, then ONNX Runtime's CUDA provider where onnxruntime-gpu is
-# installed). Results go to ${OUT:-benchmarks/results/gpu-<date>}: machine.txt
-# (date, GPU, versions, command), gpu-tests.txt, kernels.json, kernels.md (every benchmark),
-# summary.md (kernels), sampler-{engine,compile,onnx}.md/.json; the last lines
-# printed are the sampler tables and the kernel summary. Each stage has a time limit, so the
-# whole suite stays under 8 minutes; a stage cut short keeps what it wrote and fails the exit code.
-# Usage: benchmarks/gpu_suite.sh [extra pytest args for the kernel benchmarks, e.g. -k group_norm]
+# Everything that needs a CUDA GPU, in one offline run on a bare machine: a preflight, then the
+# stages below, each under a time limit. Results go to ${OUT:-benchmarks/results/gpu-<date>}.
+#
+#   benchmarks/gpu_suite.sh [--quick] [--preflight-only] [extra pytest args for the kernel
+#                           benchmarks, e.g. -k group_norm]
+#
+# Preflight (< 30 s): where ddpm_fast.kernels/.export/.engine do not import, install this checkout
+# offline (pip -e, no index, no dependencies, no build isolation; needs setuptools >= 64), or, where
+# the environment is read-only or lacks setuptools, link kernels/ and export/ into ddpm_fast/ for
+# this run; then check every import the suite needs, that torch sees a GPU and that Triton compiles
+# and runs a kernel on it, and write machine.txt. A missing piece is one line and exit 3.
+#
+# Stages, in order (the limit in seconds; --quick runs the first three with smaller limits):
+#   sampler-headline  1000-step DDPM at batch 1: the engine in bf16 and fp32, then the reference
+#   gpu-tests         the tests marked gpu
+#   kernels           the kernel benchmarks (160 cases; --quick: 12) and their summary
+#   sampler-steps     100-step chains at batch 1 and 64: the reference, the engine with and
+#                     without CUDA graphs, bf16 and fp32 (ms per step)
+#   sampler-compile   torch.compile reduce-overhead beside the reference and the engine (fp32)
+#   sampler-onnx      ONNX Runtime's CUDA provider, where onnxruntime-gpu is installed
+#   sampler-autotune  torch.compile max-autotune at batch 1 (last: its compile is the longest)
+# A stage over its limit gets SIGINT, then SIGKILL after a grace period: pytest-benchmark writes
+# its JSON on SIGINT and the sampler benchmark saves after every cell, so a stage cut short keeps
+# what it finished. The limits plus the graces plus the preflight stay under 8 minutes (--quick: 3).
+# stages.txt says how each stage ended; the last lines printed are the tables.
+#
+# Files in $OUT: preflight.txt, machine.txt, stages.txt, gpu-tests.txt, kernels.json,
+# kernels-pytest.txt, kernels.md (every case), summary.md (kernel speed-ups), and per sampler stage
+# <stage>.md/.json/.txt.
+#
+# DDPM_FAST_SUITE_DEVICE=cpu runs the same control flow on the CPU with tiny sizes (the embedded
+# model, a few steps): scripts/gpu_suite_dry_run.sh. DDPM_FAST_SUITE_LIMIT_SCALE=<percent> scales
+# every limit (the dry run uses it to stay short).
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
+QUICK=0 PREFLIGHT_ONLY=0
+while [[ "${1:-}" == --quick || "${1:-}" == --preflight-only ]]; do
+    if [[ $1 == --quick ]]; then QUICK=1; else PREFLIGHT_ONLY=1; fi
+    shift
+done
+DEVICE=${DDPM_FAST_SUITE_DEVICE:-cuda}
+if [[ "$DEVICE" != cuda && "$DEVICE" != cpu ]]; then
+    echo "gpu_suite: DDPM_FAST_SUITE_DEVICE must be cuda or cpu, not '$DEVICE'" >&2
+    exit 2
+fi
+export DDPM_FAST_SUITE_DEVICE=$DEVICE
+SCALE=${DDPM_FAST_SUITE_LIMIT_SCALE:-100}
 if [[ -z "${PYTHON:-}" ]]; then
-    if [[ -x .venv/bin/python ]]; then PYTHON=.venv/bin/python; else PYTHON=python; fi
+    if [[ -x .venv/bin/python ]]; then
+        PYTHON=.venv/bin/python
+    elif command -v python >/dev/null 2>&1; then
+        PYTHON=python
+    else
+        PYTHON=python3
+    fi
 fi
 OUT=${OUT:-benchmarks/results/gpu-$(date +%F)}
 mkdir -p "$OUT"
+: >"$OUT/stages.txt"
 status=0
+started=$SECONDS
 
+# ---------------------------------------------------------------------------------- preflight
+say() { echo "preflight: $*" | tee -a "$OUT/preflight.txt"; }
+die() {
+    echo "gpu_suite: preflight failed: $*" | tee -a "$OUT/preflight.txt" >&2
+    exit 3
+}
+: >"$OUT/preflight.txt"
+command -v "$PYTHON" >/dev/null 2>&1 || die "no Python: '$PYTHON' not found (set PYTHON=...)"
+timeout -s INT -k 1 5 true 2>/dev/null || die "no 'timeout' with -s/-k (GNU coreutils)"
+"$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
+    || die "$("$PYTHON" -V 2>&1) is older than the 3.11 ddpm-fast needs"
+
+importable() {
+    "$PYTHON" -c 'import ddpm_fast.kernels, ddpm_fast.export, ddpm_fast.engine' >/dev/null 2>&1
+}
+can_build() {  # setuptools >= 70.1 builds editable wheels alone; 64 to 70.0 need the wheel package
+    "$PYTHON" - <<'PY' >/dev/null 2>&1
+import importlib.metadata as md, importlib.util, os, sys, sysconfig
+v = tuple(int(p) for p in md.version("setuptools").split(".")[:2])
+ok = v >= (70, 1) or (v >= (64, 0) and importlib.util.find_spec("wheel") is not None)
+sys.exit(not (ok and os.access(sysconfig.get_paths()["purelib"], os.W_OK)))
+PY
+}
+unlink_tree() {
+    for name in kernels export; do
+        if [[ -L "ddpm_fast/$name" ]]; then rm -f "ddpm_fast/$name"; fi
+    done
+}
+install_mode=installed
+if ! importable; then
+    # A non-editable install (into the environment or a --target) would not do: the suite runs at
+    # the repository root, where ./ddpm_fast comes first on sys.path and hides an installed copy.
+    if can_build && timeout 30 "$PYTHON" -m pip install -q --no-deps --no-build-isolation \
+        --no-index --disable-pip-version-check -e . >>"$OUT/preflight.txt" 2>&1 && importable; then
+        install_mode="pip install -e (offline)"
+    else
+        [[ -e ddpm_fast/kernels || -e ddpm_fast/export ]] \
+            || { ln -s ../kernels ddpm_fast/kernels && ln -s ../export ddpm_fast/export; } \
+            || die "ddpm_fast is not importable, pip could not install it offline (no setuptools >= 64 or a read-only environment) and ddpm_fast/ is not writable"
+        trap unlink_tree EXIT
+        export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+        install_mode="linked kernels/ and export/ into ddpm_fast/ for this run (no setuptools or a read-only environment)"
+    fi
+fi
+say "ddpm_fast: $install_mode"
+
+# One process (benchmarks/gpu_preflight.py): every import and where it comes from, the versions,
+# the GPU, and one Triton kernel compiled and run on it.
+"$PYTHON" benchmarks/gpu_preflight.py "$DEVICE" >"$OUT/machine-python.txt" \
+    2>>"$OUT/preflight.txt" || die "$(tail -n 1 "$OUT/preflight.txt")"
+
+mode=full
+[[ $QUICK == 1 ]] && mode=quick
 {
     echo "date: $(date -Is)"
     echo "command: $0 $*"
-    echo "commit: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
-    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null \
-        | sed 's/^/gpu: /' || echo "gpu: (nvidia-smi unavailable)"
-    "$PYTHON" -c 'import platform, torch, triton
-print("python:", platform.python_version(), "| torch:", torch.__version__,
-      "| cuda:", torch.version.cuda, "| triton:", triton.__version__)
-print("device:", torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA")'
-} | tee "$OUT/machine.txt"
+    echo "mode: $mode, device: $DEVICE, limits scaled to ${SCALE}%"
+    echo "commit: $(git rev-parse --short HEAD 2>/dev/null || echo "unknown (no git)")"
+    echo "source: $(find ddpm_fast kernels export benchmarks -name '*.py' -type f 2>/dev/null \
+        | LC_ALL=C sort | xargs cat | sha256sum | cut -c1-16) (sha256 of the Python sources)"
+    echo "ddpm_fast: $install_mode"
+    if command -v nvidia-smi >/dev/null 2>&1; then
+        nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null \
+            | sed 's/^/gpu: /' || true
+    else
+        echo "gpu: (no nvidia-smi)"
+    fi
+    cat "$OUT/machine-python.txt"
+} >"$OUT/machine.txt"
+rm -f "$OUT/machine-python.txt"
+cat "$OUT/machine.txt"
+say "ok in $((SECONDS - started)) s"
+if [[ $PREFLIGHT_ONLY == 1 ]]; then exit 0; fi
 
-echo "== tests marked gpu"
-timeout 100 "$PYTHON" -m pytest -m gpu tests -q -p no:cacheprovider 2>&1 \
-    | tee "$OUT/gpu-tests.txt" || status=$?
+# ------------------------------------------------------------------------------------- stages
+limit() { echo $(($1 * SCALE / 100 > 1 ? $1 * SCALE / 100 : 1)); }
 
-echo "== kernel benchmarks"
-timeout 90 "$PYTHON" -m pytest benchmarks/test_kernels.py -q -p no:cacheprovider \
+# stage NAME LIMIT GRACE LOG command...: run under `timeout -s INT -k GRACE LIMIT`, output to LOG
+# and the terminal; record how it ended in stages.txt; a stage that did not end well sets status.
+stage() {
+    local name=$1 seconds grace=$3 log=$4 rc start=$SECONDS how
+    seconds=$(limit "$2")
+    shift 4
+    echo "== $name (limit ${seconds} s)"
+    set +e
+    timeout -s INT -k "$grace" "$seconds" "$@" 2>&1 | tee "$log"
+    rc=${PIPESTATUS[0]}
+    set -e
+    case $rc in
+        0) how=ok ;;
+        124) how="cut at its ${seconds} s limit (what it finished is kept)" ;;
+        137) how="cut at its ${seconds} s limit, killed after ${grace} s more" ;;
+        *) how="failed with exit code $rc" ;;
+    esac
+    printf '%-17s %-60s %4d s\n' "$name" "$how" $((SECONDS - start)) | tee -a "$OUT/stages.txt"
+    if [[ $rc != 0 ]]; then status=1; fi
+}
+
+if [[ $DEVICE == cuda ]]; then
+    MODEL=cifar10
+    HEADLINE_STEPS=1000 STEPS=100 BIG_BATCH=64 REPEATS=2
+else  # the dry run: the embedded 8 x 8 model, few steps, small batches
+    MODEL=default
+    HEADLINE_STEPS=4 STEPS=2 BIG_BATCH=2 REPEATS=1
+fi
+sampler=("$PYTHON" benchmarks/sampler.py "$MODEL" --device "$DEVICE" --out "$OUT")
+
+# Limits and graces (s). Full: 30 (preflight) + (70+5) + (100+5) + (50+10) + (40+5) + (75+5)
+# + (25+5) + (45+5) = 475 s; --quick: 30 + (70+5) + (35+5) + (20+10) = 175 s.
+# gpu-tests: 57 tests = 51 compiled-kernel cases + 6 engine tests. Counted from the tests, the
+# kernel cases make at most 246 launches (group_norm 18 cases x 2 feature sets x 2 splits x <= 2
+# kernels, channel_norm 15 x 2, linear_attention 18 x 2 x 2), each a possible cold compile; cases
+# that share a dtype, constexprs and int specialisations share one, so the distinct count is lower
+# (it depends on the GPU's launch plans). One sm_90 compile took ~0.74 s on a loaded 2-core CPU
+# (12 kernels of tests/kernels/compile_kernels.py, triton 3.6): 100 s holds ~130 of them, and the
+# engine's own kernels are already compiled by the headline. --quick keeps what passes in 35 s.
+if [[ $QUICK == 1 ]]; then
+    GPU_TESTS=35 KERNELS=20
+    export DDPM_FAST_BENCH_QUICK=1
+else
+    GPU_TESTS=100 KERNELS=50
+fi
+
+stage sampler-headline 70 5 "$OUT/sampler-headline.txt" "${sampler[@]}" \
+    --name sampler-headline --batch 1 --steps "$HEADLINE_STEPS" --repeats "$REPEATS" \
+    --dtype bf16 fp32 --backends reference engine
+
+stage gpu-tests "$GPU_TESTS" 5 "$OUT/gpu-tests.txt" \
+    "$PYTHON" -m pytest -m gpu tests -v --tb=short -p no:cacheprovider --durations=5
+
+stage kernels "$KERNELS" 10 "$OUT/kernels-pytest.txt" \
+    "$PYTHON" -m pytest benchmarks/test_kernels.py -q -p no:cacheprovider \
     --benchmark-json="$OUT/kernels.json" --benchmark-columns=median,rounds \
-    --benchmark-sort=name "$@" >"$OUT/kernels-pytest.txt" 2>&1 || status=$?
-tail -n 3 "$OUT/kernels-pytest.txt"
+    --benchmark-sort=name "$@"
 
 "$PYTHON" - "$OUT" <<'PY' || status=$?
 """Tables from kernels.json: every benchmark (kernels.md), and per kernel, dtype and batch the
@@ -52,10 +207,12 @@ from pathlib import Path
 out = Path(sys.argv[1])
 path = out / "kernels.json"
 if not path.exists():
-    sys.exit(f"no {path}: the benchmarks did not run")
+    sys.exit(f"no {path}: the kernel benchmarks saved nothing")
 rows = defaultdict(dict)
 for b in json.loads(path.read_text())["benchmarks"]:
     e = b["extra_info"]
+    if "us_per_call" not in e:  # cut short inside the case
+        continue
     key = (e["kernel"], e["image"], e["channels"], e["res"], e["batch"], e["dtype"])
     rows[key][e["provider"]] = (e["us_per_call"], e["gb_per_s"])
 lines = ["| kernel | image | C@res | batch | dtype | triton us (GB/s) | torch us | compile us "
@@ -67,6 +224,7 @@ for key in sorted(rows):
     if "triton" not in p:
         continue
     t = p["triton"][0]
+    speedups[(kernel, dtype, batch)]  # a row even where no comparison finished
     cell = lambda name: f"{p[name][0]:.1f}" if name in p else "-"  # noqa: E731
     vs = {name: p[name][0] / t for name in ("torch", "compile") if name in p}
     for i, name in enumerate(("torch", "compile")):
@@ -83,30 +241,44 @@ median = lambda v: f"{statistics.median(v):.2f}x" if v else "-"  # noqa: E731
 for (kernel, dtype, batch), (vt, vc) in sorted(speedups.items()):
     summary.append(f"| {kernel} | {dtype} | {batch} | {median(vt)} | {median(vc)} |")
 (out / "summary.md").write_text("\n".join(summary) + "\n")
-print(f"== {len(rows)} shapes; every one in {out / 'kernels.md'}")
-print("\n".join(summary))
+cases = sum(len(p) for p in rows.values())
+print(f"== {cases} kernel cases over {len(rows)} shapes; every one in {out / 'kernels.md'}")
 PY
 
-sampler=("$PYTHON" benchmarks/sampler.py --device cuda --batch 1 64 --steps 1000 --repeats 2
-         --out "$OUT")
-echo "== sampler: reference eager and the engine, 1000-step DDPM"
-timeout 90 "${sampler[@]}" --name sampler-engine --dtype fp32 bf16 \
-    --backends reference engine engine-eager || status=$?
-echo "== sampler: torch.compile of the reference beside the engine"
-timeout 120 "${sampler[@]}" --name sampler-compile \
-    --backends reference compile-reduce-overhead compile-max-autotune engine || status=$?
+if [[ $QUICK == 0 ]]; then
+    stage sampler-steps 40 5 "$OUT/sampler-steps.txt" "${sampler[@]}" \
+        --name sampler-steps --batch 1 "$BIG_BATCH" --steps "$STEPS" --repeats 3 \
+        --dtype bf16 fp32 --backends reference engine engine-eager
 
-echo "== sampler: ONNX Runtime's CUDA provider beside the reference and the engine"
-if "$PYTHON" -c 'import onnxruntime, sys; sys.exit("CUDAExecutionProvider" not in onnxruntime.get_available_providers())' 2>/dev/null; then
-    timeout 50 "${sampler[@]}" --name sampler-onnx --backends reference engine onnxruntime \
-        || status=$?
-else
-    echo "skipped: no onnxruntime-gpu with its CUDA provider (scripts/install.sh onnx)"
+    stage sampler-compile 75 5 "$OUT/sampler-compile.txt" "${sampler[@]}" \
+        --name sampler-compile --batch 1 "$BIG_BATCH" --steps "$STEPS" --repeats 2 \
+        --dtype fp32 --backends reference engine compile-reduce-overhead
+
+    if "$PYTHON" -c 'import onnxruntime, sys; sys.exit("CUDAExecutionProvider" not in onnxruntime.get_available_providers())' 2>/dev/null; then
+        stage sampler-onnx 25 5 "$OUT/sampler-onnx.txt" "${sampler[@]}" \
+            --name sampler-onnx --batch 1 "$BIG_BATCH" --steps "$STEPS" --repeats 2 \
+            --backends reference engine onnxruntime
+    else
+        printf '%-17s %-60s %4d s\n' sampler-onnx \
+            "skipped: no onnxruntime-gpu with its CUDA provider" 0 | tee -a "$OUT/stages.txt"
+    fi
+
+    stage sampler-autotune 45 5 "$OUT/sampler-autotune.txt" "${sampler[@]}" \
+        --name sampler-autotune --batch 1 --steps "$STEPS" --repeats 2 \
+        --backends reference compile-max-autotune
 fi
 
-echo "== results in $OUT"
-for table in sampler-engine sampler-compile sampler-onnx; do
-    [[ -f "$OUT/$table.md" ]] && grep '^|' "$OUT/$table.md"
+echo
+echo "== results in $OUT ($mode, $((SECONDS - started)) s)"
+cat "$OUT/stages.txt"
+for table in sampler-headline sampler-steps sampler-compile sampler-onnx sampler-autotune; do
+    if [[ -f "$OUT/$table.md" ]]; then
+        echo "-- $table"
+        grep '^|' "$OUT/$table.md"
+    fi
 done
-[[ -f "$OUT/summary.md" ]] && cat "$OUT/summary.md"
+if [[ -f "$OUT/summary.md" ]]; then
+    echo "-- kernels (median speed-up of the Triton kernel)"
+    cat "$OUT/summary.md"
+fi
 exit "$status"

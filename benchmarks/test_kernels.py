@@ -1,8 +1,13 @@
 """Micro-benchmarks of the Triton kernels against the unfused PyTorch sequence each replaces
 (``provider=torch``, the ``*_reference`` functions) and against ``torch.compile`` of that same
-sequence (``provider=compile``), at the shapes of the seed's CIFAR-10 U-Net: dim 64, dim_mults
-1, 2, 4, 8, so widths 64..512 at resolutions R..R/8 for a 32 x 32 and a 64 x 64 image, batch 1,
-16 and 128, float32 and bfloat16.
+sequence (``provider=compile``), at the shapes of the seed's CIFAR-10 U-Net at 32 x 32: dim 64,
+dim_mults 1, 2, 4, 8, so widths 64..512 at resolutions 32..4, batch 1 and 128, float32 and
+bfloat16; torch.compile in bfloat16 only (each compile is an Inductor run, and the summary needs
+one dtype of it). That is 4 kernels x 4 shapes x 2 batches x 5 (dtype, provider) = 160 cases.
+
+``DDPM_FAST_BENCH_QUICK=1`` keeps one case per kernel and provider (C128@16, batch 128, bf16):
+12 cases, for ``gpu_suite.sh --quick``. ``DDPM_FAST_SUITE_DEVICE=cpu`` runs them on the CPU with
+small batches (the PyTorch paths stand in for the kernels): the suite's dry run, not a benchmark.
 
 Timing: ``reps`` calls captured in one CUDA graph (as the engine runs its step), replayed per
 round, so the figures are GPU time without Python's launch overhead; if capture fails the calls
@@ -10,14 +15,16 @@ run eagerly (``extra_info["timing"]`` says which). ``extra_info`` holds the byte
 (inputs read once, outputs written once), the time per call and the bandwidth achieved; small
 shapes sit in L2 and can beat HBM bandwidth.
 
-Needs CUDA: every test is marked ``gpu`` and skips elsewhere. Run them all with
-``benchmarks/gpu_suite.sh``, or ``python -m pytest benchmarks/test_kernels.py
---benchmark-json=FILE``.
+Needs CUDA: every test is marked ``gpu`` and skips elsewhere (unless the device is switched).
+Run them all with ``benchmarks/gpu_suite.sh``, or ``python -m pytest benchmarks/test_kernels.py
+--benchmark-json=FILE``. pytest-benchmark writes that file on Ctrl-C too (SIGINT: the suite's
+time limits), with every case finished by then.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 import time
 
 import pytest
@@ -32,12 +39,17 @@ from ddpm_fast.kernels.channel_norm import (
 from ddpm_fast.kernels.group_norm import group_norm, group_norm_reference
 from ddpm_fast.kernels.linear_attention import linear_attention, linear_attention_reference
 
-IMAGES = (32, 64)
+DEVICE = os.environ.get("DDPM_FAST_SUITE_DEVICE", "cuda")
+QUICK = os.environ.get("DDPM_FAST_BENCH_QUICK", "") not in ("", "0")
+IMAGE = 32
 STAGES = ((64, 1), (128, 2), (256, 4), (512, 8))  # (channels, downsampling) of dim 64, (1, 2, 4, 8)
-SHAPES = [(image, c, image // down) for image in IMAGES for c, down in STAGES]
-BATCHES = (1, 16, 128)
+SHAPES = [(IMAGE, c, IMAGE // down) for c, down in STAGES]
+BATCHES = (1, 128) if DEVICE == "cuda" else (1, 4)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 PROVIDERS = ("triton", "torch", "compile")
+COMPILE_DTYPE = "bf16"
+if QUICK:
+    SHAPES, BATCHES, DTYPES = SHAPES[1:2], BATCHES[-1:], {"bf16": torch.bfloat16}
 GROUPS = 8  # resnet_block_groups
 HEADS, DIM_HEAD = 4, 32  # the seed's LinearAttention
 ROUNDS = 10
@@ -62,16 +74,23 @@ def provider_fn(provider: str, kernel, reference):
     return {"triton": kernel, "torch": reference, "compile": compiled(reference)}[provider]
 
 
+def _synchronize() -> None:
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
 def _seconds_once(call) -> float:
-    torch.cuda.synchronize()
+    _synchronize()
     start = time.perf_counter()
     call()
-    torch.cuda.synchronize()
+    _synchronize()
     return time.perf_counter() - start
 
 
 def _graph_round(call, reps: int):
     """A round that replays ``reps`` captured calls, or None where capture fails."""
+    if DEVICE != "cuda":
+        return None
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -107,7 +126,7 @@ def run(benchmark, call, bytes_moved: int, **info) -> None:
         def replay():
             for _ in range(reps):
                 call()
-            torch.cuda.synchronize()
+            _synchronize()
 
     benchmark.pedantic(replay, rounds=ROUNDS, warmup_rounds=1, iterations=1)
     seconds = benchmark.stats.stats.median / reps
@@ -122,13 +141,19 @@ def run(benchmark, call, bytes_moved: int, **info) -> None:
 
 
 def randn(*shape, dtype, mean=0.0, std=1.0):
-    return (torch.randn(*shape, device="cuda") * std + mean).to(dtype)
+    return (torch.randn(*shape, device=DEVICE) * std + mean).to(dtype)
 
 
 def parametrize(fn):
+    """Over shape x batch x (dtype, provider), torch.compile in ``COMPILE_DTYPE`` only."""
+    cells = [
+        (dtype, provider)
+        for dtype in DTYPES
+        for provider in PROVIDERS
+        if provider != "compile" or dtype == COMPILE_DTYPE
+    ]
     for decorator in (
-        pytest.mark.parametrize("provider", PROVIDERS),
-        pytest.mark.parametrize("dtype", list(DTYPES)),
+        pytest.mark.parametrize(("dtype", "provider"), cells, ids=[f"{d}-{p}" for d, p in cells]),
         pytest.mark.parametrize("batch", BATCHES),
         pytest.mark.parametrize("shape", SHAPES, ids=shape_id),
     ):

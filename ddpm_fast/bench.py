@@ -2,14 +2,17 @@
 chains, every backend side by side in one process, with the machine's ceiling beside them.
 
 Each measurement samples ``batch`` images with a ``steps``-step DDPM chain through the backend's
-``sample`` (noise, the update and the copy back included). The first call of each backend is its
-warm-up (engine preparation, graph capture, compilation, ONNX session) and is reported apart.
-Then ``repeats`` rounds run every backend once each, interleaved, so that the noise of a shared
-machine hits them alike. Per backend: median ms per step and its spread (min-max), the chain's
-time and images/s, the warm-up (first call less one chain), peak CUDA memory, the ratio to the
-reference's median from the same run, and the floor: FLOPs of one network forward
-(``torch.utils.flop_counter``), the bytes its weights alone take to read, and the FLOP/s achieved
-against a large matmul timed in the same run (the machine's practical ceiling).
+``sample`` (noise, the update and the copy back included). A cell is one (batch, dtype, backend):
+its first call is the warm-up (engine preparation, graph capture, compilation, ONNX session) and
+is reported apart, then ``repeats`` calls are timed. Cells run one after another, batch by batch,
+the engine first, then the reference, then the other backends (``cells``), and the report is saved
+after every cell, so a run cut short keeps all it finished. Per cell: median ms per step and its
+spread (min-max), the chain's time and images/s, the warm-up (first call less one chain), peak
+CUDA memory, the ratio to the reference's median at that batch, and the floor: FLOPs of one
+network forward (``torch.utils.flop_counter``, counted on the meta device), the bytes its weights
+alone take to read, and the FLOP/s achieved against a large matmul timed in the same run (the
+machine's practical ceiling). Every fp32 cell runs with cuDNN's TF32 off, as the engine runs
+(``precision_flags``), so that all fp32 rows compute the same thing; ``cudnn_tf32`` records it.
 
 Models: the seed's CIFAR-10 U-Net (dim 64, dim_mults 1, 2, 4, 8: 35.7M parameters) at 32 x 32,
 the same network at 64 x 64 and 128 x 128, default-initialised (time does not depend on the
@@ -19,6 +22,8 @@ weights), or a checkpoint.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import copy
 import datetime
 import json
 import os
@@ -113,23 +118,50 @@ def timed_chain(sampler, batch: int, steps: int, device: str, seed: int) -> floa
 @torch.no_grad()
 def network_floor(pipeline: Pipeline, batch: int) -> dict:
     """FLOPs of one forward at this batch, and the bytes of its weights (a lower bound on the
-    bytes a forward moves: every weight is read at least once)."""
+    bytes a forward moves: every weight is read at least once).
+
+    The forward runs on the meta device (shapes only, no data) with meta copies of the weights,
+    so the benchmarked network is never moved: compiled backends and captured graphs keep their
+    parameters' addresses. Where a forward cannot run on meta, a CPU deepcopy is counted."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    network = pipeline.network.cpu()
-    x = torch.zeros(batch, *pipeline.image_shape())
-    t = torch.zeros(batch, dtype=torch.long)
-    with FlopCounterMode(display=False) as counter:
-        network(x, t)
+    network = pipeline.network
+    shape = (batch, *pipeline.image_shape())
+    named = {**dict(network.named_parameters()), **dict(network.named_buffers())}
+    try:
+        tensors = {name: torch.empty_like(v, device="meta") for name, v in named.items()}
+        x = torch.zeros(shape, device="meta")
+        t = torch.zeros(batch, dtype=torch.long, device="meta")
+        with FlopCounterMode(display=False) as counter:
+            torch.func.functional_call(network, tensors, (x, t))
+    except (NotImplementedError, RuntimeError):  # an op without a meta kernel
+        copy_ = copy.deepcopy(network).cpu()
+        with FlopCounterMode(display=False) as counter:
+            copy_(torch.zeros(shape), torch.zeros(batch, dtype=torch.long))
     weight_bytes = sum(p.numel() * p.element_size() for p in network.parameters())
     return {"flops": counter.get_total_flops(), "weight_bytes": weight_bytes}
+
+
+def precision_flags(dtype: str):
+    """The numerics every backend runs under in ``dtype``: in fp32, cuDNN's TF32 is off (the
+    engine switches it off for itself; the reference and torch.compile must compute the same
+    thing, or the engine is compared with a cheaper computation). Other dtypes keep PyTorch's."""
+    if dtype != "fp32":
+        return contextlib.nullcontext()
+    return torch.backends.cudnn.flags(
+        enabled=torch.backends.cudnn.enabled,
+        benchmark=torch.backends.cudnn.benchmark,
+        deterministic=torch.backends.cudnn.deterministic,
+        allow_tf32=False,
+    )
 
 
 def matmul_ceiling(device: str, dtype: torch.dtype, size: int | None = None) -> float:
     """FLOP/s of a large square matmul, the best of a few after a warm-up: what this machine
     sustains on dense math. (A convolution can beat it where its library does fewer FLOPs than
     the direct method the counter counts, e.g. Winograd.)"""
-    size = size or (8192 if device.startswith("cuda") else 4096)
+    if size is None:  # a few seconds at most on a CPU (one without bf16 matrix units included)
+        size = 8192 if device.startswith("cuda") else 2048 if dtype == torch.float32 else 1024
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
     a @ b  # warm-up: threads, kernels, caches
@@ -176,9 +208,27 @@ def _cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+def cells(args: argparse.Namespace) -> list[tuple[int, str, str]]:
+    """(batch, dtype, backend) in the order they are measured: batch by batch in the order
+    given; in each, the engine's backends in each dtype in the order given, then the reference,
+    then the other backends. The reference and what compiles it run in fp32 (the network's
+    dtype). So ``--batch 1 64 --dtype bf16 fp32`` measures the headline (the engine in bf16 at
+    batch 1) first, and a run cut short loses the slow baselines before the engine."""
+    order = []
+    for batch in args.batch:
+        for dtype in args.dtype:
+            order += [(batch, dtype, n) for n in args.backends if n.startswith("engine")]
+        if "reference" in args.backends:
+            order.append((batch, "fp32", "reference"))
+        others = [n for n in args.backends if n != "reference" and not n.startswith("engine")]
+        if "fp32" in args.dtype:
+            order += [(batch, "fp32", n) for n in others]
+    return order
+
+
 def run(args: argparse.Namespace, save=None) -> dict:
-    """Measure every (dtype, batch, backend); ``save(report)`` after each (dtype, batch), so that
-    a run cut short (a time limit) keeps what it measured."""
+    """Measure every (batch, dtype, backend) cell; ``save(report)`` after each cell, so that a
+    run cut short (a time limit, Ctrl-C) keeps every cell it finished."""
     pipeline = model_pipeline(args.model)
     with tempfile.TemporaryDirectory(prefix="ddpm-fast-bench-") as workdir:
         return _run(args, pipeline, Path(workdir), save)
@@ -193,56 +243,62 @@ def _run(args: argparse.Namespace, pipeline: Pipeline, workdir: Path, save) -> d
         "ceiling_flops": {},
         "results": [],
     }
-    for dtype in args.dtype:
-        ceiling = matmul_ceiling(args.device, DTYPES[dtype])
-        report["ceiling_flops"][dtype] = ceiling
-        for batch in args.batch:
-            floor = network_floor(pipeline, batch)
-            # The reference and what compiles it run in fp32 (its dtype); the engine in each.
-            names = [n for n in args.backends if dtype == "fp32" or n.startswith("engine")]
-            backends = {n: make_backend(n, pipeline, dtype, args.device, workdir) for n in names}
-            first, memory = {}, {}
-            for name, sampler in backends.items():
-                if args.device.startswith("cuda"):
-                    torch.cuda.reset_peak_memory_stats()
-                first[name] = timed_chain(sampler, batch, args.steps, args.device, seed=0)
-                if args.device.startswith("cuda"):
-                    memory[name] = torch.cuda.max_memory_allocated() / 2**20
-            times = {name: [] for name in backends}
-            for r in range(args.repeats):
-                for name, sampler in backends.items():
-                    seconds = timed_chain(sampler, batch, args.steps, args.device, seed=r + 1)
-                    times[name].append(seconds * 1e3 / args.steps)
-            base = statistics.median(times["reference"]) if "reference" in times else None
-            for name, ms in times.items():
-                median = statistics.median(ms)
-                chain_s = median * args.steps / 1e3
-                achieved = floor["flops"] / (median / 1e3)
-                report["results"].append(
-                    {
-                        "backend": name,
-                        "dtype": dtype,
-                        "batch": batch,
-                        "steps": args.steps,
-                        "ms_per_step": median,
-                        "ms_min": min(ms),
-                        "ms_max": max(ms),
-                        "chain_s": chain_s,
-                        "images_per_s": batch / chain_s,
-                        "first_call_s": first[name],
-                        "warmup_s": max(0.0, first[name] - chain_s),
-                        "peak_memory_mb": memory.get(name),
-                        "vs_reference": base / median if base else None,
-                        "forward_gflop": floor["flops"] / 1e9,
-                        "weight_mb": floor["weight_bytes"] / 2**20,
-                        "achieved_gflops": achieved / 1e9,
-                        "of_ceiling": achieved / ceiling,
-                        "runs_ms": ms,
-                    }
-                )
-                print(row(report["results"][-1]), flush=True)
-            if save is not None:
-                save(report)
+    floors, base = {}, {}
+    for batch, dtype, name in cells(args):
+        if dtype not in report["ceiling_flops"]:
+            report["ceiling_flops"][dtype] = matmul_ceiling(args.device, DTYPES[dtype])
+        ceiling = report["ceiling_flops"][dtype]
+        if batch not in floors:
+            floors[batch] = network_floor(pipeline, batch)
+        floor = floors[batch]
+        with precision_flags(dtype):
+            sampler = make_backend(name, pipeline, dtype, args.device, workdir)
+            if args.device.startswith("cuda"):
+                torch.cuda.reset_peak_memory_stats()
+            first = timed_chain(sampler, batch, args.steps, args.device, seed=0)
+            memory = None
+            if args.device.startswith("cuda"):
+                memory = torch.cuda.max_memory_allocated() / 2**20
+            ms = [
+                timed_chain(sampler, batch, args.steps, args.device, seed=r + 1) * 1e3 / args.steps
+                for r in range(args.repeats)
+            ]
+            tf32 = torch.backends.cudnn.allow_tf32
+        del sampler  # a compiled network's graphs and an engine's buffers go before the next
+        median = statistics.median(ms)
+        if name == "reference":  # the ratio of the cells measured before it, at this batch
+            base[batch] = median
+            for r in report["results"]:
+                if r["batch"] == batch:
+                    r["vs_reference"] = median / r["ms_per_step"]
+        chain_s = median * args.steps / 1e3
+        achieved = floor["flops"] / (median / 1e3)
+        report["results"].append(
+            {
+                "backend": name,
+                "dtype": dtype,
+                "batch": batch,
+                "steps": args.steps,
+                "ms_per_step": median,
+                "ms_min": min(ms),
+                "ms_max": max(ms),
+                "chain_s": chain_s,
+                "images_per_s": batch / chain_s,
+                "first_call_s": first,
+                "warmup_s": max(0.0, first - chain_s),
+                "peak_memory_mb": memory,
+                "vs_reference": base[batch] / median if batch in base else None,
+                "cudnn_tf32": tf32,
+                "forward_gflop": floor["flops"] / 1e9,
+                "weight_mb": floor["weight_bytes"] / 2**20,
+                "achieved_gflops": achieved / 1e9,
+                "of_ceiling": achieved / ceiling,
+                "runs_ms": ms,
+            }
+        )
+        print(row(report["results"][-1]), flush=True)
+        if save is not None:
+            save(report)
     return report
 
 
@@ -284,6 +340,8 @@ def markdown(report: dict) -> str:
         "- one forward: " + ", ".join(f"batch {b}: {g:.2f} GFLOP" for b, g in flops),
         f"- ceiling (large matmul, same run): {ceilings}; GFLOP/s counts a direct "
         "convolution's FLOPs, so a library that needs fewer (Winograd, FFT) can pass 100%",
+        "- fp32 rows: cuDNN TF32 off for every backend (the engine's fp32); steps per chain: "
+        + ", ".join(sorted({str(r["steps"]) for r in results})),
         f"- command: `{m['command']}`",
         "",
         *HEADER,
@@ -364,9 +422,14 @@ def main(args: argparse.Namespace) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     name = args.name or f"sampler-{args.device.split(':')[0]}-{datetime.date.today()}"
 
-    def save(report: dict) -> None:
-        (out / f"{name}.json").write_text(json.dumps(report, indent=1) + "\n")
-        (out / f"{name}.md").write_text(markdown(report))
+    def save(report: dict) -> None:  # written aside, then renamed: a Ctrl-C leaves no half file
+        for suffix, text in (
+            (".json", json.dumps(report, indent=1) + "\n"),
+            (".md", markdown(report)),
+        ):
+            part = out / f"{name}{suffix}.part"
+            part.write_text(text)
+            part.replace(out / f"{name}{suffix}")
 
     print("\n".join(HEADER), flush=True)
     run(args, save)

@@ -37,26 +37,22 @@ _MIN_UNIFORM = 1.0e-7
 _TWO_PI = 6.283185307179586
 
 
-def _mulhilo(a: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(hi, lo) 32-bit words of the 64-bit product of the constant ``a`` and uint32 words ``x``."""
+def _mulhilo(a: int, x):
+    """(hi, lo) 32-bit words of the 64-bit product of the constant ``a`` and uint32 words ``x``
+    (an int64 tensor, or a Python int where the word is the same for every element)."""
     a_hi, a_lo = a >> 16, a & 0xFFFF
     p_lo = x * a_lo  # < 2**48
     p_hi = x * a_hi  # < 2**48
-    hi = (p_hi + (p_lo >> 16)) >> 16
+    hi = (p_hi + (p_lo >> 16)) >> 16  # = (x * a) >> 32 exactly, so already < 2**32
     lo = (p_lo + ((p_hi & 0xFFFF) << 16)) & MASK32
-    return hi & MASK32, lo
+    return hi, lo
 
 
-def philox4x32(
-    c0: torch.Tensor,
-    c1: torch.Tensor,
-    c2: torch.Tensor,
-    c3: torch.Tensor,
-    k0: torch.Tensor,
-    k1: torch.Tensor,
-    n_rounds: int = N_ROUNDS,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Philox4x32 as ``triton.language.random.philox_impl``: uint32 words held in int64 tensors."""
+def philox4x32(c0, c1, c2, c3, k0, k1, n_rounds: int = N_ROUNDS) -> tuple:
+    """Philox4x32 as ``triton.language.random.philox_impl``: uint32 words held in int64 tensors
+    that broadcast together. Any word may be a Python int instead (a word that is the same for
+    every element: the zero counter words, the seed's half of the key), which then costs no
+    kernel until it meets a tensor."""
     for _ in range(n_rounds):
         hi_b, lo_b = _mulhilo(PHILOX_ROUND_B, c2)
         hi_a, lo_a = _mulhilo(PHILOX_ROUND_A, c0)
@@ -69,34 +65,32 @@ def philox4x32(
 def randint4x(seed: torch.Tensor, offset: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """``tl.randint4x(seed, offset)`` for a 64-bit seed and 32-bit offsets (int64 tensors that
     broadcast together); returns four tensors of uint32 words in int64."""
-    zero = torch.zeros_like(offset)
     k0 = seed & MASK32
     k1 = (seed >> 32) & MASK32
-    return philox4x32(offset & MASK32, zero, zero, zero, k0, k1)
-
-
-def _f32(value: float, like: torch.Tensor) -> torch.Tensor:
-    """A float32 constant on ``like``'s device, so arithmetic rounds as Triton's float32 does."""
-    return torch.tensor(value, dtype=torch.float32, device=like.device)
+    return philox4x32(offset & MASK32, 0, 0, 0, k0, k1)
 
 
 def uint_to_uniform_float(x: torch.Tensor) -> torch.Tensor:
     """Triton's map of a uint32 word to a float32 in [0, 1): reinterpret as int32, fold the
-    negative half with bitwise not, scale."""
-    signed = torch.where(x >= 2**31, x - 2**32, x)
-    folded = torch.where(signed < 0, ~signed, signed)
-    return folded.to(torch.float32) * _f32(_UNIFORM_SCALE, x)
+    negative half with bitwise not (for a word w >= 2**31, ~(w - 2**32) = w ^ (2**32 - 1)),
+    scale. The scale is a Python float: PyTorch rounds it to float32 and multiplies in float32,
+    as Triton does, with no device tensor made for it."""
+    folded = torch.where(x >= 2**31, x ^ MASK32, x)
+    return folded.to(torch.float32) * _UNIFORM_SCALE
+
+
+def _box_muller(i1: torch.Tensor, i2: torch.Tensor) -> torch.Tensor:
+    """``tl.randn``'s map of two uint32 words to a normal: Box-Muller, cos branch, float32."""
+    u1 = uint_to_uniform_float(i1).clamp_min_(_MIN_UNIFORM)
+    th = uint_to_uniform_float(i2).mul_(_TWO_PI)
+    r = torch.log(u1).mul_(-2.0).sqrt_()
+    return r.mul_(torch.cos(th))
 
 
 def triton_randn(seed: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
     """``tl.randn(seed, offset)``: float32 standard normals, one per offset."""
     i1, i2, _, _ = randint4x(seed, offset)
-    u1 = uint_to_uniform_float(i1)
-    u2 = uint_to_uniform_float(i2)
-    u1 = torch.maximum(u1, _f32(_MIN_UNIFORM, u1))
-    th = _f32(_TWO_PI, u2) * u2
-    r = torch.sqrt(_f32(-2.0, u1) * torch.log(u1))
-    return r * torch.cos(th)
+    return _box_muller(i1, i2)
 
 
 def check_seed(seed: int) -> int:
@@ -128,10 +122,21 @@ def keyed_noise(
     # Checked on the host, before the tensor exists: no device sync inside a sampling loop.
     if sample_indices and (min(sample_indices) < 0 or max(sample_indices) > MASK32):
         raise ConfigError("sample indices must lie in [0, 2**32)")
-    keys = philox_keys(seed, sample_indices, device=device).view(-1, 1)
-    offsets = step * numel + torch.arange(numel, dtype=torch.int64, device=keys.device)
-    noise = triton_randn(keys, offsets.view(1, -1))
-    return noise.view(len(sample_indices), *shape).to(dtype)
+    # The key's low word is the seed, the same for every sample: a Python int (no kernels).
+    indices = _sample_indices(sample_indices, device).view(-1, 1)
+    start = step * numel  # offsets < 2**31 (checked above): no masking needed
+    offsets = torch.arange(start, start + numel, dtype=torch.int64, device=indices.device)
+    i1, i2, _, _ = philox4x32(offsets.view(1, -1), 0, 0, 0, seed, indices)
+    return _box_muller(i1, i2).view(len(sample_indices), *shape).to(dtype)
+
+
+def _sample_indices(
+    sample_indices: Sequence[int], device: torch.device | str | None
+) -> torch.Tensor:
+    if isinstance(sample_indices, range):  # made on the device: no host-to-device copy
+        r = sample_indices
+        return torch.arange(r.start, r.stop, r.step, dtype=torch.int64, device=device)
+    return torch.as_tensor(list(sample_indices), dtype=torch.int64, device=device)
 
 
 def philox_keys(
@@ -139,9 +144,4 @@ def philox_keys(
 ) -> torch.Tensor:
     """The 64-bit Philox keys ``sample_index << 32 | seed`` as int64 (two's complement: the bits
     of indices >= 2**31 land in the sign), one per sample."""
-    if isinstance(sample_indices, range):  # made on the device: no host-to-device copy
-        r = sample_indices
-        indices = torch.arange(r.start, r.stop, r.step, dtype=torch.int64, device=device)
-    else:
-        indices = torch.as_tensor(list(sample_indices), dtype=torch.int64, device=device)
-    return (indices << 32) | seed
+    return (_sample_indices(sample_indices, device) << 32) | seed

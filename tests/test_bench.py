@@ -64,3 +64,81 @@ def test_the_plot_reads_the_report(report):
 def test_bad_arguments_are_clear(tmp_path):
     with pytest.raises(ValueError, match="steps must be at least 1"):
         bench.main(bench_args(tmp_path, steps=0))
+
+
+def test_the_headline_cells_come_first():
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    backends = ["compile", "reference", "engine", "engine-eager"]
+    args = parser.parse_args(
+        ["--batch", "1", "64", "--dtype", "bf16", "fp32", "--backends", *backends]
+    )
+    order = bench.cells(args)
+    assert order[:6] == [
+        (1, "bf16", "engine"),  # the headline first
+        (1, "bf16", "engine-eager"),
+        (1, "fp32", "engine"),
+        (1, "fp32", "engine-eager"),
+        (1, "fp32", "reference"),
+        (1, "fp32", "compile"),  # what compiles the reference runs in its dtype only
+    ]
+    assert order[6:] == [(64, *cell[1:]) for cell in order[:6]]
+
+
+class Recorder:
+    """A backend that records the cuDNN TF32 flag it samples under, around the real one."""
+
+    def __init__(self, inner, seen: list, name: str, dtype: str):
+        self.inner, self.seen, self.name, self.dtype = inner, seen, name, dtype
+
+    def sample(self, *args, **kwargs):
+        import torch
+
+        self.seen.append((self.name, self.dtype, torch.backends.cudnn.allow_tf32))
+        return self.inner.sample(*args, **kwargs)
+
+
+def test_each_cell_is_saved_and_fp32_runs_without_tf32(tmp_path, monkeypatch):
+    import torch
+
+    seen, saved = [], []
+    make = bench.make_backend
+
+    def recording(name, pipeline, dtype, device, workdir):
+        return Recorder(make(name, pipeline, dtype, device, workdir), seen, name, dtype)
+
+    monkeypatch.setattr(bench, "make_backend", recording)
+    monkeypatch.setattr(bench, "matmul_ceiling", lambda *a: 1e9)  # a bf16 4096^3 is slow on CPUs
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)  # PyTorch's default
+    args = bench_args(tmp_path, batch=[1], dtype=["bf16", "fp32"], repeats=1, steps=1)
+    report = bench.run(args, save=lambda r: saved.append(len(r["results"])))
+    assert saved == [1, 2, 3]  # one save per cell
+    assert [(r["backend"], r["dtype"]) for r in report["results"]] == [
+        ("engine", "bf16"),
+        ("engine", "fp32"),
+        ("reference", "fp32"),
+    ]
+    reference = report["results"][2]["ms_per_step"]  # ratios filled in once it is measured
+    for r in report["results"]:
+        assert r["vs_reference"] == pytest.approx(reference / r["ms_per_step"])
+    assert {(name, dtype, tf32) for name, dtype, tf32 in seen} == {
+        ("reference", "fp32", False),
+        ("engine", "bf16", True),
+        ("engine", "fp32", False),
+    }
+    assert [r["cudnn_tf32"] for r in report["results"]] == [True, False, False]
+    assert torch.backends.cudnn.allow_tf32  # restored after each cell
+
+
+def test_counting_flops_leaves_the_network_where_it_is():
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    pipeline = bench.model_pipeline("default")
+    network = pipeline.network
+    before = [(p.device, p.data_ptr()) for p in network.parameters()]
+    floor = bench.network_floor(pipeline, 3)
+    assert [(p.device, p.data_ptr()) for p in network.parameters()] == before
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        network(torch.zeros(3, *pipeline.image_shape()), torch.zeros(3, dtype=torch.long))
+    assert floor["flops"] == counter.get_total_flops() > 0

@@ -5,7 +5,14 @@ import pytest
 import torch
 
 from ddpm_fast.errors import ConfigError
-from ddpm_fast.noise import keyed_noise, philox4x32, randint4x, triton_randn, uint_to_uniform_float
+from ddpm_fast.noise import (
+    keyed_noise,
+    philox4x32,
+    philox_keys,
+    randint4x,
+    triton_randn,
+    uint_to_uniform_float,
+)
 
 # Random123's philox4x32_10 known-answer tests: (counter, key) -> output.
 KNOWN_ANSWERS = [
@@ -107,3 +114,34 @@ def test_bad_seeds_are_config_errors(seed):
 def test_counters_beyond_the_stream_are_config_errors():
     with pytest.raises(ConfigError, match="exceed the 2\\*\\*31 counters"):
         keyed_noise(0, [0], 1000, (3, 1024, 1024))
+
+
+@pytest.mark.parametrize("seed", [0, 2**32 - 1])
+def test_keyed_noise_is_the_stream_at_its_keys_and_offsets(seed):
+    """keyed_noise keeps the seed's key word a Python int: the same numbers as the full keys."""
+    indices, step, shape = [0, 5, 2**31 + 3, 2**32 - 1], 3, (2, 3, 5)
+    numel = 2 * 3 * 5
+    offsets = step * numel + torch.arange(numel, dtype=torch.int64)
+    keys = philox_keys(seed, indices).view(-1, 1)
+    expected = triton_randn(keys, offsets.view(1, -1)).view(len(indices), *shape)
+    assert torch.equal(keyed_noise(seed, indices, step, shape), expected)
+
+
+def test_keyed_noise_makes_no_tensor_from_a_python_number():
+    """On CUDA each would be a blocking host-to-device copy inside the sampling loop."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append((str(func), kwargs or {}))
+            return func(*args, **(kwargs or {}))
+
+    with Record() as record:
+        keyed_noise(3, range(2), 1, (3, 8, 8))
+    made = [op for op, kwargs in record.ops if "lift_fresh" in op or "scalar_tensor" in op]
+    copies = [op for op, kwargs in record.ops if "copy" in op and "device" in kwargs]
+    assert record.ops and not made and not copies
