@@ -39,6 +39,7 @@ import torch
 from . import load
 from .engine import DTYPES, Engine
 from .errors import ConfigError
+from .machine import cpu_model
 from .models.dd_pytorch_v1 import Unet, UnetConfig
 from .pipeline import DiffusionConfig, Pipeline
 from .version import __version__
@@ -181,7 +182,7 @@ def machine(device: str) -> dict:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "ddpm_fast": __version__,
-        "cpu": _cpu_model(),
+        "cpu": cpu_model(),
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "device": device,
@@ -196,16 +197,6 @@ def machine(device: str) -> dict:
         info["gpu"] = torch.cuda.get_device_name(torch.device(device))
         info["cuda"] = torch.version.cuda
     return info
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def cells(args: argparse.Namespace) -> list[tuple[int, str, str]]:
