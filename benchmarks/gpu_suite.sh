@@ -19,6 +19,7 @@
 #                     without CUDA graphs, bf16 and fp32 (ms per step)
 #   sampler-compile   torch.compile reduce-overhead beside the reference and the engine (fp32)
 #   sampler-onnx      ONNX Runtime's CUDA provider, where onnxruntime-gpu is installed
+#   sampler-torchrun  `ddpm-fast sample` in 1 process and 2 under torchrun (same bytes), on 2+ GPUs
 #   sampler-autotune  torch.compile max-autotune at batch 1 (last: its compile is the longest)
 # A stage over its limit gets SIGINT, then SIGKILL after a grace period: pytest-benchmark writes
 # its JSON on SIGINT and the sampler benchmark saves after every cell, so a stage cut short keeps
@@ -169,8 +170,9 @@ else  # the dry run: the embedded 8 x 8 model, few steps, small batches
 fi
 sampler=("$PYTHON" benchmarks/sampler.py "$MODEL" --device "$DEVICE" --out "$OUT")
 
-# Limits and graces (s). Full: 30 (preflight) + (70+5) + (100+5) + (50+10) + (40+5) + (75+5)
-# + (25+5) + (45+5) = 475 s; --quick: 30 + (70+5) + (35+5) + (20+10) = 175 s.
+# Limits and graces (s). Full: 30 (preflight) + (70+5) + (100+5) + (50+10) + (40+5) + (55+5)
+# + (25+5) + (20+5, two GPUs only) + (40+5) = 475 s; --quick: 30 + (70+5) + (35+5) + (20+10)
+# = 175 s.
 # gpu-tests: 57 tests = 51 compiled-kernel cases + 6 engine tests. Counted from the tests, the
 # kernel cases make at most 246 launches (group_norm 18 cases x 2 feature sets x 2 splits x <= 2
 # kernels, channel_norm 15 x 2, linear_attention 18 x 2 x 2), each a possible cold compile; cases
@@ -250,7 +252,7 @@ if [[ $QUICK == 0 ]]; then
         --name sampler-steps --batch 1 "$BIG_BATCH" --steps "$STEPS" --repeats 3 \
         --dtype bf16 fp32 --backends reference engine engine-eager
 
-    stage sampler-compile 75 5 "$OUT/sampler-compile.txt" "${sampler[@]}" \
+    stage sampler-compile 55 5 "$OUT/sampler-compile.txt" "${sampler[@]}" \
         --name sampler-compile --batch 1 "$BIG_BATCH" --steps "$STEPS" --repeats 2 \
         --dtype fp32 --backends reference engine compile-reduce-overhead
 
@@ -263,7 +265,20 @@ if [[ $QUICK == 0 ]]; then
             "skipped: no onnxruntime-gpu with its CUDA provider" 0 | tee -a "$OUT/stages.txt"
     fi
 
-    stage sampler-autotune 45 5 "$OUT/sampler-autotune.txt" "${sampler[@]}" \
+    # Sampling at scale: `ddpm-fast sample` in 1 process and in 2 under torchrun (the same bytes
+    # checked), where there are two GPUs (the dry run: two CPU processes).
+    gpus=$("$PYTHON" -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0)
+    if [[ $DEVICE == cpu || $gpus -gt 1 ]]; then
+        stage sampler-torchrun 20 5 "$OUT/sampler-torchrun.txt" "$PYTHON" benchmarks/scale.py \
+            "$MODEL" --device "$DEVICE" --procs 1 2 --num "$((4 * BIG_BATCH))" \
+            --batch-size "$BIG_BATCH" --steps "$STEPS" --repeats 1 --name sampler-torchrun \
+            --out "$OUT"
+    else
+        printf '%-17s %-60s %4d s\n' sampler-torchrun "skipped: one GPU (needs two)" 0 \
+            | tee -a "$OUT/stages.txt"
+    fi
+
+    stage sampler-autotune 40 5 "$OUT/sampler-autotune.txt" "${sampler[@]}" \
         --name sampler-autotune --batch 1 --steps "$STEPS" --repeats 2 \
         --backends reference compile-max-autotune
 fi
@@ -271,7 +286,8 @@ fi
 echo
 echo "== results in $OUT ($mode, $((SECONDS - started)) s)"
 cat "$OUT/stages.txt"
-for table in sampler-headline sampler-steps sampler-compile sampler-onnx sampler-autotune; do
+for table in sampler-headline sampler-steps sampler-compile sampler-onnx sampler-torchrun \
+    sampler-autotune; do
     if [[ -f "$OUT/$table.md" ]]; then
         echo "-- $table"
         grep '^|' "$OUT/$table.md"

@@ -4,7 +4,10 @@ checked equal. Writes markdown + JSON under benchmarks/results/.
 
     python benchmarks/scale.py                          # CPU: 1 and 2 processes, default model
     python benchmarks/scale.py --procs 1 2 --num 256 --batch-size 32 --steps 100
-    python benchmarks/scale.py --device cuda --procs 1 2 --num 1024 --batch-size 128
+    python benchmarks/scale.py cifar10 --device cuda --procs 1 2 --num 1024 --batch-size 128
+
+MODEL is a checkpoint, "default" (the embedded model) or one of ``ddpm-fast bench``'s named
+configurations (cifar10, cifar10-64, cifar10-128: saved to a temporary file first).
 
 On a CPU each process gets cores / N OpenMP threads (OMP_NUM_THREADS), so N processes share the
 machine rather than oversubscribing it.
@@ -28,12 +31,12 @@ from pathlib import Path
 RESULTS = Path(__file__).parent / "results"
 
 
-def command(procs: int, args: argparse.Namespace, out: Path) -> list[str]:
+def command(procs: int, args: argparse.Namespace, out: Path, checkpoint: str | None) -> list[str]:
     sample = [
         "sample", "--num", str(args.num), "--batch-size", str(args.batch_size),
         "--steps", str(args.steps), "--sampler", args.sampler, "--out", str(out),
         *(["--device", args.device] if args.device else []),
-        *([args.checkpoint] if args.checkpoint else []),
+        *([checkpoint] if checkpoint else []),
     ]  # fmt: skip
     if procs == 1:
         return [sys.executable, "-m", "ddpm_fast", *sample]
@@ -44,20 +47,34 @@ def command(procs: int, args: argparse.Namespace, out: Path) -> list[str]:
     ]  # fmt: skip
 
 
-def run_once(procs: int, args: argparse.Namespace, folder: Path) -> tuple[float, bytes]:
+def run_once(
+    procs: int, args: argparse.Namespace, folder: Path, checkpoint: str | None
+) -> tuple[float, bytes]:
     out = folder / f"p{procs}.npz"
     out.unlink(missing_ok=True)
     env = dict(os.environ)
     if not args.device or args.device == "cpu":
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // procs))
     start = time.perf_counter()
-    subprocess.run(command(procs, args, out), env=env, check=True, capture_output=True)
+    subprocess.run(command(procs, args, out, checkpoint), env=env, check=True, capture_output=True)
     return time.perf_counter() - start, out.read_bytes()
+
+
+def model_file(model: str, folder: Path) -> str | None:
+    """The checkpoint ``ddpm-fast sample`` reads: None for the embedded model; a named
+    configuration of the sampler benchmark is saved as a ddpm-fast file first."""
+    from ddpm_fast import bench, save_pipeline
+
+    if model == "default":
+        return None
+    if model in bench.MODELS:
+        return str(save_pipeline(bench.model_pipeline(model), folder / f"{model}.safetensors"))
+    return model
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("checkpoint", nargs="?", help="default: the embedded default model")
+    parser.add_argument("model", nargs="?", default="default", help="default: the embedded model")
     parser.add_argument("--procs", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--num", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=16)
@@ -66,14 +83,16 @@ def main() -> None:
     parser.add_argument("--device", default=None)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--name", default=f"scale-{date.today().isoformat()}")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="folder for the tables")
     args = parser.parse_args()
 
     times: dict[int, list[float]] = {p: [] for p in args.procs}
     outputs: dict[int, bytes] = {}
     with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = model_file(args.model, Path(tmp))
         for _ in range(args.repeats):  # interleaved, so a change in load hits every count
             for procs in args.procs:
-                seconds, data = run_once(procs, args, Path(tmp))
+                seconds, data = run_once(procs, args, Path(tmp), checkpoint)
                 times[procs].append(seconds)
                 outputs.setdefault(procs, data)
     same = len(set(outputs.values())) == 1
@@ -108,10 +127,18 @@ def main() -> None:
             f"| {r['processes']} | {r['median_s']:.1f} ({r['min_s']:.1f}-{r['max_s']:.1f}) "
             f"| {r['images_per_s']:.2f} | {r['speed_up']:.2f}x |"
         )
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{args.name}.md").write_text("\n".join(lines) + "\n")
-    (RESULTS / f"{args.name}.json").write_text(
-        json.dumps({"args": vars(args), "rows": rows, "same_bytes": same, "times": times}, indent=2)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"{args.name}.md").write_text("\n".join(lines) + "\n")
+    (args.out / f"{args.name}.json").write_text(
+        json.dumps(
+            {
+                "args": {k: str(v) for k, v in vars(args).items()},
+                "rows": rows,
+                "same_bytes": same,
+                "times": times,
+            },
+            indent=2,
+        )
     )
     print("\n".join(lines))
     if not same:
