@@ -280,6 +280,27 @@ def test_the_engine_is_a_pipeline_with_the_same_contract(default_pipeline, defau
         default_engine.sample(1, steps=5000)
 
 
+@pytest.mark.slow
+def test_a_bf16_chain_keeps_its_last_conv_in_fp32_and_within_twice_pytorchs_error(
+    default_pipeline,
+):
+    """bf16 on the CPU, by flash-attention's rule on whole chains: the engine's images against
+    the fp32 reference's, at most twice the error of PyTorch's own bf16 (the reference under
+    autocast). The last conv stays fp32: the sampler amplifies its rounding near t = T."""
+    engine = Engine(default_pipeline, dtype="bf16")
+    kwargs = dict(sampler="ddim", steps=10, seed=7)
+    want = default_pipeline.sample(8, **kwargs)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        own = default_pipeline.sample(8, **kwargs)
+    got = engine.sample(8, **kwargs)
+    network = next(iter(engine._chains.values())).network
+    final = getattr(network.final_conv, "conv", network.final_conv)  # CpuConv2d wraps it
+    convs = [m for m in network.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert {m.weight.dtype for m in convs if m is not final} == {torch.bfloat16}
+    assert final.weight.dtype == torch.float32
+    assert (got - want).abs().mean() <= 2 * (own - want).abs().mean()
+
+
 # GPU
 
 
