@@ -218,6 +218,22 @@ def plan_split(
     return cdiv(length, chunk), chunk
 
 
+# CUDA's limits on a launch grid: 2**31 - 1 programs along x, 65535 along y and z.
+MAX_GRID = (2**31 - 1, 65535, 65535)
+
+
+def check_grid(grid: tuple[int, ...], what: str) -> tuple[int, ...]:
+    """``grid`` itself, after checking that each of its dimensions is within CUDA's limits (put
+    the axis that grows with the image along x)."""
+    for axis, (size, limit) in enumerate(zip(grid, MAX_GRID, strict=False)):
+        if size > limit:
+            raise ValueError(
+                f"{what} needs a launch grid of {tuple(grid)}: axis {axis} is over CUDA's limit "
+                f"of {limit}"
+            )
+    return grid
+
+
 def device_guard(x: torch.Tensor):
     """Make ``x``'s CUDA device current for a launch (a no-op elsewhere)."""
     return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
@@ -241,6 +257,13 @@ def cast_to(y, dtype: tl.constexpr):
         bits += 0x7FFF + ((bits >> 16) & 1)
         y = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
     return y.to(dtype)
+
+
+@jit
+def program_offset(axis: tl.constexpr, stride):
+    """``program_id(axis) * stride`` in int64: the offset of a program's sample, right past 2**31
+    elements in all (int32 would wrap)."""
+    return tl.program_id(axis).to(tl.int64) * stride
 
 
 @jit

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from ._launch import (
     cast_to,
     cdiv,
+    check_grid,
     check_input,
     check_out,
     device_guard,
@@ -75,9 +76,10 @@ def _channel_norm_kernel(
     HAS_SHIFT: tl.constexpr,
     SILU: tl.constexpr,
 ):
-    """Program (sample, block of pixels). CENTER: LayerNorm, else RMSNorm (F.normalize)."""
-    n = tl.program_id(0).to(tl.int64)
-    offs_s = tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S)
+    """Program (block of pixels, sample): the pixels along x, whose limit is 2**31 - 1 programs,
+    not y's 65535. CENTER: LayerNorm, else RMSNorm (F.normalize)."""
+    n = tl.program_id(1).to(tl.int64)
+    offs_s = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)
     offs_c = tl.arange(0, BLOCK_C)
     mask_c = offs_c < C
     mask = mask_c[:, None] & (offs_s < HW)[None, :]
@@ -115,6 +117,12 @@ def channel_norm_settings(channels: int, positions: int) -> dict:
     return {"BLOCK_C": block_c, "BLOCK_S": block_s, "num_warps": num_warps(block_c * block_s)}
 
 
+def channel_norm_grid(batch: int, positions: int, block_s: int) -> tuple[int, int]:
+    """(blocks of pixels, samples): a 256-channel 1024 x 1024 image is 65536 blocks of 16 pixels,
+    over y's limit, so the pixels go along x."""
+    return check_grid((cdiv(positions, block_s), batch), "channel_norm")
+
+
 def _launch(
     x: torch.Tensor,
     g: torch.Tensor,
@@ -136,7 +144,7 @@ def _launch(
     sc = x if scale is None else scale
     sh = x if shift is None else shift
     settings = channel_norm_settings(c, h * w)
-    grid = (n, cdiv(h * w, settings["BLOCK_S"]))
+    grid = channel_norm_grid(n, h * w, settings["BLOCK_S"])
     with device_guard(x):
         _channel_norm_kernel[grid](
             x, out, g, sc, sh, c, h * w, eps, gain, *sx, *sy, g.stride(0),

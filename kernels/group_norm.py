@@ -45,6 +45,8 @@ from ._launch import (
 )
 
 ACTIVATIONS = (None, "silu")
+# Elements of the smallest tile a split reduction shrinks to (a program's worth of work).
+MIN_SPLIT_TILE = 256
 
 
 @jit
@@ -343,6 +345,12 @@ def _group_norm_apply_kernel(
     )  # fmt: skip
 
 
+def runs_kernel(x: torch.Tensor, backend: str | None = None) -> bool:
+    """Whether :func:`group_norm` on ``x`` runs the Triton kernel (else its PyTorch path), where a
+    pre-bias costs nothing: a caller may then move a convolution's bias into it."""
+    return use_triton(backend, x, _group_norm_fused_kernel)
+
+
 def group_norm_settings(
     batch: int,
     channels: int,
@@ -350,12 +358,26 @@ def group_norm_settings(
     positions: int,
     device: torch.device,
     split: int | None = None,
+    sms: int | None = None,
 ) -> dict:
-    """Launch settings: tile, warps and the split of H x W (``chunks`` of ``chunk`` positions)."""
+    """Launch settings: tile, warps and the split of H x W (``chunks`` of ``chunk`` positions).
+
+    Where the N x G programs would leave the GPU (``sms`` multiprocessors: the device's) idle and
+    a group takes more than one tile, or ``split`` asks for chunks, the tile shrinks along H x W
+    (by itself down to :data:`MIN_SPLIT_TILE` elements) so that there are that many chunks to
+    cut: at batch 1, 8 groups of 8 channels at 32 x 32 make 256 programs of 8 x 32 rather than 16
+    of 8 x 512. A group that fits one tile is not split: its program is short, and the split's
+    second kernel would cost a launch."""
     block_c, block_s = tile_shape(channels // groups, positions)
-    if split is not None:  # a forced split gets at least ``split`` tiles to cut
-        block_s = max(2, min(block_s, next_power_of_2(cdiv(positions, split))))
-    chunks, chunk = plan_split(batch * groups, positions, block_s, sm_count(device), split)
+    sms = sm_count(device) if sms is None else sms
+    programs = batch * groups
+    wanted = split if split is not None else cdiv(2 * sms, programs)
+    if split is None and positions <= block_s:
+        wanted = 1  # a group in one tile: its program is short, and a split costs a launch
+    if wanted > 1:  # a forced split may go down to 2 positions a tile
+        floor = 2 if split is not None else max(2, MIN_SPLIT_TILE // block_c)
+        block_s = min(block_s, max(floor, next_power_of_2(cdiv(positions, wanted))))
+    chunks, chunk = plan_split(programs, positions, block_s, sms, split)
     return {
         "BLOCK_C": block_c,
         "BLOCK_S": block_s,

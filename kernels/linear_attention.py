@@ -13,8 +13,9 @@ and divides v by N: pass ``v_scale=1 / N`` to compute its ``LinearAttention`` ex
 Two kernels, each one pass over the positions, fp32 throughout: ``_context_kernel`` runs an
 online softmax over a chunk of positions (per-row running max and sum, the context rescaled as
 the max grows) and writes the chunk's (max, sum, context); ``_output_kernel`` merges the chunks
-and the memory, then computes softmax(q) and ``context^T q`` for its chunk of positions. At small
-batch the positions are cut in several chunks so that the GPU fills (:func:`plan_split`).
+and the memory (``BLOCK_M`` slots at a time, so that shared memory holds any number), then computes
+softmax(q) and ``context^T q`` for its chunk of positions. At small batch the positions are cut in
+several chunks so that the GPU fills (:func:`plan_split`).
 """
 
 from __future__ import annotations
@@ -40,6 +41,9 @@ from ._launch import (
 
 MAX_HEAD_DIM = 128
 MAX_MEMORY = 256
+# d x BLOCK_M: a tile of memory keys (and of values) of the output kernel: 32 slots at d = 128
+# (90,112 B of shared memory for sm_90 with 16 warps; 64 slots take 164,864 B, 256 take 655,616 B).
+MEMORY_TILE_ELEMENTS = 4096
 
 
 @jit
@@ -94,6 +98,17 @@ def _context_kernel(
 
 
 @jit
+def _memory_keys(mem_base, offs_d, mask_d, m0, M, smD, smM, BLOCK_M: tl.constexpr):
+    """Memory keys [BLOCK_D, BLOCK_M] of slots ``m0 + [0, BLOCK_M)`` in fp32: -inf past the last
+    slot, 0 in the padded rows of d (whose max and exp stay finite)."""
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < M
+    ptrs = mem_base + offs_d[:, None] * smD + offs_m[None, :] * smM
+    mk = tl.load(ptrs, mask=mask_d[:, None] & mask_m[None, :], other=0.0).to(tl.float32)
+    return tl.where(mask_m[None, :], mk, float("-inf"))
+
+
+@jit
 def _output_kernel(
     qkv_ptr,
     mem_ptr,
@@ -134,14 +149,11 @@ def _output_kernel(
     m = tl.full([BLOCK_D], float("-inf"), tl.float32)
     for i in range(S):
         m = tl.maximum(m, tl.load(m_ptr + (pid * S + i) * BLOCK_D + offs_d))
-    if HAS_MEM:
-        offs_m = tl.arange(0, BLOCK_M)
-        mask_m = offs_m < M
-        mem_base = mem_ptr + head * smH
-        mk_ptrs = mem_base + offs_d[:, None] * smD + offs_m[None, :] * smM
-        mk = tl.load(mk_ptrs, mask=mask_d[:, None] & mask_m[None, :], other=0.0).to(tl.float32)
-        mk = tl.where(mask_m[None, :], mk, float("-inf"))
-        m = tl.maximum(m, tl.max(mk, axis=1))
+    mem_base = mem_ptr + head * smH
+    if HAS_MEM:  # the memory keys' max, a tile of BLOCK_M slots at a time
+        for m0 in range(0, M, BLOCK_M):
+            mk = _memory_keys(mem_base, offs_d, mask_d, m0, M, smD, smM, BLOCK_M)
+            m = tl.maximum(m, tl.max(mk, axis=1))
     l_sum = tl.zeros([BLOCK_D], tl.float32)
     ctx = tl.zeros([BLOCK_D, BLOCK_D], tl.float32)
     for i in range(S):
@@ -150,12 +162,16 @@ def _output_kernel(
         l_sum += tl.load(l_ptr + w * BLOCK_D + offs_d) * alpha
         ctx_ptrs = ctx_ptr + w * BLOCK_D * BLOCK_D + offs_d[:, None] * BLOCK_D + offs_d[None, :]
         ctx += tl.load(ctx_ptrs) * alpha[:, None]
-    if HAS_MEM:
-        p = tl.exp(mk - m[:, None])
-        l_sum += tl.sum(p, axis=1)
-        mv_ptrs = mem_base + smT + offs_m[:, None] * smM + offs_d[None, :] * smD
-        mv = tl.load(mv_ptrs, mask=mask_m[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
-        ctx += tl.dot(p, mv, input_precision="ieee")
+    if HAS_MEM:  # then their softmax weights and values, tile by tile
+        for m0 in range(0, M, BLOCK_M):
+            mk = _memory_keys(mem_base, offs_d, mask_d, m0, M, smD, smM, BLOCK_M)
+            p = tl.exp(mk - m[:, None])
+            l_sum += tl.sum(p, axis=1)
+            offs_m = m0 + tl.arange(0, BLOCK_M)
+            mv_ptrs = mem_base + smT + offs_m[:, None] * smM + offs_d[None, :] * smD
+            mask = (offs_m < M)[:, None] & mask_d[None, :]
+            mv = tl.load(mv_ptrs, mask=mask, other=0.0).to(tl.float32)
+            ctx += tl.dot(p, mv, input_precision="ieee")
     ctx = tl.where(mask_d[:, None], ctx * (v_scale / l_sum)[:, None], 0.0)
 
     q_base = qkv_ptr + b * sB + head * D * sC
@@ -180,15 +196,20 @@ def linear_attention_settings(
     positions: int,
     device: torch.device,
     split: int | None = None,
+    memory: int = 1,
 ) -> dict:
     """Launch settings: tiles (``tl.dot`` wants every side >= 16) and the split of the positions
-    into ``chunks`` of ``chunk`` for the context and the output kernels."""
+    into ``chunks`` of ``chunk`` for the context and the output kernels. The memory slots go
+    ``BLOCK_M`` at a time: the [d, BLOCK_M] x [BLOCK_M, d] fp32 product's operands take shared
+    memory: 256 slots at d = 128 in one tile would take 655,616 B (an H100/H200 has 232,448)."""
     block_d = max(16, next_power_of_2(dim_head))
     block_n = max(16, min(next_power_of_2(positions), 2048 // block_d, 128))
+    block_m = max(16, min(next_power_of_2(memory), MEMORY_TILE_ELEMENTS // block_d))
     chunks, chunk = plan_split(batch_heads, positions, block_n, sm_count(device), split)
     return {
         "BLOCK_D": block_d,
         "BLOCK_N": block_n,
+        "BLOCK_M": block_m,
         "num_warps": num_warps(max(block_d * block_n, block_d * block_d)),
         "chunks": chunks,
         "chunk": chunk,
@@ -252,7 +273,8 @@ def linear_attention(
     if out.numel() == 0:
         return out
     sq, so = spatial_strides("qkv", qkv), spatial_strides("out", out)
-    settings = linear_attention_settings(b * heads, d, n, qkv.device, split)
+    memory = 1 if mem_kv is None else mem_kv.shape[3]
+    settings = linear_attention_settings(b * heads, d, n, qkv.device, split, memory)
     block_d, block_n, chunks, chunk = (
         settings[k] for k in ("BLOCK_D", "BLOCK_N", "chunks", "chunk")
     )
@@ -262,7 +284,6 @@ def linear_attention(
     ws_ctx = torch.empty(partials, block_d, block_d, device=qkv.device, dtype=torch.float32)
     mem = qkv if mem_kv is None else mem_kv
     mem_strides = mem.stride() if mem_kv is not None else (0, 0, 0, 0)
-    memory = 1 if mem_kv is None else mem_kv.shape[3]
     warps = settings["num_warps"]
     with device_guard(qkv):
         grid = (b * heads, chunks)
@@ -273,7 +294,7 @@ def linear_attention(
         _output_kernel[grid](
             qkv, mem, ws_m, ws_l, ws_ctx, out, heads, d, n, memory, chunks, chunk,
             q_scale, float(v_scale), *sq, *mem_strides, *so,
-            BLOCK_D=block_d, BLOCK_N=block_n, BLOCK_M=max(16, next_power_of_2(memory)),
+            BLOCK_D=block_d, BLOCK_N=block_n, BLOCK_M=settings["BLOCK_M"],
             HAS_MEM=mem_kv is not None, num_warps=warps,
         )  # fmt: skip
     return out

@@ -21,7 +21,16 @@ from __future__ import annotations
 
 import torch
 
-from ._launch import cdiv, check_input, device_guard, jit, tl, use_triton
+from ._launch import (
+    cdiv,
+    check_grid,
+    check_input,
+    device_guard,
+    jit,
+    program_offset,
+    tl,
+    use_triton,
+)
 
 # The columns of a coefficient row.
 COEFFICIENTS = (
@@ -60,8 +69,10 @@ def _sampler_step_kernel(
     BLOCK: tl.constexpr,
 ):
     """Program (block of a sample's C*H*W elements, sample). DRAW: draw z with tl.randn, else
-    read it from z_ptr."""
+    read it from z_ptr. Samples' offsets are int64: a batch may hold more than 2**31 values."""
     n = tl.program_id(1)
+    base = program_offset(1, numel)
+    out_base = program_offset(1, out_stride)
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < numel
     k = tl.load(step_ptr).to(tl.int32)
@@ -75,15 +86,15 @@ def _sampler_step_kernel(
     c_eps = tl.load(row + 6)
     noise_on = tl.load(row + 10)
 
-    x = tl.load(x_ptr + n * numel + offs, mask=mask, other=0.0)
-    o = tl.load(out_ptr + n * out_stride + offs, mask=mask, other=0.0).to(tl.float32)
+    x = tl.load(x_ptr + base + offs, mask=mask, other=0.0)
+    o = tl.load(out_ptr + out_base + offs, mask=mask, other=0.0).to(tl.float32)
     x0 = a * x - b * o
     x0 = tl.minimum(tl.maximum(x0, -1.0), 1.0)
     x_next = c_x0 * x0 + c_xt * x
     eps = (x0_from_xt * x - x0) / x0_from_eps
     x_next = x_next + c_eps * eps
     if LEARNED:
-        v = tl.load(out_ptr + n * out_stride + numel + offs, mask=mask, other=0.0)
+        v = tl.load(out_ptr + out_base + numel + offs, mask=mask, other=0.0)
         frac = (v.to(tl.float32) + 1.0) * 0.5
         log_var = frac * tl.load(row + 9) + (1.0 - frac) * tl.load(row + 8)
         sigma = tl.exp(0.5 * log_var)
@@ -93,10 +104,10 @@ def _sampler_step_kernel(
         key = tl.load(keys_ptr + n)
         z = tl.randn(key, (k + 1) * numel + offs)
     else:
-        z = tl.load(z_ptr + n * numel + offs, mask=mask, other=0.0)
+        z = tl.load(z_ptr + base + offs, mask=mask, other=0.0)
     x_next = x_next + noise_on * (sigma * z)
-    tl.store(x_next_ptr + n * numel + offs, x_next, mask=mask)
-    tl.store(x0_ptr + n * numel + offs, x0, mask=mask)
+    tl.store(x_next_ptr + base + offs, x_next, mask=mask)
+    tl.store(x0_ptr + base + offs, x0, mask=mask)
 
 
 def _check(
@@ -174,7 +185,7 @@ def sampler_step(
     x_next, x0 = out if out is not None else (torch.empty_like(x), torch.empty_like(x))
     model_output = model_output.contiguous()
     with device_guard(x):
-        _sampler_step_kernel[(cdiv(numel, BLOCK), b)](
+        _sampler_step_kernel[check_grid((cdiv(numel, BLOCK), b), "sampler_step")](
             model_output, x, coeffs, step, keys if z is None else x, x if z is None else z,
             x_next, x0, numel, model_output.stride(0), NCOEF=NUM_COEFFICIENTS, LEARNED=learned,
             DRAW=z is None, BLOCK=BLOCK, num_warps=4,

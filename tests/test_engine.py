@@ -5,14 +5,18 @@ precision."""
 
 from __future__ import annotations
 
+import collections
 import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import ddpm_fast
 from ddpm_fast.engine import Engine, FastUnet
 from ddpm_fast.engine.cpu_conv import CpuConv2d
+from ddpm_fast.engine.network import FastBlock
 from ddpm_fast.errors import ConfigError
 from ddpm_fast.models.dd_pytorch_v1 import Unet, UnetConfig
 from ddpm_fast.pipeline import DiffusionConfig, Pipeline
@@ -71,6 +75,22 @@ def test_one_forward_is_the_reference_network(name):
             assert rel_error(got, want) <= NETWORK_TOLERANCE, (name, t)
 
 
+@pytest.mark.parametrize("name", ["plain", "fourier+groups4"])
+def test_conv_biases_in_the_group_norm_are_the_reference_network(name):
+    """Where the GroupNorm kernel runs, each Block's conv bias is its pre-bias instead (checked
+    here on the PyTorch path, which computes the same sum)."""
+    config = CONFIGS[name]
+    network = randomized(config)
+    fast = FastUnet(network, torch.tensor([700, 3]), bias_in_norm=True)
+    blocks = [m for m in fast.modules() if isinstance(m, FastBlock)]
+    assert blocks and all(b.proj.bias is None and b.pre_bias is not None for b in blocks)
+    x = torch.randn(2, config.channels, 16, 16)
+    with torch.no_grad():
+        for k, t in enumerate((700, 3)):
+            want = network(x, torch.full((2,), t))
+            assert rel_error(fast(x, torch.tensor([k])), want) <= NETWORK_TOLERANCE
+
+
 def test_the_engine_leaves_the_reference_network_as_it_was():
     network = randomized(CONFIGS["plain"])
     before = {k: v.clone() for k, v in network.state_dict().items()}
@@ -87,6 +107,103 @@ def test_the_cpu_convolutions_are_the_convolutions():
         want = conv(x)
         assert rel_error(fast(x), want) <= 1e-5
         assert rel_error(fast(x), want) <= 1e-5  # the planned path, second call
+
+
+class LaunchCounter(TorchDispatchMode):
+    """ATen ops by name that would each launch work on a GPU: all but views and allocations; a
+    convolution with a bias adds one (CUDA's adds its bias in a kernel of its own)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if not (func.is_view or name.startswith("empty") or name in ("detach", "alias")):
+            self.ops[name] += 1
+            if name == "convolution" and args[2] is not None:
+                self.ops["convolution bias"] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def gpu_step_launches(
+    network: FastUnet, monkeypatch, batch: int = 1, size: int = 32
+) -> collections.Counter:
+    """Launches of one engine step (network and sampler update) as the GPU path makes them,
+    counted on the CPU: ATen ops through :class:`LaunchCounter`, and each Triton kernel, with every
+    launcher forced to its kernel and the kernel replaced by a stand-in that counts and runs
+    nothing (the values are garbage; the sequence of launches does not depend on them)."""
+    from ddpm_fast.kernels import channel_norm, group_norm, linear_attention, sampler_step
+
+    counter = LaunchCounter()
+
+    class Kernel:
+        def __init__(self, name: str):
+            self.name = name
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                counter.ops[f"triton {self.name}"] += 1
+
+            return launch
+
+    for module in (channel_norm, group_norm, linear_attention, sampler_step):
+        monkeypatch.setattr(module, "use_triton", lambda backend, x, kernel: True)
+        for name in dir(module):
+            if name.startswith("_") and name.endswith("_kernel"):
+                monkeypatch.setattr(module, name, Kernel(name.strip("_")))
+    c = network.channels
+    x, x0 = torch.randn(batch, c, size, size), torch.empty(batch, c, size, size)
+    step = torch.zeros(1, dtype=torch.int64)
+    coeffs = torch.zeros(1, sampler_step.NUM_COEFFICIENTS)
+    keys = torch.zeros(batch, dtype=torch.int64)
+    with torch.no_grad(), counter:
+        out = network(x, step)
+        sampler_step.sampler_step(out, x, coeffs, step, keys, out=(x, x0))
+    return counter.ops
+
+
+def test_a_step_launches_fewer_kernels(monkeypatch):
+    """The seed's CIFAR-10 U-Net (ddpm_fast.bench's), one step at batch 1 as on a GPU: one gather
+    of the time conditioning for the whole network, and no add of its own for any Block's conv
+    bias where the GroupNorm kernel takes it as its pre-bias. Prints the counts (pytest -s)."""
+    from ddpm_fast.bench import model_pipeline
+
+    network = model_pipeline("cifar10").network
+    timesteps = torch.arange(0, 1000, 100)
+    separate = gpu_step_launches(FastUnet(network, timesteps, bias_in_norm=False), monkeypatch)
+    fused = FastUnet(network, timesteps, bias_in_norm=True)
+    launches = gpu_step_launches(fused, monkeypatch)
+    blocks = sum(isinstance(m, FastBlock) for m in fused.modules())
+    for label, ops in (("conv biases apart", separate), ("in the GroupNorm", launches)):
+        triton = sum(n for op, n in ops.items() if op.startswith("triton"))
+        print(f"launches per step, {label}: {ops.total()} ({triton} Triton kernels): {dict(ops)}")
+    assert launches["index_select"] == 1
+    assert launches.total() == separate.total() - blocks
+    assert launches["triton group_norm_fused_kernel"] == blocks
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_the_middle_attention_gives_sdpa_heads_contiguous_in_d(monkeypatch, channels_last):
+    """SDPA's fused kernels want the last (d) axis contiguous; in NCHW it was H x W apart."""
+    strides = []
+    sdpa = F.scaled_dot_product_attention
+
+    def spy(q, k, v, **kwargs):
+        strides.extend(t.stride(-1) for t in (q, k, v))
+        return sdpa(q, k, v, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    network = randomized(CONFIGS["plain"])
+    fast = FastUnet(network, torch.tensor([10]))
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    fast = fast.to(memory_format=memory_format)
+    x = torch.randn(2, 3, 16, 16).to(memory_format=memory_format)
+    with torch.no_grad():
+        got = fast(x, torch.tensor([0]))
+        want = network(x, torch.full((2,), 10))
+    assert strides == [1, 1, 1]
+    assert rel_error(got, want) <= NETWORK_TOLERANCE
 
 
 @pytest.fixture(scope="module")
@@ -161,6 +278,27 @@ def test_the_engine_is_a_pipeline_with_the_same_contract(default_pipeline, defau
     assert default_engine.config == default_pipeline.config
     with pytest.raises(ConfigError, match="steps must be between"):
         default_engine.sample(1, steps=5000)
+
+
+@pytest.mark.slow
+def test_a_bf16_chain_keeps_its_last_conv_in_fp32_and_within_twice_pytorchs_error(
+    default_pipeline,
+):
+    """bf16 on the CPU, by flash-attention's rule on whole chains: the engine's images against
+    the fp32 reference's, at most twice the error of PyTorch's own bf16 (the reference under
+    autocast). The last conv stays fp32: the sampler amplifies its rounding near t = T."""
+    engine = Engine(default_pipeline, dtype="bf16")
+    kwargs = dict(sampler="ddim", steps=10, seed=7)
+    want = default_pipeline.sample(8, **kwargs)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        own = default_pipeline.sample(8, **kwargs)
+    got = engine.sample(8, **kwargs)
+    network = next(iter(engine._chains.values())).network
+    final = getattr(network.final_conv, "conv", network.final_conv)  # CpuConv2d wraps it
+    convs = [m for m in network.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert {m.weight.dtype for m in convs if m is not final} == {torch.bfloat16}
+    assert final.weight.dtype == torch.float32
+    assert (got - want).abs().mean() <= 2 * (own - want).abs().mean()
 
 
 # GPU

@@ -42,10 +42,11 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
 
 
 def cast_convolutions(network: torch.nn.Module, dtype: torch.dtype) -> None:
-    """Convolutions (weights and biases) in ``dtype``; norms and time tables stay fp32, which the
-    kernels take as they are and keep the statistics' precision."""
+    """Convolutions (weights and biases) in ``dtype``, but those marked ``keeps_fp32`` (the
+    network's last); norms and time tables stay fp32, which the kernels take as they are and
+    keep the statistics' precision."""
     for module in network.modules():
-        if isinstance(module, torch.nn.Conv2d):
+        if isinstance(module, torch.nn.Conv2d) and not getattr(module, "keeps_fp32", False):
             module.to(dtype)
 
 

@@ -2,9 +2,13 @@
 that a machine with no GPU still catches what the interpreter lets through: type changes of a
 loop-carried value, shapes ``tl.dot`` refuses, ints that Triton specialises to constants.
 
-Run as a script with ``TRITON_INTERPRET`` unset (``tests/kernels/test_compile.py`` does):
+Each compiled kernel's shared memory must fit the target's (``metadata.shared``): a tile that
+the interpreter runs happily can still be refused at launch with OutOfResources.
+
+Run as a script with ``TRITON_INTERPRET`` unset (``tests/kernels/test_launch.py`` does):
 ``python tests/kernels/compile_kernels.py [sm]``. Needs Triton's ``ASTSource(fn, signature,
-constexprs)`` with names as keys (triton >= 3.3); exits 3 where that API differs.
+constexprs)`` with names as keys (triton >= 3.3); exits 3 where that API differs, 1 where a
+kernel needs more shared memory than the target has.
 """
 
 from __future__ import annotations
@@ -13,6 +17,8 @@ import inspect
 import sys
 
 FLOATS = {"eps", "gain", "q_scale", "v_scale"}
+# Shared memory one block may use (opt-in maximum): A100 (sm_80), H100/H200 (sm_90).
+SHARED_MEMORY = {80: 166_912, 90: 232_448}
 
 
 def signature(kernel, pointers: dict[str, str], constexprs: dict) -> dict[str, str]:
@@ -29,6 +35,9 @@ def signature(kernel, pointers: dict[str, str], constexprs: dict) -> dict[str, s
 
 
 def cases():
+    """(kernel, pointer types, constexprs[, launch options]) for each compiled case."""
+    import torch
+
     from ddpm_fast.kernels import channel_norm, group_norm, linear_attention, sampler_step
 
     gn_flags = ("HAS_PRE_BIAS", "HAS_WEIGHT", "HAS_BIAS", "HAS_SCALE", "HAS_SHIFT", "SILU")
@@ -60,6 +69,17 @@ def cases():
     bf16_io = {"qkv_ptr": "bf16", "mem_ptr": "bf16", "out_ptr": "bf16"}
     yield linear_attention._output_kernel, bf16_io, {**la, "BLOCK_M": 16, "HAS_MEM": True}
     yield linear_attention._output_kernel, {}, {**la, "BLOCK_M": 16, "HAS_MEM": False, "S": 1}
+    # The widest head (d = 128) with the most memory slots, as the launcher sets it up.
+    wide = linear_attention.linear_attention_settings(
+        4, linear_attention.MAX_HEAD_DIM, 32 * 32, torch.device("cpu"),
+        memory=linear_attention.MAX_MEMORY,
+    )  # fmt: skip
+    tiles = {k: wide[k] for k in ("BLOCK_D", "BLOCK_N")}
+    warps = {"num_warps": wide["num_warps"]}
+    yield linear_attention._context_kernel, {}, tiles, warps
+    yield linear_attention._output_kernel, {}, {
+        **tiles, "BLOCK_M": wide["BLOCK_M"], "HAS_MEM": True,
+    }, warps  # fmt: skip
     step_ints = {"step_ptr": "i64", "keys_ptr": "i64"}
     step = {"NCOEF": sampler_step.NUM_COEFFICIENTS, "BLOCK": sampler_step.BLOCK}
     yield sampler_step._sampler_step_kernel, {**step_ints, "out_ptr": "bf16"}, {
@@ -78,11 +98,23 @@ def main() -> int:
         return 3
     arch = int(sys.argv[1]) if len(sys.argv) > 1 else 90
     target = GPUTarget("cuda", arch, 32)
-    for kernel, pointers, constexprs in cases():
+    limit = SHARED_MEMORY.get(arch, min(SHARED_MEMORY.values()))
+    status = 0
+    for kernel, pointers, constexprs, *options in cases():
         src = ASTSource(kernel, signature(kernel, pointers, constexprs), constexprs)
-        compiled = triton.compile(src, target=target)
-        print(f"ok {kernel.__name__} sm_{arch} {len(compiled.asm['ptx'])} chars of PTX")
-    return 0
+        options = options[0] if options else {}
+        compiled = triton.compile(src, target=target, options=options)
+        shared = compiled.metadata.shared
+        if shared > limit:
+            status = 1
+            print(f"too much shared memory: {kernel.__name__} {constexprs} {options} needs "
+                  f"{shared} B on sm_{arch}, which has {limit}", file=sys.stderr)  # fmt: skip
+            continue
+        print(
+            f"ok {kernel.__name__} sm_{arch} {len(compiled.asm['ptx'])} chars of PTX, "
+            f"{shared} B of shared memory"
+        )
+    return status
 
 
 if __name__ == "__main__":

@@ -6,6 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import ddpm_fast.kernels.channel_norm as cn_module
+from ddpm_fast.kernels import _launch
 from ddpm_fast.kernels.channel_norm import (
     channel_layer_norm,
     channel_layer_norm_reference,
@@ -162,6 +164,42 @@ def test_settings_hold_all_channels(channels, side):
     s = channel_norm_settings(channels, side * side)
     assert s["BLOCK_C"] >= channels and s["BLOCK_S"] >= 2
     assert s["BLOCK_C"] * s["BLOCK_S"] <= max(4096, 2 * s["BLOCK_C"])
+
+
+class GridRecorder:
+    """Stands for a kernel: records the grid of each launch and runs nothing."""
+
+    def __init__(self):
+        self.grids = []
+
+    def __getitem__(self, grid):
+        self.grids.append(grid)
+        return lambda *args, **kwargs: None
+
+
+@pytest.mark.parametrize(
+    "shape", [(1, 256, 1024, 1024), (2, 64, 2048, 2048), (70000, 32, 4, 4)], ids=str
+)
+def test_the_launch_grid_of_a_huge_image_is_within_cuda_limits(monkeypatch, shape):
+    """256 channels at 1024 x 1024 is 65536 blocks of pixels per sample: over the y axis's 65535,
+    fine along x. Launched on meta tensors with the kernel replaced: nothing is allocated."""
+    n, c, h, w = shape
+    recorder = GridRecorder()
+    monkeypatch.setattr(cn_module, "_channel_norm_kernel", recorder)
+    monkeypatch.setattr(_launch, "is_interpreted", lambda kernel: True)
+    x = torch.empty(shape, device="meta")
+    if n > _launch.MAX_GRID[1]:  # the batch is along y
+        with pytest.raises(ValueError, match="over CUDA's limit of 65535"):
+            channel_layer_norm(x, torch.ones(c, device="meta"), backend="triton")
+        return
+    channel_layer_norm(x, torch.ones(c, device="meta"), backend="triton")
+    channel_rms_norm(x, torch.ones(c, device="meta"), backend="triton")
+    settings = channel_norm_settings(c, h * w)
+    for grid in recorder.grids:
+        assert grid == (-(-h * w // settings["BLOCK_S"]), n)
+        assert all(size <= limit for size, limit in zip(grid, _launch.MAX_GRID, strict=False))
+    if shape[1:] == (256, 1024, 1024):
+        assert recorder.grids[0][0] > _launch.MAX_GRID[1], "this shape needs x for the pixels"
 
 
 def test_reference_at_the_widest_shape():

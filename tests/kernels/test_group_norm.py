@@ -222,6 +222,32 @@ def test_settings_cover_every_position_once(batch, channels, groups, side):
         assert chunks == 1
 
 
+@pytest.mark.parametrize("batch", [1, 2, 16, 128])
+@pytest.mark.parametrize(
+    ("channels", "groups", "side"),
+    [(64, 8, 32), (128, 8, 32), (256, 8, 16), (512, 8, 4), (64, 32, 64), (128, 32, 256)],
+)
+def test_a_small_batch_splits_into_enough_programs(batch, channels, groups, side):
+    """The CIFAR-10 U-Net's GroupNorms on a 132-multiprocessor GPU: where N x G programs are too
+    few, the tile shrinks so that the split gives the GPU work (at least one program per
+    multiprocessor where H x W has enough tiles of MIN_SPLIT_TILE elements); no split where a
+    group fits one tile, nor at large batch."""
+    sms, positions = 132, side * side
+    s = group_norm_settings(batch, channels, groups, positions, torch.device("cpu"), sms=sms)
+    programs = batch * groups * s["chunks"]
+    assert s["BLOCK_C"] * s["BLOCK_S"] <= _launch.TILE_ELEMENTS
+    assert s["chunk"] % s["BLOCK_S"] == 0
+    assert (s["chunks"] - 1) * s["chunk"] < positions <= s["chunks"] * s["chunk"]
+    one_tile = _launch.tile_shape(channels // groups, positions)[1] >= positions
+    if batch * groups >= 2 * sms or one_tile:  # no split: it would cost a launch for little
+        assert s["chunks"] == 1
+    else:
+        tile = min(positions * s["BLOCK_C"], gn_module.MIN_SPLIT_TILE)
+        assert s["BLOCK_C"] * s["BLOCK_S"] >= tile
+        room = positions * s["BLOCK_C"] // gn_module.MIN_SPLIT_TILE  # tiles H x W can give
+        assert programs >= min(sms, batch * groups * room, batch * groups * _launch.MAX_SPLIT)
+
+
 @pytest.mark.parametrize(("shape", "groups"), [((1, 1024, 64, 64), 32), ((1, 64, 256, 256), 8)])
 def test_reference_at_large_shapes(shape, groups):
     """The reference (the CPU path) at the widest and at the largest image agrees with float64."""

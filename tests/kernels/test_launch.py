@@ -105,10 +105,37 @@ def test_outputs_round_to_nearest_even_as_torch(dtype):
     assert torch.equal(y, x.to(dtype))
 
 
+if HAS_TRITON:
+
+    @triton.jit
+    def _offset_kernel(out_ptr, stride):
+        tl.store(out_ptr + tl.program_id(0), _launch.program_offset(0, stride))
+
+
+@needs_triton
+def test_sample_offsets_are_int64_past_2_31():
+    """The sampler step's (and any kernel's) offset of sample n, n * numel, as program_offset
+    computes it: int32 would wrap at 2**31."""
+    stride = 2**30 + 3
+    out = torch.zeros(5, dtype=torch.int64, device="cuda" if HAS_CUDA else "cpu")
+    _offset_kernel[(5,)](out, stride)
+    assert out.tolist() == [n * stride for n in range(5)]
+
+
+def test_grids_over_cuda_limits_are_clear_errors():
+    assert _launch.check_grid((2**31 - 1, 65535, 65535), "k") == (2**31 - 1, 65535, 65535)
+    with pytest.raises(ValueError, match=r"k needs a launch grid of \(1, 65536\): axis 1"):
+        _launch.check_grid((1, 65536), "k")
+    with pytest.raises(ValueError, match="axis 0 is over CUDA's limit of 2147483647"):
+        _launch.check_grid((2**31, 1), "k")
+
+
 @needs_triton
 def test_every_kernel_compiles_for_a_gpu(tmp_path):
     """The interpreter does not type-check like the compiler: compile each kernel for sm_90
-    (and sm_80) here, on the CPU."""
+    (and sm_80) here, on the CPU, within the target's shared memory."""
+    from .compile_kernels import cases
+
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path)
     script = str(HERE / "compile_kernels.py")
@@ -119,4 +146,4 @@ def test_every_kernel_compiles_for_a_gpu(tmp_path):
         if run.returncode == 3:
             pytest.skip(run.stderr.strip())
         assert run.returncode == 0, run.stderr[-4000:]
-        assert run.stdout.count("ok ") == 12
+        assert run.stdout.count("ok ") == len(list(cases())), run.stdout

@@ -8,6 +8,9 @@ import torch
 from torch import nn
 
 from ddpm_fast.kernels.linear_attention import (
+    MAX_HEAD_DIM,
+    MAX_MEMORY,
+    MEMORY_TILE_ELEMENTS,
     linear_attention,
     linear_attention_reference,
     linear_attention_settings,
@@ -91,6 +94,26 @@ def test_channels_last_and_flat_inputs(dtype):
         memory_format=torch.channels_last
     )
     check(*make_case(2, 2, 16, 5, 6, None, dtype, flat=True))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
+@pytest.mark.parametrize("memory", [MAX_MEMORY, 77])
+def test_many_memory_slots_in_tiles(memory, dtype):
+    """2.x memory at the widest head: the output kernel takes the slots BLOCK_M at a time (all 256
+    in one tile at d = 128 would not fit a GPU's shared memory; the compile test checks that
+    the tiled kernel does), the last tile partly past the last slot."""
+    settings = linear_attention_settings(1, MAX_HEAD_DIM, 9, torch.device("cpu"), memory=memory)
+    assert settings["BLOCK_M"] < memory
+    check(*make_case(1, 1, MAX_HEAD_DIM, 3, 3, memory, dtype, std=3.0))
+
+
+@pytest.mark.parametrize("dim_head", [8, 16, 32, 64, 128])
+@pytest.mark.parametrize("memory", [1, 4, 40, 256])
+def test_memory_tiles_stay_within_their_budget(dim_head, memory):
+    s = linear_attention_settings(4, dim_head, 64, torch.device("cpu"), memory=memory)
+    assert s["BLOCK_M"] >= 16 and s["BLOCK_M"] & (s["BLOCK_M"] - 1) == 0
+    assert s["BLOCK_D"] * s["BLOCK_M"] <= max(MEMORY_TILE_ELEMENTS, 16 * s["BLOCK_D"])
+    assert s["BLOCK_M"] >= min(memory, MEMORY_TILE_ELEMENTS // s["BLOCK_D"])
 
 
 def test_large_logits_do_not_overflow():

@@ -137,5 +137,34 @@ def test_bad_inputs_are_clear_errors(index):
         call()
 
 
+def test_a_batch_past_2_31_values_launches_within_cuda_limits(monkeypatch):
+    """64 images of 3 x 1024 x 1024 are 201M values a step; 70000 samples are over the y axis's
+    65535 and say so. Meta tensors and a stand-in kernel: nothing is allocated or run."""
+    import ddpm_fast.kernels.sampler_step as module
+    from ddpm_fast.kernels import _launch
+
+    grids = []
+
+    class Recorder:
+        def __getitem__(self, grid):
+            grids.append(grid)
+            return lambda *args, **kwargs: None
+
+    monkeypatch.setattr(module, "_sampler_step_kernel", Recorder())
+    monkeypatch.setattr(_launch, "is_interpreted", lambda kernel: True)
+    coeffs = torch.zeros(4, NUM_COEFFICIENTS, device="meta")
+    step = torch.zeros(1, dtype=torch.int64, device="meta")
+    for batch, side in ((700, 1024), (70000, 8)):
+        x = torch.empty(batch, 3, side, side, device="meta")
+        keys = torch.zeros(batch, dtype=torch.int64, device="meta")
+        if batch > _launch.MAX_GRID[1]:
+            with pytest.raises(ValueError, match="sampler_step needs a launch grid"):
+                sampler_step(x, x, coeffs, step, keys, backend="triton")
+        else:
+            assert x.numel() > 2**31  # offsets past int32: the kernel's are int64
+            sampler_step(x, x, coeffs, step, keys, backend="triton")
+            assert grids == [(-(-x[0].numel() // module.BLOCK), batch)]
+
+
 def test_the_columns_are_the_kernels():
     assert NUM_COEFFICIENTS == len(COEFFICIENTS) == 11
