@@ -60,6 +60,12 @@ def run_once(
     return time.perf_counter() - start, out.read_bytes()
 
 
+def cpu_model() -> str:
+    from ddpm_fast.machine import cpu_model
+
+    return cpu_model()
+
+
 def model_file(model: str, folder: Path) -> str | None:
     """The checkpoint ``ddpm-fast sample`` reads: None for the embedded model; a named
     configuration of the sampler benchmark is saved as a ddpm-fast file first."""
@@ -111,8 +117,7 @@ def main() -> None:
     lines = [
         f"# ddpm-fast sample: 1 vs N processes ({date.today().isoformat()})",
         "",
-        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
-        f"python {platform.python_version()}",
+        f"machine: {cpu_model()}, {os.cpu_count()} cores; python {platform.python_version()}",
         f"command: {' '.join(sys.argv)}",
         f"run: {args.num} images, batch {args.batch_size}, {args.sampler} {args.steps} steps, "
         f"device {args.device or 'cpu'}, median of {args.repeats} interleaved rounds "
