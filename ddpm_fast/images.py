@@ -1,7 +1,7 @@
-"""Writing samples: a PNG grid, a folder of PNGs, or an .npz of uint8 NHWC (``arr_0``, the
-layout FID tools read). Every file is written to a temporary name and renamed into place, so a
-crash never leaves a half-written image. NumPy and Pillow only: ``sample --onnx`` writes with it
-where torch is not installed."""
+"""Images to files: uint8 conversion, a PNG grid, PNGs in a folder (``ddpm_fast.output`` decides
+what goes where, and writes the .npz). Every file is written to a temporary name, flushed and
+renamed into place, so a crash never leaves a half-written image. NumPy and Pillow only:
+``sample --onnx`` writes with it where torch is not installed."""
 
 from __future__ import annotations
 
@@ -70,11 +70,3 @@ def image_path(folder: Path, index: int) -> Path:
 def save_folder(array: np.ndarray, indices: range, folder: Path) -> None:
     for index, image in zip(indices, array, strict=True):
         write_atomically(image_path(folder, index), lambda tmp, im=image: _pil(im).save(tmp, "PNG"))
-
-
-def save_npz(array: np.ndarray, path: Path) -> None:
-    def write(tmp: Path) -> None:
-        with open(tmp, "wb") as f:
-            np.savez(f, arr_0=array)
-
-    write_atomically(path, write)

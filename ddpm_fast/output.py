@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import NonFiniteError, OutputError
-from .images import _pil, grid, image_path, save_folder, to_uint8, write_atomically
+from .images import image_path, save_folder, save_grid, to_uint8, write_atomically
 
 MANIFEST = "run.json"
 MANIFEST_VERSION = 1
@@ -217,8 +217,7 @@ class Output:
             if self.kind == "npz":
                 write_atomically(self.path, lambda tmp: _save_npz(tmp, shards))
             else:
-                array = np.concatenate([np.load(s) for s in shards])
-                write_atomically(self.path, lambda tmp: _pil(grid(array)).save(tmp, "PNG"))
+                save_grid(np.concatenate([np.load(s) for s in shards]), self.path)
         except OSError as err:
             raise OutputError(
                 f"{self.path}: cannot write ({_reason(err)}); the {len(shards)} shards are kept "

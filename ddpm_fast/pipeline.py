@@ -360,9 +360,9 @@ class Pipeline:
         }
         options = dict(steps=spec.steps, sampler=spec.kind, eta=spec.eta, seed=seed)
         single = group.world == 1
-        bar = tqdm(
-            total=num, unit="img", desc="sampling", disable=not progress or single or group.rank
-        )
+        # One process: sample_batches' bar in steps. Several: rank 0's bar in images, all ranks.
+        shared_bar = progress and not single and group.rank == 0
+        bar = tqdm(total=num, unit="img", desc="sampling", disable=not shared_bar)
 
         def draw(count: int, start: int):
             batches = self.sample_batches(
@@ -378,7 +378,7 @@ class Pipeline:
         with bar:
             write_samples(
                 output, run, num, batch_size, draw, group=group, keep_shards=keep_shards,
-                say=say, progress=advance,
+                say=say, progress=advance if shared_bar else None,
             )  # fmt: skip
         return output
 
