@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import datetime
 import json
 import os
@@ -39,6 +38,7 @@ import torch
 from . import load
 from .engine import DTYPES, Engine
 from .errors import ConfigError
+from .flops import forward_flops
 from .machine import cpu_model
 from .models.dd_pytorch_v1 import Unet, UnetConfig
 from .pipeline import DiffusionConfig, Pipeline
@@ -116,31 +116,13 @@ def timed_chain(sampler, batch: int, steps: int, device: str, seed: int) -> floa
     return time.perf_counter() - start
 
 
-@torch.no_grad()
 def network_floor(pipeline: Pipeline, batch: int) -> dict:
     """FLOPs of one forward at this batch, and the bytes of its weights (a lower bound on the
-    bytes a forward moves: every weight is read at least once).
-
-    The forward runs on the meta device (shapes only, no data) with meta copies of the weights,
-    so the benchmarked network is never moved: compiled backends and captured graphs keep their
-    parameters' addresses. Where a forward cannot run on meta, a CPU deepcopy is counted."""
-    from torch.utils.flop_counter import FlopCounterMode
-
+    bytes a forward moves: every weight is read at least once)."""
     network = pipeline.network
-    shape = (batch, *pipeline.image_shape())
-    named = {**dict(network.named_parameters()), **dict(network.named_buffers())}
-    try:
-        tensors = {name: torch.empty_like(v, device="meta") for name, v in named.items()}
-        x = torch.zeros(shape, device="meta")
-        t = torch.zeros(batch, dtype=torch.long, device="meta")
-        with FlopCounterMode(display=False) as counter:
-            torch.func.functional_call(network, tensors, (x, t))
-    except (NotImplementedError, RuntimeError):  # an op without a meta kernel
-        copy_ = copy.deepcopy(network).cpu()
-        with FlopCounterMode(display=False) as counter:
-            copy_(torch.zeros(shape), torch.zeros(batch, dtype=torch.long))
     weight_bytes = sum(p.numel() * p.element_size() for p in network.parameters())
-    return {"flops": counter.get_total_flops(), "weight_bytes": weight_bytes}
+    flops = forward_flops(network, pipeline.image_shape(), batch)
+    return {"flops": flops, "weight_bytes": weight_bytes}
 
 
 def precision_flags(dtype: str):

@@ -103,6 +103,18 @@ def _sampling_arguments(parser: argparse.ArgumentParser, *, default_num: int) ->
     parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cpu)")
 
 
+SAMPLE_NUM = 16  # images `ddpm-fast sample` draws by default
+
+
+def _threads_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--threads",
+        type=_positive_int,
+        help="CPU threads (default: the cores available to this process, split or reduced "
+        "under load as `ddpm-fast info` shows)",
+    )
+
+
 def _load(args: argparse.Namespace) -> Pipeline:
     options = {
         "image_size": args.image_size,
@@ -157,8 +169,12 @@ def cmd_sample(args: argparse.Namespace) -> int:
     if args.reference:
         if args.dtype != "fp32":
             raise ConfigError("--dtype applies to the engine, not to --reference (fp32)")
+        if args.threads is not None:
+            import torch
+
+            torch.set_num_threads(args.threads)
     else:
-        pipeline = Engine(pipeline, dtype=args.dtype)
+        pipeline = Engine(pipeline, dtype=args.dtype, threads=args.threads)
     group, options["device"] = distributed.join(options["device"])
     try:
         pipeline.sample_to(
@@ -196,8 +212,9 @@ def _sample_onnx(args: argparse.Namespace, output: Output) -> int:
     given = [flag for dest, flag in _MODEL_FLAGS.items() if getattr(args, dest, None)]
     if given:
         raise ConfigError(f"{given[0]} does not apply to --onnx (the file fixes the model)")
-    if args.reference or args.dtype != "fp32":
-        flag = "--reference" if args.reference else "--dtype"
+    if args.reference or args.dtype != "fp32" or args.threads is not None:
+        flag = next(f for f, on in (("--reference", args.reference), ("--dtype", True),
+                                   ("--threads", args.threads is not None)) if on)  # fmt: skip
         raise ConfigError(f"{flag} does not apply to --onnx (ONNX Runtime runs the file)")
     if args.eta is not None:
         _chain(args)  # a bad --eta is the same error as without --onnx
@@ -284,6 +301,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
     pipeline = _load(args)
     info = describe(pipeline)
+    info["cpu_threads"] = _cpu_threads(pipeline, args.threads)
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
@@ -302,8 +320,20 @@ def cmd_info(args: argparse.Namespace) -> int:
         f"image size:  {diffusion['image_size'] or 'not stored (pass --image-size)'}",
     ]
     lines += [f"note:        {note}" for note in info["notes"]]
+    lines.append(f"cpu threads: {info['cpu_threads']}")
     print("\n".join(lines))
     return 0
+
+
+def _cpu_threads(pipeline: Pipeline, threads: int | None) -> str:
+    """How the engine would use this machine's cores for the default sample's batch."""
+    from .engine import Engine
+
+    if pipeline.diffusion.image_size is None:
+        return "depends on the image size (pass --image-size)"
+    batch = min(SAMPLE_NUM, DEFAULT_BATCH_SIZE)
+    plan = Engine(pipeline, threads=threads).thread_plan((batch, *pipeline.image_shape()))
+    return f"engine at batch {batch}: {plan.describe()}"
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
@@ -333,7 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sample = commands.add_parser("sample", help="draw images from a checkpoint")
     _model_arguments(sample, checkpoint_required=False)
-    _sampling_arguments(sample, default_num=16)
+    _sampling_arguments(sample, default_num=SAMPLE_NUM)
     sample.add_argument(
         "--out",
         default="samples.png",
@@ -360,6 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="fp32",
         help="the engine's precision (default fp32: the reference's images within 1e-4)",
     )
+    _threads_argument(sample)
     sample.set_defaults(run=cmd_sample)
 
     quality = commands.add_parser(
@@ -372,6 +403,7 @@ def build_parser() -> argparse.ArgumentParser:
     info = commands.add_parser("info", help="what a checkpoint holds")
     _model_arguments(info, checkpoint_required=False)
     info.add_argument("--json", action="store_true")
+    _threads_argument(info)
     info.set_defaults(run=cmd_info)
 
     convert = commands.add_parser("convert", help="write ddpm-fast's self-describing safetensors")

@@ -19,14 +19,17 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import ConfigError
+from ..flops import forward_flops
 from ..kernels.sampler_step import draws_noise, sampler_step
 from ..noise import keyed_noise, philox_keys
+from ..options import check_int
 from ..pipeline import Pipeline
 from ..samplers import SamplerSpec, StepTables
 from .coefficients import coefficient_table
 from .cpu_conv import use_cpu_convolutions
 from .graph import CapturedStep, new_graph_pool
 from .network import FastUnet
+from .threads import MAX_THREADS, ThreadGovernor, ThreadPlan, plan_threads, run_split, torch_threads
 
 # Prepared chains an engine keeps (each a folded network copy with its time tables and graphs).
 MAX_CHAINS = 2
@@ -96,6 +99,27 @@ class PreparedChain:
         table = coefficient_table(tables, spec, engine.diffusion.objective)
         self.coeffs = table.to(device)
         self.graphs: dict[tuple[int, ...], CapturedStep | None] = {}
+        self._invariant: dict[tuple, bool] = {}
+        self.thread_plans: dict[tuple[int, ...], ThreadPlan] = {}
+        self.governors: dict[tuple[int, ...], ThreadGovernor] = {}  # kept: what they learnt
+
+    @torch.no_grad()
+    def thread_invariant(self, shape: tuple[int, ...], threads: int) -> bool:
+        """Whether the network gives the same bits for this input shape on ``threads`` threads
+        as on one (oneDNN and PyTorch pick some algorithms by thread count), checked once with a
+        random input: the algorithms depend on the shapes, not on the values."""
+        key = (shape, threads)
+        if key not in self._invariant:
+            generator = torch.Generator().manual_seed(0)
+            x = self.network_input(torch.randn(shape, generator=generator).to(self.device))
+            step = torch.zeros(1, dtype=torch.int64, device=self.device)
+            x_self_cond = torch.zeros_like(x) if self.network.self_condition else None
+            outputs = []
+            for count in (threads, 1):
+                with torch_threads(count):
+                    outputs.append(self.network(x, step, x_self_cond))
+            self._invariant[key] = torch.equal(*outputs)
+        return self._invariant[key]
 
     def network_input(self, x: torch.Tensor) -> torch.Tensor:
         memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
@@ -134,6 +158,7 @@ class Engine(Pipeline):
         dtype: str | torch.dtype = "fp32",
         cuda_graph: bool | None = None,
         channels_last: bool | None = None,
+        threads: int | None = None,
     ):
         super().__init__(
             pipeline.network, pipeline.diffusion, source=pipeline.source, notes=pipeline.notes
@@ -142,6 +167,10 @@ class Engine(Pipeline):
         self.precision = next(name for name, d in DTYPES.items() if d == self.dtype)
         self.cuda_graph = cuda_graph
         self.channels_last = channels_last
+        if threads is not None:
+            threads = check_int("threads", threads, minimum=1, maximum=MAX_THREADS)
+        self.threads = threads
+        self._flops_per_sample: dict[tuple[int, ...], int] = {}
         self._chains: dict[tuple, PreparedChain] = {}
         self._graph_pool = None
         self._warned = False
@@ -184,6 +213,8 @@ class Engine(Pipeline):
         chain = self.prepare(tables, spec, x.device)
         keys = philox_keys(seed, indices, device=x.device)
         with _exact_fp32(self.dtype, x.device):
+            if x.device.type == "cpu":
+                return self._run_on_cpu(chain, x, keys, seed, indices, on_step)
             if not self._uses_graphs(x.device):
                 return self._run_eager(chain, x, keys, seed, indices, on_step)
             captured = self._captured(chain, tuple(x.shape))
@@ -194,6 +225,47 @@ class Engine(Pipeline):
                 captured.replay()
                 on_step(k + 1)
             return captured.state.x.clone()
+
+    def thread_plan(self, shape: tuple[int, ...], chain: PreparedChain | None = None) -> ThreadPlan:
+        """How a CPU chain of the batch ``shape`` [B, C, H, W] uses the cores (see
+        ``engine.threads``). Without a prepared ``chain`` (``info``), whether the network keeps
+        its bits on one thread is not known yet."""
+        sample = tuple(shape[1:])
+        if sample not in self._flops_per_sample:
+            self._flops_per_sample[sample] = forward_flops(self.network, sample)
+        return plan_threads(
+            batch=shape[0],
+            flops_per_sample=self._flops_per_sample[sample],
+            threads=self.threads,
+            thread_invariant=None if chain is None else lambda n: chain.thread_invariant(shape, n),
+        )
+
+    def _run_on_cpu(self, chain, x, keys, seed, indices, on_step) -> torch.Tensor:
+        """The eager chain on the CPU, under the thread plan for this batch."""
+        plan = self._cpu_plan(chain, tuple(x.shape))
+        if plan.workers > 1:
+
+            def run_part(rows: slice, part_on_step) -> torch.Tensor:
+                part = range(indices.start + rows.start, indices.start + rows.stop)
+                return self._run_eager(chain, x[rows], keys[rows], seed, part, part_on_step)
+
+            return run_split(run_part, x.shape[0], plan.workers, on_step)
+        with torch_threads(plan.threads):
+            if not plan.adaptive:
+                return self._run_eager(chain, x, keys, seed, indices, on_step)
+            governor = chain.governors.setdefault(tuple(x.shape), ThreadGovernor(plan.threads))
+            governor.start()
+
+            def timed_on_step(k: int) -> None:
+                governor.step_done()
+                on_step(k)
+
+            return self._run_eager(chain, x, keys, seed, indices, timed_on_step)
+
+    def _cpu_plan(self, chain: PreparedChain, shape: tuple[int, ...]) -> ThreadPlan:
+        if shape not in chain.thread_plans:
+            chain.thread_plans[shape] = self.thread_plan(shape, chain)
+        return chain.thread_plans[shape]
 
     def _run_eager(self, chain, x, keys, seed, indices, on_step) -> torch.Tensor:
         state = ChainState.empty(tuple(x.shape), x.device)
