@@ -3,20 +3,24 @@ chains, every backend side by side in one process, with the machine's ceiling be
 
 Each measurement samples ``batch`` images with a ``steps``-step DDPM chain through the backend's
 ``sample`` (noise, the update and the copy back included). A cell is one (batch, dtype, backend):
-its first call is the warm-up (engine preparation, graph capture, compilation, ONNX session) and
-is reported apart, then ``repeats`` calls are timed. Cells run one after another, batch by batch,
-the engine first, then the reference, then the other backends (``cells``), and the report is saved
-after every cell, so a run cut short keeps all it finished. Per cell: median ms per step and its
-spread (min-max), the chain's time and images/s, the warm-up (first call less one chain), peak
-CUDA memory, the ratio to the reference's median at that batch, and the floor: FLOPs of one
-network forward (``torch.utils.flop_counter``, counted on the meta device), the bytes its weights
-alone take to read, and the FLOP/s achieved against a large matmul timed in the same run (the
-machine's practical ceiling). Every fp32 cell runs with cuDNN's TF32 off, as the engine runs
-(``precision_flags``), so that all fp32 rows compute the same thing; ``cudnn_tf32`` records it.
+its first call is the warm-up (engine preparation, graph capture, compilation, ONNX session) and is
+reported apart, then ``repeats`` calls are timed. Cells run one after another, batch by batch, the
+engine first, then the reference, then the other backends (``cells``), and the report is saved after
+every cell, so a run cut short keeps all it finished. Per cell: median ms per step and its spread
+(min-max), the chain's time and images/s, the warm-up (first call less one chain), peak memory
+(CUDA's allocations on a GPU, the process's resident set on the CPU), the ratio to the reference's
+median at that batch, and the floor: FLOPs of one network forward (``torch.utils.flop_counter``,
+counted on the meta device), the bytes its weights alone take to read, and the FLOP/s achieved
+against a large matmul timed in the same run (the machine's practical ceiling). Every fp32 cell runs
+with cuDNN's TF32 off, as the engine runs (``precision_flags``), so that all fp32 rows compute the
+same thing; ``cudnn_tf32`` records it. ``--under-load N`` times every cell again with N busy
+processes beside it (``BusyProcesses``), and the report adds the loaded/quiet ratios; on the CPU it
+also says how each backend used the cores. A report never overwrites an earlier one of the same day
+(``unused_name``).
 
-Models: the seed's CIFAR-10 U-Net (dim 64, dim_mults 1, 2, 4, 8: 35.7M parameters) at 32 x 32,
-the same network at 64 x 64 and 128 x 128, default-initialised (time does not depend on the
-weights), or a checkpoint.
+Models: the seed's CIFAR-10 U-Net (dim 64, dim_mults 1, 2, 4, 8: 35.7M parameters) at 32 x 32, the
+same network at 64 x 64 and 128 x 128, default-initialised (time does not depend on the weights), or
+a checkpoint.
 """
 
 from __future__ import annotations
@@ -27,9 +31,12 @@ import datetime
 import json
 import os
 import platform
+import resource
 import statistics
+import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -88,7 +95,14 @@ class OnnxBackend:
         return self.samplers[steps].sample(num, batch_size=batch_size, seed=seed)
 
 
-def make_backend(name: str, pipeline: Pipeline, dtype: str, device: str, workdir: Path):
+def make_backend(
+    name: str,
+    pipeline: Pipeline,
+    dtype: str,
+    device: str,
+    workdir: Path,
+    threads: int | None = None,
+):
     """An object with the Pipeline's ``sample`` for the backend ``name``."""
     if name == "reference":
         return pipeline
@@ -96,10 +110,70 @@ def make_backend(name: str, pipeline: Pipeline, dtype: str, device: str, workdir
         mode = name.removeprefix("compile").removeprefix("-") or None
         return Pipeline(torch.compile(pipeline.network, mode=mode), pipeline.diffusion)
     if name.startswith("engine"):
-        return Engine(pipeline, dtype=dtype, cuda_graph=False if name == "engine-eager" else None)
+        graphs = False if name == "engine-eager" else None
+        return Engine(pipeline, dtype=dtype, cuda_graph=graphs, threads=threads)
     if name == "onnxruntime":
         return OnnxBackend(pipeline, device, workdir)
     raise ValueError(f"unknown backend {name!r}; known: {', '.join(BACKENDS)}")
+
+
+class BusyProcesses:
+    """``count`` processes that spin a core each (Python busy loops), for as long as the block
+    runs: the load of other work sharing the machine."""
+
+    def __init__(self, count: int):
+        self.count = count
+        self.processes: list[subprocess.Popen] = []
+
+    def __enter__(self) -> BusyProcesses:
+        for _ in range(self.count):
+            self.processes.append(subprocess.Popen([sys.executable, "-c", "while True: pass"]))
+        time.sleep(0.5)  # running before the first timed call
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for process in self.processes:
+            process.kill()
+        for process in self.processes:
+            process.wait()
+
+
+class PeakResident:
+    """The peak resident memory of this process while the block runs, in MiB, sampled every
+    ``interval`` seconds from /proc/self/statm (the process's lifetime peak, ru_maxrss, cannot
+    tell one cell from the next). None where /proc is missing."""
+
+    def __init__(self, interval: float = 0.005):
+        self.interval = interval
+        self.peak: float | None = None
+        self._stop = threading.Event()
+
+    @staticmethod
+    def _resident() -> float | None:
+        try:
+            pages = int(Path("/proc/self/statm").read_text().split()[1])
+        except (OSError, ValueError, IndexError):
+            return None
+        return pages * resource.getpagesize() / 2**20
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.interval):
+            now = self._resident()
+            if now is not None:
+                self.peak = max(self.peak or 0.0, now)
+
+    def __enter__(self) -> PeakResident:
+        self.peak = self._resident()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        now = self._resident()
+        if now is not None and self.peak is not None:
+            self.peak = max(self.peak, now)
 
 
 def _synchronize(device: str) -> None:
@@ -225,19 +299,21 @@ def _run(args: argparse.Namespace, pipeline: Pipeline, workdir: Path, save) -> d
             floors[batch] = network_floor(pipeline, batch)
         floor = floors[batch]
         with precision_flags(dtype):
-            sampler = make_backend(name, pipeline, dtype, args.device, workdir)
-            if args.device.startswith("cuda"):
+            sampler = make_backend(name, pipeline, dtype, args.device, workdir, args.threads)
+            cpu = not args.device.startswith("cuda")
+            if not cpu:
                 torch.cuda.reset_peak_memory_stats()
-            first = timed_chain(sampler, batch, args.steps, args.device, seed=0)
-            memory = None
-            if args.device.startswith("cuda"):
-                memory = torch.cuda.max_memory_allocated() / 2**20
-            ms = [
-                timed_chain(sampler, batch, args.steps, args.device, seed=r + 1) * 1e3 / args.steps
-                for r in range(args.repeats)
-            ]
+            with PeakResident() as resident:
+                first = timed_chain(sampler, batch, args.steps, args.device, seed=0)
+
+                ms = timed_chains(sampler, batch, args)
+            memory = resident.peak if cpu else torch.cuda.max_memory_allocated() / 2**20
+            loaded = None
+            if args.under_load:
+                with BusyProcesses(args.under_load):
+                    loaded = timed_chains(sampler, batch, args)
             tf32 = torch.backends.cudnn.allow_tf32
-        del sampler  # a compiled network's graphs and an engine's buffers go before the next
+            threads = thread_plan(sampler, batch, pipeline) if cpu else None
         median = statistics.median(ms)
         if name == "reference":  # the ratio of the cells measured before it, at this batch
             base[batch] = median
@@ -267,6 +343,10 @@ def _run(args: argparse.Namespace, pipeline: Pipeline, workdir: Path, save) -> d
                 "achieved_gflops": achieved / 1e9,
                 "of_ceiling": achieved / ceiling,
                 "runs_ms": ms,
+                "threads": threads,
+                "busy_processes": args.under_load,
+                "loaded_ms_per_step": statistics.median(loaded) if loaded else None,
+                "loaded_runs_ms": loaded,
             }
         )
         print(row(report["results"][-1]), flush=True)
@@ -280,6 +360,23 @@ HEADER = (
     "| peak MiB | vs reference | GFLOP/s (of ceiling) |",
     "|---|---|---|---|---|---|---|---|---|---|---|",
 )
+
+
+def timed_chains(sampler, batch: int, args: argparse.Namespace) -> list[float]:
+    """ms per step of ``args.repeats`` chains (seeds 1, 2, ...)."""
+    return [
+        timed_chain(sampler, batch, args.steps, args.device, seed=r + 1) * 1e3 / args.steps
+        for r in range(args.repeats)
+    ]
+
+
+def thread_plan(sampler, batch: int, pipeline: Pipeline) -> str:
+    """How a CPU backend used the cores."""
+    if isinstance(sampler, Engine):
+        return sampler.thread_plan((batch, *pipeline.image_shape())).describe()
+    if isinstance(sampler, OnnxBackend):
+        return "ONNX Runtime's own thread pool (its defaults)"
+    return f"{torch.get_num_threads()} PyTorch threads"
 
 
 def row(r: dict) -> str:
@@ -320,6 +417,29 @@ def markdown(report: dict) -> str:
         *HEADER,
         *(row(r) for r in results),
     ]
+    threads = sorted(
+        {(r["backend"], r["batch"], r["threads"]) for r in results if r.get("threads")}
+    )
+    if threads:
+        lines += ["", "CPU threads:", ""]
+        lines += [f"- {backend}, batch {batch}: {plan}" for backend, batch, plan in threads]
+    loaded = [r for r in results if r.get("loaded_ms_per_step")]
+    if loaded:
+        busy = loaded[0]["busy_processes"]
+        lines += [
+            "",
+            f"Under load: the same cells with {busy} busy process{'es' if busy > 1 else ''} "
+            "(a Python loop spinning a core each) started beside them:",
+            "",
+            f"| backend | dtype | batch | quiet ms/step | with {busy} busy, ms/step "
+            "| loaded/quiet |",
+            "|---|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {r['backend']} | {r['dtype']} | {r['batch']} | {r['ms_per_step']:.2f} "
+            f"| {r['loaded_ms_per_step']:.2f} | {r['loaded_ms_per_step'] / r['ms_per_step']:.2f}x |"
+            for r in loaded
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -382,18 +502,44 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default="benchmarks/results", help="folder for the .md/.json")
-    parser.add_argument("--name", help="file name (default: sampler-<device>-<date>)")
+    parser.add_argument(
+        "--name",
+        help="file name (default: sampler-<device>-<date>, then -2, -3, ...: never overwritten)",
+    )
+    parser.add_argument(
+        "--under-load",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also time every cell with N busy processes beside it (one spinning core each)",
+    )
+    parser.add_argument("--threads", type=int, help="the engine's CPU threads (default: its plan)")
+
+
+def unused_name(folder: Path, name: str) -> str:
+    """``name``, or ``name-2``, ``name-3``, ...: the first with no .md or .json in ``folder``,
+    so that a second run of the day keeps the first's results."""
+    candidate, n = name, 1
+    while any((folder / f"{candidate}{suffix}").exists() for suffix in (".md", ".json")):
+        n += 1
+        candidate = f"{name}-{n}"
+    return candidate
 
 
 def main(args: argparse.Namespace) -> Path:
     """Run the benchmark of parsed ``args``; returns the markdown file's path."""
     checks = [("steps", args.steps), ("repeats", args.repeats), *(("batch", b) for b in args.batch)]
+    checks += [("threads", args.threads)] if args.threads is not None else []
     for what, value in checks:
         if value < 1:
             raise ConfigError(f"{what} must be at least 1, got {value}")
+    if args.under_load < 0:
+        raise ConfigError(f"--under-load must be at least 0, got {args.under_load}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    name = args.name or f"sampler-{args.device.split(':')[0]}-{datetime.date.today()}"
+    name = args.name or unused_name(
+        out, f"sampler-{args.device.split(':')[0]}-{datetime.date.today()}"
+    )
 
     def save(report: dict) -> None:  # written aside, then renamed: a Ctrl-C leaves no half file
         for suffix, text in (

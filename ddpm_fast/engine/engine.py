@@ -229,7 +229,12 @@ class Engine(Pipeline):
     def thread_plan(self, shape: tuple[int, ...], chain: PreparedChain | None = None) -> ThreadPlan:
         """How a CPU chain of the batch ``shape`` [B, C, H, W] uses the cores (see
         ``engine.threads``). Without a prepared ``chain`` (``info``), whether the network keeps
-        its bits on one thread is not known yet."""
+        its bits on one thread is not known yet, unless a chain prepared earlier ran this shape:
+        then its plan is the answer."""
+        if chain is None:
+            for prepared in reversed(self._chains.values()):
+                if tuple(shape) in prepared.thread_plans:
+                    return prepared.thread_plans[tuple(shape)]
         sample = tuple(shape[1:])
         if sample not in self._flops_per_sample:
             self._flops_per_sample[sample] = forward_flops(self.network, sample)
