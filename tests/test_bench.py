@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 
 import pytest
+import torch
 
 from ddpm_fast import bench
 
@@ -99,13 +101,11 @@ class Recorder:
 
 
 def test_each_cell_is_saved_and_fp32_runs_without_tf32(tmp_path, monkeypatch):
-    import torch
-
     seen, saved = [], []
     make = bench.make_backend
 
-    def recording(name, pipeline, dtype, device, workdir):
-        return Recorder(make(name, pipeline, dtype, device, workdir), seen, name, dtype)
+    def recording(name, pipeline, dtype, device, workdir, threads=None):
+        return Recorder(make(name, pipeline, dtype, device, workdir, threads), seen, name, dtype)
 
     monkeypatch.setattr(bench, "make_backend", recording)
     monkeypatch.setattr(bench, "matmul_ceiling", lambda *a: 1e9)  # a bf16 4096^3 is slow on CPUs
@@ -142,3 +142,54 @@ def test_counting_flops_leaves_the_network_where_it_is():
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         network(torch.zeros(3, *pipeline.image_shape()), torch.zeros(3, dtype=torch.long))
     assert floor["flops"] == counter.get_total_flops() > 0
+
+
+def test_the_cpu_report_has_peak_memory_and_the_thread_plan(report):
+    _, markdown, data = report
+    for r in data["results"]:
+        assert r["peak_memory_mb"] > 50  # torch alone is more: a resident size, not a "-"
+        assert r["threads"] and r["loaded_ms_per_step"] is None
+    assert "CPU threads:" in markdown and "- engine, batch 3:" in markdown
+    assert "Under load" not in markdown
+
+
+def test_under_load_times_every_cell_again_beside_busy_processes(tmp_path, monkeypatch):
+    started = []
+
+    class Busy(bench.BusyProcesses):  # counted, and short: the test is about the plumbing
+        def __enter__(self):
+            started.append(self.count)
+            return super().__enter__()
+
+    monkeypatch.setattr(bench, "BusyProcesses", Busy)
+    args = bench_args(tmp_path, batch=[2], backends=["engine"], repeats=1, under_load=1)
+    markdown = bench.main(args).read_text()
+    data = json.loads((tmp_path / "run.json").read_text())
+    (r,) = data["results"]
+    assert started == [1] and len(r["loaded_runs_ms"]) == 1 and r["loaded_ms_per_step"] > 0
+    assert r["busy_processes"] == 1
+    assert "with 1 busy, ms/step" in markdown and "| engine | fp32 | 2 |" in markdown
+
+
+def test_busy_processes_spin_and_are_gone_after(tmp_path):
+    with bench.BusyProcesses(2) as busy:
+        assert all(p.poll() is None for p in busy.processes)
+    assert all(p.poll() is not None for p in busy.processes)
+
+
+def test_a_second_report_of_the_day_does_not_overwrite_the_first(tmp_path):
+    assert bench.unused_name(tmp_path, "sampler-cpu-x") == "sampler-cpu-x"
+    (tmp_path / "sampler-cpu-x.md").write_text("first")
+    assert bench.unused_name(tmp_path, "sampler-cpu-x") == "sampler-cpu-x-2"
+    (tmp_path / "sampler-cpu-x-2.json").write_text("second")
+    assert bench.unused_name(tmp_path, "sampler-cpu-x") == "sampler-cpu-x-3"
+
+
+def test_peak_resident_memory_sees_an_allocation_freed_inside():
+    with bench.PeakResident(interval=0.001) as quiet:
+        pass
+    with bench.PeakResident(interval=0.001) as peak:
+        block = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+        time.sleep(0.05)
+        del block
+    assert peak.peak - quiet.peak > 50
