@@ -213,9 +213,9 @@ class Engine(Pipeline):
         chain = self.prepare(tables, spec, x.device)
         keys = philox_keys(seed, indices, device=x.device)
         with _exact_fp32(self.dtype, x.device):
-            if x.device.type == "cpu":
-                return self._run_on_cpu(chain, x, keys, seed, indices, on_step)
-            if not self._uses_graphs(x.device):
+            if not self._uses_graphs(x.device):  # raises for cuda_graph=True off CUDA
+                if x.device.type == "cpu":
+                    return self._run_on_cpu(chain, x, keys, seed, indices, on_step)
                 return self._run_eager(chain, x, keys, seed, indices, on_step)
             captured = self._captured(chain, tuple(x.shape))
             if captured is None:
