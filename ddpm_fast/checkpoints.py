@@ -1,11 +1,12 @@
 """Reading, detecting, validating and converting checkpoints; ``load`` builds a Pipeline.
 
-Formats read:
+Formats read (the network's family is detected by ``ddpm_fast.models.detect``):
 - denoising-diffusion-pytorch 1.x: a bare ``Unet`` state_dict, a ``GaussianDiffusion``
   state_dict (``model.`` prefix plus the schedule buffers), or a ``Trainer`` checkpoint
   (``{'step', 'model', 'ema', ...}``; EMA weights unless ``use_ema=False``);
 - ddpm-fast's own safetensors file, whose metadata carries the network config, schedule and
-  objective.
+  objective;
+- a diffusers pipeline folder or bare UNet2DModel folder (:mod:`ddpm_fast.diffusers_folder`).
 
 Nothing is unpickled beyond tensors and plain containers (``torch.load(weights_only=True)``);
 every problem with a file is one ``CheckpointError`` naming the file and what is wrong.
@@ -23,11 +24,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from .diffusers_folder import is_diffusers_folder, load_folder
 from .errors import CheckpointError, ConfigError
 from .models import FAMILIES, detect, family
 from .pipeline import DiffusionConfig, Pipeline, override_diffusion
 from .samplers import OBJECTIVES
-from .schedule import BETA_SCHEDULES, Schedule, ScheduleConfig
+from .schedule import Schedule, ScheduleConfig
 from .version import __version__
 
 FORMAT_KEY = "ddpm_fast_format"
@@ -46,6 +48,7 @@ DIFFUSION_OPTIONS = (
 # denoising-diffusion-pytorch 1.6.4 (the version the fixtures pin) when a file does not say.
 LIBRARY_DEFAULT_OBJECTIVE = "pred_v"
 LIBRARY_DEFAULT_SCHEDULE = "sigmoid"
+LIBRARY_SCHEDULES = ("linear", "cosine", "sigmoid")  # denoising-diffusion-pytorch's
 MAX_LISTED = 5
 REAL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 FORMAT_NAMES = {
@@ -289,7 +292,7 @@ def _resolve_schedule(ckpt: Checkpoint, options: dict) -> ScheduleConfig:
         raise CheckpointError(
             f"{ckpt.path}: its schedule has {stored_steps} timesteps, not {timesteps}"
         )
-    for name in BETA_SCHEDULES:
+    for name in LIBRARY_SCHEDULES:
         config = ScheduleConfig(name, timesteps, kwargs)
         try:
             schedule = Schedule(config)
@@ -299,7 +302,7 @@ def _resolve_schedule(ckpt: Checkpoint, options: dict) -> ScheduleConfig:
             return config
     raise CheckpointError(
         f"{ckpt.path}: its betas ({timesteps} steps) match none of the "
-        f"{', '.join(BETA_SCHEDULES)} schedules; pass beta_schedule and schedule_kwargs"
+        f"{', '.join(LIBRARY_SCHEDULES)} schedules; pass beta_schedule and schedule_kwargs"
     )
 
 
@@ -421,6 +424,11 @@ def load_checkpoint(
     unet_options, diffusion_options = split_options(options)
     if diffusion_options.get("objective", OBJECTIVES[0]) not in OBJECTIVES:
         raise ConfigError(f"unknown objective {diffusion_options['objective']!r}")
+    if is_diffusers_folder(Path(path)):
+        pipeline = load_folder(Path(path), unet_options, diffusion_options)
+        if device is not None:
+            pipeline.network.to(device)
+        return pipeline
     ckpt = read_checkpoint(path, use_ema=use_ema)
     if ckpt.format == "ddpm-fast":
         pipeline = _pipeline_from_own(ckpt, unet_options, diffusion_options)
