@@ -146,14 +146,16 @@ class UnetConfig:
         return self.time_embedding_dim or self.block_out_channels[0] * 4
 
     def to_dict(self) -> dict:
+        """The fields, plus ``channels`` and ``self_condition`` (derived: readers of ddpm-fast's
+        files, such as the ONNX metadata check, look for them in every family's config)."""
         d = asdict(self)
         for name in ("down_block_types", "up_block_types", "block_out_channels"):
             d[name] = list(d[name])
-        return d
+        return {**d, "channels": self.channels, "self_condition": self.self_condition}
 
     @classmethod
     def from_dict(cls, d: dict) -> UnetConfig:
-        d = {k: v for k, v in d.items() if k != "family"}
+        d = {k: v for k, v in d.items() if k not in ("family", "channels", "self_condition")}
         unknown = sorted(set(d) - {f.name for f in cls.__dataclass_fields__.values() if f.init})
         if unknown:
             raise ConfigError(f"unknown {FAMILY} config field(s): {', '.join(unknown)}")
@@ -224,7 +226,9 @@ class GaussianFourierProjection(nn.Module):
         self.weight = nn.Parameter(torch.randn(embedding_size) * 16, requires_grad=False)
 
     def forward(self, x):
-        x = torch.log(x)
+        # torch.log of an integer tensor is float32's log: the same, written so ONNX's Log
+        # (floats only) traces it.
+        x = torch.log(x if x.is_floating_point() else x.float())
         x_proj = x[:, None] * self.weight[None, :] * 2 * math.pi
         return torch.cat([torch.sin(x_proj), torch.cos(x_proj)], dim=-1)
 
