@@ -201,15 +201,21 @@ def load_folder(path: Path, unet_options: dict, options: dict) -> Pipeline:
     network = build_network(unet_dir, family, config, weights)
 
     if scheduler is None:
-        scheduler = DEFAULT_SCHEDULER
-        given = {"beta_schedule", "timesteps", "objective", "variance"} & set(options)
-        if not given >= {"beta_schedule", "objective"}:
+        diffusion, _ = schedule_from_scheduler(where, DEFAULT_SCHEDULER)
+        defaults = {
+            "beta_schedule": "linear betas 1e-4 to 0.02 over 1000 steps",
+            "objective": "pred_noise (epsilon)",
+            "variance": "fixed_small",
+        }
+        assumed = [v for k, v in defaults.items() if k not in options]
+        if assumed:
             notes.append(
-                "no scheduler in the folder: DDPMScheduler's defaults assumed where not given "
-                "(linear betas 1e-4 to 0.02 over 1000 steps, epsilon, fixed_small)"
+                "no scheduler in the folder: DDPMScheduler's defaults assumed: "
+                + ", ".join(assumed)
             )
-    diffusion, scheduler_notes = schedule_from_scheduler(where, scheduler)
-    notes.extend(scheduler_notes)
+    else:
+        diffusion, scheduler_notes = schedule_from_scheduler(where, scheduler)
+        notes.extend(scheduler_notes)
     size = unet_config.get("sample_size")
     if isinstance(size, list) and len(size) == 2 and size[0] == size[1]:
         size = size[0]
