@@ -103,3 +103,32 @@ def test_a_short_engine_chain_is_the_reference_chain(name):
     got = Engine(pipeline).sample(2, **kwargs)
     assert torch.isfinite(want).all()
     torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_the_engine_network_through_the_kernels(name, monkeypatch):
+    """Every launcher forced to its Triton kernel (interpreted on the CPU): the fused GroupNorms
+    with their per-step pre-bias or scale/shift, the channel norms, linear attention."""
+    from ddpm_fast.kernels import HAS_TRITON, group_norm
+
+    if not HAS_TRITON:
+        pytest.skip("triton is not importable")
+    launched = []
+    real = group_norm.use_triton
+
+    def spy(backend, x, kernel):
+        ran = real(backend, x, kernel)
+        launched.append(ran)
+        return ran
+
+    monkeypatch.setattr(group_norm, "use_triton", spy)
+    monkeypatch.setenv("DDPM_FAST_KERNELS_BACKEND", "triton")
+    network = random_network(name)
+    ts = timesteps(name)[:2]
+    fast = FastUnet(network, ts)
+    x, cond = inputs(name, batch=2)
+    with torch.no_grad():
+        got = fast(x, torch.tensor([1]), cond)
+        want = network(x, ts[1:].expand(2), cond)
+    assert launched and all(launched)
+    assert rel_error(got, want) <= NETWORK_TOLERANCE
