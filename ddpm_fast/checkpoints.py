@@ -1,11 +1,12 @@
 """Reading, detecting, validating and converting checkpoints; ``load`` builds a Pipeline.
 
-Formats read:
+Formats read (the network's family is detected by ``ddpm_fast.models.detect``):
 - denoising-diffusion-pytorch 1.x: a bare ``Unet`` state_dict, a ``GaussianDiffusion``
   state_dict (``model.`` prefix plus the schedule buffers), or a ``Trainer`` checkpoint
   (``{'step', 'model', 'ema', ...}``; EMA weights unless ``use_ema=False``);
 - ddpm-fast's own safetensors file, whose metadata carries the network config, schedule and
-  objective.
+  objective;
+- a diffusers pipeline folder or bare UNet2DModel folder (:mod:`ddpm_fast.diffusers_folder`).
 
 Nothing is unpickled beyond tensors and plain containers (``torch.load(weights_only=True)``);
 every problem with a file is one ``CheckpointError`` naming the file and what is wrong.
@@ -23,23 +24,19 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from .diffusers_folder import is_diffusers_folder, load_folder
 from .errors import CheckpointError, ConfigError
-from .models import FAMILIES, dd_pytorch_v1
+from .models import FAMILIES, detect, family
 from .pipeline import DiffusionConfig, Pipeline, override_diffusion
 from .samplers import OBJECTIVES
-from .schedule import BETA_SCHEDULES, Schedule, ScheduleConfig
+from .schedule import Schedule, ScheduleConfig
 from .version import __version__
 
 FORMAT_KEY = "ddpm_fast_format"
 FORMAT_VERSION = "1"
 
-UNET_OPTIONS = (
-    "channels",
-    "self_condition",
-    "learned_variance",
-    "resnet_block_groups",
-    "attn_heads",
-)
+# Every family's network options, in the order the families list them.
+UNET_OPTIONS = tuple(dict.fromkeys(o for m in FAMILIES.values() for o in m.OPTIONS))
 DIFFUSION_OPTIONS = (
     "image_size",
     "beta_schedule",
@@ -51,11 +48,7 @@ DIFFUSION_OPTIONS = (
 # denoising-diffusion-pytorch 1.6.4 (the version the fixtures pin) when a file does not say.
 LIBRARY_DEFAULT_OBJECTIVE = "pred_v"
 LIBRARY_DEFAULT_SCHEDULE = "sigmoid"
-# What the shapes of a library state_dict cannot tell, with the library's defaults.
-UNSTORED_DEFAULTS = {
-    "resnet_block_groups": dd_pytorch_v1.UnetConfig.resnet_block_groups,
-    "attn_heads": dd_pytorch_v1.UnetConfig.attn_heads,
-}
+LIBRARY_SCHEDULES = ("linear", "cosine", "sigmoid")  # denoising-diffusion-pytorch's
 MAX_LISTED = 5
 REAL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 FORMAT_NAMES = {
@@ -299,7 +292,7 @@ def _resolve_schedule(ckpt: Checkpoint, options: dict) -> ScheduleConfig:
         raise CheckpointError(
             f"{ckpt.path}: its schedule has {stored_steps} timesteps, not {timesteps}"
         )
-    for name in BETA_SCHEDULES:
+    for name in LIBRARY_SCHEDULES:
         config = ScheduleConfig(name, timesteps, kwargs)
         try:
             schedule = Schedule(config)
@@ -309,7 +302,7 @@ def _resolve_schedule(ckpt: Checkpoint, options: dict) -> ScheduleConfig:
             return config
     raise CheckpointError(
         f"{ckpt.path}: its betas ({timesteps} steps) match none of the "
-        f"{', '.join(BETA_SCHEDULES)} schedules; pass beta_schedule and schedule_kwargs"
+        f"{', '.join(LIBRARY_SCHEDULES)} schedules; pass beta_schedule and schedule_kwargs"
     )
 
 
@@ -356,14 +349,22 @@ def split_options(options: dict) -> tuple[dict, dict]:
 
 
 def _pipeline_from_library(ckpt: Checkpoint, unet_options: dict, options: dict) -> Pipeline:
+    fam = detect(ckpt.weights, str(ckpt.path))
+    not_for = sorted(set(unet_options) - set(fam.OPTIONS))
+    if not_for:
+        raise ConfigError(
+            f"{ckpt.path}: a {fam.FAMILY} network has no option {', '.join(not_for)} "
+            f"(its options: {', '.join(fam.OPTIONS)})"
+        )
+    weights = fam.remap_keys(ckpt.weights)
     try:
-        config = dd_pytorch_v1.infer_config(ckpt.weights, **unet_options)
+        config = fam.infer_config(weights, **unet_options)
     except ConfigError as err:
         raise CheckpointError(f"{ckpt.path}: {err}") from None
-    network = build_network(ckpt.path, dd_pytorch_v1, config, ckpt.weights)
+    network = build_network(ckpt.path, fam, config, weights)
 
-    notes = [f"read as {FORMAT_NAMES[ckpt.format]}", *ckpt.notes]
-    assumed = [f"{k}={v}" for k, v in UNSTORED_DEFAULTS.items() if k not in unet_options]
+    notes = [f"read as {FORMAT_NAMES[ckpt.format]} ({fam.FAMILY})", *ckpt.notes]
+    assumed = [f"{k}={v}" for k, v in fam.UNSTORED_DEFAULTS.items() if k not in unet_options]
     if assumed:
         notes.append(f"{', '.join(assumed)} assumed: the file cannot store them")
     schedule_config = _resolve_schedule(ckpt, options)
@@ -390,21 +391,22 @@ def _pipeline_from_own(ckpt: Checkpoint, unet_options: dict, options: dict) -> P
         raise ConfigError(
             f"{ckpt.path} stores its network config; {', '.join(unet_options)} cannot be overridden"
         )
-    family = meta.get("family")
-    if family not in FAMILIES:
-        raise CheckpointError(f"{ckpt.path}: unknown model family {family!r}")
+    name = meta.get("family")
+    if name not in FAMILIES:
+        raise CheckpointError(f"{ckpt.path}: unknown model family {name!r}")
+    fam = family(name)
     try:
         unet_config, diffusion = json.loads(meta["unet_config"]), json.loads(meta["diffusion"])
         if not isinstance(unet_config, dict):
             raise ConfigError(f"unet_config is a JSON {type(unet_config).__name__}, not an object")
-        config = FAMILIES[family].UnetConfig.from_dict(unet_config)
+        config = fam.UnetConfig.from_dict(unet_config)
         diffusion = DiffusionConfig.from_dict(diffusion)
         notes = json.loads(meta.get("notes", "[]"))
         if not isinstance(notes, list) or not all(isinstance(n, str) for n in notes):
             raise ConfigError("notes is not a list of strings")
     except (KeyError, TypeError, ValueError) as err:  # ConfigError is a ValueError
         raise CheckpointError(f"{ckpt.path}: bad ddpm-fast metadata ({err})") from None
-    network = build_network(ckpt.path, FAMILIES[family], config, ckpt.weights)
+    network = build_network(ckpt.path, fam, config, ckpt.weights)
 
     diffusion = override_diffusion(diffusion, options)
     return Pipeline(network, diffusion, source=str(ckpt.path), notes=tuple(notes))
@@ -422,6 +424,11 @@ def load_checkpoint(
     unet_options, diffusion_options = split_options(options)
     if diffusion_options.get("objective", OBJECTIVES[0]) not in OBJECTIVES:
         raise ConfigError(f"unknown objective {diffusion_options['objective']!r}")
+    if is_diffusers_folder(Path(path)):
+        pipeline = load_folder(Path(path), unet_options, diffusion_options)
+        if device is not None:
+            pipeline.network.to(device)
+        return pipeline
     ckpt = read_checkpoint(path, use_ema=use_ema)
     if ckpt.format == "ddpm-fast":
         pipeline = _pipeline_from_own(ckpt, unet_options, diffusion_options)

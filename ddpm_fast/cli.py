@@ -296,6 +296,14 @@ def cmd_quality(args: argparse.Namespace) -> int:
     return 0
 
 
+def _shown_kwargs(kwargs: dict) -> str:
+    """A schedule's arguments for ``info``: a list (trained betas) by its length."""
+    shown = {
+        k: f"<{len(v)} values>" if isinstance(v, list | tuple) else v for k, v in kwargs.items()
+    }
+    return str(shown)
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     from .checkpoints import describe
 
@@ -314,7 +322,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         f"parameters:  {info['parameters']:,} ({info['parameters'] / 1e6:.2f}M)",
         f"network:     {network}",
         f"schedule:    {schedule['name']}, {schedule['timesteps']} timesteps"
-        + (f", {schedule['kwargs']}" if schedule["kwargs"] else ""),
+        + (f", {_shown_kwargs(schedule['kwargs'])}" if schedule["kwargs"] else ""),
         f"objective:   {diffusion['objective']}",
         f"variance:    {diffusion['variance']}",
         f"image size:  {diffusion['image_size'] or 'not stored (pass --image-size)'}",

@@ -12,7 +12,16 @@ from .errors import ConfigError
 SAMPLERS = ("ddpm", "ddim")
 OBJECTIVES = ("pred_noise", "pred_x0", "pred_v")
 VARIANCES = ("fixed_small", "fixed_large", "learned_range")
-BETA_SCHEDULES = ("linear", "cosine", "sigmoid")
+BETA_SCHEDULES = (
+    "linear",
+    "cosine",
+    "sigmoid",
+    "diffusers_linear",
+    "diffusers_scaled_linear",
+    "diffusers_squaredcos_cap_v2",
+    "diffusers_sigmoid",
+    "trained",
+)
 ENGINE_DTYPES = ("fp32", "bf16", "fp16")
 DEFAULT_BATCH_SIZE = 64
 # Bounds that keep a typo (or a crafted file) from asking for terabytes before anything runs.

@@ -49,10 +49,62 @@ def sigmoid_beta_schedule(
     return torch.clip(betas, 0, 0.999)
 
 
+# diffusers' schedulers (DDPMScheduler, DDIMScheduler) compute their betas in float32: the same
+# float32 betas here, widened to float64 (the products after that are float64, as for 1.x).
+
+
+def diffusers_linear_beta_schedule(
+    timesteps: int, beta_start: float = 0.0001, beta_end: float = 0.02
+) -> torch.Tensor:
+    """diffusers' "linear": beta from beta_start to beta_end (not rescaled to ``timesteps``)."""
+    return torch.linspace(beta_start, beta_end, timesteps, dtype=torch.float32).double()
+
+
+def diffusers_scaled_linear_beta_schedule(
+    timesteps: int, beta_start: float = 0.0001, beta_end: float = 0.02
+) -> torch.Tensor:
+    """diffusers' "scaled_linear": sqrt(beta) linear from sqrt(beta_start) to sqrt(beta_end)."""
+    roots = torch.linspace(beta_start**0.5, beta_end**0.5, timesteps, dtype=torch.float32)
+    return (roots**2).double()
+
+
+def diffusers_squaredcos_cap_v2_beta_schedule(timesteps: int) -> torch.Tensor:
+    """diffusers' "squaredcos_cap_v2": betas_for_alpha_bar with the cosine abar, capped at
+    0.999, computed in Python floats and stored as float32."""
+
+    def abar(t: float) -> float:
+        return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
+
+    betas = [
+        min(1 - abar((i + 1) / timesteps) / abar(i / timesteps), 0.999) for i in range(timesteps)
+    ]
+    return torch.tensor(betas, dtype=torch.float32).double()
+
+
+def diffusers_sigmoid_beta_schedule(
+    timesteps: int, beta_start: float = 0.0001, beta_end: float = 0.02
+) -> torch.Tensor:
+    """diffusers' "sigmoid": sigmoid(linspace(-6, 6)) scaled into [beta_start, beta_end]."""
+    x = torch.linspace(-6, 6, timesteps)
+    return (torch.sigmoid(x) * (beta_end - beta_start) + beta_start).double()
+
+
+def trained_beta_schedule(timesteps: int, betas: tuple = ()) -> torch.Tensor:
+    """A file's own betas (diffusers' ``trained_betas``), as float32 like diffusers."""
+    if len(betas) != timesteps:
+        raise ConfigError(f"trained_betas has {len(betas)} values for {timesteps} timesteps")
+    return torch.tensor(betas, dtype=torch.float32).double()
+
+
 BETA_SCHEDULES = {
     "linear": linear_beta_schedule,
     "cosine": cosine_beta_schedule,
     "sigmoid": sigmoid_beta_schedule,
+    "diffusers_linear": diffusers_linear_beta_schedule,
+    "diffusers_scaled_linear": diffusers_scaled_linear_beta_schedule,
+    "diffusers_squaredcos_cap_v2": diffusers_squaredcos_cap_v2_beta_schedule,
+    "diffusers_sigmoid": diffusers_sigmoid_beta_schedule,
+    "trained": trained_beta_schedule,
 }
 
 
@@ -75,6 +127,13 @@ class ScheduleConfig:
         if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
             raise ConfigError(f"schedule_kwargs must be a dict of named numbers, got {kwargs!r}")
         for key, value in kwargs.items():
+            if self.name == "trained" and key == "betas":  # the one list-valued argument
+                if not isinstance(value, list | tuple):
+                    raise ConfigError(f"trained betas must be a list of numbers, got {value!r}")
+                object.__setattr__(self, "kwargs", {**kwargs, key: tuple(value)})
+                for beta in value:
+                    check_real("trained_betas", beta)
+                continue
             check_real(f"schedule_kwargs[{key!r}]", value)
 
     def to_dict(self) -> dict:

@@ -1,0 +1,226 @@
+"""diffusers folders, read without diffusers: a pipeline folder as ``save_pretrained`` writes it
+(model_index.json, unet/, scheduler/) or a bare UNet2DModel folder (config.json and
+diffusion_pytorch_model.safetensors or .bin), whose scheduler options come from the caller.
+
+The scheduler's config (DDPMScheduler, DDIMScheduler) maps onto a DiffusionConfig:
+
+=====================  ==========================================================
+beta_schedule          linear, scaled_linear, squaredcos_cap_v2, sigmoid -> the
+                       ``diffusers_*`` schedules (their float32 betas); trained_betas
+                       -> ``trained``
+prediction_type        epsilon -> pred_noise, v_prediction -> pred_v, sample -> pred_x0
+variance_type          fixed_small (= fixed_small_log), fixed_large, learned_range
+clip_sample            true with clip_sample_range 1 (ddpm-fast clips x0 to [-1, 1])
+set_alpha_to_one       true (DDIM's last step returns x0)
+=====================  ==========================================================
+
+Anything else (thresholding, rescale_betas_zero_snr, another scheduler class, ...) is a
+ConfigError naming the field. ``timestep_spacing`` and ``steps_offset`` only matter for chains
+of fewer steps than the schedule's; they are reported in the notes.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from .errors import CheckpointError, ConfigError
+from .models import diffusers_unet2d
+from .pipeline import DiffusionConfig, Pipeline, override_diffusion
+from .schedule import ScheduleConfig
+
+WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+SCHEDULERS = ("DDPMScheduler", "DDIMScheduler")
+PIPELINES = ("DDPMPipeline", "DDIMPipeline")
+BETA_SCHEDULES = {
+    "linear": "diffusers_linear",
+    "scaled_linear": "diffusers_scaled_linear",
+    "squaredcos_cap_v2": "diffusers_squaredcos_cap_v2",
+    "sigmoid": "diffusers_sigmoid",
+}
+PREDICTIONS = {"epsilon": "pred_noise", "v_prediction": "pred_v", "sample": "pred_x0"}
+VARIANCES = {
+    "fixed_small": "fixed_small",
+    "fixed_small_log": "fixed_small",  # exp(0.5 log var): the same sigma
+    "fixed_large": "fixed_large",
+    "learned_range": "learned_range",
+}
+# DDPMScheduler's defaults: what a bare UNet folder is sampled with when nothing is given.
+DEFAULT_SCHEDULER = {
+    "_class_name": "DDPMScheduler",
+    "num_train_timesteps": 1000,
+    "beta_schedule": "linear",
+    "beta_start": 0.0001,
+    "beta_end": 0.02,
+    "prediction_type": "epsilon",
+    "variance_type": "fixed_small",
+}
+
+
+def is_diffusers_folder(path: Path) -> bool:
+    return path.is_dir() and ((path / "model_index.json").is_file() or _has_unet(path))
+
+
+def _has_unet(path: Path) -> bool:
+    return (path / "config.json").is_file()
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except OSError as err:
+        raise CheckpointError(f"{path}: cannot read ({err.strerror or err})") from None
+    except ValueError as err:
+        raise CheckpointError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: a JSON {type(data).__name__}, not an object")
+    return data
+
+
+def read_unet_weights(folder: Path) -> dict[str, torch.Tensor]:
+    """The state_dict of a UNet folder: .safetensors, else .bin (weights_only)."""
+    from .checkpoints import _read_safetensors, _read_torch  # the checkpoint readers
+
+    for index in folder.glob("diffusion_pytorch_model*.index.json"):
+        raise CheckpointError(f"{index}: sharded weights are not supported; merge the shards")
+    for name in WEIGHTS:
+        path = folder / name
+        if not path.is_file():
+            continue
+        if name.endswith(".safetensors"):
+            return _read_safetensors(path)[0]
+        state = _read_torch(path)
+        if not isinstance(state, dict) or not all(
+            isinstance(v, torch.Tensor) for v in state.values()
+        ):
+            raise CheckpointError(f"{path}: not a state_dict of tensors")
+        return state
+    raise CheckpointError(f"{folder}: no {' or '.join(WEIGHTS)}")
+
+
+def schedule_from_scheduler(where: str, config: dict) -> tuple[DiffusionConfig, list[str]]:
+    """The DiffusionConfig of a DDPMScheduler/DDIMScheduler config, and notes on it; a
+    ConfigError naming ``where`` and the field for anything ddpm-fast does not sample with."""
+
+    def bad(field: str, why: str = "is not supported") -> ConfigError:
+        return ConfigError(f"{where}: {field}={config.get(field)!r} {why}")
+
+    kind = config.get("_class_name", "DDPMScheduler")
+    if kind not in SCHEDULERS:
+        raise bad("_class_name", f"is not supported (known: {', '.join(SCHEDULERS)})")
+    steps = config.get("num_train_timesteps", 1000)
+    if config.get("trained_betas") is not None:
+        schedule = ScheduleConfig("trained", steps, {"betas": list(config["trained_betas"])})
+    else:
+        name = config.get("beta_schedule", "linear")
+        if name not in BETA_SCHEDULES:
+            raise bad("beta_schedule", f"is not supported (known: {', '.join(BETA_SCHEDULES)})")
+        kwargs = {}
+        if name != "squaredcos_cap_v2":
+            kwargs = {
+                "beta_start": config.get("beta_start", 0.0001),
+                "beta_end": config.get("beta_end", 0.02),
+            }
+        schedule = ScheduleConfig(BETA_SCHEDULES[name], steps, kwargs)
+    prediction = config.get("prediction_type", "epsilon")
+    if prediction not in PREDICTIONS:
+        raise bad("prediction_type", f"is not supported (known: {', '.join(PREDICTIONS)})")
+    variance = "fixed_small"
+    if kind == "DDPMScheduler":
+        variance = config.get("variance_type", "fixed_small")
+        if variance not in VARIANCES:
+            raise bad("variance_type", f"is not supported (known: {', '.join(VARIANCES)})")
+        variance = VARIANCES[variance]
+    if config.get("clip_sample", True) is not True:
+        raise bad("clip_sample", "is not supported (ddpm-fast clips x0 to [-1, 1])")
+    if config.get("clip_sample_range", 1.0) != 1.0:
+        raise bad("clip_sample_range", "is not supported (only 1.0)")
+    if config.get("thresholding", False):
+        raise bad("thresholding")
+    if config.get("rescale_betas_zero_snr", False):
+        raise bad("rescale_betas_zero_snr")
+    if kind == "DDIMScheduler" and config.get("set_alpha_to_one", True) is not True:
+        raise bad("set_alpha_to_one", "is not supported (DDIM's last step returns x0)")
+    diffusion = DiffusionConfig(
+        schedule=schedule, objective=PREDICTIONS[prediction], variance=variance
+    )
+    spacing = config.get("timestep_spacing", "leading")
+    offset = config.get("steps_offset", 0)
+    notes = [
+        f"{kind}: beta_schedule {config.get('beta_schedule', 'linear')}"
+        f"{' (trained_betas)' if schedule.name == 'trained' else ''}, prediction_type "
+        f"{prediction}, variance {variance}, clip_sample true",
+        # TODO(issue 13): sample fewer-step chains with diffusers' spacing.
+        f"timestep_spacing {spacing}, steps_offset {offset}: not yet honoured for chains of "
+        f"fewer than {steps} steps (ddpm-fast's own spacing is used)",
+    ]
+    return diffusion, notes
+
+
+def load_folder(path: Path, unet_options: dict, options: dict) -> Pipeline:
+    """A Pipeline from a diffusers pipeline folder or bare UNet2DModel folder."""
+    family = diffusers_unet2d
+    if unet_options:
+        raise ConfigError(
+            f"{path}: a {family.FAMILY} folder's config.json says {', '.join(unet_options)}; "
+            "they cannot be given"
+        )
+    notes = []
+    scheduler = None
+    if (path / "model_index.json").is_file():
+        index = _read_json(path / "model_index.json")
+        kind = index.get("_class_name")
+        if kind not in PIPELINES:
+            raise CheckpointError(
+                f"{path / 'model_index.json'}: _class_name {kind!r} is not supported "
+                f"(known: {', '.join(PIPELINES)})"
+            )
+        unet_dir = path / "unet"
+        scheduler_file = path / "scheduler" / "scheduler_config.json"
+        if not scheduler_file.is_file():
+            raise CheckpointError(f"{path}: no scheduler/scheduler_config.json")
+        scheduler = _read_json(scheduler_file)
+        notes.append(f"read as a diffusers {kind} folder ({family.FAMILY})")
+        where = str(scheduler_file)
+    else:
+        unet_dir = path
+        notes.append(f"read as a diffusers UNet2DModel folder ({family.FAMILY})")
+        where = f"{path} (scheduler)"
+    if not (unet_dir / "config.json").is_file():
+        raise CheckpointError(f"{unet_dir}: no config.json")
+    unet_config = _read_json(unet_dir / "config.json")
+    weights = family.remap_keys(read_unet_weights(unet_dir))
+    try:
+        config = family.infer_config(weights, unet_config=unet_config)
+    except ConfigError as err:
+        raise CheckpointError(f"{unet_dir / 'config.json'}: {err}") from None
+    from .checkpoints import build_network
+
+    network = build_network(unet_dir, family, config, weights)
+
+    if scheduler is None:
+        diffusion, _ = schedule_from_scheduler(where, DEFAULT_SCHEDULER)
+        defaults = {
+            "beta_schedule": "linear betas 1e-4 to 0.02 over 1000 steps",
+            "objective": "pred_noise (epsilon)",
+            "variance": "fixed_small",
+        }
+        assumed = [v for k, v in defaults.items() if k not in options]
+        if assumed:
+            notes.append(
+                "no scheduler in the folder: DDPMScheduler's defaults assumed: "
+                + ", ".join(assumed)
+            )
+    else:
+        diffusion, scheduler_notes = schedule_from_scheduler(where, scheduler)
+        notes.extend(scheduler_notes)
+    size = unet_config.get("sample_size")
+    if isinstance(size, list) and len(size) == 2 and size[0] == size[1]:
+        size = size[0]
+    if size is not None and not isinstance(size, int):
+        raise CheckpointError(f"{unet_dir / 'config.json'}: sample_size {size!r} is not square")
+    diffusion.image_size = size
+    diffusion = override_diffusion(DiffusionConfig.from_dict(diffusion.to_dict()), options)
+    return Pipeline(network, diffusion, source=str(path), notes=tuple(notes))

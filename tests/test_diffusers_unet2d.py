@@ -1,0 +1,222 @@
+"""The diffusers UNet2DModel family against diffusers 0.42.1 itself (fixtures made by
+tests/fixtures/make_diffusers.py): one forward of each fixture network, the folder reader
+(pipeline folders, a bare .bin folder with the old attention key names), the scheduler mapping,
+and one-line errors for the folders and configs it does not read."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from functools import cache
+from pathlib import Path
+
+import pytest
+import torch
+
+import ddpm_fast
+from ddpm_fast.diffusers_folder import schedule_from_scheduler
+from ddpm_fast.errors import CheckpointError, ConfigError
+from ddpm_fast.models import detect, diffusers_unet2d
+from ddpm_fast.schedule import Schedule
+
+from .helpers import rel_error
+
+FIXTURES = Path(__file__).parent / "fixtures" / "diffusers"
+NETWORK_TOLERANCE = 1e-5  # one forward, fp32, against diffusers'
+FOLDERS = {
+    "ddpm_cifar10_small": "ddpm_cifar10_small",
+    "fourier_scale_shift": "fourier_scale_shift",
+    "learned_variance_scale_shift": "learned_variance_scale_shift",
+    "ddpm_cifar10_small_bin_legacy": "ddpm_cifar10_small",  # same network, old keys, .bin
+}
+
+
+@cache
+def forward_fixtures() -> dict:
+    return torch.load(FIXTURES / "forward.pt", weights_only=True)
+
+
+@cache
+def scheduler_fixtures() -> dict:
+    return torch.load(FIXTURES / "schedulers.pt", weights_only=True)
+
+
+@pytest.mark.parametrize("folder", FOLDERS)
+def test_one_forward_is_diffusers(folder):
+    pipeline = ddpm_fast.load(FIXTURES / folder)
+    assert pipeline.config.family == diffusers_unet2d.FAMILY
+    fixture = forward_fixtures()[FOLDERS[folder]]
+    for case in fixture["cases"]:
+        with torch.no_grad():
+            got = pipeline.network(fixture["x"], case["t"])
+        assert got.shape == case["out"].shape
+        assert case["out"].abs().max() > 0
+        assert rel_error(got, case["out"]) <= NETWORK_TOLERANCE, case["t"]
+
+
+def test_the_old_attention_key_names_are_renamed():
+    weights = torch.load(
+        FIXTURES / "ddpm_cifar10_small_bin_legacy" / "diffusion_pytorch_model.bin",
+        weights_only=True,
+    )
+    old = [k for k in weights if k.endswith(("query.weight", "proj_attn.weight"))]
+    assert old, "the fixture must hold the old names"
+    renamed = diffusers_unet2d.remap_keys(weights)
+    assert not [k for k in renamed if ".query." in k or ".proj_attn." in k]
+    assert all(k.replace("query", "to_q") in renamed for k in old if "query" in k)
+
+
+def test_detected_as_diffusers_and_not_as_another_family():
+    from safetensors.torch import load_file
+
+    weights = load_file(
+        FIXTURES / "ddpm_cifar10_small" / "unet" / "diffusion_pytorch_model.safetensors"
+    )
+    assert detect(weights, "x") is diffusers_unet2d
+
+
+@pytest.mark.parametrize("name", ["linear", "linear_custom", "scaled_linear", "squaredcos_cap_v2",
+                                  "sigmoid"])  # fmt: skip
+def test_scheduler_betas_are_diffusers(name):
+    fixture = scheduler_fixtures()[name]
+    diffusion, _ = schedule_from_scheduler("scheduler_config.json", json.loads(fixture["config"]))
+    schedule = Schedule(diffusion.schedule)
+    assert torch.equal(schedule.betas.float(), fixture["betas"])
+    # float64 products of the same float32 betas (diffusers multiplies in float32)
+    assert rel_error(schedule.alphas_cumprod, fixture["alphas_cumprod"]) <= 1e-5
+
+
+def test_trained_betas_are_the_files():
+    config = json.loads(scheduler_fixtures()["linear"]["config"])
+    betas = [0.001 * (i + 1) for i in range(10)]
+    diffusion, _ = schedule_from_scheduler(
+        "s", {**config, "num_train_timesteps": 10, "trained_betas": betas}
+    )
+    assert torch.equal(Schedule(diffusion.schedule).betas.float(), torch.tensor(betas))
+
+
+def test_what_the_scheduler_says_is_the_pipelines_and_info_names_it():
+    pipeline = ddpm_fast.load(FIXTURES / "fourier_scale_shift")
+    assert pipeline.diffusion.objective == "pred_v"
+    assert pipeline.diffusion.schedule.name == "diffusers_squaredcos_cap_v2"
+    assert pipeline.diffusion.image_size == 16
+    info = ddpm_fast.checkpoints.describe(pipeline)
+    assert info["family"] == "diffusers-unet2d"
+    assert any("DDIMPipeline" in n for n in info["notes"])
+    assert any("timestep_spacing trailing" in n for n in info["notes"])
+    cifar = ddpm_fast.load(FIXTURES / "ddpm_cifar10_small")
+    assert (cifar.diffusion.objective, cifar.diffusion.variance) == ("pred_noise", "fixed_large")
+
+
+def test_a_bare_unet_folder_takes_scheduler_options():
+    folder = FIXTURES / "ddpm_cifar10_small_bin_legacy"
+    pipeline = ddpm_fast.load(folder, objective="pred_v", variance="fixed_large")
+    assert (pipeline.diffusion.objective, pipeline.diffusion.variance) == ("pred_v", "fixed_large")
+    assert any("defaults assumed" in n for n in ddpm_fast.load(folder).notes)
+
+
+def test_a_diffusers_pipeline_round_trips_through_ddpm_fasts_own_file(tmp_path):
+    pipeline = ddpm_fast.load(FIXTURES / "fourier_scale_shift")
+    path = ddpm_fast.save_pipeline(pipeline, tmp_path / "m.safetensors")
+    again = ddpm_fast.load(path)
+    assert again.config == pipeline.config and again.diffusion == pipeline.diffusion
+    x, t = torch.randn(2, 2, 16, 16), torch.tensor([7, 300])
+    with torch.no_grad():
+        assert torch.equal(again.network(x, t), pipeline.network(x, t))
+
+
+# folders and configs it does not read: one line naming the field
+
+
+def copied(tmp_path: Path, name: str = "ddpm_cifar10_small") -> Path:
+    return Path(shutil.copytree(FIXTURES / name, tmp_path / name))
+
+
+def edit_json(path: Path, **changes) -> None:
+    data = json.loads(path.read_text())
+    data.update(changes)
+    path.write_text(json.dumps(data))
+
+
+def _missing_weights(folder: Path) -> None:
+    (folder / "unet" / "diffusion_pytorch_model.safetensors").unlink()
+
+
+def _sharded(folder: Path) -> None:
+    (folder / "unet" / "diffusion_pytorch_model.safetensors").unlink()
+    (folder / "unet" / "diffusion_pytorch_model.safetensors.index.json").write_text("{}")
+
+
+BAD = {
+    "missing weights": (_missing_weights, CheckpointError, "no diffusion_pytorch_model"),
+    "sharded weights": (_sharded, CheckpointError, "sharded weights are not supported"),
+    "config/weights mismatch": (
+        lambda f: edit_json(f / "unet" / "config.json", block_out_channels=[16, 32, 32, 64]),
+        CheckpointError,
+        "mis-shaped",
+    ),
+    "class embeddings": (
+        lambda f: edit_json(f / "unet" / "config.json", class_embed_type="timestep"),
+        CheckpointError,
+        "class_embed_type='timestep' is not supported",
+    ),
+    "conditional block": (
+        lambda f: edit_json(
+            f / "unet" / "config.json",
+            down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D", "DownBlock2D"],
+        ),
+        CheckpointError,
+        "down_block_types 'CrossAttnDownBlock2D' is not supported",
+    ),
+    "conditional unet": (
+        lambda f: edit_json(f / "unet" / "config.json", _class_name="UNet2DConditionModel"),
+        CheckpointError,
+        "_class_name is 'UNet2DConditionModel'",
+    ),
+    "unknown scheduler": (
+        lambda f: edit_json(f / "scheduler" / "scheduler_config.json", _class_name="PNDMScheduler"),
+        ConfigError,
+        "_class_name='PNDMScheduler' is not supported",
+    ),
+    "unknown pipeline": (
+        lambda f: edit_json(f / "model_index.json", _class_name="StableDiffusionPipeline"),
+        CheckpointError,
+        "_class_name 'StableDiffusionPipeline' is not supported",
+    ),
+    "no clipping": (
+        lambda f: edit_json(f / "scheduler" / "scheduler_config.json", clip_sample=False),
+        ConfigError,
+        "clip_sample=False",
+    ),
+    "thresholding": (
+        lambda f: edit_json(f / "scheduler" / "scheduler_config.json", thresholding=True),
+        ConfigError,
+        "thresholding=True",
+    ),
+    "unknown beta schedule": (
+        lambda f: edit_json(f / "scheduler" / "scheduler_config.json", beta_schedule="laplace"),
+        ConfigError,
+        "beta_schedule='laplace'",
+    ),
+    "learned variance": (
+        lambda f: edit_json(f / "scheduler" / "scheduler_config.json", variance_type="learned"),
+        ConfigError,
+        "variance_type='learned'",
+    ),
+    "bad json": (
+        lambda f: (f / "unet" / "config.json").write_text("{not json"),
+        CheckpointError,
+        "not valid JSON",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", BAD)
+def test_bad_folders_are_one_line_errors(tmp_path, case):
+    damage, error, message = BAD[case]
+    folder = copied(tmp_path)
+    damage(folder)
+    with pytest.raises(error, match=message) as err:
+        ddpm_fast.load(folder)
+    assert "\n" not in str(err.value)
+    assert str(tmp_path) in str(err.value)
