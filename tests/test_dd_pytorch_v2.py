@@ -1,0 +1,321 @@
+"""The 2.x reference network, its config inference, its files and its chains against
+denoising-diffusion-pytorch 2.3.4 (fixtures made by tests/fixtures/make_dd_pytorch_v2.py)."""
+
+from __future__ import annotations
+
+import json
+from functools import cache
+from pathlib import Path
+
+import pytest
+import torch
+
+from ddpm_fast import checkpoints
+from ddpm_fast.errors import CheckpointError, ConfigError
+from ddpm_fast.models import dd_pytorch_v1, dd_pytorch_v2
+from ddpm_fast.models.dd_pytorch_v2 import Unet, UnetConfig, infer_config, matches
+from ddpm_fast.pipeline import DiffusionConfig, Pipeline
+from ddpm_fast.samplers import sample_loop, step_tables
+from ddpm_fast.schedule import Schedule
+
+from .helpers import rel_error
+
+FIXTURES = Path(__file__).parent / "fixtures" / "dd_pytorch_v2"
+V1_FIXTURES = Path(__file__).parent / "fixtures" / "dd_pytorch_v1"
+# Constructor arguments that do not change the function at inference (flash_attn computes the
+# same attention with F.scaled_dot_product_attention; dropout is off in eval).
+INFERENCE_IRRELEVANT = ("flash_attn", "dropout")
+
+
+@cache
+def network_fixtures() -> dict:
+    return torch.load(FIXTURES / "networks.pt", weights_only=True)
+
+
+@cache
+def chain_fixtures() -> dict:
+    return torch.load(FIXTURES / "chains.pt", weights_only=True)
+
+
+def network_kwargs(name: str) -> dict:
+    return json.loads(network_fixtures()[name]["kwargs"])
+
+
+def unstored_options(name: str) -> dict:
+    """The fixture network's constructor arguments that its state_dict does not determine."""
+    kwargs = network_kwargs(name)
+    return {k: kwargs[k] for k in dd_pytorch_v2.UNSTORED if k in kwargs}
+
+
+def library_unet(name: str) -> Unet:
+    case = network_fixtures()[name]
+    network = Unet(infer_config(case["state_dict"], **unstored_options(name)))
+    network.load_state_dict(case["state_dict"], strict=True)
+    return network.eval()
+
+
+NAMES = list(network_fixtures())
+CHAINS = list(chain_fixtures())
+
+
+def test_fixtures_cover_the_issue():
+    """Full attention at an outer stage, memory key/values, self-conditioning, learned
+    sinusoidal features, learned variance: each in at least one fixture network."""
+    kwargs = [network_kwargs(n) for n in NAMES]
+    assert any(k.get("self_condition") for k in kwargs)
+    assert any(isinstance(k.get("full_attn"), list) and k["full_attn"][0] for k in kwargs)
+    assert any(k.get("learned_sinusoidal_cond") for k in kwargs)
+    assert any(k.get("learned_variance") for k in kwargs)
+    assert all(any(".mem_kv" in key for key in network_fixtures()[n]["state_dict"]) for n in NAMES)
+    versions = json.loads((FIXTURES / "versions.json").read_text())
+    assert versions["denoising-diffusion-pytorch"] == dd_pytorch_v2.LIBRARY_VERSION
+
+
+# the network
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_outputs_match_the_library(name):
+    case = network_fixtures()[name]
+    with torch.no_grad():
+        out = library_unet(name)(case["x"], case["t"], case["x_self_cond"])
+    assert out.shape == case["output"].shape
+    assert rel_error(out, case["output"]) <= 1e-5
+
+
+def test_self_condition_defaults_to_zeros_as_the_library():
+    case = network_fixtures()["full_attn_self_cond"]
+    with torch.no_grad():
+        out = library_unet("full_attn_self_cond")(case["x"], case["t"])
+    assert rel_error(out, case["output_without_self_cond"]) <= 1e-5
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_config_inferred_from_shapes_is_the_constructors(name):
+    kwargs = {k: v for k, v in network_kwargs(name).items() if k not in INFERENCE_IRRELEVANT}
+    config = infer_config(network_fixtures()[name]["state_dict"], **unstored_options(name))
+    expected = UnetConfig(**kwargs)
+    if expected.random_fourier_features:  # same function as learned features; reads as learned
+        expected.random_fourier_features = False
+        expected.learned_sinusoidal_cond = True
+    assert config == expected
+
+
+def test_config_round_trips_through_its_dict():
+    config = infer_config(network_fixtures()["full_attn_self_cond"]["state_dict"])
+    d = json.loads(json.dumps(config.to_dict()))
+    assert d["family"] == dd_pytorch_v2.FAMILY
+    assert UnetConfig.from_dict(d) == config
+
+
+def test_theta_is_not_in_the_state_dict_and_changes_the_function():
+    """Why sinusoidal_pos_emb_theta is an option: with the library's default of 10000 instead
+    of the 1000 this network was built with, the weights load and the function differs."""
+    case = network_fixtures()["flash_theta_out_dim"]
+    network = Unet(infer_config(case["state_dict"]))
+    network.load_state_dict(case["state_dict"], strict=True)
+    with torch.no_grad():
+        out = network(case["x"], case["t"])
+    assert rel_error(out, case["output"]) > 1e-3
+
+
+def test_memory_key_values_change_the_function():
+    """mem_kv is live in both attentions: moving it moves the output."""
+    case = network_fixtures()["full_attn_self_cond"]
+    for key in ("downs.0.2.mem_kv", "downs.1.2.mem_kv"):  # a full and a linear attention
+        network = library_unet("full_attn_self_cond")
+        with torch.no_grad():
+            network.get_parameter(key).add_(0.5)
+            out = network(case["x"], case["t"], case["x_self_cond"])
+        assert rel_error(out, case["output"]) > 1e-4, key
+
+
+# recognising a 2.x state_dict
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_two_x_state_dicts_are_recognised(name):
+    assert matches(network_fixtures()[name]["state_dict"])
+
+
+def test_one_x_state_dicts_are_not():
+    v1 = torch.load(V1_FIXTURES / "networks.pt", weights_only=True)
+    for case in v1.values():
+        assert not matches(case["state_dict"])
+    assert not matches(torch.load(V1_FIXTURES / "unet_state_dict.pt", weights_only=True))
+
+
+def test_one_x_reader_refuses_a_two_x_state_dict():
+    """The other way round: 1.x's infer_config does not read 2.x weights as its own."""
+    with pytest.raises(CheckpointError, match="downs.0.2.fn.fn.to_qkv.weight"):
+        dd_pytorch_v1.infer_config(network_fixtures()["defaults"]["state_dict"])
+
+
+# bad state_dicts and configs: one-line errors naming what is wrong
+
+
+def _one_line(err: pytest.ExceptionInfo) -> str:
+    message = str(err.value)
+    assert "\n" not in message
+    return message
+
+
+def test_a_state_dict_of_another_network_is_a_checkpoint_error():
+    with pytest.raises(CheckpointError, match="time_mlp.1.weight") as err:
+        infer_config({"conv.weight": torch.ones(3, 3, 1, 1)})
+    _one_line(err)
+
+
+def test_a_missing_attention_is_a_checkpoint_error():
+    state = dict(network_fixtures()["defaults"]["state_dict"])
+    del state["downs.1.2.mem_kv"]
+    with pytest.raises(CheckpointError, match=r"downs\.1\.2\.mem_kv") as err:
+        infer_config(state)
+    _one_line(err)
+
+
+def test_a_mis_shaped_mem_kv_is_a_checkpoint_error():
+    state = dict(network_fixtures()["defaults"]["state_dict"])
+    state["downs.0.2.mem_kv"] = torch.ones(3, 4, 32)
+    with pytest.raises(CheckpointError, match=r"downs\.0\.2\.mem_kv has shape \[3, 4, 32\]"):
+        infer_config(state)
+
+
+def test_weights_that_do_not_fit_are_one_checkpoint_error(tmp_path):
+    """A shape the config inference does not read (a mid block conv) is caught when the
+    network is laid out against the weights (checkpoints.build_network)."""
+    state = dict(network_fixtures()["defaults"]["state_dict"])
+    state["mid_block1.block1.proj.weight"] = torch.ones(16, 16, 1, 1)
+    config = infer_config(state)
+    with pytest.raises(CheckpointError, match="mid_block1.block1.proj.weight") as err:
+        checkpoints.build_network(tmp_path / "x.pt", dd_pytorch_v2, config, state)
+    _one_line(err)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"attn_heads": (2, 2, 2)}, "attn_heads must have one entry per stage"),
+        ({"full_attn": (True,)}, "full_attn must have one entry per stage"),
+        ({"attn_dim_head": 0}, "attn_dim_head must be at least 1"),
+        ({"full_attn": (1, 0)}, "full_attn must be true or false"),
+        ({"num_mem_kv": -1}, "num_mem_kv must be at least 0"),
+        ({"learned_sinusoidal_cond": True, "learned_sinusoidal_dim": 7}, "must be even"),
+        ({"dim_mults": ()}, "dim_mults must be a list"),
+    ],
+)
+def test_bad_configs_are_config_errors(kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        UnetConfig(**{"dim": 8, "dim_mults": (1, 2), **kwargs})
+
+
+def test_options_the_weights_fix_are_refused():
+    with pytest.raises(ConfigError, match="attn_heads: not options of dd-pytorch-v2"):
+        infer_config(network_fixtures()["defaults"]["state_dict"], attn_heads=2)
+
+
+def test_unknown_fields_in_a_saved_config_are_config_errors():
+    d = UnetConfig(dim=8, dim_mults=(1, 2)).to_dict() | {"resnet_block_groups": 8}
+    with pytest.raises(ConfigError, match="resnet_block_groups"):
+        UnetConfig.from_dict(d)
+
+
+# the library's files
+
+
+def read_pipeline(path: Path, *, use_ema: bool = True, **options) -> Pipeline:
+    """What ``checkpoints._pipeline_from_library`` does once it dispatches on the family (its
+    helpers, with dd_pytorch_v2's infer_config)."""
+    ckpt = checkpoints.read_checkpoint(path, use_ema=use_ema)
+    config = infer_config(ckpt.weights)
+    network = checkpoints.build_network(ckpt.path, dd_pytorch_v2, config, ckpt.weights)
+    schedule = checkpoints._resolve_schedule(ckpt, options)
+    objective = checkpoints._objective_from_loss_weight(ckpt.buffers, Schedule(schedule))
+    diffusion = DiffusionConfig(image_size=8, schedule=schedule, objective=objective)
+    return Pipeline(network, diffusion, source=str(path))
+
+
+def test_a_diffusion_state_dict_gives_schedule_and_objective():
+    pipeline = read_pipeline(FIXTURES / "diffusion_state_dict.pt")
+    assert pipeline.diffusion.schedule.name == "cosine"
+    assert pipeline.diffusion.schedule.timesteps == 50
+    assert pipeline.diffusion.objective == "pred_x0"
+    assert pipeline.config == infer_config(network_fixtures()["full_attn_self_cond"]["state_dict"])
+    bare = torch.load(FIXTURES / "unet_state_dict.pt", weights_only=True)
+    for key, value in pipeline.network.state_dict().items():
+        assert torch.equal(value, bare[key]), key
+
+
+def test_a_trainer_checkpoint_reads_ema_weights_by_default():
+    ema = read_pipeline(FIXTURES / "trainer.pt")
+    online = read_pipeline(FIXTURES / "trainer.pt", use_ema=False)
+    assert ema.diffusion.schedule.name == "linear"
+    assert ema.diffusion.schedule.timesteps == 30
+    assert ema.diffusion.objective == "pred_noise"
+    raw = torch.load(FIXTURES / "trainer.pt", weights_only=True)
+    key = "init_conv.weight"
+    assert torch.equal(ema.network.state_dict()[key], raw["ema"][f"ema_model.model.{key}"])
+    assert torch.equal(online.network.state_dict()[key], raw["model"][f"model.{key}"])
+    assert not torch.equal(raw["ema"][f"ema_model.model.{key}"], raw["model"][f"model.{key}"])
+
+
+# whole chains, with the library's own noise replayed
+
+
+def chain_pipeline(name: str) -> Pipeline:
+    case = chain_fixtures()[name]
+    weights = network_fixtures()[case["network"]]["state_dict"]
+    ckpt = checkpoints.Checkpoint(Path(name), "diffusion", weights, case["buffers"])
+    network = checkpoints.build_network(ckpt.path, dd_pytorch_v2, infer_config(weights), weights)
+    schedule = checkpoints._resolve_schedule(ckpt, {})
+    objective = checkpoints._objective_from_loss_weight(ckpt.buffers, Schedule(schedule))
+    diffusion = DiffusionConfig(
+        image_size=case["image_size"], schedule=schedule, objective=objective
+    )
+    return Pipeline(network, diffusion, source=name)
+
+
+def replay(noises):
+    """A noise function that hands out the library's recorded draws in order."""
+    draws = iter(noises)
+
+    def noise_fn(step, shape):
+        noise = next(draws)
+        assert tuple(noise.shape) == shape
+        return noise
+
+    return noise_fn
+
+
+@pytest.mark.parametrize("name", CHAINS)
+def test_chain_equals_the_library(name):
+    case = chain_fixtures()[name]
+    kwargs = json.loads(case["diffusion_kwargs"])
+    pipeline = chain_pipeline(name)
+    # Schedule and objective are read from the buffers, not passed.
+    assert pipeline.diffusion.schedule.name == kwargs["beta_schedule"]
+    assert pipeline.diffusion.schedule.timesteps == kwargs["timesteps"]
+    assert pipeline.diffusion.objective == kwargs["objective"]
+
+    steps = kwargs.get("sampling_timesteps", kwargs["timesteps"])
+    sampler = "ddim" if steps < kwargs["timesteps"] else "ddpm"
+    spec = pipeline.sampler_spec(sampler, steps, kwargs.get("ddim_sampling_eta", 0.0))
+    noises = list(case["step_noises"])
+    if sampler == "ddim":  # the library draws noise at every DDIM step but the last, used or not
+        assert len(noises) == steps - 1
+        noises = noises if spec.eta > 0 else []
+    tables = step_tables(pipeline.schedule, spec)
+    trajectory = [case["initial_noise"]]
+    with torch.no_grad():
+        sample_loop(
+            pipeline.network,
+            case["initial_noise"],
+            tables,
+            spec,
+            pipeline.diffusion.objective,
+            replay(noises),
+            on_step=lambda k, x: trajectory.append(x),
+        )
+    trajectory = (torch.stack(trajectory, dim=1) + 1) * 0.5
+    assert trajectory.shape == case["trajectory"].shape
+    assert rel_error(trajectory, case["trajectory"]) <= 1e-4
