@@ -24,7 +24,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .errors import CheckpointError, ConfigError
-from .models import FAMILIES, dd_pytorch_v1
+from .models import FAMILIES, detect, family
 from .pipeline import DiffusionConfig, Pipeline, override_diffusion
 from .samplers import OBJECTIVES
 from .schedule import BETA_SCHEDULES, Schedule, ScheduleConfig
@@ -33,13 +33,8 @@ from .version import __version__
 FORMAT_KEY = "ddpm_fast_format"
 FORMAT_VERSION = "1"
 
-UNET_OPTIONS = (
-    "channels",
-    "self_condition",
-    "learned_variance",
-    "resnet_block_groups",
-    "attn_heads",
-)
+# Every family's network options, in the order the families list them.
+UNET_OPTIONS = tuple(dict.fromkeys(o for m in FAMILIES.values() for o in m.OPTIONS))
 DIFFUSION_OPTIONS = (
     "image_size",
     "beta_schedule",
@@ -51,11 +46,6 @@ DIFFUSION_OPTIONS = (
 # denoising-diffusion-pytorch 1.6.4 (the version the fixtures pin) when a file does not say.
 LIBRARY_DEFAULT_OBJECTIVE = "pred_v"
 LIBRARY_DEFAULT_SCHEDULE = "sigmoid"
-# What the shapes of a library state_dict cannot tell, with the library's defaults.
-UNSTORED_DEFAULTS = {
-    "resnet_block_groups": dd_pytorch_v1.UnetConfig.resnet_block_groups,
-    "attn_heads": dd_pytorch_v1.UnetConfig.attn_heads,
-}
 MAX_LISTED = 5
 REAL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 FORMAT_NAMES = {
@@ -356,14 +346,22 @@ def split_options(options: dict) -> tuple[dict, dict]:
 
 
 def _pipeline_from_library(ckpt: Checkpoint, unet_options: dict, options: dict) -> Pipeline:
+    fam = detect(ckpt.weights, str(ckpt.path))
+    not_for = sorted(set(unet_options) - set(fam.OPTIONS))
+    if not_for:
+        raise ConfigError(
+            f"{ckpt.path}: a {fam.FAMILY} network has no option {', '.join(not_for)} "
+            f"(its options: {', '.join(fam.OPTIONS)})"
+        )
+    weights = fam.remap_keys(ckpt.weights)
     try:
-        config = dd_pytorch_v1.infer_config(ckpt.weights, **unet_options)
+        config = fam.infer_config(weights, **unet_options)
     except ConfigError as err:
         raise CheckpointError(f"{ckpt.path}: {err}") from None
-    network = build_network(ckpt.path, dd_pytorch_v1, config, ckpt.weights)
+    network = build_network(ckpt.path, fam, config, weights)
 
-    notes = [f"read as {FORMAT_NAMES[ckpt.format]}", *ckpt.notes]
-    assumed = [f"{k}={v}" for k, v in UNSTORED_DEFAULTS.items() if k not in unet_options]
+    notes = [f"read as {FORMAT_NAMES[ckpt.format]} ({fam.FAMILY})", *ckpt.notes]
+    assumed = [f"{k}={v}" for k, v in fam.UNSTORED_DEFAULTS.items() if k not in unet_options]
     if assumed:
         notes.append(f"{', '.join(assumed)} assumed: the file cannot store them")
     schedule_config = _resolve_schedule(ckpt, options)
@@ -390,21 +388,22 @@ def _pipeline_from_own(ckpt: Checkpoint, unet_options: dict, options: dict) -> P
         raise ConfigError(
             f"{ckpt.path} stores its network config; {', '.join(unet_options)} cannot be overridden"
         )
-    family = meta.get("family")
-    if family not in FAMILIES:
-        raise CheckpointError(f"{ckpt.path}: unknown model family {family!r}")
+    name = meta.get("family")
+    if name not in FAMILIES:
+        raise CheckpointError(f"{ckpt.path}: unknown model family {name!r}")
+    fam = family(name)
     try:
         unet_config, diffusion = json.loads(meta["unet_config"]), json.loads(meta["diffusion"])
         if not isinstance(unet_config, dict):
             raise ConfigError(f"unet_config is a JSON {type(unet_config).__name__}, not an object")
-        config = FAMILIES[family].UnetConfig.from_dict(unet_config)
+        config = fam.UnetConfig.from_dict(unet_config)
         diffusion = DiffusionConfig.from_dict(diffusion)
         notes = json.loads(meta.get("notes", "[]"))
         if not isinstance(notes, list) or not all(isinstance(n, str) for n in notes):
             raise ConfigError("notes is not a list of strings")
     except (KeyError, TypeError, ValueError) as err:  # ConfigError is a ValueError
         raise CheckpointError(f"{ckpt.path}: bad ddpm-fast metadata ({err})") from None
-    network = build_network(ckpt.path, FAMILIES[family], config, ckpt.weights)
+    network = build_network(ckpt.path, fam, config, ckpt.weights)
 
     diffusion = override_diffusion(diffusion, options)
     return Pipeline(network, diffusion, source=str(ckpt.path), notes=tuple(notes))

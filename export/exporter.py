@@ -8,6 +8,7 @@ to convert this network down (its ReduceMean axes), and it needs no onnxscript.
 
 from __future__ import annotations
 
+import copy
 import inspect
 import json
 import logging
@@ -17,12 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
-from ..folding import fold_weights, resnet_blocks, time_conditioning
-from ..models.dd_pytorch_v1 import LayerNorm, dtype_eps
+from ..folding import fold_weights, time_conditioning
+from ..models import family_of
 from ..pipeline import Pipeline
 from ..samplers import OBJECTIVES, SamplerSpec, StepTables, step_tables
 from ..version import __version__
@@ -60,91 +60,64 @@ def require_onnx():
     return onnx
 
 
-class _Cast(nn.Module):
-    def __init__(self, dtype: torch.dtype):
-        super().__init__()
-        self.dtype = dtype
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x.to(self.dtype)
-
-
-class _Lookup(nn.Module):
-    """A per-step table gathered by the step index: [steps, d] -> [1, d]."""
-
-    def __init__(self, table: torch.Tensor):
-        super().__init__()
-        self.register_buffer("table", table)
-
-    def forward(self, step: torch.Tensor) -> torch.Tensor:
-        return self.table[step]
-
-
 class _NormInFloat32(nn.Module):
-    """A GroupNorm, or the library's channel LayerNorm, of a half-precision graph computed in
-    float32 with the fp32 reference's epsilon, as the engine's kernels do: fp32 is the function
-    to approximate, and the library's half-precision LayerNorm epsilon (1e-3 for 1e-5) alone
-    moves the output of a trained network by ~2.5e-2."""
+    """A norm of a half-precision graph computed in float32 (a float32 copy of the reference's
+    module, so with the fp32 reference's epsilon), as the engine's kernels do: fp32 is the
+    function to approximate, and the library's half-precision LayerNorm epsilon (1e-3 for 1e-5)
+    alone moves the output of a trained network by ~2.5e-2. The family names its norms
+    (``HALF_PRECISION_FP32``)."""
 
     def __init__(self, norm: nn.Module):
         super().__init__()
-        if isinstance(norm, nn.GroupNorm):
-            self.groups, self.eps = norm.num_groups, norm.eps
-            self.register_buffer("weight", norm.weight.detach().float().clone())
-            self.register_buffer("bias", norm.bias.detach().float().clone())
-        else:
-            self.groups, self.eps = None, dtype_eps(torch.float32)
-            self.register_buffer("weight", norm.g.detach().float().clone())
+        self.norm = copy.deepcopy(norm).float()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = x.float()
-        if self.groups is not None:
-            y = F.group_norm(y, self.groups, self.weight, self.bias, self.eps)
-        else:
-            var = torch.var(y, dim=1, unbiased=False, keepdim=True)
-            mean = torch.mean(y, dim=1, keepdim=True)
-            y = (y - mean) * (var + self.eps).rsqrt() * self.weight
-        return y.to(x.dtype)
+        return self.norm(x.float()).to(x.dtype)
 
 
 def to_half(network: nn.Module) -> nn.Module:
-    """``network`` (fp32, folded) for an fp16 graph: weights in fp16; the norms in fp32 (see
-    _NormInFloat32); the sinusoidal time features in fp32 (t reaches 1000: fp16 would lose the
-    phase), then cast."""
+    """``network`` (fp32, folded) for an fp16 graph: weights in fp16, the family's norms in fp32
+    (see _NormInFloat32). The time conditioning is not computed here (the graphs compute it in
+    fp32: t reaches 1000, fp16 would lose the sinusoids' phase)."""
+    norm_types = family_of(network).HALF_PRECISION_FP32
     norms = {
         name: _NormInFloat32(module)
         for name, module in network.named_modules()
-        if isinstance(module, nn.GroupNorm | LayerNorm)
+        if isinstance(module, norm_types)
     }
     network = network.half()
     for name, norm in norms.items():
         parent, _, child = name.rpartition(".")
         setattr(network.get_submodule(parent), child, norm)
-    if isinstance(network.time_mlp, nn.Sequential):
-        features = network.time_mlp[0].float()
-        network.time_mlp[0] = nn.Sequential(features, _Cast(torch.float16))
     return network
 
 
+def _cast(cond: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    return {name: c.to(dtype) for name, c in cond.items()}
+
+
 def folded_network(pipeline: Pipeline, dtype: str) -> nn.Module:
-    """The reference network with its standardised conv weights folded, on the CPU, in ``dtype``
+    """The reference network with its family's folding done, on the CPU, in ``dtype``
     (fp16: :func:`to_half`)."""
     network = fold_weights(pipeline.network).to("cpu", torch.float32)
     return to_half(network) if dtype == "fp16" else network
 
 
 class UnetGraph(nn.Module):
-    """What a ``unet`` file computes: the folded network, float32 in and out."""
+    """What a ``unet`` file computes: the folded network, float32 in and out; the time
+    conditioning in float32 whatever the dtype."""
 
     def __init__(self, pipeline: Pipeline, dtype: str = "fp32"):
         super().__init__()
-        self.network = folded_network(pipeline, dtype)
+        self.time = fold_weights(pipeline.network).to("cpu", torch.float32)
+        self.network = to_half(copy.deepcopy(self.time)) if dtype == "fp16" else self.time
         self.dtype = TORCH_DTYPES[dtype]
 
     def forward(self, x, t, x_self_cond=None):
         if x_self_cond is not None:
             x_self_cond = x_self_cond.to(self.dtype)
-        return self.network(x.to(self.dtype), t, x_self_cond).float()
+        cond = _cast(self.time.time_conditioning(t), self.dtype)
+        return self.network.forward_conditioned(x.to(self.dtype), cond, x_self_cond).float()
 
 
 class StepGraph(nn.Module):
@@ -152,10 +125,10 @@ class StepGraph(nn.Module):
     step index ``step`` [1] of one chain, float32 in and out.
 
     The coefficients are float32 tables gathered by the step index; the time conditioning (the
-    time MLP and every block's scale/shift projection) is precomputed for the chain's timesteps
-    (``ddpm_fast.folding.time_conditioning``) and gathered the same way. Where the reference
-    skips a term (no noise at a step, c_eps = 0), the graph selects or adds zero: the same
-    numbers.
+    network's ``time_conditioning``: every block's time projection) is precomputed for the
+    chain's timesteps (``ddpm_fast.folding.time_conditioning``) into one table gathered the same
+    way. Where the reference skips a term (no noise at a step, c_eps = 0), the graph selects or
+    adds zero: the same numbers.
     """
 
     def __init__(
@@ -164,9 +137,10 @@ class StepGraph(nn.Module):
         super().__init__()
         network = fold_weights(pipeline.network).to("cpu", torch.float32)
         conditioning = time_conditioning(network, tables.timesteps)
-        network.time_mlp = nn.Identity()  # the blocks now receive the step index
-        for name, block in resnet_blocks(network):
-            block.mlp = _Lookup(conditioning[name])
+        self.register_buffer("time_table", torch.cat(list(conditioning.values()), dim=1))
+        self.time_slices, start = {}, 0
+        for name, table in conditioning.items():
+            self.time_slices[name], start = (start, start + table.shape[1]), start + table.shape[1]
         self.dtype = TORCH_DTYPES[dtype]
         self.network = to_half(network) if dtype == "fp16" else network
         self.objective = pipeline.diffusion.objective
@@ -187,7 +161,11 @@ class StepGraph(nn.Module):
         k = step.reshape(1)
         if x_self_cond is not None:
             x_self_cond = x_self_cond.to(self.dtype)
-        model_output = self.network(x_t.to(self.dtype), k, x_self_cond).float()
+        row = self.time_table[k].to(self.dtype)  # [1, D]
+        cond = {name: row[:, a:b] for name, (a, b) in self.time_slices.items()}
+        model_output = self.network.forward_conditioned(
+            x_t.to(self.dtype), cond, x_self_cond
+        ).float()
         variance_output = None
         if model_output.shape[1] == 2 * self.channels:
             model_output, variance_output = model_output.chunk(2, dim=1)

@@ -16,7 +16,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import ddpm_fast
 from ddpm_fast.engine import Engine, FastUnet
 from ddpm_fast.engine.cpu_conv import CpuConv2d
-from ddpm_fast.engine.network import FastBlock
+from ddpm_fast.engine.families.dd_pytorch_v1 import FastBlock
 from ddpm_fast.errors import ConfigError
 from ddpm_fast.models.dd_pytorch_v1 import Unet, UnetConfig
 from ddpm_fast.pipeline import DiffusionConfig, Pipeline
@@ -294,7 +294,8 @@ def test_a_bf16_chain_keeps_its_last_conv_in_fp32_and_within_twice_pytorchs_erro
         own = default_pipeline.sample(8, **kwargs)
     got = engine.sample(8, **kwargs)
     network = next(iter(engine._chains.values())).network
-    final = getattr(network.final_conv, "conv", network.final_conv)  # CpuConv2d wraps it
+    final_conv = network.body.final_conv
+    final = getattr(final_conv, "conv", final_conv)  # CpuConv2d wraps it
     convs = [m for m in network.modules() if isinstance(m, torch.nn.Conv2d)]
     assert {m.weight.dtype for m in convs if m is not final} == {torch.bfloat16}
     assert final.weight.dtype == torch.float32

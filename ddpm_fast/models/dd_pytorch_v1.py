@@ -24,6 +24,8 @@ from ..errors import CheckpointError, ConfigError
 from ..options import check_int
 
 FAMILY = "dd-pytorch-v1"
+# Network options a user may give where a state_dict cannot tell them (see infer_config).
+OPTIONS = ("channels", "self_condition", "learned_variance", "resnet_block_groups", "attn_heads")
 
 
 def exists(x) -> bool:
@@ -254,11 +256,13 @@ class ResnetBlock(nn.Module):
         self.block2 = Block(dim_out, dim_out, groups=groups)
         self.res_conv = nn.Conv2d(dim, dim_out, 1) if dim != dim_out else nn.Identity()
 
-    def forward(self, x, time_emb=None):
+    def forward(self, x, cond=None):
+        """``cond``: ``self.mlp(time_emb)`` [B or 1, 2 * dim_out], computed once per timestep by
+        ``Unet.time_conditioning`` (the library applies the MLP here: the same numbers)."""
         scale_shift = None
-        if exists(self.mlp) and exists(time_emb):
-            time_emb = rearrange(self.mlp(time_emb), "b c -> b c 1 1")
-            scale_shift = time_emb.chunk(2, dim=1)
+        if exists(self.mlp) and exists(cond):
+            cond = rearrange(cond, "b c -> b c 1 1")
+            scale_shift = cond.chunk(2, dim=1)
         h = self.block1(x, scale_shift=scale_shift)
         h = self.block2(h)
         return h + self.res_conv(x)
@@ -391,39 +395,112 @@ class Unet(nn.Module):
         self.final_res_block = block_klass(dim * 2, dim, time_emb_dim=time_dim)
         self.final_conv = nn.Conv2d(dim, self.out_dim, 1)
 
+    def time_conditioning(self, time: torch.Tensor) -> dict[str, torch.Tensor]:
+        """{ResnetBlock name: its ``mlp(time_mlp(time))`` [n, 2 * dim_out]} (scale, then shift),
+        float32, in module order."""
+        t = self.time_mlp(time)
+        return {
+            name: m.mlp(t).float()
+            for name, m in self.named_modules()
+            if isinstance(m, ResnetBlock) and m.mlp is not None
+        }
+
     def forward(self, x, time, x_self_cond=None):
+        return self.forward_conditioned(x, self.time_conditioning(time), x_self_cond)
+
+    def forward_conditioned(self, x, cond: dict[str, torch.Tensor], x_self_cond=None):
+        """The forward given ``cond = time_conditioning(time)``."""
         if self.self_condition:
             x_self_cond = default(x_self_cond, lambda: torch.zeros_like(x))
             x = torch.cat((x_self_cond, x), dim=1)
 
         x = self.init_conv(x)
         r = x.clone()
-        t = self.time_mlp(time)
         h = []
 
-        for block1, block2, attn, downsample in self.downs:
-            x = block1(x, t)
+        for i, (block1, block2, attn, downsample) in enumerate(self.downs):
+            x = block1(x, cond[f"downs.{i}.0"])
             h.append(x)
-            x = block2(x, t)
+            x = block2(x, cond[f"downs.{i}.1"])
             x = attn(x)
             h.append(x)
             x = downsample(x)
 
-        x = self.mid_block1(x, t)
+        x = self.mid_block1(x, cond["mid_block1"])
         x = self.mid_attn(x)
-        x = self.mid_block2(x, t)
+        x = self.mid_block2(x, cond["mid_block2"])
 
-        for block1, block2, attn, upsample in self.ups:
+        for i, (block1, block2, attn, upsample) in enumerate(self.ups):
             x = torch.cat((x, h.pop()), dim=1)
-            x = block1(x, t)
+            x = block1(x, cond[f"ups.{i}.0"])
             x = torch.cat((x, h.pop()), dim=1)
-            x = block2(x, t)
+            x = block2(x, cond[f"ups.{i}.1"])
             x = attn(x)
             x = upsample(x)
 
         x = torch.cat((x, r), dim=1)
-        x = self.final_res_block(x, t)
+        x = self.final_res_block(x, cond["final_res_block"])
         return self.final_conv(x)
+
+
+# the family contract (see ddpm_fast.models)
+
+# What the shapes of a state_dict cannot tell, with the library's defaults.
+UNSTORED_DEFAULTS = {
+    "resnet_block_groups": UnetConfig.resnet_block_groups,
+    "attn_heads": UnetConfig.attn_heads,
+}
+# Norms a half-precision graph computes in float32 (the library's half-precision LayerNorm eps,
+# 1e-3 for 1e-5, alone moves a trained network's output by ~2.5e-2).
+HALF_PRECISION_FP32 = (nn.GroupNorm, LayerNorm)
+
+
+def matches(weights: dict[str, torch.Tensor]) -> bool:
+    """A 1.x Unet: a time MLP, GroupNorm Blocks (``norm.weight``; 2.x has RMSNorm ``norm.g``)
+    and linear attention behind a PreNorm at every stage (``downs.0.2.fn.fn``)."""
+    return (
+        "time_mlp.1.weight" in weights
+        and "downs.0.0.block1.norm.weight" in weights
+        and "downs.0.0.block1.proj.weight" in weights
+        and "downs.0.2.fn.fn.to_qkv.weight" in weights
+    )
+
+
+def remap_keys(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """1.x keys are this reference's already."""
+    return weights
+
+
+def standardized_conv(conv: WeightStandardizedConv2d) -> nn.Conv2d:
+    """A plain conv with ``conv``'s weight standardised in float32 (the library's fp32 eps):
+    a half-precision engine casts the fp32 reference's weights, it does not re-standardise
+    with the library's looser half-precision eps."""
+    folded = torch.nn.utils.skip_init(  # no random initialisation of what is overwritten
+        nn.Conv2d,
+        conv.in_channels,
+        conv.out_channels,
+        conv.kernel_size,
+        stride=conv.stride,
+        padding=conv.padding,
+        dilation=conv.dilation,
+        groups=conv.groups,
+        bias=conv.bias is not None,
+        device=conv.weight.device,
+        dtype=torch.float32,
+    )
+    with torch.no_grad():
+        folded.weight.copy_(conv.standardized_weight(torch.float32))
+        if conv.bias is not None:
+            folded.bias.copy_(conv.bias)
+    return folded.to(conv.weight.dtype).requires_grad_(False)
+
+
+def fold(network: Unet) -> None:
+    """Every WeightStandardizedConv2d of ``network`` becomes :func:`standardized_conv`, in place."""
+    for module in list(network.modules()):
+        for name, child in module.named_children():
+            if isinstance(child, WeightStandardizedConv2d):
+                setattr(module, name, standardized_conv(child))
 
 
 def infer_config(state_dict: dict[str, torch.Tensor], **options) -> UnetConfig:

@@ -1,0 +1,25 @@
+"""Each family's mapping onto the shared fast modules, one module per family (see
+ddpm_fast.models for the contract):
+
+- ``build(folded, slices, bias_in_norm) -> nn.Module``, whose forward is
+  ``(x, time_row [1, D], x_self_cond=None)``; ``slices[name] = (start, width)`` of each
+  conditioning in the time row;
+- optionally ``time_tables(folded, tables) -> tables``: the family's own change to the per-step
+  conditioning tables before they are laid side by side (e.g. a conv bias added to the time bias
+  that follows it), so that it costs nothing per step.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+from . import dd_pytorch_v1, diffusers_unet2d
+
+MAPPINGS: dict[str, ModuleType] = {m.ref.FAMILY: m for m in (dd_pytorch_v1, diffusers_unet2d)}
+
+
+def mapping(family: str) -> ModuleType:
+    """The engine mapping of ``family``; TypeError where the family has none."""
+    if family not in MAPPINGS:
+        raise TypeError(f"the engine has no mapping for the {family} family")
+    return MAPPINGS[family]

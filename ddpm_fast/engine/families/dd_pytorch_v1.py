@@ -1,0 +1,203 @@
+"""denoising-diffusion-pytorch 1.x onto the fast modules.
+
+- ``FastBlock``: weight-standardised conv (folded) -> one fused GroupNorm + scale/shift + SiLU;
+  where the GroupNorm kernel runs (CUDA), the conv's bias is the kernel's pre-bias instead of an
+  add of its own after the conv;
+- ``FastResnetBlock``: its (scale, shift), a slice of the step's time row;
+- ``FastLinearAttention``: PreNorm channel LayerNorm, 1x1 conv, the linear-attention kernel,
+  1x1 conv and LayerNorm, plus the residual;
+- ``FastAttention``: the middle's full attention through ``F.scaled_dot_product_attention``;
+- ``Downsample``'s pixel-unshuffle + 1x1 conv as one 2x2 stride-2 conv (the same sums).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ...models import dd_pytorch_v1 as ref
+from ..modules import (
+    GroupNormAct,
+    TimeSlice,
+    Upsample,
+    channel_layer_norm,
+    linear_attention,
+    sdpa,
+    take_conv_bias,
+)
+
+# The fp32 reference's epsilon for its LayerNorms (the library's dtype_eps).
+LAYER_NORM_EPS = ref.dtype_eps(torch.float32)
+
+
+class FastBlock(nn.Module):
+    """``ref.Block``: conv -> GroupNorm -> x * (1 + scale) + shift -> SiLU, the last three fused.
+
+    ``bias_in_norm``: the conv runs without its bias, which the fused GroupNorm adds as its
+    pre-bias (the same sum, one launch fewer where the kernel runs; on the PyTorch path the conv
+    adds it for free)."""
+
+    def __init__(self, block: ref.Block, bias_in_norm: bool = False):
+        super().__init__()
+        self.proj = block.proj  # already a plain conv holding the standardised weight
+        pre_bias = take_conv_bias(self.proj) if bias_in_norm else None
+        self.norm = GroupNormAct(block.norm, "silu", pre_bias)
+
+    @property
+    def pre_bias(self):
+        return self.norm.pre_bias
+
+    def forward(self, x, scale=None, shift=None):
+        return self.norm(self.proj(x), scale, shift)
+
+
+class FastResnetBlock(nn.Module):
+    """``ref.ResnetBlock`` with its time MLP replaced by its slice of the time row (scale, then
+    shift)."""
+
+    def __init__(self, block: ref.ResnetBlock, time: TimeSlice, bias_in_norm: bool = False):
+        super().__init__()
+        self.block1 = FastBlock(block.block1, bias_in_norm)
+        self.block2 = FastBlock(block.block2, bias_in_norm)
+        self.res_conv = block.res_conv
+        self.time = time
+
+    def forward(self, x, time_row):
+        scale, shift = self.time(time_row).chunk(2, dim=1)  # views
+        h = self.block1(x, scale, shift)
+        h = self.block2(h)
+        return h + self.res_conv(x)
+
+
+def _layer_norm(x: torch.Tensor, norm: ref.LayerNorm) -> torch.Tensor:
+    return channel_layer_norm(x, norm.g, eps=LAYER_NORM_EPS)
+
+
+class FastLinearAttention(nn.Module):
+    """``Residual(PreNorm(LayerNorm, LinearAttention))``."""
+
+    def __init__(self, residual: ref.Residual):
+        super().__init__()
+        prenorm = residual.fn
+        attention = prenorm.fn
+        self.norm = prenorm.norm
+        self.heads = attention.heads
+        self.scale = attention.scale
+        self.to_qkv = attention.to_qkv
+        self.to_out = attention.to_out[0]
+        self.out_norm = attention.to_out[1]
+
+    def forward(self, x):
+        h, w = x.shape[-2:]
+        qkv = self.to_qkv(_layer_norm(x, self.norm))
+        out = linear_attention(qkv, self.heads, q_scale=self.scale, v_scale=1.0 / (h * w))
+        return _layer_norm(self.to_out(out), self.out_norm) + x
+
+
+class FastAttention(nn.Module):
+    """``Residual(PreNorm(LayerNorm, Attention))`` through scaled_dot_product_attention."""
+
+    def __init__(self, residual: ref.Residual):
+        super().__init__()
+        prenorm = residual.fn
+        attention = prenorm.fn
+        self.norm = prenorm.norm
+        self.heads = attention.heads
+        self.scale = attention.scale
+        self.to_qkv = attention.to_qkv
+        self.to_out = attention.to_out
+
+    def forward(self, x):
+        qkv = self.to_qkv(_layer_norm(x, self.norm))
+        return self.to_out(sdpa(qkv, self.heads, self.scale)) + x
+
+
+def unshuffle_conv(downsample: nn.Sequential) -> nn.Conv2d:
+    """``Rearrange('b c (h p1) (w p2) -> b (c p1 p2) h w') + Conv2d(4c, o, 1)`` as the equivalent
+    ``Conv2d(c, o, 2, stride=2)``: input channel c * 4 + p1 * 2 + p2 is tap (p1, p2) of c."""
+    conv = downsample[1]
+    out_channels, in4 = conv.weight.shape[:2]
+    folded = torch.nn.utils.skip_init(
+        nn.Conv2d, in4 // 4, out_channels, 2, stride=2, device=conv.weight.device
+    )
+    with torch.no_grad():
+        folded.weight.copy_(conv.weight.reshape(out_channels, in4 // 4, 2, 2))
+        folded.bias.copy_(conv.bias)
+    return folded.to(conv.weight.dtype).requires_grad_(False)
+
+
+def _resample(module: nn.Module) -> nn.Module:
+    """The engine's version of a stage's last module (down- or upsampling, or a conv)."""
+    if isinstance(module, nn.Sequential) and isinstance(module[1], nn.Conv2d):
+        if isinstance(module[0], nn.Upsample):
+            return Upsample(module[1])
+        return unshuffle_conv(module)
+    return module
+
+
+class FastUnetV1(nn.Module):
+    """``forward(x, time_row, x_self_cond=None)`` equals the reference's forward at the
+    timestep whose row of the time table ``time_row`` is."""
+
+    def __init__(self, folded: ref.Unet, slices: dict[str, tuple[int, int]], bias_in_norm: bool):
+        super().__init__()
+        self.self_condition = folded.self_condition
+
+        def resnet(name: str) -> FastResnetBlock:
+            block = folded.get_submodule(name)
+            return FastResnetBlock(block, TimeSlice(*slices[name]), bias_in_norm)
+
+        def stage(name: str, modules: nn.ModuleList) -> nn.ModuleList:
+            """[block1, block2, attention, resampling] of the stage ``name`` ("downs.0", ...)."""
+            return nn.ModuleList(
+                [
+                    resnet(f"{name}.0"),
+                    resnet(f"{name}.1"),
+                    FastLinearAttention(modules[2]),
+                    _resample(modules[3]),
+                ]
+            )
+
+        self.init_conv = folded.init_conv
+        self.downs = nn.ModuleList(stage(f"downs.{i}", m) for i, m in enumerate(folded.downs))
+        self.mid_block1 = resnet("mid_block1")
+        self.mid_attn = FastAttention(folded.mid_attn)
+        self.mid_block2 = resnet("mid_block2")
+        self.ups = nn.ModuleList(stage(f"ups.{i}", m) for i, m in enumerate(folded.ups))
+        self.final_res_block = resnet("final_res_block")
+        self.final_conv = folded.final_conv
+        # Half precision: the last conv stays fp32 (one small conv). Near t = T the sampler takes
+        # x0 = sqrt(1 / abar) x - sqrt(1 / abar - 1) out, ~157 x the output's bf16 rounding; on
+        # the default model's bf16 chains (DDIM 50) this halves the images' rms error.
+        self.final_conv.keeps_fp32 = True
+
+    def forward(self, x, t, x_self_cond=None):
+        if self.self_condition:
+            if x_self_cond is None:
+                x_self_cond = torch.zeros_like(x)
+            x = torch.cat((x_self_cond, x), dim=1)
+        x = self.init_conv(x)
+        r = x
+        h = []
+        for block1, block2, attn, downsample in self.downs:
+            x = block1(x, t)
+            h.append(x)
+            x = block2(x, t)
+            x = attn(x)
+            h.append(x)
+            x = downsample(x)
+        x = self.mid_block1(x, t)
+        x = self.mid_attn(x)
+        x = self.mid_block2(x, t)
+        for block1, block2, attn, upsample in self.ups:
+            x = block1(torch.cat((x, h.pop()), dim=1), t)
+            x = block2(torch.cat((x, h.pop()), dim=1), t)
+            x = attn(x)
+            x = upsample(x)
+        x = self.final_res_block(torch.cat((x, r), dim=1), t)
+        return self.final_conv(x.float())
+
+
+def build(folded: ref.Unet, slices: dict[str, tuple[int, int]], bias_in_norm: bool) -> nn.Module:
+    """The engine's network of a folded 1.x Unet (see ddpm_fast.models, the engine side)."""
+    return FastUnetV1(folded, slices, bias_in_norm)
