@@ -3,6 +3,7 @@ denoising-diffusion-pytorch 2.3.4 (fixtures made by tests/fixtures/make_dd_pytor
 
 from __future__ import annotations
 
+import collections
 import json
 from functools import cache
 from pathlib import Path
@@ -10,7 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from ddpm_fast import checkpoints
+from ddpm_fast import checkpoints, models
+from ddpm_fast.engine import FastUnet, families
+from ddpm_fast.engine.families import dd_pytorch_v2 as fast_v2
 from ddpm_fast.errors import CheckpointError, ConfigError
 from ddpm_fast.models import dd_pytorch_v1, dd_pytorch_v2
 from ddpm_fast.models.dd_pytorch_v2 import Unet, UnetConfig, infer_config, matches
@@ -44,7 +47,7 @@ def network_kwargs(name: str) -> dict:
 def unstored_options(name: str) -> dict:
     """The fixture network's constructor arguments that its state_dict does not determine."""
     kwargs = network_kwargs(name)
-    return {k: kwargs[k] for k in dd_pytorch_v2.UNSTORED if k in kwargs}
+    return {k: kwargs[k] for k in dd_pytorch_v2.UNSTORED_DEFAULTS if k in kwargs}
 
 
 def library_unet(name: str) -> Unet:
@@ -56,6 +59,20 @@ def library_unet(name: str) -> Unet:
 
 NAMES = list(network_fixtures())
 CHAINS = list(chain_fixtures())
+
+
+@pytest.fixture(autouse=True, scope="module")
+def registered():
+    """The family in the registries for these tests, until ddpm_fast.models.FAMILIES and
+    ddpm_fast.engine.families.MAPPINGS list it themselves (then this is a no-op)."""
+    added = []
+    for table, module in ((models.FAMILIES, dd_pytorch_v2), (families.MAPPINGS, fast_v2)):
+        if dd_pytorch_v2.FAMILY not in table:
+            table[dd_pytorch_v2.FAMILY] = module
+            added.append(table)
+    yield
+    for table in added:
+        del table[dd_pytorch_v2.FAMILY]
 
 
 def test_fixtures_cover_the_issue():
@@ -223,16 +240,17 @@ def test_unknown_fields_in_a_saved_config_are_config_errors():
 # the library's files
 
 
-def read_pipeline(path: Path, *, use_ema: bool = True, **options) -> Pipeline:
-    """What ``checkpoints._pipeline_from_library`` does once it dispatches on the family (its
-    helpers, with dd_pytorch_v2's infer_config)."""
-    ckpt = checkpoints.read_checkpoint(path, use_ema=use_ema)
-    config = infer_config(ckpt.weights)
-    network = checkpoints.build_network(ckpt.path, dd_pytorch_v2, config, ckpt.weights)
-    schedule = checkpoints._resolve_schedule(ckpt, options)
-    objective = checkpoints._objective_from_loss_weight(ckpt.buffers, Schedule(schedule))
-    diffusion = DiffusionConfig(image_size=8, schedule=schedule, objective=objective)
-    return Pipeline(network, diffusion, source=str(path))
+def read_pipeline(path: Path, *, use_ema: bool = True) -> Pipeline:
+    return checkpoints.load_checkpoint(path, use_ema=use_ema, image_size=8)
+
+
+def test_a_bare_unet_state_dict_is_read_as_two_x_with_what_it_assumed():
+    pipeline = read_pipeline(FIXTURES / "unet_state_dict.pt")
+    assert pipeline.config.family == dd_pytorch_v2.FAMILY
+    assert pipeline.config == infer_config(network_fixtures()["full_attn_self_cond"]["state_dict"])
+    notes = " ".join(pipeline.notes)
+    assert "dd-pytorch-v2" in notes
+    assert "sinusoidal_pos_emb_theta=10000 assumed" in notes
 
 
 def test_a_diffusion_state_dict_gives_schedule_and_objective():
@@ -319,3 +337,83 @@ def test_chain_equals_the_library(name):
     trajectory = (torch.stack(trajectory, dim=1) + 1) * 0.5
     assert trajectory.shape == case["trajectory"].shape
     assert rel_error(trajectory, case["trajectory"]) <= 1e-4
+
+
+# the engine and the exporter, against the reference
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_the_engine_network_is_the_reference(name):
+    case = network_fixtures()[name]
+    network = library_unet(name)
+    timesteps = torch.tensor([999, 500, 1, 0])
+    fast = FastUnet(network, timesteps)
+    assert isinstance(fast.body, fast_v2.FastUnetV2)
+    x, cond = case["x"], case["x_self_cond"]
+    with torch.no_grad():
+        for k, t in enumerate(timesteps.tolist()):
+            want = network(x, torch.full((x.shape[0],), t), cond)
+            got = fast(x, torch.tensor([k]), cond)
+            assert got.shape == want.shape
+            assert rel_error(got, want) <= 1e-4, (name, t)
+
+
+def test_the_engine_swaps_every_block_and_attention():
+    """Every reference Block and attention of the network has its fast module (none of the
+    reference's modules that the kernels replace is left in the engine's network)."""
+    network = library_unet("full_attn_self_cond")
+    fast = FastUnet(network, torch.tensor([3]))
+    kinds = {type(m) for m in fast.modules()}
+    assert not kinds & {
+        dd_pytorch_v2.Block,
+        dd_pytorch_v2.RMSNorm,
+        dd_pytorch_v2.Attention,
+        dd_pytorch_v2.LinearAttention,
+    }
+    count = collections.Counter(type(m).__name__ for m in fast.modules())
+    # 3 stages: 2 blocks down and up each, 2 in the middle, 1 final -> 15 ResnetBlocks
+    assert count["FastResnetBlock"] == 15 and count["FastBlock"] == 30
+    # full attention at stages 0 and 2 (down and up) and in the middle, linear at stage 1
+    assert count["FastAttention"] == 5 and count["FastLinearAttention"] == 2
+
+
+@pytest.mark.slow
+def test_the_engine_kernels_are_the_reference(monkeypatch):
+    """The fused kernels (channel RMSNorm + scale/shift + SiLU, linear attention with memory),
+    forced on and interpreted where there is no GPU, in one engine forward."""
+    from ddpm_fast.kernels import HAS_TRITON, channel_norm, linear_attention
+
+    if not HAS_TRITON:
+        pytest.skip("triton is not importable")
+    launched = set()
+    for module in (channel_norm, linear_attention):
+
+        def forced(backend, x, kernel, module=module):
+            launched.add(module.__name__.rsplit(".", 1)[1])
+            return True
+
+        monkeypatch.setattr(module, "use_triton", forced)
+    case = network_fixtures()["full_attn_self_cond"]
+    network = library_unet("full_attn_self_cond")
+    fast = FastUnet(network, torch.tensor([321]))
+    x, cond = case["x"][:1], case["x_self_cond"][:1]
+    with torch.no_grad():
+        want = network(x, torch.tensor([321]), cond)
+        got = fast(x, torch.tensor([0]), cond)
+    assert launched == {"channel_norm", "linear_attention"}
+    assert rel_error(got, want) <= 1e-4
+
+
+def test_the_unet_graph_of_the_exporter_is_the_reference():
+    """What ``ddpm-fast export --what unet`` traces (the family's time_conditioning and
+    forward_conditioned), run in PyTorch."""
+    from ddpm_fast.export.exporter import UnetGraph
+
+    case = network_fixtures()["full_attn_self_cond"]
+    network = library_unet("full_attn_self_cond")
+    pipeline = Pipeline(network, DiffusionConfig(image_size=8))
+    graph = UnetGraph(pipeline)
+    with torch.no_grad():
+        want = network(case["x"], case["t"], case["x_self_cond"])
+        got = graph(case["x"], case["t"], case["x_self_cond"])
+    assert rel_error(got, want) <= 1e-5

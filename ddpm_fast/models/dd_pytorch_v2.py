@@ -241,11 +241,13 @@ class ResnetBlock(nn.Module):
         self.block2 = Block(dim_out, dim_out)
         self.res_conv = nn.Conv2d(dim, dim_out, 1) if dim != dim_out else nn.Identity()
 
-    def forward(self, x, time_emb=None):
+    def forward(self, x, cond=None):
+        """``cond``: ``self.mlp(time_emb)`` [B or 1, 2 * dim_out], computed once per timestep by
+        ``Unet.time_conditioning`` (the library applies the MLP here: the same numbers)."""
         scale_shift = None
-        if exists(self.mlp) and exists(time_emb):
-            time_emb = rearrange(self.mlp(time_emb), "b c -> b c 1 1")
-            scale_shift = time_emb.chunk(2, dim=1)
+        if exists(self.mlp) and exists(cond):
+            cond = rearrange(cond, "b c -> b c 1 1")
+            scale_shift = cond.chunk(2, dim=1)
         h = self.block1(x, scale_shift=scale_shift)
         h = self.block2(h)
         return h + self.res_conv(x)
@@ -395,47 +397,75 @@ class Unet(nn.Module):
         self.final_res_block = resnet_block(init_dim * 2, init_dim)
         self.final_conv = nn.Conv2d(init_dim, self.out_dim, 1)
 
+    def time_conditioning(self, time: torch.Tensor) -> dict[str, torch.Tensor]:
+        """{ResnetBlock name: its ``mlp(time_mlp(time))`` [n, 2 * dim_out]} (scale, then shift),
+        float32, in module order."""
+        t = self.time_mlp(time)
+        return {
+            name: m.mlp(t).float()
+            for name, m in self.named_modules()
+            if isinstance(m, ResnetBlock) and m.mlp is not None
+        }
+
     def forward(self, x, time, x_self_cond=None):
+        return self.forward_conditioned(x, self.time_conditioning(time), x_self_cond)
+
+    def forward_conditioned(self, x, cond: dict[str, torch.Tensor], x_self_cond=None):
+        """The forward given ``cond = time_conditioning(time)``."""
         if self.self_condition:
             x_self_cond = default(x_self_cond, lambda: torch.zeros_like(x))
             x = torch.cat((x_self_cond, x), dim=1)
 
         x = self.init_conv(x)
         r = x.clone()
-        t = self.time_mlp(time)
         h = []
 
-        for block1, block2, attn, downsample in self.downs:
-            x = block1(x, t)
+        for i, (block1, block2, attn, downsample) in enumerate(self.downs):
+            x = block1(x, cond[f"downs.{i}.0"])
             h.append(x)
-            x = block2(x, t)
+            x = block2(x, cond[f"downs.{i}.1"])
             x = attn(x) + x
             h.append(x)
             x = downsample(x)
 
-        x = self.mid_block1(x, t)
+        x = self.mid_block1(x, cond["mid_block1"])
         x = self.mid_attn(x) + x
-        x = self.mid_block2(x, t)
+        x = self.mid_block2(x, cond["mid_block2"])
 
-        for block1, block2, attn, upsample in self.ups:
+        for i, (block1, block2, attn, upsample) in enumerate(self.ups):
             x = torch.cat((x, h.pop()), dim=1)
-            x = block1(x, t)
+            x = block1(x, cond[f"ups.{i}.0"])
             x = torch.cat((x, h.pop()), dim=1)
-            x = block2(x, t)
+            x = block2(x, cond[f"ups.{i}.1"])
             x = attn(x) + x
             x = upsample(x)
 
         x = torch.cat((x, r), dim=1)
-        x = self.final_res_block(x, t)
+        x = self.final_res_block(x, cond["final_res_block"])
         return self.final_conv(x)
 
 
-# recognising and reading a state_dict
+# the family contract (see ddpm_fast.models)
 
+# Network options a user may give: the (in, out) channel reading where shapes leave it open,
+# and the one constructor argument that changes the function but is not stored.
+OPTIONS = ("channels", "self_condition", "learned_variance", "sinusoidal_pos_emb_theta")
+UNSTORED_DEFAULTS = {"sinusoidal_pos_emb_theta": UnetConfig.sinusoidal_pos_emb_theta}
+# Norms a half-precision graph computes in float32, as the engine's kernel does (fp32 is the
+# function to approximate; a sum of squares over the channels is where half precision loses most).
+HALF_PRECISION_FP32 = (RMSNorm,)
 # Keys only a 2.x Unet has (1.x: `mid_attn.fn.norm.g` and a GroupNorm's `norm.weight`).
 SIGNATURE = ("mid_attn.mem_kv", "mid_block1.block1.norm.g", "time_mlp.1.weight")
-# What the weights cannot tell, with the library's default.
-UNSTORED = {"sinusoidal_pos_emb_theta": UnetConfig.sinusoidal_pos_emb_theta}
+
+
+def remap_keys(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """2.x keys are this reference's already."""
+    return weights
+
+
+def fold(network: Unet) -> None:
+    """Nothing to fold: 2.x's convs are plain (no weight standardisation) and its norms have
+    no statistics that do not depend on the input."""
 
 
 def matches(state_dict: dict[str, torch.Tensor]) -> bool:
@@ -505,11 +535,11 @@ def infer_config(state_dict: dict[str, torch.Tensor], **options) -> UnetConfig:
         self_condition = in_channels == 2 * channels
     if learned_variance is None:
         learned_variance = out_channels == 2 * channels
-    unknown = sorted(set(options) - set(UNSTORED))
+    unknown = sorted(set(options) - set(OPTIONS))
     if unknown:
         raise ConfigError(
             f"{', '.join(unknown)}: not options of {FAMILY} (its weights fix them); "
-            f"known: channels, self_condition, learned_variance, {', '.join(UNSTORED)}"
+            f"known: {', '.join(OPTIONS)}"
         )
     config = UnetConfig(
         dim=dim,
