@@ -19,7 +19,7 @@ from ddpm_fast.models import dd_pytorch_v1, dd_pytorch_v2
 from ddpm_fast.models.dd_pytorch_v2 import Unet, UnetConfig, infer_config, matches
 from ddpm_fast.pipeline import DiffusionConfig, Pipeline
 from ddpm_fast.samplers import sample_loop, step_tables
-from ddpm_fast.schedule import Schedule
+from ddpm_fast.schedule import Schedule, ScheduleConfig
 
 from .helpers import rel_error
 
@@ -417,3 +417,23 @@ def test_the_unet_graph_of_the_exporter_is_the_reference():
         want = network(case["x"], case["t"], case["x_self_cond"])
         got = graph(case["x"], case["t"], case["x_self_cond"])
     assert rel_error(got, want) <= 1e-5
+
+
+@pytest.mark.parametrize(
+    ("what", "options"),
+    [("unet", dict(steps=4)), ("step", dict(sampler="ddim", steps=4, eta=0.5))],
+)
+def test_onnx_export_is_verified_against_the_reference(tmp_path, what, options):
+    """Full and linear attention with memory key/values, self-conditioning: the exported file
+    (batch dynamic) agrees with the reference at batches 1 and 3."""
+    pytest.importorskip("onnxruntime")
+    from ddpm_fast.export import export_onnx
+
+    network = library_unet("full_attn_self_cond")
+    schedule = ScheduleConfig("linear", 100)
+    pipeline = Pipeline(network, DiffusionConfig(image_size=8, schedule=schedule))
+    result = export_onnx(pipeline, tmp_path / "model.onnx", what=what, **options)
+    report = result.report
+    assert report.ok, str(report)
+    assert {c.batch for c in report.checks} == {1, 3}
+    assert max(c.rel for c in report.checks) <= 1e-4
