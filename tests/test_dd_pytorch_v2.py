@@ -437,3 +437,33 @@ def test_onnx_export_is_verified_against_the_reference(tmp_path, what, options):
     assert report.ok, str(report)
     assert {c.batch for c in report.checks} == {1, 3}
     assert max(c.rel for c in report.checks) <= 1e-4
+
+
+def test_an_engine_chain_gives_the_librarys_images():
+    """DDIM with eta 0 is deterministic given x_T: the engine (fused modules, channels_last,
+    self-conditioning) gives the library's images."""
+    from ddpm_fast.engine import Engine
+
+    name = "ddim_eta0_pred_x0_cosine_self_cond"
+    case = chain_fixtures()[name]
+    images = Engine(chain_pipeline(name)).sample(
+        2, sampler="ddim", steps=5, initial_noise=case["initial_noise"]
+    )
+    assert rel_error(images, case["trajectory"][:, -1]) <= 1e-4
+
+
+@pytest.mark.parametrize(
+    ("name", "chain"),
+    [
+        ("ddpm_learned_variance", dict(steps=30)),
+        ("ddim_eta05_pred_v_sigmoid", dict(sampler="ddim", steps=7, eta=0.5)),
+    ],
+)
+def test_engine_chains_with_noise_give_the_reference_images(name, chain):
+    """With noise (the same counter-based draws on both paths), learned variance included."""
+    from ddpm_fast.engine import Engine
+
+    pipeline = chain_pipeline(name)
+    want = pipeline.sample(2, seed=5, **chain)
+    got = Engine(pipeline).sample(2, seed=5, **chain)
+    assert rel_error(got, want) <= 1e-4
