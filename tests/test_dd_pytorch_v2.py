@@ -467,3 +467,30 @@ def test_engine_chains_with_noise_give_the_reference_images(name, chain):
     want = pipeline.sample(2, seed=5, **chain)
     got = Engine(pipeline).sample(2, seed=5, **chain)
     assert rel_error(got, want) <= 1e-4
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_the_half_precision_engine_is_within_twice_pytorchs_own_error(dtype):
+    """The engine in half precision (convolutions and matmuls in ``dtype``, the norms' statistics
+    in fp32) against the fp32 reference: at most twice the error of the reference network itself
+    run in ``dtype`` (flash-attention's rule)."""
+    import copy
+
+    from ddpm_fast.engine.engine import cast_convolutions
+
+    case = network_fixtures()["full_attn_self_cond"]
+    network = library_unet("full_attn_self_cond")
+    fast = FastUnet(network, torch.tensor([700]))
+    cast_convolutions(fast, dtype)
+    x, cond, t = case["x"], case["x_self_cond"], torch.tensor([700, 700])
+    with torch.no_grad():
+        want = network(x, t, cond)
+        # PyTorch's own: the network in dtype, its time conditioning computed in fp32 (as the
+        # engine's tables are; a half-precision sinusoid of t ~ 1000 loses its phase)
+        half = copy.deepcopy(network).to(dtype)
+        time_cond = {k: v.to(dtype) for k, v in network.time_conditioning(t).items()}
+        pytorch_half = half.forward_conditioned(x.to(dtype), time_cond, cond.to(dtype)).float()
+        got = fast(x.to(dtype), torch.tensor([0]), cond.to(dtype)).float()
+    own = rel_error(pytorch_half, want)
+    assert 0 < own < 0.1
+    assert rel_error(got, want) <= 2 * own
