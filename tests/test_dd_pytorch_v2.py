@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import collections
 import json
+import re
 from functools import cache
 from pathlib import Path
 
@@ -494,3 +495,69 @@ def test_the_half_precision_engine_is_within_twice_pytorchs_own_error(dtype):
     own = rel_error(pytorch_half, want)
     assert 0 < own < 0.1
     assert rel_error(got, want) <= 2 * own
+
+
+# the command line and bad files
+
+
+def test_the_command_line_samples_a_trainer_checkpoint_and_info_names_the_family(tmp_path, capsys):
+    from ddpm_fast import cli
+
+    path = str(FIXTURES / "trainer.pt")
+    assert cli.main(["info", path, "--image-size", "8", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["family"] == dd_pytorch_v2.FAMILY
+    assert info["network"]["full_attn"] == [False, True]
+    assert any("sinusoidal_pos_emb_theta=10000 assumed" in n for n in info["notes"])
+    assert any("EMA weights" in n for n in info["notes"])
+    out = tmp_path / "x.png"
+    argv = ["sample", path, "--image-size", "8", "--steps", "3", "--sampler", "ddim", "--num", "2"]
+    assert cli.main([*argv, "--out", str(out)]) == 0
+    assert out.is_file()
+
+
+def _saved(tmp_path, state: dict) -> Path:
+    path = tmp_path / "bad.pt"
+    torch.save(state, path)
+    return path
+
+
+def test_a_two_x_file_with_a_missing_weight_is_one_checkpoint_error(tmp_path):
+    state = dict(torch.load(FIXTURES / "unet_state_dict.pt", weights_only=True))
+    del state["ups.0.2.to_out.weight"]
+    with pytest.raises(CheckpointError, match=r"missing keys: ups\.0\.2\.to_out\.weight") as err:
+        checkpoints.load_checkpoint(_saved(tmp_path, state))
+    _one_line(err)
+
+
+def test_a_two_x_file_with_nan_weights_is_one_checkpoint_error(tmp_path):
+    state = dict(torch.load(FIXTURES / "unet_state_dict.pt", weights_only=True))
+    state["mid_attn.mem_kv"] = torch.full_like(state["mid_attn.mem_kv"], float("nan"))
+    with pytest.raises(CheckpointError, match=r"NaN or infinite values in mid_attn\.mem_kv") as err:
+        checkpoints.load_checkpoint(_saved(tmp_path, state))
+    _one_line(err)
+
+
+def test_group_norm_blocks_with_two_x_attention_are_no_known_family(tmp_path):
+    """denoising-diffusion-pytorch 1.8 to 1.11 had GroupNorm Blocks (``norm.weight``/``bias``)
+    and 2.x's attention: neither family reads them, and the error says so in one line."""
+    state = {}
+    for key, value in network_fixtures()["defaults"]["state_dict"].items():
+        if re.search(r"block\d\.norm\.g$", key):
+            state[key[:-1] + "weight"] = value.flatten()
+            state[key[:-1] + "bias"] = torch.zeros_like(value.flatten())
+        else:
+            state[key] = value
+    with pytest.raises(CheckpointError, match="not a network of any known family") as err:
+        checkpoints.load_checkpoint(_saved(tmp_path, state))
+    _one_line(err)
+
+
+def test_the_theta_option_is_not_a_one_x_option(tmp_path):
+    """Options are per family: a 1.x file refuses 2.x's sinusoidal_pos_emb_theta."""
+    if "sinusoidal_pos_emb_theta" not in checkpoints.UNET_OPTIONS:
+        pytest.skip("the registry does not list dd_pytorch_v2 yet (UNET_OPTIONS from FAMILIES)")
+    with pytest.raises(ConfigError, match="sinusoidal_pos_emb_theta"):
+        checkpoints.load_checkpoint(
+            V1_FIXTURES / "unet_state_dict.pt", sinusoidal_pos_emb_theta=1000
+        )
