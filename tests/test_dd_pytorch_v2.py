@@ -220,6 +220,8 @@ def test_weights_that_do_not_fit_are_one_checkpoint_error(tmp_path):
         ({"num_mem_kv": -1}, "num_mem_kv must be at least 0"),
         ({"learned_sinusoidal_cond": True, "learned_sinusoidal_dim": 7}, "must be even"),
         ({"dim_mults": ()}, "dim_mults must be a list"),
+        ({"dim": 7}, "dim must be even and at least 4"),
+        ({"dim": 2}, "dim must be even and at least 4"),
     ],
 )
 def test_bad_configs_are_config_errors(kwargs, message):

@@ -10,6 +10,11 @@ key/values prepended to its keys and values, and the residual added by the Unet;
 The library's ``flash_attn`` only picks ``F.scaled_dot_product_attention`` over the einsum path
 with the same scale (dim_head ** -0.5): the same function, so it is not a config field here and
 the reference always takes the einsum path. ``dropout`` is a training setting (0 at inference).
+
+Versions: 2.0.0 to 2.3.4 have the same keys and math (2.0.0's final block works at ``dim``,
+which is ``init_dim`` in every network its forward runs). 1.8 to 1.11 had this attention but
+GroupNorm Blocks (``norm.weight``), 1.8 without memory key/values: neither this family nor 1.x
+reads those. The family contract (``matches``, ``infer_config``, ...) is at the end.
 """
 
 from __future__ import annotations
@@ -112,10 +117,12 @@ class UnetConfig:
             raise ConfigError(
                 f"learned_sinusoidal_dim must be even, got {self.learned_sinusoidal_dim}"
             )
-        if not self.learned_sinusoidal_cond and not self.random_fourier_features and self.dim < 4:
-            # SinusoidalPosEmb divides by half_dim - 1
+        sinusoidal = not self.learned_sinusoidal_cond and not self.random_fourier_features
+        if sinusoidal and (self.dim < 4 or self.dim % 2):
+            # SinusoidalPosEmb divides by half_dim - 1 and gives 2 * (dim // 2) features to a
+            # Linear that takes dim: the library builds such a network and fails in its forward.
             raise ConfigError(
-                f"dim must be at least 4 for sinusoidal time features, got {self.dim}"
+                f"dim must be even and at least 4 for sinusoidal time features, got {self.dim}"
             )
 
     @property
