@@ -31,6 +31,8 @@ from .output import Output, check_writable_file, file_sha256, write_samples
 from .samplers import SPACINGS, sampler_module
 from .version import __version__
 
+GRID_IMAGES = 64  # images in the grid `quality --grid` writes
+
 if TYPE_CHECKING:
     from .pipeline import Pipeline
 
@@ -282,6 +284,8 @@ def cmd_quality(args: argparse.Namespace) -> int:
 
     from .quality import real_digits_report, score_digits
 
+    if args.grid is not None:
+        check_writable_file(Path(args.grid), (".png",))
     pipeline = _load(args)
     options = _sampling_options(args, pipeline)
     if options["batch_size"] == "auto":
@@ -289,6 +293,11 @@ def cmd_quality(args: argparse.Namespace) -> int:
     images = torch.cat([images.cpu() for _, images in pipeline.sample_batches(args.num, **options)])
     print(f"samples:     {score_digits(images)}")
     print(f"real digits: {real_digits_report()}")
+    if args.grid is not None:
+        from .images import save_grid, to_uint8
+
+        save_grid(to_uint8(images[:GRID_IMAGES].numpy()), Path(args.grid))
+        print(f"wrote the first {min(args.num, GRID_IMAGES)} images to {args.grid}")
     return 0
 
 
@@ -380,6 +389,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _model_arguments(quality, checkpoint_required=False)
     _sampling_arguments(quality, default_num=256)
+    quality.add_argument(
+        "--grid", metavar="FILE", help=f"also write the first {GRID_IMAGES} images as a PNG grid"
+    )
     quality.set_defaults(run=cmd_quality)
 
     info = commands.add_parser("info", help="what a checkpoint holds")
