@@ -48,6 +48,7 @@ from .errors import ConfigError
 from .flops import forward_flops
 from .machine import cpu_model
 from .models.dd_pytorch_v1 import Unet, UnetConfig
+from .options import SAMPLERS
 from .pipeline import DiffusionConfig, Pipeline
 from .version import __version__
 
@@ -84,15 +85,17 @@ class OnnxBackend:
         self.pipeline, self.device, self.workdir = pipeline, device, workdir
         self.samplers = {}
 
-    def sample(self, num, *, batch_size, steps, seed, device):
+    def sample(self, num, *, batch_size, steps, seed, device, sampler="ddpm"):
         from .export import OnnxSampler, export_onnx
 
-        if steps not in self.samplers:
-            path = self.workdir / f"step-{steps}.onnx"
-            export_onnx(self.pipeline, path, what="step", steps=steps, verify=False)
+        if (sampler, steps) not in self.samplers:
+            path = self.workdir / f"step-{sampler}-{steps}.onnx"
+            export_onnx(
+                self.pipeline, path, what="step", sampler=sampler, steps=steps, verify=False
+            )
             providers = ["CPUExecutionProvider"] if device == "cpu" else None
-            self.samplers[steps] = OnnxSampler(path, providers=providers)
-        return self.samplers[steps].sample(num, batch_size=batch_size, seed=seed)
+            self.samplers[sampler, steps] = OnnxSampler(path, providers=providers)
+        return self.samplers[sampler, steps].sample(num, batch_size=batch_size, seed=seed)
 
 
 def make_backend(
@@ -181,11 +184,13 @@ def _synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def timed_chain(sampler, batch: int, steps: int, device: str, seed: int) -> float:
-    """Seconds to sample ``batch`` images with a ``steps``-step DDPM chain."""
+def timed_chain(
+    sampler, batch: int, steps: int, device: str, seed: int, kind: str = "ddpm"
+) -> float:
+    """Seconds to sample ``batch`` images with a ``steps``-step chain of sampler ``kind``."""
     _synchronize(device)
     start = time.perf_counter()
-    sampler.sample(batch, batch_size=batch, steps=steps, seed=seed, device=device)
+    sampler.sample(batch, batch_size=batch, steps=steps, seed=seed, device=device, sampler=kind)
     _synchronize(device)
     return time.perf_counter() - start
 
@@ -286,6 +291,7 @@ def _run(args: argparse.Namespace, pipeline: Pipeline, workdir: Path, save) -> d
         "machine": machine(args.device),
         "model": pipeline.source,
         "image_shape": list(pipeline.image_shape()),
+        "sampler": args.sampler,
         "parameters": pipeline.num_parameters(),
         "ceiling_flops": {},
         "results": [],
@@ -304,7 +310,7 @@ def _run(args: argparse.Namespace, pipeline: Pipeline, workdir: Path, save) -> d
             if not cpu:
                 torch.cuda.reset_peak_memory_stats()
             with PeakResident() as resident:
-                first = timed_chain(sampler, batch, args.steps, args.device, seed=0)
+                first = timed_chain(sampler, batch, args.steps, args.device, 0, args.sampler)
 
                 ms = timed_chains(sampler, batch, args)
             memory = resident.peak if cpu else torch.cuda.max_memory_allocated() / 2**20
@@ -314,6 +320,7 @@ def _run(args: argparse.Namespace, pipeline: Pipeline, workdir: Path, save) -> d
                     loaded = timed_chains(sampler, batch, args)
             tf32 = torch.backends.cudnn.allow_tf32
             threads = thread_plan(sampler, batch, pipeline) if cpu else None
+        del sampler  # a compiled network's graphs and an engine's buffers go before the next
         median = statistics.median(ms)
         if name == "reference":  # the ratio of the cells measured before it, at this batch
             base[batch] = median
@@ -365,7 +372,7 @@ HEADER = (
 def timed_chains(sampler, batch: int, args: argparse.Namespace) -> list[float]:
     """ms per step of ``args.repeats`` chains (seeds 1, 2, ...)."""
     return [
-        timed_chain(sampler, batch, args.steps, args.device, seed=r + 1) * 1e3 / args.steps
+        timed_chain(sampler, batch, args.steps, args.device, r + 1, args.sampler) * 1e3 / args.steps
         for r in range(args.repeats)
     ]
 
@@ -410,7 +417,8 @@ def markdown(report: dict) -> str:
         "- one forward: " + ", ".join(f"batch {b}: {g:.2f} GFLOP" for b, g in flops),
         f"- ceiling (large matmul, same run): {ceilings}; GFLOP/s counts a direct "
         "convolution's FLOPs, so a library that needs fewer (Winograd, FFT) can pass 100%",
-        "- fp32 rows: cuDNN TF32 off for every backend (the engine's fp32); steps per chain: "
+        "- fp32 rows: cuDNN TF32 off for every backend (the engine's fp32); sampler "
+        f"{report.get('sampler', 'ddpm')}, steps per chain: "
         + ", ".join(sorted({str(r["steps"]) for r in results})),
         f"- command: `{m['command']}`",
         "",
@@ -499,6 +507,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"any of {', '.join(BACKENDS)} (default: reference engine)",
     )
     parser.add_argument("--steps", type=int, default=10, help="chain steps per measurement")
+    parser.add_argument(
+        "--sampler", choices=SAMPLERS, default="ddpm", help="the chain's sampler (default: ddpm)"
+    )
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default="benchmarks/results", help="folder for the .md/.json")

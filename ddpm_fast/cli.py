@@ -28,7 +28,10 @@ from .options import (
     resolve_batch_size,
 )
 from .output import Output, check_writable_file, file_sha256, write_samples
+from .samplers import SPACINGS, sampler_module
 from .version import __version__
+
+GRID_IMAGES = 64  # images in the grid `quality --grid` writes
 
 if TYPE_CHECKING:
     from .pipeline import Pipeline
@@ -77,13 +80,20 @@ def _chain_arguments(parser: argparse.ArgumentParser) -> None:
     # No defaults here (None: "not given"), so that --onnx can tell a request from a default.
     parser.add_argument("--sampler", choices=SAMPLERS, help="default: ddpm")
     parser.add_argument("--eta", type=float, help="DDIM's eta (default 0: deterministic)")
+    parser.add_argument(
+        "--timestep-spacing",
+        choices=SPACINGS,
+        help="which timesteps a chain of --steps visits (diffusers' names; library: "
+        "denoising-diffusion-pytorch's); default: the sampler's (ddpm, ddim: library; dpm++2m: "
+        "linspace)",
+    )
 
 
 def _chain(args: argparse.Namespace) -> tuple[str, float]:
     """(sampler, eta) asked for, with their defaults; eta applies to DDIM only."""
     sampler = args.sampler or "ddpm"
     eta = 0.0 if args.eta is None else args.eta
-    if eta and sampler != "ddim":
+    if eta and sampler in SAMPLERS and not sampler_module(sampler).USES_ETA:
         raise ConfigError("--eta applies to --sampler ddim only")
     return check_chain(sampler, eta)
 
@@ -140,7 +150,7 @@ def _sampling_options(args: argparse.Namespace, pipeline: Pipeline) -> dict:
     from .pipeline import resolve_device
 
     sampler, eta = _chain(args)
-    spec = pipeline.sampler_spec(sampler, args.steps, eta)
+    spec = pipeline.sampler_spec(sampler, args.steps, eta, args.timestep_spacing)
     pipeline.image_shape()
     device = resolve_device(args.device, pipeline.device)
     batch_size = args.batch_size
@@ -150,6 +160,7 @@ def _sampling_options(args: argparse.Namespace, pipeline: Pipeline) -> dict:
         steps=spec.steps,
         sampler=sampler,
         eta=eta,
+        timestep_spacing=spec.timestep_spacing,
         seed=check_seed(args.seed),
         batch_size=batch_size,
         device=device,
@@ -220,7 +231,7 @@ def _sample_onnx(args: argparse.Namespace, output: Output) -> int:
         _chain(args)  # a bad --eta is the same error as without --onnx
     check_seed(args.seed)
     sampler = OnnxSampler(args.onnx, providers=providers_for_device(args.device))
-    sampler.check_chain(args.sampler, args.steps, args.eta)
+    sampler.check_chain(args.sampler, args.steps, args.eta, args.timestep_spacing)
     batch = resolve_batch_size(args.num, None if args.batch_size == "auto" else args.batch_size)
     info = sampler.info
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -234,6 +245,7 @@ def _sample_onnx(args: argparse.Namespace, output: Output) -> int:
         "sampler": info.sampler,
         "steps": info.steps,
         "eta": info.eta,
+        "timestep_spacing": info.timestep_spacing,
         "seed": args.seed,
         "image_shape": list(info.image_shape),
     }  # fmt: skip
@@ -258,7 +270,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     pipeline = _load(args)
     options = dict(what=args.what, dtype=args.dtype, opset=args.opset)
     try:
-        result = export_onnx(pipeline, out, sampler=sampler, steps=args.steps, eta=eta, **options)
+        result = export_onnx(
+            pipeline, out, sampler=sampler, steps=args.steps, eta=eta,
+            timestep_spacing=args.timestep_spacing, **options,
+        )  # fmt: skip
     except VerificationError as err:
         print(err.report)
         _say(f"{out} not written: the export does not match the reference")
@@ -286,6 +301,8 @@ def cmd_quality(args: argparse.Namespace) -> int:
 
     from .quality import real_digits_report, score_digits
 
+    if args.grid is not None:
+        check_writable_file(Path(args.grid), (".png",))
     pipeline = _load(args)
     options = _sampling_options(args, pipeline)
     if options["batch_size"] == "auto":
@@ -293,6 +310,11 @@ def cmd_quality(args: argparse.Namespace) -> int:
     images = torch.cat([images.cpu() for _, images in pipeline.sample_batches(args.num, **options)])
     print(f"samples:     {score_digits(images)}")
     print(f"real digits: {real_digits_report()}")
+    if args.grid is not None:
+        from .images import save_grid, to_uint8
+
+        save_grid(to_uint8(images[:GRID_IMAGES].numpy()), Path(args.grid))
+        print(f"wrote the first {min(args.num, GRID_IMAGES)} images to {args.grid}")
     return 0
 
 
@@ -406,6 +428,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _model_arguments(quality, checkpoint_required=False)
     _sampling_arguments(quality, default_num=256)
+    quality.add_argument(
+        "--grid", metavar="FILE", help=f"also write the first {GRID_IMAGES} images as a PNG grid"
+    )
     quality.set_defaults(run=cmd_quality)
 
     info = commands.add_parser("info", help="what a checkpoint holds")

@@ -8,8 +8,8 @@ import math
 import numbers
 
 from .errors import ConfigError
+from .samplers.registry import SAMPLERS, sampler_module
 
-SAMPLERS = ("ddpm", "ddim")
 OBJECTIVES = ("pred_noise", "pred_x0", "pred_v")
 VARIANCES = ("fixed_small", "fixed_large", "learned_range")
 BETA_SCHEDULES = (
@@ -70,10 +70,11 @@ def resolve_batch_size(num: int, batch_size: int | None) -> int:
 
 
 def check_chain(sampler, eta) -> tuple[str, float]:
-    """(sampler, eta) checked: a known sampler, a finite eta >= 0, and eta only for DDIM."""
+    """(sampler, eta) checked: a known sampler, a finite eta >= 0, and eta only for a sampler
+    that uses it (DDIM)."""
     sampler = check_choice("sampler", sampler, SAMPLERS)
     eta = check_real("eta", eta, minimum=0.0)
-    if eta and sampler != "ddim":
+    if eta and not sampler_module(sampler).USES_ETA:
         raise ConfigError(f"eta applies to the ddim sampler only, not {sampler}")
     return sampler, eta
 

@@ -198,8 +198,15 @@ class Pipeline:
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.network.parameters())
 
-    def sampler_spec(self, sampler: str = "ddpm", steps: int | None = None, eta: float = 0.0):
-        """The chain ``sample`` runs for these arguments (steps default to the schedule's)."""
+    def sampler_spec(
+        self,
+        sampler: str = "ddpm",
+        steps: int | None = None,
+        eta: float = 0.0,
+        timestep_spacing: str | None = None,
+    ):
+        """The chain ``sample`` runs for these arguments (steps default to the schedule's,
+        ``timestep_spacing`` to the sampler's)."""
         sampler, eta = check_chain(sampler, eta)
         total = self.schedule.num_timesteps
         if steps is None:
@@ -210,7 +217,9 @@ class Pipeline:
         variance = self.diffusion.variance
         if self.config.output_channels == 2 * self.config.channels and variance == "fixed_small":
             variance = "learned_range"
-        return SamplerSpec(kind=sampler, steps=steps, eta=eta, variance=variance)
+        return SamplerSpec(
+            kind=sampler, steps=steps, eta=eta, variance=variance, timestep_spacing=timestep_spacing
+        )
 
     def image_shape(self) -> tuple[int, int, int]:
         size = self.diffusion.image_size
@@ -232,6 +241,7 @@ class Pipeline:
         steps: int | None = None,
         sampler: str = "ddpm",
         eta: float = 0.0,
+        timestep_spacing: str | None = None,
         seed: int = 0,
         batch_size: int | None = None,
         initial_noise: torch.Tensor | None = None,
@@ -245,7 +255,7 @@ class Pipeline:
         # Sample indices are the high 32 bits of the Philox key.
         start_index = check_int("start_index", start_index, minimum=0, maximum=2**32 - num)
         seed = check_seed(check_int("seed", seed))
-        spec = self.sampler_spec(sampler, steps, eta)
+        spec = self.sampler_spec(sampler, steps, eta, timestep_spacing)
         device = resolve_device(device, self.device)
         if initial_noise is not None:
             shape = check_initial_noise(initial_noise, num, self.config.channels)
@@ -323,6 +333,7 @@ class Pipeline:
         steps: int | None = None,
         sampler: str = "ddpm",
         eta: float = 0.0,
+        timestep_spacing: str | None = None,
         seed: int = 0,
         batch_size: int | str | None = None,
         device: torch.device | str | None = None,
@@ -340,7 +351,7 @@ class Pipeline:
 
         output = Output(path)
         num = check_int("the number of images", num, minimum=1)
-        spec = self.sampler_spec(sampler, steps, eta)
+        spec = self.sampler_spec(sampler, steps, eta, timestep_spacing)
         seed = check_seed(check_int("seed", seed))
         device = resolve_device(device, self.device)
         group = current_group() if group is None else group
@@ -355,10 +366,17 @@ class Pipeline:
             "sampler": spec.kind,
             "steps": spec.steps,
             "eta": spec.eta,
+            "timestep_spacing": spec.timestep_spacing,
             "seed": seed,
             "image_shape": list(self.image_shape()),
         }
-        options = dict(steps=spec.steps, sampler=spec.kind, eta=spec.eta, seed=seed)
+        options = dict(
+            steps=spec.steps,
+            sampler=spec.kind,
+            eta=spec.eta,
+            timestep_spacing=spec.timestep_spacing,
+            seed=seed,
+        )
         single = group.world == 1
         # One process: sample_batches' bar in steps. Several: rank 0's bar in images, all ranks.
         shared_bar = progress and not single and group.rank == 0
@@ -421,6 +439,7 @@ class Pipeline:
         steps: int | None = None,
         sampler: str = "ddpm",
         eta: float = 0.0,
+        timestep_spacing: str | None = None,
         seed: int = 0,
         batch_size: int | None = None,
         initial_noise: torch.Tensor | None = None,
@@ -430,16 +449,19 @@ class Pipeline:
     ) -> torch.Tensor:
         """Draw ``num`` images as an NCHW float32 tensor in [0, 1] (on the CPU).
 
-        ``steps`` defaults to the schedule's length; ``sampler`` is "ddpm" or "ddim" (with
-        ``eta``); ``batch_size`` defaults to up to 64; ``initial_noise`` [num, C, H, W] replaces
-        the Philox x_T; image i uses the noise of sample ``start_index + i``, so it is the same
-        image for a given seed whatever the batch size; ``progress`` shows a tqdm bar.
+        ``steps`` defaults to the schedule's length; ``sampler`` is one of
+        ``ddpm_fast.samplers.SAMPLERS`` ("ddpm", "ddim" with ``eta``, "dpm++2m", ...),
+        ``timestep_spacing`` one of ``ddpm_fast.samplers.SPACINGS`` (None: the sampler's);
+        ``batch_size`` defaults to up to 64; ``initial_noise`` [num, C, H, W] replaces the Philox
+        x_T; image i uses the noise of sample ``start_index + i``, so it is the same image for a
+        given seed whatever the batch size; ``progress`` shows a tqdm bar.
         """
         batches = self.sample_batches(
             num,
             steps=steps,
             sampler=sampler,
             eta=eta,
+            timestep_spacing=timestep_spacing,
             seed=seed,
             batch_size=batch_size,
             initial_noise=initial_noise,

@@ -24,13 +24,14 @@ from ..errors import ConfigError
 from ..folding import fold_weights, time_conditioning
 from ..models import family_of
 from ..pipeline import Pipeline
-from ..samplers import OBJECTIVES, SamplerSpec, StepTables, step_tables
+from ..samplers import ROW, SamplerSpec, StepTables, rule, step_tables
 from ..version import __version__
 from .format import (
     DEFAULT_OPSET,
     DTYPES,
     FORMAT_KEY,
     FORMAT_VERSION,
+    HISTORY_INPUT,
     SELF_COND_INPUT,
     STEP_INPUTS,
     STEP_OUTPUTS,
@@ -121,14 +122,14 @@ class UnetGraph(nn.Module):
 
 
 class StepGraph(nn.Module):
-    """What a ``step`` file computes: ``ddpm_fast.samplers.denoise_step`` after the network, for
+    """What a ``step`` file computes: ``ddpm_fast.samplers.rule``'s update after the network, for
     step index ``step`` [1] of one chain, float32 in and out.
 
-    The coefficients are float32 tables gathered by the step index; the time conditioning (the
-    network's ``time_conditioning``: every block's time projection) is precomputed for the
-    chain's timesteps (``ddpm_fast.folding.time_conditioning``) into one table gathered the same
-    way. Where the reference skips a term (no noise at a step, c_eps = 0), the graph selects or
-    adds zero: the same numbers.
+    The coefficients are the float32 ``rule.ROW`` columns (the engine's table) gathered by the
+    step index; the time conditioning (the network's ``time_conditioning``: every block's time
+    projection) is precomputed for the chain's timesteps (``ddpm_fast.folding.time_conditioning``)
+    into one table gathered the same way. Where the reference skips the noise (a step that adds
+    none), the graph selects the mean: the same numbers.
     """
 
     def __init__(
@@ -143,22 +144,19 @@ class StepGraph(nn.Module):
             self.time_slices[name], start = (start, start + table.shape[1]), start + table.shape[1]
         self.dtype = TORCH_DTYPES[dtype]
         self.network = to_half(network) if dtype == "fp16" else network
-        self.objective = pipeline.diffusion.objective
-        if self.objective not in OBJECTIVES:
-            raise ConfigError(f"unknown objective {self.objective!r}")
         self.channels = pipeline.config.channels
-        self.learned_range = spec.kind == "ddpm" and spec.variance == "learned_range"
-        self.has_eps = bool((tables.c_eps != 0).any())
-        for name in TABLE_NAMES[1:]:
-            self.register_buffer(name, getattr(tables, name).to(torch.float32))
-        adds_noise = [tables.adds_noise(k, spec) for k in range(len(tables))]
+        self.learned = tables.learned
+        self.carries_x0_prev = spec.carries_x0_prev
+        rows = tables.rows(pipeline.diffusion.objective)
+        table = torch.stack([rows[name].to(torch.float64) for name in ROW], dim=1).float()
+        self.register_buffer("table", table)
+        adds_noise = [tables.adds_noise(k) for k in range(len(tables))]
         self.register_buffer("adds_noise", torch.tensor(adds_noise, dtype=torch.bool))
 
-    def _c(self, name: str, k: torch.Tensor) -> torch.Tensor:
-        return getattr(self, name)[k].reshape(1, 1, 1, 1)
-
-    def forward(self, x_t, step, noise, x_self_cond=None):
+    def forward(self, x_t, step, noise, *history):
         k = step.reshape(1)
+        x0_prev = history[0] if self.carries_x0_prev else torch.zeros_like(x_t)
+        x_self_cond = history[-1] if len(history) > int(self.carries_x0_prev) else None
         if x_self_cond is not None:
             x_self_cond = x_self_cond.to(self.dtype)
         row = self.time_table[k].to(self.dtype)  # [1, D]
@@ -169,25 +167,21 @@ class StepGraph(nn.Module):
         variance_output = None
         if model_output.shape[1] == 2 * self.channels:
             model_output, variance_output = model_output.chunk(2, dim=1)
-        if self.objective == "pred_noise":
-            x0 = self._c("x0_from_xt", k) * x_t - self._c("x0_from_eps", k) * model_output
-        elif self.objective == "pred_x0":
-            x0 = model_output
-        else:
-            x0 = self._c("x0_from_xt_v", k) * x_t - self._c("x0_from_v", k) * model_output
-        x0 = x0.clamp(-1.0, 1.0)
-
-        x_next = self._c("c_x0", k) * x0 + self._c("c_xt", k) * x_t
-        if self.has_eps:
-            eps = (self._c("x0_from_xt", k) * x_t - x0) / self._c("x0_from_eps", k)
-            x_next = x_next + self._c("c_eps", k) * eps
-        if self.learned_range:
-            frac = (variance_output + 1) * 0.5
-            log_var = frac * self._c("log_var_max", k) + (1 - frac) * self._c("log_var_min", k)
+        row = self.table[k].reshape(len(ROW), 1, 1, 1, 1)
+        c = dict(zip(ROW, row.unbind(0), strict=True))
+        x0 = rule.estimate_x0(c["a"], c["b"], x_t, model_output)
+        x0 = torch.minimum(torch.maximum(x0, -c["x0_max"]), c["x0_max"])
+        eps = rule.estimate_eps(c["x0_from_xt"], c["x0_from_eps"], x_t, x0)
+        x_next = rule.combine(
+            c["c_x0"], c["c_xt"], c["c_x0_prev"], c["c_eps"], x0, x_t, x0_prev, eps
+        )
+        if self.learned:
+            log_var = rule.learned_log_var(variance_output, c["log_var_min"], c["log_var_max"])
             sigma = (0.5 * log_var).exp()
         else:
-            sigma = self._c("sigma", k)
-        x_prev = torch.where(self.adds_noise[k].reshape(1, 1, 1, 1), x_next + sigma * noise, x_next)
+            sigma = c["sigma"]
+        noisy = rule.add_noise(x_next, c["noise_on"], sigma, noise)
+        x_prev = torch.where(self.adds_noise[k].reshape(1, 1, 1, 1), noisy, x_next)
         return x_prev, x0
 
 
@@ -200,7 +194,9 @@ def graph_module(
     return StepGraph(pipeline, tables, spec, dtype).eval()
 
 
-def _example_inputs(pipeline: Pipeline, what: str, batch: int = 2) -> tuple[torch.Tensor, ...]:
+def _example_inputs(
+    pipeline: Pipeline, what: str, spec: SamplerSpec, batch: int = 2
+) -> tuple[torch.Tensor, ...]:
     g = torch.Generator().manual_seed(0)
     shape = (batch, *pipeline.image_shape())
     x = torch.randn(shape, generator=g)
@@ -208,14 +204,20 @@ def _example_inputs(pipeline: Pipeline, what: str, batch: int = 2) -> tuple[torc
         inputs = (x, torch.zeros(batch, dtype=torch.int64))
     else:
         inputs = (x, torch.zeros(1, dtype=torch.int64), torch.randn(shape, generator=g))
+        if spec.carries_x0_prev:
+            inputs = (*inputs, torch.rand(shape, generator=g) * 2 - 1)
     if pipeline.config.self_condition:
         inputs = (*inputs, torch.rand(shape, generator=g) * 2 - 1)
     return inputs
 
 
-def _torch_export(module: nn.Module, inputs: tuple, path: Path, what: str, opset: int, sc: bool):
+def _torch_export(
+    module: nn.Module, inputs: tuple, path: Path, what: str, opset: int, sc: bool, history: bool
+):
     """torch.onnx.export with the TorchScript exporter, batch dynamic, H and W fixed."""
     names = UNET_INPUTS if what == "unet" else STEP_INPUTS
+    if what == "step" and history:
+        names = (*names, HISTORY_INPUT)
     names = (*names, SELF_COND_INPUT) if sc else names
     outputs = UNET_OUTPUTS if what == "unet" else STEP_OUTPUTS
     batched = [n for n in (*names, *outputs) if n not in ("t", "step")]
@@ -267,6 +269,7 @@ def metadata(
         "steps": str(spec.steps),
         "eta": repr(spec.eta),
         "variance": spec.variance,
+        "timestep_spacing": spec.timestep_spacing,
         "noise_steps": "".join(
             "1" if tables.adds_noise(k, spec) else "0" for k in range(len(tables))
         ),
@@ -294,6 +297,7 @@ def export_onnx(
     sampler: str = "ddpm",
     steps: int | None = None,
     eta: float = 0.0,
+    timestep_spacing: str | None = None,
     verify: bool = True,
     providers=None,
 ) -> ExportResult:
@@ -312,9 +316,7 @@ def export_onnx(
         raise ConfigError(f"unknown dtype {dtype!r}; known: {', '.join(DTYPES)}")
     if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= MAX_OPSET:
         raise ConfigError(f"opset must be an integer in [{MIN_OPSET}, {MAX_OPSET}], got {opset!r}")
-    if eta and sampler != "ddim":
-        raise ConfigError("eta applies to sampler 'ddim' only")
-    spec = pipeline.sampler_spec(sampler, steps, eta)
+    spec = pipeline.sampler_spec(sampler, steps, eta, timestep_spacing)
     pipeline.image_shape()  # the image size is needed: H and W are fixed in the graph
     tables = step_tables(pipeline.schedule, spec)
     module = graph_module(pipeline, what, dtype, spec, tables)
@@ -329,11 +331,12 @@ def export_onnx(
         with torch.no_grad():
             _torch_export(
                 module,
-                _example_inputs(pipeline, what),
+                _example_inputs(pipeline, what, spec),
                 tmp,
                 what,
                 opset,
                 pipeline.config.self_condition,
+                spec.carries_x0_prev,
             )
         model = onnx.load(str(tmp))
         model.producer_name = "ddpm-fast"

@@ -10,9 +10,11 @@ Two kinds of file (metadata ``what``):
 - ``step``: one whole reverse step of one chain (sampler, steps, eta fixed at export). Inputs
   ``x_t`` [B, C, H, W] float32, ``step`` [1] int64 (the step index k = 0 .. steps - 1, not the
   timestep), ``noise`` [B, C, H, W] float32 (read only where the step adds noise: see
-  ``noise_steps``), and for self-conditioning networks ``x_self_cond`` (the previous step's
-  ``x0``, zeros at the first step); outputs ``x_prev`` and ``x0`` (clipped), both
-  [B, C, H, W] float32. ``x_prev`` of the last step is the sample, in [-1, 1].
+  ``noise_steps``), for the multistep solvers (DPM-Solver++) ``x0_prev`` (the solver's history:
+  the previous step's ``x0``, zeros at the first step), and for self-conditioning networks
+  ``x_self_cond`` (the previous step's ``x0`` too); outputs ``x_prev`` and ``x0`` (clipped: the
+  next step's ``x0_prev``), both [B, C, H, W] float32. ``x_prev`` of the last step is the
+  sample, in [-1, 1].
 
 Inputs and outputs are float32 for fp16 files too: the graph casts at its edges.
 """
@@ -26,9 +28,10 @@ from itertools import pairwise
 
 from ..errors import DdpmFastError
 from ..options import MAX_IMAGE_SIZE, MAX_TIMESTEPS, OBJECTIVES, SAMPLERS, VARIANCES
+from ..samplers import SPACINGS, TABLE, sampler_module
 
 FORMAT_KEY = "ddpm_fast_onnx_format"
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "2"  # 2: the rule's columns (x0_prev, x0_max, noise_on), timestep_spacing
 WHATS = ("unet", "step")
 DTYPES = ("fp32", "fp16")
 DEFAULT_OPSET = 17
@@ -38,21 +41,10 @@ UNET_OUTPUTS = ("model_output",)
 STEP_INPUTS = ("x_t", "step", "noise")
 STEP_OUTPUTS = ("x_prev", "x0")
 SELF_COND_INPUT = "x_self_cond"
+HISTORY_INPUT = "x0_prev"
 
 # The per-step coefficients a unet file carries (float64, as ``ddpm_fast.samplers.StepTables``).
-TABLE_NAMES = (
-    "timesteps",
-    "x0_from_xt",
-    "x0_from_eps",
-    "x0_from_xt_v",
-    "x0_from_v",
-    "c_x0",
-    "c_xt",
-    "c_eps",
-    "sigma",
-    "log_var_min",
-    "log_var_max",
-)
+TABLE_NAMES = ("timesteps", *TABLE)
 
 
 class OnnxFileError(DdpmFastError):
@@ -84,6 +76,7 @@ class OnnxModelInfo:
     steps: int
     eta: float
     variance: str
+    timestep_spacing: str
     noise_steps: str  # "1" where step k adds noise, "0" where it does not
     version: str
     tables: dict | None  # unet files: {name: [float per step]}
@@ -97,8 +90,24 @@ class OnnxModelInfo:
         return (self.channels, self.image_size, self.image_size)
 
     @property
+    def uses_eta(self) -> bool:
+        return sampler_module(self.sampler).USES_ETA
+
+    @property
+    def learned(self) -> bool:
+        """Whether sigma comes from the network's extra channels (DDPM, learned_range)."""
+        return sampler_module(self.sampler).READS_VARIANCE and self.variance == "learned_range"
+
+    @property
+    def carries_x0_prev(self) -> bool:
+        return sampler_module(self.sampler).CARRIES_X0_PREV
+
+    @property
     def input_names(self) -> tuple[str, ...]:
-        names = UNET_INPUTS if self.what == "unet" else STEP_INPUTS
+        if self.what == "unet":
+            names = UNET_INPUTS
+        else:
+            names = (*STEP_INPUTS, HISTORY_INPUT) if self.carries_x0_prev else STEP_INPUTS
         return (*names, SELF_COND_INPUT) if self.self_condition else names
 
     @property
@@ -111,9 +120,13 @@ class OnnxModelInfo:
     def chain(self) -> str:
         """The chain in words: 'ddim, 20 steps, eta 0.5'."""
         words = f"{self.sampler}, {self.steps} steps"
-        if self.sampler == "ddim":
+        if self.timestep_spacing != sampler_module(self.sampler).DEFAULT_SPACING:
+            words += f", {self.timestep_spacing} spacing"
+        if sampler_module(self.sampler).USES_ETA:
             return f"{words}, eta {self.eta:g}"
-        return f"{words}, {self.variance} variance"
+        if self.sampler == "ddpm":
+            return f"{words}, {self.variance} variance"
+        return words
 
 
 def parse_metadata(meta: dict[str, str], path: str) -> OnnxModelInfo:
@@ -142,6 +155,7 @@ def parse_metadata(meta: dict[str, str], path: str) -> OnnxModelInfo:
             steps=int(meta["steps"]),
             eta=float(meta["eta"]),
             variance=meta["variance"],
+            timestep_spacing=meta["timestep_spacing"],
             noise_steps=meta["noise_steps"],
             version=meta.get("ddpm_fast_version", "?"),
             tables=json.loads(meta["tables"]) if "tables" in meta else None,
@@ -157,12 +171,9 @@ def parse_metadata(meta: dict[str, str], path: str) -> OnnxModelInfo:
 
 
 def expected_noise_steps(sampler: str, steps: int, eta: float) -> str:
-    """Which steps of a chain add noise ("1") and which do not ("0"): every step but the last,
-    except DDIM with eta 0, which adds none (``StepTables.adds_noise``, a test checks they
-    agree)."""
-    if sampler == "ddim" and eta == 0:
-        return "0" * steps
-    return "1" * (steps - 1) + "0"
+    """Which steps of a chain add noise ("1") and which do not ("0"), as the sampler's module
+    says (``StepTables.adds_noise``: a test checks they agree)."""
+    return sampler_module(sampler).noise_steps(sampler, steps, eta)
 
 
 def _inconsistencies(info: OnnxModelInfo) -> list[str]:
@@ -181,7 +192,13 @@ def _inconsistencies(info: OnnxModelInfo) -> list[str]:
     expect(info.objective in OBJECTIVES, f"objective={info.objective!r}")
     expect(info.variance in VARIANCES, f"variance={info.variance!r}")
     expect(math.isfinite(info.eta) and info.eta >= 0, f"eta={info.eta!r}")
-    expect(info.eta == 0 or info.sampler == "ddim", f"eta {info.eta} with sampler {info.sampler}")
+    expect(info.timestep_spacing in SPACINGS, f"timestep_spacing={info.timestep_spacing!r}")
+    if info.sampler not in SAMPLERS:
+        return problems  # what follows asks the sampler
+    expect(
+        info.eta == 0 or sampler_module(info.sampler).USES_ETA,
+        f"eta {info.eta} with sampler {info.sampler}",
+    )
     diffusion = info.diffusion if isinstance(info.diffusion, dict) else {}
     config = info.config if isinstance(info.config, dict) else {}
     schedule = diffusion.get("schedule") if isinstance(diffusion.get("schedule"), dict) else {}
@@ -221,7 +238,7 @@ def _inconsistencies(info: OnnxModelInfo) -> list[str]:
             t = tables["timesteps"]
             expect(
                 all(isinstance(x, int) and 0 <= x < timesteps for x in t)
-                and all(a > b for a, b in pairwise(t)),
-                "the table of timesteps is not decreasing within the schedule",
+                and all(a >= b for a, b in pairwise(t)),
+                "the table of timesteps is not non-increasing within the schedule",
             )
     return problems

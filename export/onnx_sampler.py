@@ -22,7 +22,8 @@ import numpy as np
 
 from ..errors import ConfigError
 from ..options import check_int, resolve_batch_size
-from .format import SELF_COND_INPUT, OnnxFileError, OnnxModelInfo, parse_metadata
+from ..samplers import rule
+from .format import HISTORY_INPUT, SELF_COND_INPUT, OnnxFileError, OnnxModelInfo, parse_metadata
 from .philox import check_seed, keyed_noise
 
 logger = logging.getLogger(__name__)
@@ -249,9 +250,10 @@ class OnnxSampler:
         self.session = open_session(self.path, providers)
         self.info = read_info(self.session, self.path)
         self.providers = self.session.get_providers()
-        self._tables = None
+        self._tables = self._rows = None
         if self.info.what == "unet":
             self._tables = {k: np.asarray(v, dtype=np.float64) for k, v in self.info.tables.items()}
+            self._rows = rule.row_columns(self._tables, self.info.objective)
 
     def __repr__(self) -> str:
         return (
@@ -268,11 +270,20 @@ class OnnxSampler:
         return self.info.steps
 
     def check_chain(
-        self, sampler: str | None = None, steps: int | None = None, eta: float | None = None
+        self,
+        sampler: str | None = None,
+        steps: int | None = None,
+        eta: float | None = None,
+        timestep_spacing: str | None = None,
     ) -> None:
         """ConfigError unless the chain asked for (None: any) is the file's."""
         info = self.info
         again = "export it again with the chain you want"
+        if timestep_spacing is not None and timestep_spacing != info.timestep_spacing:
+            raise ConfigError(
+                f"{self.path} holds the chain '{info.chain()}' ({info.timestep_spacing} spacing), "
+                f"not timestep_spacing {timestep_spacing!r}; {again}"
+            )
         if sampler is not None and sampler != info.sampler:
             raise ConfigError(
                 f"{self.path} holds the chain '{info.chain()}', not sampler {sampler!r}; {again}"
@@ -282,7 +293,7 @@ class OnnxSampler:
                 f"{self.path} was exported for {info.steps} steps, not {steps} "
                 f"('{info.chain()}'); {again}"
             )
-        if eta is not None and float(eta) != info.eta and (info.sampler == "ddim" or eta):
+        if eta is not None and float(eta) != info.eta and (info.uses_eta or eta):
             raise ConfigError(
                 f"{self.path} was exported with eta {info.eta:g}, not {eta:g}; {again}"
             )
@@ -315,12 +326,13 @@ class OnnxSampler:
         k: int,
         noise: np.ndarray | None = None,
         x_self_cond: np.ndarray | None = None,
+        x0_prev: np.ndarray | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """One reverse step k (0 .. steps - 1) from x_t [B, C, H, W] float32: (x_prev, x0).
 
         ``noise`` [B, C, H, W] float32 is needed where the step adds noise
-        (``info.adds_noise(k)``); ``x_self_cond`` (self-conditioning networks) is the previous
-        step's x0, None for zeros.
+        (``info.adds_noise(k)``); ``x_self_cond`` (self-conditioning networks) and ``x0_prev``
+        (the multistep solvers' history) are the previous step's x0, None for zeros.
         """
         x_t = _check_array("x_t", x_t, (None, *self.image_shape))
         if isinstance(k, bool) or not isinstance(k, int | np.integer) or not 0 <= k < self.steps:
@@ -335,7 +347,8 @@ class OnnxSampler:
             x_self_cond = self._self_cond(x_self_cond, batch)
         elif x_self_cond is not None:
             raise ConfigError("x_self_cond given, but the network is not self-conditioning")
-        return self._step(x_t, int(k), noise, x_self_cond)
+        x0_prev = self._self_cond(x0_prev, batch) if x0_prev is not None else np.zeros_like(x_t)
+        return self._step(x_t, int(k), noise, x_self_cond, x0_prev)
 
     def _self_cond(self, x_self_cond: np.ndarray | None, batch: int) -> np.ndarray:
         if x_self_cond is None:
@@ -343,10 +356,17 @@ class OnnxSampler:
         return _check_array(SELF_COND_INPUT, x_self_cond, (batch, *self.image_shape))
 
     def _step(
-        self, x_t: np.ndarray, k: int, noise: np.ndarray, x_self_cond: np.ndarray | None
+        self,
+        x_t: np.ndarray,
+        k: int,
+        noise: np.ndarray,
+        x_self_cond: np.ndarray | None,
+        x0_prev: np.ndarray,
     ) -> tuple[np.ndarray, np.ndarray]:
         if self.info.what == "step":
             feed = {"x_t": x_t, "step": np.array([k], np.int64), "noise": noise}
+            if self.info.carries_x0_prev:
+                feed[HISTORY_INPUT] = x0_prev
             if x_self_cond is not None:
                 feed[SELF_COND_INPUT] = x_self_cond
             x_prev, x0 = self.session.run(None, feed)
@@ -356,43 +376,31 @@ class OnnxSampler:
         if x_self_cond is not None:
             feed[SELF_COND_INPUT] = x_self_cond
         model_output = self.session.run(None, feed)[0]
-        return self._update(model_output, x_t, k, noise)
+        return self._update(model_output, x_t, k, noise, x0_prev)
 
     def _update(
-        self, model_output: np.ndarray, x: np.ndarray, k: int, noise: np.ndarray
+        self, model_output: np.ndarray, x: np.ndarray, k: int, noise: np.ndarray, x0_prev
     ) -> tuple[np.ndarray, np.ndarray]:
-        """``ddpm_fast.samplers.denoise_step`` in NumPy (float32 arithmetic, float32
+        """``ddpm_fast.samplers.rule``'s update in NumPy (float32 arithmetic, float32
         coefficients), for unet files."""
         info = self.info
-
-        def c(name: str) -> np.float32:
-            return np.float32(self._tables[name][k])
-
+        c = {name: np.float32(v[k]) for name, v in self._rows.items()}
         channels = x.shape[1]
         variance_output = None
         if model_output.shape[1] == 2 * channels:  # learned variance: [prediction, frac]
             model_output, variance_output = model_output[:, :channels], model_output[:, channels:]
-        if info.objective == "pred_noise":
-            x0 = c("x0_from_xt") * x - c("x0_from_eps") * model_output
-        elif info.objective == "pred_x0":
-            x0 = model_output
-        else:  # pred_v
-            x0 = c("x0_from_xt_v") * x - c("x0_from_v") * model_output
-        x0 = np.clip(x0, np.float32(-1.0), np.float32(1.0))
-
-        x_next = c("c_x0") * x0 + c("c_xt") * x
-        if c("c_eps") != 0:
-            eps = (c("x0_from_xt") * x - x0) / c("x0_from_eps")
-            x_next = x_next + c("c_eps") * eps
+        x0 = rule.estimate_x0(c["a"], c["b"], x, model_output)
+        x0 = np.clip(x0, -c["x0_max"], c["x0_max"])
+        eps = rule.estimate_eps(c["x0_from_xt"], c["x0_from_eps"], x, x0)
+        x_next = rule.combine(c["c_x0"], c["c_xt"], c["c_x0_prev"], c["c_eps"], x0, x, x0_prev, eps)
         if not info.adds_noise(k):
             return x_next, x0
-        if info.sampler == "ddpm" and info.variance == "learned_range":
-            frac = (variance_output + np.float32(1)) * np.float32(0.5)
-            log_var = frac * c("log_var_max") + (np.float32(1) - frac) * c("log_var_min")
+        if info.learned:
+            log_var = rule.learned_log_var(variance_output, c["log_var_min"], c["log_var_max"])
             sigma = np.exp(np.float32(0.5) * log_var)
         else:
-            sigma = c("sigma")
-        return x_next + sigma * noise, x0
+            sigma = c["sigma"]
+        return rule.add_noise(x_next, c["noise_on"], sigma, noise), x0
 
     # the chain
 
@@ -429,14 +437,14 @@ class OnnxSampler:
                 else:
                     x = keyed_noise(seed, indices, 0, shape)
                 silent = np.zeros_like(x)  # fed where a step adds no noise (and reads none)
-                x0 = silent if self.info.self_condition else None
+                x0 = silent  # the previous step's x0: zeros at the first
                 for k in range(self.steps):
                     noise = (
                         keyed_noise(seed, indices, k + 1, shape)
                         if self.info.adds_noise(k)
                         else silent
                     )
-                    x, x0 = self._step(x, k, noise, x0 if self.info.self_condition else None)
+                    x, x0 = self._step(x, k, noise, x0 if self.info.self_condition else None, x0)
                     bar.update()
                 yield indices, (x + np.float32(1)) * np.float32(0.5)
 

@@ -28,7 +28,7 @@ import torch
 from ..pipeline import Pipeline
 from ..samplers import SamplerSpec, StepTables, denoise_step, step_tables
 from .exporter import graph_module, require_onnx
-from .format import SELF_COND_INPUT, OnnxFileError, OnnxModelInfo, parse_metadata
+from .format import HISTORY_INPUT, SELF_COND_INPUT, OnnxFileError, OnnxModelInfo, parse_metadata
 from .onnx_sampler import _first_line, open_session, read_info
 
 TOLERANCE = {"fp32": 1e-4, "fp16": 1e-2}
@@ -166,7 +166,7 @@ def check_same_model(info: OnnxModelInfo, pipeline: Pipeline, path: Path) -> Sam
             + "; ".join(differ[:4])
             + (f" (+{len(differ) - 4} more)" if len(differ) > 4 else "")
         )
-    spec = pipeline.sampler_spec(info.sampler, info.steps, info.eta)
+    spec = pipeline.sampler_spec(info.sampler, info.steps, info.eta, info.timestep_spacing)
     if spec.variance != info.variance:
         raise OnnxFileError(
             f"{path} holds a chain with {info.variance} variance; {source} gives {spec.variance}"
@@ -194,17 +194,24 @@ def check_chain_metadata(info: OnnxModelInfo, tables: StepTables, spec: SamplerS
 def _inputs(shape: tuple[int, ...], abar: float, self_condition: bool, seed: int):
     """x_t as the forward process makes it at a timestep with cumulative alpha ``abar``, from
     x_0 uniform in [-0.8, 1.0] (mean 0.1): a trained network sees such inputs. Also the step's
-    noise and a self-conditioning input (a clipped x0's range)."""
+    noise, a previous x0 (the solvers' history) and a self-conditioning input (a clipped x0's
+    range)."""
     g = torch.Generator().manual_seed(seed)
     x0 = torch.rand(shape, generator=g) * 1.8 - 0.8
     x = abar**0.5 * x0 + (1 - abar) ** 0.5 * torch.randn(shape, generator=g)
     noise = torch.randn(shape, generator=g)
     x_self_cond = (torch.rand(shape, generator=g) * 1.8 - 0.9) if self_condition else None
-    return x, noise, x_self_cond
+    x0_prev = torch.rand(shape, generator=g) * 1.8 - 0.85
+    return x, noise, x_self_cond, x0_prev
 
 
 def _step_scales(
-    model_output: torch.Tensor, x: torch.Tensor, tables: StepTables, k: int, objective: str
+    model_output: torch.Tensor,
+    x: torch.Tensor,
+    x0_prev: torch.Tensor,
+    tables: StepTables,
+    k: int,
+    objective: str,
 ) -> tuple[float, float]:
     """The sizes of the terms x0 and x_prev are made of (elementwise sums of magnitudes, before
     clipping), maximised: (x0's, x_prev's)."""
@@ -218,6 +225,7 @@ def _step_scales(
         x0 = prediction.abs()
     eps = ((tables.x0_from_xt[k] * x).abs() + x0) / tables.x0_from_eps[k]
     x_prev = tables.c_x0[k].abs() * x0 + (tables.c_xt[k] * x).abs() + tables.c_eps[k].abs() * eps
+    x_prev = x_prev + (tables.c_x0_prev[k] * x0_prev.double()).abs()
     return float(x0.max()), float(x_prev.max())
 
 
@@ -270,7 +278,7 @@ def verify_onnx(
     for index, (case, t, where) in enumerate(cases):
         abar = float(pipeline.schedule.alphas_cumprod[t])
         for batch in batch_sizes:
-            x, noise, x_self_cond = _inputs(
+            x, noise, x_self_cond, x0_prev = _inputs(
                 (batch, *shape), abar, info.self_condition, 100 * index + batch
             )
             t_vec = torch.full((batch,), t, dtype=torch.int64)
@@ -281,9 +289,14 @@ def verify_onnx(
             else:
                 step = torch.tensor([case])
                 feed |= {"x_t": x.numpy(), "step": step.numpy(), "noise": noise.numpy()}
-                args = (x, step, noise, x_self_cond)
+                history = (x0_prev,) if info.carries_x0_prev else ()
+                if history:
+                    feed[HISTORY_INPUT] = x0_prev.numpy()
+                args = (x, step, noise, *history, x_self_cond)
+            if not info.carries_x0_prev:
+                x0_prev = None  # the chain reads no history: the reference gets none
             got = session.run(None, feed)
-            expected = reference.outputs(case, t_vec, x, noise, x_self_cond)
+            expected = reference.outputs(case, t_vec, x, noise, x_self_cond, x0_prev)
             own = reference.own_outputs(*args)
             for i, (name, (ref, scale)) in enumerate(expected.items()):
                 max_abs, rel = _error(got[i], ref, scale)
@@ -304,16 +317,21 @@ class _Reference:
         if info.dtype != "fp32":
             self.own = graph_module(pipeline, info.what, info.dtype, spec, tables)
 
-    def outputs(self, case: int, t, x, noise, x_self_cond) -> dict[str, tuple[torch.Tensor, float]]:
+    def outputs(
+        self, case: int, t, x, noise, x_self_cond, x0_prev=None
+    ) -> dict[str, tuple[torch.Tensor, float]]:
         device = self.pipeline.device
         x_sc = x_self_cond.to(device) if x_self_cond is not None else None
         model_output = self.pipeline.network(x.to(device), t.to(device), x_sc).float().cpu()
         if self.info.what == "unet":
             return {"model_output": (model_output, _scale(model_output))}
         tables, objective = self.tables, self.pipeline.diffusion.objective
-        step_noise = noise if tables.adds_noise(case, self.spec) else None
-        x_prev, x0 = denoise_step(model_output, x, tables, case, self.spec, objective, step_noise)
-        x0_terms, x_prev_terms = _step_scales(model_output, x, tables, case, objective)
+        step_noise = noise if tables.adds_noise(case) else None
+        x_prev, x0 = denoise_step(
+            model_output, x, tables, case, self.spec, objective, step_noise, x0_prev
+        )
+        previous = torch.zeros_like(x) if x0_prev is None else x0_prev
+        x0_terms, x_prev_terms = _step_scales(model_output, x, previous, tables, case, objective)
         return {
             "x_prev": (x_prev, max(_scale(x_prev), x_prev_terms)),
             "x0": (x0, max(_scale(x0), x0_terms)),

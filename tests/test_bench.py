@@ -193,3 +193,24 @@ def test_peak_resident_memory_sees_an_allocation_freed_inside():
         time.sleep(0.05)
         del block
     assert peak.peak - quiet.peak > 50
+
+
+def test_a_dpm_solver_chain_is_measured(tmp_path, monkeypatch):
+    """``bench --sampler dpm++2m --steps 20`` runs every backend on that chain (the figures are
+    not checked here)."""
+    from ddpm_fast.pipeline import Pipeline
+
+    chains = []
+    real = Pipeline.sample_batches
+
+    def spy(self, num, **options):
+        chains.append((options["sampler"], options["steps"]))
+        return real(self, num, **options)
+
+    monkeypatch.setattr(Pipeline, "sample_batches", spy)
+    args = bench_args(tmp_path, sampler="dpm++2m", steps=20, repeats=1, batch=[2])
+    text = bench.main(args).read_text()
+    data = json.loads((tmp_path / "run.json").read_text())
+    assert data["sampler"] == "dpm++2m" and "sampler dpm++2m" in text
+    assert {r["backend"] for r in data["results"]} == {"reference", "engine"}
+    assert set(chains) == {("dpm++2m", 20)}

@@ -218,8 +218,14 @@ def default_engine(default_pipeline):
 
 @pytest.mark.parametrize(
     "chain",
-    [dict(sampler="ddim", steps=50), dict(steps=100), dict(sampler="ddim", steps=20, eta=1.0)],
-    ids=["ddim50", "ddpm100", "ddim20-eta1"],
+    [
+        dict(sampler="ddim", steps=50),
+        dict(steps=100),
+        dict(sampler="ddim", steps=20, eta=1.0),
+        dict(sampler="dpm++2m", steps=20),
+        dict(sampler="dpm++2m-sde-karras", steps=10),
+    ],
+    ids=["ddim50", "ddpm100", "ddim20-eta1", "dpm++2m-20", "dpm++2m-sde-karras-10"],
 )
 def test_whole_chains_give_the_reference_images(default_pipeline, default_engine, chain):
     want = default_pipeline.sample(6, seed=11, **chain)
@@ -259,7 +265,12 @@ def small_pipeline(name: str, objective: str, variance: str = "fixed_small") -> 
 def test_chains_of_other_networks_and_objectives(name, objective, variance):
     torch.manual_seed(0)
     pipeline = small_pipeline(name, objective, variance)
-    for chain in (dict(steps=30), dict(sampler="ddim", steps=6, eta=0.3)):
+    chains = (
+        dict(steps=30),
+        dict(sampler="ddim", steps=6, eta=0.3),
+        dict(sampler="dpm++2m", steps=6, timestep_spacing="trailing"),
+    )
+    for chain in chains:
         want = pipeline.sample(3, seed=2, **chain)
         got = Engine(pipeline).sample(3, seed=2, **chain)
         torch.testing.assert_close(got, want, rtol=0, atol=CHAIN_ATOL)
@@ -315,16 +326,21 @@ def test_graph_replay_is_eager(default_pipeline):
 
 @pytest.mark.gpu
 def test_the_gpu_engine_gives_the_cpu_reference_images(default_pipeline):
-    for chain in (dict(sampler="ddim", steps=50), dict(steps=100)):
+    for chain in (
+        dict(sampler="ddim", steps=50),
+        dict(steps=100),
+        dict(sampler="dpm++2m", steps=20),
+    ):
         want = default_pipeline.sample(6, seed=11, device="cpu", **chain)
         got = Engine(default_pipeline).sample(6, seed=11, device="cuda", **chain)
         torch.testing.assert_close(got, want, rtol=0, atol=CHAIN_ATOL)
 
 
 @pytest.mark.gpu
-def test_no_host_sync_inside_the_chain(default_pipeline):
+@pytest.mark.parametrize("sampler", ["ddpm", "dpm++2m-sde"])
+def test_no_host_sync_inside_the_chain(default_pipeline, sampler):
     engine = Engine(default_pipeline, cuda_graph=True)
-    engine.sample(4, steps=10, device="cuda")  # prepare and capture outside the check
+    engine.sample(4, sampler=sampler, steps=10, device="cuda")  # prepare and capture first
     syncs = []
 
     def on_step(k: int) -> None:
@@ -333,7 +349,7 @@ def test_no_host_sync_inside_the_chain(default_pipeline):
     from ddpm_fast.noise import keyed_noise
     from ddpm_fast.samplers import step_tables
 
-    spec = engine.sampler_spec("ddpm", 10)
+    spec = engine.sampler_spec(sampler, 10)
     tables = step_tables(engine.schedule, spec)
     x = keyed_noise(0, range(4), 0, engine.image_shape(), device="cuda")
     torch.cuda.synchronize()
@@ -431,10 +447,13 @@ def test_the_gpu_path_on_the_cpu(monkeypatch):
     config = UnetConfig(dim=8, dim_mults=(1, 2), self_condition=True, learned_variance=True)
     diffusion = DiffusionConfig(image_size=8, schedule=ScheduleConfig("linear", 100))
     pipeline = Pipeline(randomized(config), diffusion)
-    kwargs = dict(batch_size=2, steps=3, seed=4, start_index=2**31)
-    got = Engine(pipeline).sample(4, **kwargs)
+    chains = (dict(steps=3), dict(sampler="dpm++2m-sde", steps=3))  # the second reads x0_prev
+    kwargs = dict(batch_size=2, seed=4, start_index=2**31)
+    engine = Engine(pipeline)
+    got = [engine.sample(4, **kwargs, **chain) for chain in chains]
     monkeypatch.delenv("DDPM_FAST_KERNELS_BACKEND")
-    want = pipeline.sample(4, **kwargs)
-    torch.testing.assert_close(got, want, rtol=0, atol=CHAIN_ATOL)
-    assert Replayed.captures == 1
+    for images, chain in zip(got, chains, strict=True):
+        want = pipeline.sample(4, **kwargs, **chain)
+        torch.testing.assert_close(images, want, rtol=0, atol=CHAIN_ATOL)
+    assert Replayed.captures == len(chains)
     assert launched == {"group_norm", "channel_norm", "linear_attention", "sampler_step"}

@@ -56,7 +56,8 @@ def cast_convolutions(network: torch.nn.Module, dtype: torch.dtype) -> None:
 @dataclass
 class ChainState:
     """The device buffers one step reads and writes: the chain's state x and the clipped x0
-    (fp32, the self-conditioning input of the next step), the step index, the noise keys."""
+    (fp32: the self-conditioning input and the multistep solvers' x0_prev of the next step),
+    the step index, the noise keys."""
 
     x: torch.Tensor
     x0: torch.Tensor
@@ -86,8 +87,8 @@ class PreparedChain:
         self.device = device
         self.dtype = engine.dtype
         self.steps = len(tables)
-        self.learned = spec.kind == "ddpm" and spec.variance == "learned_range"
-        self.noise_on = [tables.adds_noise(k, spec) for k in range(self.steps)]
+        self.learned = tables.learned
+        self.noise_on = [tables.adds_noise(k) for k in range(self.steps)]
         network = FastUnet(engine.network, tables.timesteps.to(device))
         cast_convolutions(network, self.dtype)
         if device.type == "cpu":
@@ -131,8 +132,8 @@ class PreparedChain:
         self_cond = self.network_input(state.x0) if self.network.self_condition else None
         out = self.network(self.network_input(state.x), state.step, self_cond)
         sampler_step(
-            out, state.x, self.coeffs, state.step, state.keys, z=z, learned=self.learned,
-            out=(state.x, state.x0),
+            out, state.x, self.coeffs, state.step, state.keys, x0_prev=state.x0, z=z,
+            learned=self.learned, out=(state.x, state.x0),
         )  # fmt: skip
         state.step.add_(1)
 

@@ -35,6 +35,14 @@ CASES = {
         dict(objective="pred_v", learned_sinusoidal_cond=True),
         dict(sampler="ddim", steps=4),
     ),
+    "pred_v-dpm++2m-sde-karras": (
+        dict(objective="pred_v"),
+        dict(sampler="dpm++2m-sde-karras", steps=6),
+    ),
+    "pred_noise-selfcond-dpm++2m-trailing": (
+        dict(self_condition=True),
+        dict(sampler="dpm++2m", steps=5, timestep_spacing="trailing"),
+    ),
 }
 
 
@@ -98,7 +106,7 @@ def test_metadata_carries_what_a_deployment_needs(tmp_path):
     export_onnx(pipeline, path, what="step", sampler="ddim", steps=5, eta=0.5)
     model = onnx.load(str(path))
     meta = {p.key: p.value for p in model.metadata_props}
-    assert meta[FORMAT_KEY] == "1" and meta["ddpm_fast_version"] == __version__
+    assert meta[FORMAT_KEY] == "2" and meta["ddpm_fast_version"] == __version__
     assert meta["what"] == "step" and meta["dtype"] == "fp32" and meta["opset"] == "17"
     assert meta["family"] == "dd-pytorch-v1"
     assert json.loads(meta["config"]) == pipeline.config.to_dict()
@@ -189,7 +197,7 @@ def test_verify_refuses_a_file_of_another_model(tmp_path):
         (dict(what="graph"), "unknown export 'graph'"),
         (dict(dtype="bf16"), "unknown dtype 'bf16'"),
         (dict(opset=11), "opset must be an integer in"),
-        (dict(sampler="ddpm", eta=0.5), "eta applies to sampler 'ddim' only"),
+        (dict(sampler="ddpm", eta=0.5), "eta applies to the ddim sampler only"),
         (dict(steps=1000), "steps must be between 1 and the schedule's 100"),
     ],
 )
@@ -220,3 +228,33 @@ def test_fp16_without_a_provider_for_it_is_reported_as_skipped(tmp_path, monkeyp
     export_onnx(pipeline, tmp_path / "full.onnx", what="unet", steps=4, verify=False)
     with pytest.raises(OnnxFileError, match="onnxruntime cannot run it"):
         verify.verify_onnx(tmp_path / "full.onnx", pipeline)
+
+
+def test_a_solver_step_file_takes_and_returns_its_history(tmp_path):
+    """DPM-Solver++'s step file declares x0_prev as an input (x0 is the next step's) and its
+    output depends on it where the step is second order."""
+    pipeline = make_pipeline(objective="pred_v")
+    path = tmp_path / "step.onnx"
+    export_onnx(pipeline, path, what="step", sampler="dpm++2m", steps=6, verify=False)
+    session = open_session(path)
+    assert [i.name for i in session.get_inputs()] == ["x_t", "step", "noise", "x0_prev"]
+    assert [o.name for o in session.get_outputs()] == ["x_prev", "x0"]
+    spec = pipeline.sampler_spec("dpm++2m", 6)
+    tables = step_tables(pipeline.schedule, spec)
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 1, 8, 8, generator=g)
+    x0_prev = torch.rand(2, 1, 8, 8, generator=g) * 2 - 1
+    for k in range(len(tables)):
+        t = torch.full((2,), int(tables.timesteps[k]))
+        with torch.no_grad():
+            out = pipeline.network(x, t)
+        want, _ = denoise_step(out, x, tables, k, spec, "pred_v", None, x0_prev)
+        feed = {
+            "x_t": x.numpy(),
+            "step": np.array([k]),
+            "noise": np.zeros((2, 1, 8, 8), np.float32),
+        }
+        got = session.run(None, feed | {"x0_prev": x0_prev.numpy()})[0]
+        assert np.abs(got - want.numpy()).max() <= 1e-5 * want.abs().max()
+        without = session.run(None, feed | {"x0_prev": np.zeros((2, 1, 8, 8), np.float32)})[0]
+        assert (np.abs(without - got).max() > 1e-3) == bool(tables.c_x0_prev[k] != 0)

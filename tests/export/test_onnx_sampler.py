@@ -44,6 +44,17 @@ CHAINS = {
         "unet",
         dict(sampler="ddpm", steps=5),
     ),
+    "step-dpm++2m-selfcond": (
+        dict(objective="pred_v", self_condition=True),
+        "step",
+        dict(sampler="dpm++2m", steps=6),
+    ),
+    "unet-dpm++2m-sde": ({}, "unet", dict(sampler="dpm++2m-sde", steps=6)),
+    "step-dpm++2m-karras-leading": (
+        {},
+        "step",
+        dict(sampler="dpm++2m-karras", steps=5, timestep_spacing="leading"),
+    ),
 }
 
 

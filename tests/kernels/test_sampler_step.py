@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from ddpm_fast.engine.coefficients import coefficient_table
+from ddpm_fast.kernels import sampler_step as kernel_module
 from ddpm_fast.kernels.sampler_step import (
     COEFFICIENTS,
     NUM_COEFFICIENTS,
@@ -15,7 +16,7 @@ from ddpm_fast.kernels.sampler_step import (
     sampler_step_reference,
 )
 from ddpm_fast.noise import keyed_noise, philox_keys
-from ddpm_fast.samplers import SamplerSpec, denoise_step, step_tables
+from ddpm_fast.samplers import SamplerSpec, denoise_step, rule, step_tables
 from ddpm_fast.schedule import Schedule, ScheduleConfig
 
 from .common import HAS_TRITON, poisoned, randn
@@ -32,25 +33,30 @@ CHAINS = [
     ("pred_x0", SamplerSpec("ddim", 8, eta=0.5)),
     ("pred_noise", SamplerSpec("ddim", 8)),
     ("pred_v", SamplerSpec("ddpm", 20, variance="learned_range")),
+    ("pred_noise", SamplerSpec("dpm++2m", 8)),
+    ("pred_v", SamplerSpec("dpm++2m-sde-karras", 8, clip_x0=False)),
 ]
 
 
 def chain_id(case) -> str:
     objective, spec = case
-    return (
-        f"{objective}-{spec.kind}{spec.steps}-{spec.variance if spec.kind == 'ddpm' else spec.eta}"
-    )
+    return f"{objective}-{spec.kind}{spec.steps}-{spec.variance}-{spec.eta}"
 
 
 def setup(objective: str, spec: SamplerSpec, batch: int = 3, shape=(3, 5, 6)):
     schedule = Schedule(ScheduleConfig("cosine", 20))
     tables = step_tables(schedule, spec)
     coeffs = coefficient_table(tables, spec, objective)
-    learned = spec.variance == "learned_range" and spec.kind == "ddpm"
+    learned = tables.learned
     x = randn((batch, *shape), seed=1)
     out_channels = 2 * shape[0] if learned else shape[0]
     out = randn((batch, out_channels, *shape[1:]), seed=2, std=0.8)
     return tables, coeffs, learned, x, out
+
+
+def previous_x0(x: torch.Tensor) -> torch.Tensor:
+    """A previous step's x0 (the solvers' history): in [-1, 1], not zeros."""
+    return randn(x.shape, seed=5, std=0.6).clamp(-1, 1)
 
 
 def keys_for(indices) -> torch.Tensor:
@@ -64,15 +70,16 @@ def test_the_kernel_is_the_reference_sampler(case):
     ``keyed_noise`` for the same (seed, sample, step)."""
     objective, spec = case
     tables, coeffs, learned, x, out = setup(objective, spec)
+    x0_prev = previous_x0(x)
     indices = [0, 5, 2**32 - 1]
     for k in range(len(tables)):
         z = keyed_noise(SEED, indices, k + 1, tuple(x.shape[1:]))
         noise = z if tables.adds_noise(k, spec) else None
-        want_next, want_x0 = denoise_step(out, x, tables, k, spec, objective, noise)
+        want_next, want_x0 = denoise_step(out, x, tables, k, spec, objective, noise, x0_prev)
         buffers = (poisoned(x.shape, x), poisoned(x.shape, x))
         got_next, got_x0 = sampler_step(
-            out, x, coeffs, torch.tensor([k]), keys_for(indices), learned=learned,
-            out=buffers, backend="triton",
+            out, x, coeffs, torch.tensor([k]), keys_for(indices), x0_prev=x0_prev,
+            learned=learned, out=buffers, backend="triton",
         )  # fmt: skip
         assert got_next.data_ptr() == buffers[0].data_ptr()
         torch.testing.assert_close(got_x0, want_x0, rtol=1e-5, atol=1e-6)
@@ -85,10 +92,13 @@ def test_the_kernel_given_noise_is_its_reference(case):
     objective, spec = case
     tables, coeffs, learned, x, out = setup(objective, spec, batch=2)
     z = randn(x.shape, seed=3)
-    for k in (0, len(tables) // 2, len(tables) - 1):
+    x0_prev = previous_x0(x)
+    for k in (0, 1, len(tables) // 2, len(tables) - 1):
         step = torch.tensor([k])
-        got = sampler_step(out, x, coeffs, step, z=z, learned=learned, backend="triton")
-        want = sampler_step_reference(out, x, coeffs[k], z, learned=learned)
+        got = sampler_step(
+            out, x, coeffs, step, z=z, x0_prev=x0_prev, learned=learned, backend="triton"
+        )
+        want = sampler_step_reference(out, x, coeffs[k], z, x0_prev=x0_prev, learned=learned)
         for g, w in zip(got, want, strict=True):
             assert not torch.isnan(g).any()
             torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-6)
@@ -166,5 +176,24 @@ def test_a_batch_past_2_31_values_launches_within_cuda_limits(monkeypatch):
             assert grids == [(-(-x[0].numel() // module.BLOCK), batch)]
 
 
-def test_the_columns_are_the_kernels():
-    assert NUM_COEFFICIENTS == len(COEFFICIENTS) == 11
+def test_the_columns_are_the_rules():
+    """The kernel's row is ``rule.ROW`` and each offset it reads is that name's position."""
+    assert COEFFICIENTS == rule.ROW and len(rule.ROW) == NUM_COEFFICIENTS
+    for name in rule.ROW:
+        assert getattr(kernel_module, f"COL_{name.upper()}") == rule.ROW.index(name), name
+
+
+@needs_triton
+@pytest.mark.parametrize("column", ["c_x0_prev", "c_xt", "c_x0"])
+def test_each_column_is_read_where_its_name_says(column):
+    """A row whose only mixing coefficient is ``column`` (2.5) gives 2.5 times that input."""
+    row = dict.fromkeys(COEFFICIENTS, 0.0) | {"x0_from_eps": 1.0, "x0_max": 1.0, "b": -1.0}
+    row[column] = 2.5
+    coeffs = torch.tensor([[row[name] for name in COEFFICIENTS]] * 2)
+    x = randn((2, 2, 3, 5), seed=6)
+    out = randn(x.shape, seed=7, std=0.4).clamp(-1, 1)  # x0 = out (a = 0, b = -1)
+    x0_prev = previous_x0(x)
+    z = randn(x.shape, seed=8)
+    got, _ = sampler_step(out, x, coeffs, torch.tensor([1]), z=z, x0_prev=x0_prev, backend="triton")
+    source = {"c_x0_prev": x0_prev, "c_xt": x, "c_x0": out}[column]
+    torch.testing.assert_close(got, 2.5 * source, rtol=1e-6, atol=1e-6)

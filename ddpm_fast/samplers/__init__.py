@@ -1,0 +1,38 @@
+"""The samplers: one module per sampler (ddpm, ddim, dpm_solver), each turning the schedule and a
+``SamplerSpec`` into named per-step coefficient columns; ``rule`` holds the one update rule over
+them, ``reference`` runs it in PyTorch (the truth every fast path is tested against).
+
+Torch-free at import: the registry and SamplerSpec serve the CLI and OnnxSampler; the PyTorch
+names load on first use.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from .registry import SAMPLERS, sampler_module
+from .rule import ROW, TABLE, Chain
+from .spacing import SPACINGS
+
+_LAZY = {
+    "SamplerSpec": "spec",
+    "StepTables": "reference",
+    "NoiseFn": "reference",
+    "chain_tables": "reference",
+    "step_tables": "reference",
+    "predict_x0": "reference",
+    "denoise_step": "reference",
+    "sample_loop": "reference",
+    "OBJECTIVES": "reference",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = ["ROW", "SAMPLERS", "SPACINGS", "TABLE", "Chain", "sampler_module", *_LAZY]

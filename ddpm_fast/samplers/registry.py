@@ -1,0 +1,46 @@
+"""The samplers: every module of this package that defines ``NAMES`` (the infrastructure
+modules below excepted). A new sampler is a new module here; nothing else lists them.
+
+A sampler module defines ``NAMES`` (the names users pick it by), ``DEFAULT_SPACING``,
+``USES_ETA``, ``CARRIES_X0_PREV`` (its steps read the previous step's x0),
+``noise_steps(name, steps, eta)`` ("1" where step k adds noise) and ``chain(alphas_cumprod,
+spec)`` returning a :class:`~ddpm_fast.samplers.rule.Chain`. No torch: the CLI and OnnxSampler
+read the registry where torch is not installed.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+import sys
+from types import ModuleType
+
+from ..errors import ConfigError
+
+INFRASTRUCTURE = ("reference", "registry", "rule", "spacing", "spec")
+
+
+def _discover() -> dict[str, ModuleType]:
+    package = sys.modules[__name__.rpartition(".")[0]]
+    found = {}
+    for info in sorted(pkgutil.iter_modules(package.__path__), key=lambda m: m.name):
+        if info.name in INFRASTRUCTURE or info.name.startswith("_"):
+            continue
+        module = importlib.import_module(f"{package.__name__}.{info.name}")
+        for name in module.NAMES:
+            if name in found:
+                raise ImportError(f"sampler name {name!r} is defined twice")
+            found[name] = module
+    return found
+
+
+MODULES = _discover()
+# Known names in a stable order: the first-version samplers first, then alphabetical.
+SAMPLERS = tuple(sorted(MODULES, key=lambda n: (n not in ("ddpm", "ddim"), n != "ddpm", n)))
+
+
+def sampler_module(name) -> ModuleType:
+    """The module of sampler ``name``; an unknown name is a ConfigError, never a default."""
+    if not isinstance(name, str) or name not in MODULES:
+        raise ConfigError(f"unknown sampler {name!r}; known: {', '.join(SAMPLERS)}")
+    return MODULES[name]

@@ -1,0 +1,61 @@
+"""Which timesteps a chain of ``steps`` network evaluations visits, by spacing name.
+
+- ``library``: denoising-diffusion-pytorch's (``ddpm_fast.schedule.sampling_timesteps``), the
+  default of its own samplers (DDPM, DDIM).
+- ``linspace``, ``leading``, ``trailing``: diffusers' (Table 2 of arXiv:2305.08891), with its
+  ``steps_offset`` added to ``leading``. ``solver=True`` gives DPMSolverMultistepScheduler's
+  variants, which space steps + 1 points and drop the last (t = 0 is replaced by the final sigma);
+  otherwise DDIMScheduler's.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..errors import ConfigError
+
+SPACINGS = ("library", "linspace", "leading", "trailing")
+
+
+def spaced_timesteps(
+    num_timesteps: int, steps: int, spacing: str, steps_offset: int = 0, *, solver: bool = False
+) -> np.ndarray:
+    """The visited timesteps, int64, in sampling order (decreasing)."""
+    total = num_timesteps
+    if not 1 <= steps <= total:
+        raise ConfigError(f"steps must be between 1 and the schedule's {total}, got {steps}")
+    points = steps + 1 if solver else steps
+    if spacing == "library":
+        from ..schedule import sampling_timesteps
+
+        t = np.array([pair[0] for pair in sampling_timesteps(total, steps)], dtype=np.int64)
+    elif spacing == "linspace":
+        t = np.linspace(0, total - 1, points).round()[::-1][:steps].astype(np.int64)
+    elif spacing == "leading":
+        ratio = total // points
+        t = (np.arange(0, points) * ratio).round()[::-1][:steps].astype(np.int64) + steps_offset
+    elif spacing == "trailing":
+        t = np.arange(total, 0, -total / steps).round().astype(np.int64) - 1
+    else:
+        raise ConfigError(f"unknown timestep_spacing {spacing!r}; known: {', '.join(SPACINGS)}")
+    if len(t) != steps or t.min() < 0 or t.max() >= total:
+        raise ConfigError(
+            f"timestep_spacing {spacing!r} (steps_offset {steps_offset}) gives timesteps outside "
+            f"[0, {total}) for {steps} steps"
+        )
+    return t
+
+
+def x0_columns(abar: np.ndarray) -> dict[str, np.ndarray]:
+    """The columns that recover x0 from x_t = sqrt(abar) x0 + sqrt(1 - abar) eps (float64)."""
+    return {
+        "x0_from_xt": np.sqrt(1.0 / abar),
+        "x0_from_eps": np.sqrt(1.0 / abar - 1),
+        "x0_from_xt_v": np.sqrt(abar),
+        "x0_from_v": np.sqrt(1.0 - abar),
+    }
+
+
+def next_timesteps(t: np.ndarray) -> np.ndarray:
+    """Each visited timestep's successor, -1 after the last."""
+    return np.append(t[1:], -1).astype(np.int64)
