@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from ddpm_fast.models import FAMILIES, dd_pytorch_v1, diffusers_unet2d
+from ddpm_fast.models import FAMILIES, dd_pytorch_v1, dd_pytorch_v2, diffusers_unet2d
 from ddpm_fast.pipeline import DiffusionConfig, Pipeline
 from ddpm_fast.schedule import ScheduleConfig
 
@@ -16,6 +16,16 @@ CONFIGS = {
         "v1-selfcond-learned-var": dd_pytorch_v1.UnetConfig(
             dim=8, dim_mults=(1, 2), self_condition=True, learned_variance=True,
             resnet_block_groups=4, attn_heads=2, attn_dim_head=8,
+        ),
+    },
+    dd_pytorch_v2.FAMILY: {
+        "v2-selfcond-learned-var-full-attn": dd_pytorch_v2.UnetConfig(
+            dim=8, dim_mults=(1, 2), self_condition=True, learned_variance=True,
+            full_attn=(True, False), attn_heads=(2, 3), attn_dim_head=8,
+        ),
+        "v2-learned-sinusoidal-init-dim": dd_pytorch_v2.UnetConfig(
+            dim=8, init_dim=12, dim_mults=(1, 2), channels=1, learned_sinusoidal_cond=True,
+            learned_sinusoidal_dim=8, attn_heads=2, attn_dim_head=4, num_mem_kv=2,
         ),
     },
     diffusers_unet2d.FAMILY: {

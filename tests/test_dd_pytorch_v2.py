@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from ddpm_fast import checkpoints, models
-from ddpm_fast.engine import FastUnet, families
+from ddpm_fast import checkpoints
+from ddpm_fast.engine import FastUnet
 from ddpm_fast.engine.families import dd_pytorch_v2 as fast_v2
 from ddpm_fast.errors import CheckpointError, ConfigError
 from ddpm_fast.models import dd_pytorch_v1, dd_pytorch_v2
@@ -60,20 +60,6 @@ def library_unet(name: str) -> Unet:
 
 NAMES = list(network_fixtures())
 CHAINS = list(chain_fixtures())
-
-
-@pytest.fixture(autouse=True, scope="module")
-def registered():
-    """The family in the registries for these tests, until ddpm_fast.models.FAMILIES and
-    ddpm_fast.engine.families.MAPPINGS list it themselves (then this is a no-op)."""
-    added = []
-    for table, module in ((models.FAMILIES, dd_pytorch_v2), (families.MAPPINGS, fast_v2)):
-        if dd_pytorch_v2.FAMILY not in table:
-            table[dd_pytorch_v2.FAMILY] = module
-            added.append(table)
-    yield
-    for table in added:
-        del table[dd_pytorch_v2.FAMILY]
 
 
 def test_fixtures_cover_the_issue():

@@ -69,7 +69,7 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError
-from . import dd_pytorch_v1, diffusers_unet2d
+from . import dd_pytorch_v1, dd_pytorch_v2, diffusers_unet2d
 
 
 class Family(Protocol):
@@ -89,7 +89,9 @@ class Family(Protocol):
     def fold(self, network: nn.Module) -> None: ...
 
 
-FAMILIES: dict[str, ModuleType] = {m.FAMILY: m for m in (dd_pytorch_v1, diffusers_unet2d)}
+FAMILIES: dict[str, ModuleType] = {
+    m.FAMILY: m for m in (dd_pytorch_v1, dd_pytorch_v2, diffusers_unet2d)
+}
 
 
 def register(module: ModuleType) -> None:
@@ -136,6 +138,7 @@ __all__ = [
     "FAMILIES",
     "Family",
     "dd_pytorch_v1",
+    "dd_pytorch_v2",
     "detect",
     "diffusers_unet2d",
     "family",

@@ -13,9 +13,11 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from . import dd_pytorch_v1, diffusers_unet2d
+from . import dd_pytorch_v1, dd_pytorch_v2, diffusers_unet2d
 
-MAPPINGS: dict[str, ModuleType] = {m.ref.FAMILY: m for m in (dd_pytorch_v1, diffusers_unet2d)}
+MAPPINGS: dict[str, ModuleType] = {
+    m.ref.FAMILY: m for m in (dd_pytorch_v1, dd_pytorch_v2, diffusers_unet2d)
+}
 
 
 def mapping(family: str) -> ModuleType:
