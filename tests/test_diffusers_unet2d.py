@@ -275,3 +275,24 @@ def test_a_whole_chain_is_diffusers(name):
     want = fixture["final"].clamp(-1, 1)
     assert want.std() > 0.05
     torch.testing.assert_close(got.clamp(-1, 1), want, rtol=0, atol=1e-4)
+
+
+# the command line
+
+
+def test_cli_info_and_sample_from_a_folder(tmp_path, capsys):
+    from ddpm_fast.cli import main
+
+    folder = FIXTURES / "ddpm_cifar10_small"
+    assert main(["info", str(folder)]) == 0
+    out = capsys.readouterr().out
+    assert "family:      diffusers-unet2d" in out
+    assert "note:        timestep_spacing leading" in out
+    png = tmp_path / "x.png"
+    args = ["sample", str(folder), "--steps", "3", "--sampler", "ddim", "--num", "2", "--out"]
+    assert main([*args, str(png)]) == 0
+    assert png.is_file()
+    capsys.readouterr()
+    assert main(["info", str(folder), "--attn-heads", "2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "attn_heads" in err and "\n" not in err
