@@ -49,9 +49,15 @@ The module contract of ``ddpm_fast.models.<family>`` (see :class:`Family`):
     A tuple of the module classes (norms) that a half-precision graph computes in float32 with
     the fp32 reference's epsilon.
 
-Families read from a folder rather than a single file (diffusers) also have
-``matches_folder(path) -> bool`` and ``read_folder(path, **options) -> FolderModel``; see
-:mod:`ddpm_fast.checkpoints`.
+How a file's wrapper is taken off (a GaussianDiffusion or Trainer checkpoint, ddpm-fast's own
+safetensors) is :mod:`ddpm_fast.checkpoints`'; a folder format (diffusers' pipeline and UNet
+folders, with their scheduler configs) is its own reader, :mod:`ddpm_fast.diffusers_folder`,
+which hands the family the weights and the folder's ``config.json`` (``infer_config(weights,
+unet_config=...)``).
+
+The tests written once for every family (tests/test_families.py, tests/export/test_families.py)
+take each family's tiny test networks from tests/families.py; a registered family without them,
+or without an engine mapping, fails ``test_every_family_has_test_networks_and_an_engine_mapping``.
 
 Engine side, ``ddpm_fast.engine.families.<family>`` has ``build(folded, slices, bias_in_norm)
 -> nn.Module``: the fast network, built from the folded reference and the column range
