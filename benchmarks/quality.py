@@ -38,12 +38,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--num", type=int, default=256)
     parser.add_argument("--out", default="benchmarks/results/quality")
+    parser.add_argument(
+        "--only", nargs="+", metavar="SAMPLER-STEPS", help="these chains only, e.g. dpm++2m-20"
+    )
     args = parser.parse_args()
+    chains = CHAINS
+    if args.only:
+        chains = [c for c in CHAINS if f"{c[1]['sampler']}-{c[1]['steps']}" in args.only]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     pipeline = ddpm_fast.load()
     rows = []
-    for label, chain in CHAINS:
+    for label, chain in chains:
         images = pipeline.sample(args.num, batch_size=args.num, seed=0, **chain)
         report = score_digits(images)
         grid = f"{chain['sampler']}-{chain['steps']}.png"

@@ -124,7 +124,7 @@ class OnnxModelInfo:
             words += f", {self.timestep_spacing} spacing"
         if sampler_module(self.sampler).USES_ETA:
             return f"{words}, eta {self.eta:g}"
-        if self.sampler == "ddpm":
+        if sampler_module(self.sampler).READS_VARIANCE:
             return f"{words}, {self.variance} variance"
         return words
 
