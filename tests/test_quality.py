@@ -42,10 +42,15 @@ def test_images_of_another_shape_are_refused():
         score_digits(torch.rand(4, 3, 8, 8))
 
 
+@pytest.fixture(scope="module")
+def ddpm_1000(default):
+    """The score of the full DDPM chain (1000 steps), sampled once for the tests that read it."""
+    return score_digits(default.sample(NUM, batch_size=NUM, seed=0))
+
+
 @pytest.mark.slow
-def test_full_ddpm_chain_draws_recognisable_digits(default):
-    images = default.sample(NUM, batch_size=NUM, seed=0)
-    report = score_digits(images)
+def test_full_ddpm_chain_draws_recognisable_digits(ddpm_1000):
+    report = ddpm_1000
     print(f"DDPM 1000 steps: {report}\nreal digits:     {real_digits_report()}")
     assert report.mean_top_probability >= THRESHOLD
     assert report.min_class_share >= MIN_SHARE
@@ -61,10 +66,10 @@ def test_ddim_50_steps_draws_recognisable_digits(default):
 
 
 @pytest.mark.slow
-def test_dpm_solver_reaches_ddpm_1000s_quality_in_10_to_20_steps(default):
+def test_dpm_solver_reaches_ddpm_1000s_quality_in_10_to_20_steps(default, ddpm_1000):
     """DPM-Solver++(2M) at 20 steps within 0.01 of DDPM 1000's mean top-class probability (or
     above it); at 10 steps at least 0.90 with every class at 3% or more."""
-    ddpm = score_digits(default.sample(NUM, batch_size=NUM, seed=0))
+    ddpm = ddpm_1000
     dpm20 = score_digits(default.sample(NUM, batch_size=NUM, sampler="dpm++2m", steps=20, seed=0))
     dpm10 = score_digits(default.sample(NUM, batch_size=NUM, sampler="dpm++2m", steps=10, seed=0))
     print(f"DDPM 1000: {ddpm}\nDPM-Solver++ 20: {dpm20}\nDPM-Solver++ 10: {dpm10}")
