@@ -84,7 +84,7 @@ EDITS = {
     "steps": ("step-ddpm", put(steps=5, noise_steps="11110"), None),
     "steps beyond the schedule": ("step-ddpm", put(steps=101, noise_steps=LONG), "steps=101"),
     "eta of DDIM": ("step-ddim", put(eta=0.8), None),
-    "timesteps table": ("unet-ddpm", scale_table("timesteps", 2), "not decreasing within"),
+    "timesteps table": ("unet-ddpm", scale_table("timesteps", 2), "not non-increasing within"),
     "c_x0 table": ("unet-ddpm", scale_table("c_x0", 1.01), None),
     "sigma table": ("unet-ddpm", scale_table("sigma", 0.5), None),
     "non-finite table": ("unet-ddpm", scale_table("c_xt", float("inf")), "not finite"),
