@@ -121,45 +121,42 @@ class UnetGraph(nn.Module):
         return self.network.forward_conditioned(x.to(self.dtype), cond, x_self_cond).float()
 
 
-class StepGraph(nn.Module):
-    """What a ``step`` file computes: ``ddpm_fast.samplers.rule``'s update after the network, for
-    step index ``step`` [1] of one chain, float32 in and out.
-
-    The coefficients are the float32 ``rule.ROW`` columns (the engine's table) gathered by the
-    step index; the time conditioning (the network's ``time_conditioning``: every block's time
-    projection) is precomputed for the chain's timesteps (``ddpm_fast.folding.time_conditioning``)
-    into one table gathered the same way. Where the reference skips the noise (a step that adds
-    none), the graph selects the mean: the same numbers.
-    """
+class StepUpdate(nn.Module):
+    """One reverse step given its rows: ``ddpm_fast.samplers.rule``'s update after the network,
+    float32 in and out. ``time_row`` [1, D] is the network's ``time_conditioning`` at the step's
+    timestep (every block's time projection, concatenated in ``time_slices`` order), ``coef_row``
+    [len(ROW)] the step's float32 ``rule.ROW`` columns, ``adds_noise`` [1] bool. Where the
+    reference skips the noise (a step that adds none), the graph selects the mean: the same
+    numbers. ``StepGraph`` gathers the rows from one chain's tables; the engine's ONNX Runtime
+    executor feeds them, so that one file serves every chain."""
 
     def __init__(
-        self, pipeline: Pipeline, tables: StepTables, spec: SamplerSpec, dtype: str = "fp32"
+        self,
+        pipeline: Pipeline,
+        spec: SamplerSpec,
+        learned: bool,
+        dtype: str = "fp32",
+        network: nn.Module | None = None,
     ):
         super().__init__()
-        network = fold_weights(pipeline.network).to("cpu", torch.float32)
-        conditioning = time_conditioning(network, tables.timesteps)
-        self.register_buffer("time_table", torch.cat(list(conditioning.values()), dim=1))
+        if network is None:  # the folded float32 network, on the CPU
+            network = fold_weights(pipeline.network).to("cpu", torch.float32)
+        layout = time_conditioning(network, torch.zeros(1, dtype=torch.long))
         self.time_slices, start = {}, 0
-        for name, table in conditioning.items():
+        for name, table in layout.items():
             self.time_slices[name], start = (start, start + table.shape[1]), start + table.shape[1]
         self.dtype = TORCH_DTYPES[dtype]
         self.network = to_half(network) if dtype == "fp16" else network
         self.channels = pipeline.config.channels
-        self.learned = tables.learned
+        self.learned = learned
         self.carries_x0_prev = spec.carries_x0_prev
-        rows = tables.rows(pipeline.diffusion.objective)
-        table = torch.stack([rows[name].to(torch.float64) for name in ROW], dim=1).float()
-        self.register_buffer("table", table)
-        adds_noise = [tables.adds_noise(k) for k in range(len(tables))]
-        self.register_buffer("adds_noise", torch.tensor(adds_noise, dtype=torch.bool))
 
-    def forward(self, x_t, step, noise, *history):
-        k = step.reshape(1)
+    def update(self, x_t, time_row, coef_row, adds_noise, noise, *history):
         x0_prev = history[0] if self.carries_x0_prev else torch.zeros_like(x_t)
         x_self_cond = history[-1] if len(history) > int(self.carries_x0_prev) else None
         if x_self_cond is not None:
             x_self_cond = x_self_cond.to(self.dtype)
-        row = self.time_table[k].to(self.dtype)  # [1, D]
+        row = time_row.to(self.dtype)  # [1, D]
         cond = {name: row[:, a:b] for name, (a, b) in self.time_slices.items()}
         model_output = self.network.forward_conditioned(
             x_t.to(self.dtype), cond, x_self_cond
@@ -167,7 +164,7 @@ class StepGraph(nn.Module):
         variance_output = None
         if model_output.shape[1] == 2 * self.channels:
             model_output, variance_output = model_output.chunk(2, dim=1)
-        row = self.table[k].reshape(len(ROW), 1, 1, 1, 1)
+        row = coef_row.reshape(len(ROW), 1, 1, 1, 1)
         c = dict(zip(ROW, row.unbind(0), strict=True))
         x0 = rule.estimate_x0(c["a"], c["b"], x_t, model_output)
         x0 = torch.minimum(torch.maximum(x0, -c["x0_max"]), c["x0_max"])
@@ -181,8 +178,34 @@ class StepGraph(nn.Module):
         else:
             sigma = c["sigma"]
         noisy = rule.add_noise(x_next, c["noise_on"], sigma, noise)
-        x_prev = torch.where(self.adds_noise[k].reshape(1, 1, 1, 1), noisy, x_next)
+        x_prev = torch.where(adds_noise.reshape(1, 1, 1, 1), noisy, x_next)
         return x_prev, x0
+
+
+class StepGraph(StepUpdate):
+    """What a ``step`` file computes: ``StepUpdate`` for step index ``step`` [1] of one chain,
+    its rows gathered from the chain's tables: the float32 ``rule.ROW`` columns (the engine's
+    table) and the time conditioning precomputed for the chain's timesteps
+    (``ddpm_fast.folding.time_conditioning``)."""
+
+    def __init__(
+        self, pipeline: Pipeline, tables: StepTables, spec: SamplerSpec, dtype: str = "fp32"
+    ):
+        network = fold_weights(pipeline.network).to("cpu", torch.float32)
+        conditioning = time_conditioning(network, tables.timesteps)  # before any cast to fp16
+        super().__init__(pipeline, spec, tables.learned, dtype, network)
+        self.register_buffer("time_table", torch.cat(list(conditioning.values()), dim=1))
+        rows = tables.rows(pipeline.diffusion.objective)
+        table = torch.stack([rows[name].to(torch.float64) for name in ROW], dim=1).float()
+        self.register_buffer("table", table)
+        adds_noise = [tables.adds_noise(k) for k in range(len(tables))]
+        self.register_buffer("adds_noise", torch.tensor(adds_noise, dtype=torch.bool))
+
+    def forward(self, x_t, step, noise, *history):
+        k = step.reshape(1)
+        return self.update(
+            x_t, self.time_table[k], self.table[k], self.adds_noise[k], noise, *history
+        )
 
 
 def graph_module(
