@@ -130,10 +130,13 @@ def plan_threads(
     flops_per_sample: float,
     threads: int | None,
     thread_invariant: Callable[[int], bool] | None,
+    split_min_flops: float | None = None,
 ) -> ThreadPlan:
     """The plan for a chain of ``batch`` samples of a network of ``flops_per_sample`` per
     forward. ``thread_invariant(n)``: whether the network gives the same bits on n threads as on
-    one (called only when the answer matters; None: not known yet, as for ``info``)."""
+    one (called only when the answer matters; None: not known yet, as for ``info``).
+    ``split_min_flops``: the size from which a batch is split (default ``SPLIT_MIN_FLOPS``; 0
+    where each step is one call that releases the interpreter lock, as ONNX Runtime's)."""
     pinned = pinned_threads(threads)
     if pinned is not None:
         return ThreadPlan(pinned[0], 1, False, f"pinned by {pinned[1]}")
@@ -141,7 +144,9 @@ def plan_threads(
     if cores == 1:
         return ThreadPlan(1, 1, False, f"1 core: {why}")
     size = f"{flops_per_sample / 1e6:.0f} MFLOP per sample"
-    if batch > 1 and flops_per_sample >= SPLIT_MIN_FLOPS:
+    if split_min_flops is None:
+        split_min_flops = SPLIT_MIN_FLOPS
+    if batch > 1 and flops_per_sample >= split_min_flops:
         return ThreadPlan(1, min(cores, batch), False, f"{cores} cores: {why}; {size}")
     if thread_invariant is None:
         reason = f"{cores} cores: {why}; {size}; adapts if 1 thread keeps the bits (per chain)"
