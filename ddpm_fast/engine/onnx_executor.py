@@ -34,7 +34,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..folding import fold_weights, time_conditioning
-from ..noise import keyed_noise
+from ..noise import keyed_noise_steps
 from ..options import CPU_EXECUTORS
 from ..samplers import ROW, SamplerSpec, StepTables
 from ..version import __version__
@@ -45,6 +45,8 @@ log = logging.getLogger("ddpm_fast.engine")
 
 EXECUTOR_ENV = "DDPM_FAST_CPU_EXECUTOR"  # the default where the caller gives none
 OPSET = 17
+NOISE_BLOCK_STEPS = 50
+NOISE_BLOCK_VALUES = 2**22  # 16 MiB of float32 per draw
 FILE_FORMAT = "row-step-1"  # bump when the graph's inputs or outputs change
 INSTALL_HINT = "pip install 'ddpm-fast[onnx]'"
 
@@ -257,14 +259,35 @@ class OrtChain:
         state = np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.float32)
         x0 = np.zeros_like(state)
         zeros = np.zeros_like(state)
+        noise = _NoiseBlocks(seed, indices, tuple(x.shape[1:]), self.noise_on)
         for k in range(self.steps):
-            z = zeros
-            if self.noise_on[k]:
-                z = keyed_noise(seed, indices, k + 1, tuple(x.shape[1:])).numpy()
+            z = noise.of_step(k) if self.noise_on[k] else zeros
             session = self.session(image_hw, torch.get_num_threads())
             state, x0 = session.run(None, self._feeds(state, x0, z, k))
             on_step(k + 1)
         return torch.from_numpy(state)
+
+
+class _NoiseBlocks:
+    """The chain's noise (``keyed_noise_steps``, the same numbers as every path) drawn for up to
+    ``NOISE_BLOCK_STEPS`` steps at once, at most ``NOISE_BLOCK_VALUES`` values per draw: one
+    draw costs about a millisecond of PyTorch calls whatever its size, as much as the digits
+    model's whole step on ONNX Runtime."""
+
+    def __init__(self, seed: int, indices: range, shape: tuple[int, ...], noise_on: np.ndarray):
+        self.seed, self.indices, self.shape, self.noise_on = seed, indices, shape, noise_on
+        per_step = len(indices) * int(np.prod(shape))
+        self.count = max(1, min(NOISE_BLOCK_STEPS, NOISE_BLOCK_VALUES // per_step))
+        self.first, self.block = 0, None
+
+    def of_step(self, k: int) -> np.ndarray:
+        """The noise of chain step k (reverse step k + 1; step 0 is x_T)."""
+        if self.block is None or not self.first <= k < self.first + len(self.block):
+            count = min(self.count, len(self.noise_on) - k)
+            block = keyed_noise_steps(self.seed, self.indices, k + 1, count, self.shape)
+            self.block = block.transpose(0, 1).contiguous().numpy()  # [count, B, ...]
+            self.first = k
+        return self.block[k - self.first]
 
 
 def _open(path: Path, threads: int):
