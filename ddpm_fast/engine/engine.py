@@ -272,16 +272,18 @@ class Engine(Pipeline):
             for prepared in reversed(self._chains.values()):
                 if tuple(shape) in prepared.thread_plans:
                     return prepared.thread_plans[tuple(shape)]
+        # ONNX Runtime releases the interpreter lock for the whole step: any batch splits, and
+        # the network's size (a counted forward: seconds, cold) is not needed.
+        on_ort = self.executor()[0] == "onnxruntime"
         sample = tuple(shape[1:])
-        if sample not in self._flops_per_sample:
+        if sample not in self._flops_per_sample and not on_ort:
             self._flops_per_sample[sample] = forward_flops(self.network, sample)
         return plan_threads(
             batch=shape[0],
-            flops_per_sample=self._flops_per_sample[sample],
+            flops_per_sample=self._flops_per_sample.get(sample),
             threads=self.threads,
             thread_invariant=None if chain is None else lambda n: chain.thread_invariant(shape, n),
-            # ONNX Runtime releases the interpreter lock for the whole step: any batch splits.
-            split_min_flops=0 if self.executor()[0] == "onnxruntime" else None,
+            split_min_flops=0 if on_ort else None,
         )
 
     def _run_on_cpu(self, chain, x, keys, seed, indices, on_step) -> torch.Tensor:

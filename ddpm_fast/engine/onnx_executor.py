@@ -131,12 +131,18 @@ def file_key(pipeline, image_hw: tuple[int, int], learned: bool, carries_x0_prev
 
 
 def export_step_file(
-    pipeline, spec: SamplerSpec, learned: bool, image_hw: tuple[int, int], path: Path
+    pipeline,
+    spec: SamplerSpec,
+    learned: bool,
+    image_hw: tuple[int, int],
+    path: Path,
+    folded: nn.Module | None = None,
 ) -> None:
-    """Write the step graph for images of ``image_hw`` to ``path`` (atomically)."""
+    """Write the step graph for images of ``image_hw`` to ``path`` (atomically); ``folded``:
+    the pipeline's network folded already (``fold_weights``), else folded here."""
     from ..export.exporter import StepUpdate
 
-    update = StepUpdate(pipeline, spec, learned).eval()
+    update = StepUpdate(pipeline, spec, learned, network=folded).eval()
     width = sum(b - a for a, b in update.time_slices.values())
     generator = torch.Generator().manual_seed(0)
     shape = (2, pipeline.config.channels, *image_hw)
@@ -189,7 +195,9 @@ class OrtChain:
         self.carries_x0_prev = spec.carries_x0_prev
         self.self_condition = engine.config.self_condition
         self.noise_on = np.array([tables.adds_noise(k) for k in range(self.steps)], dtype=bool)
-        conditioning = time_conditioning(fold_weights(engine.network), tables.timesteps)
+        # The file's network: kept until the chain's first session is open (an export needs it).
+        self._folded = fold_weights(engine.network).to("cpu", torch.float32)
+        conditioning = time_conditioning(self._folded, tables.timesteps)
         self.time_table = torch.cat(list(conditioning.values()), dim=1).numpy()
         table = coefficient_table(tables, spec, engine.diffusion.objective)
         self.coeffs = np.ascontiguousarray(table.numpy())
@@ -207,7 +215,9 @@ class OrtChain:
             path = cache_dir() / "onnx-steps" / f"step-{key}.onnx"
             if not path.is_file():
                 log.info("exporting the engine's CPU step to %s (once per model)", path)
-                export_step_file(self._engine, self._spec, self.learned, image_hw, path)
+                export_step_file(
+                    self._engine, self._spec, self.learned, image_hw, path, self._folded
+                )
             self._paths[image_hw] = path
         return self._paths[image_hw]
 
@@ -221,8 +231,11 @@ class OrtChain:
                     self._sessions[key] = _open(path, threads)
                 except Exception as error:  # a damaged cache entry: export it again, once
                     log.warning("%s does not load (%s); exporting it again", path, error)
-                    export_step_file(self._engine, self._spec, self.learned, image_hw, path)
+                    export_step_file(
+                        self._engine, self._spec, self.learned, image_hw, path, self._folded
+                    )
                     self._sessions[key] = _open(path, threads)
+                self._folded = None
         return self._sessions[key]
 
     def thread_invariant(self, shape: tuple[int, ...], threads: int) -> bool:
