@@ -33,7 +33,6 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from ..folding import fold_weights, time_conditioning
 from ..noise import keyed_noise_steps
 from ..options import CPU_EXECUTORS
 from ..samplers import ROW, SamplerSpec, StepTables
@@ -47,7 +46,7 @@ EXECUTOR_ENV = "DDPM_FAST_CPU_EXECUTOR"  # the default where the caller gives no
 OPSET = 17
 NOISE_BLOCK_STEPS = 50
 NOISE_BLOCK_VALUES = 2**22  # 16 MiB of float32 per draw
-FILE_FORMAT = "row-step-1"  # bump when the graph's inputs or outputs change
+FILE_FORMAT = "row-step-2"  # bump when the graph's inputs or outputs change
 INSTALL_HINT = "pip install 'ddpm-fast[onnx]'"
 
 
@@ -93,18 +92,22 @@ def resolve_executor(requested: str, dtype: torch.dtype) -> tuple[str, str]:
 
 
 class _RowStep(nn.Module):
-    """The exported graph: ``StepUpdate.update`` with its rows as inputs."""
+    """The exported graph: ``StepUpdate.update`` with the step's timestep and coefficient row as
+    inputs. The time conditioning is computed in the graph (a small MLP on one timestep), so a
+    run that finds the file needs no folded network and no time table."""
 
     def __init__(self, update: nn.Module):
         super().__init__()
         self.step = update
 
-    def forward(self, x_t, time_row, coef_row, adds_noise, noise, *history):
+    def forward(self, x_t, t, coef_row, adds_noise, noise, *history):
+        conditioning = self.step.network.time_conditioning(t)
+        time_row = torch.cat([c.float() for c in conditioning.values()], dim=1)
         return self.step.update(x_t, time_row, coef_row, adds_noise, noise, *history)
 
 
 def input_names(carries_x0_prev: bool, self_condition: bool) -> list[str]:
-    names = ["x_t", "time_row", "coef_row", "adds_noise", "noise"]
+    names = ["x_t", "t", "coef_row", "adds_noise", "noise"]
     if carries_x0_prev:
         names.append("x0_prev")
     if self_condition:
@@ -131,31 +134,24 @@ def file_key(pipeline, image_hw: tuple[int, int], learned: bool, carries_x0_prev
 
 
 def export_step_file(
-    pipeline,
-    spec: SamplerSpec,
-    learned: bool,
-    image_hw: tuple[int, int],
-    path: Path,
-    folded: nn.Module | None = None,
+    pipeline, spec: SamplerSpec, learned: bool, image_hw: tuple[int, int], path: Path
 ) -> None:
-    """Write the step graph for images of ``image_hw`` to ``path`` (atomically); ``folded``:
-    the pipeline's network folded already (``fold_weights``), else folded here."""
+    """Write the step graph for images of ``image_hw`` to ``path`` (atomically)."""
     from ..export.exporter import StepUpdate
 
-    update = StepUpdate(pipeline, spec, learned, network=folded).eval()
-    width = sum(b - a for a, b in update.time_slices.values())
+    update = StepUpdate(pipeline, spec, learned).eval()
     generator = torch.Generator().manual_seed(0)
     shape = (2, pipeline.config.channels, *image_hw)
     inputs = [
         torch.randn(shape, generator=generator),
-        torch.randn(1, width, generator=generator),
+        torch.full((1,), 7, dtype=torch.long),
         torch.rand(len(ROW), generator=generator),
         torch.ones(1, dtype=torch.bool),
         torch.randn(shape, generator=generator),
     ]
     names = input_names(spec.carries_x0_prev, pipeline.config.self_condition)
     inputs += [torch.rand(shape, generator=generator) * 2 - 1 for _ in names[len(inputs) :]]
-    rows = ("time_row", "coef_row", "adds_noise")
+    rows = ("t", "coef_row", "adds_noise")
     batched = [n for n in (*names, "x_prev", "x0") if n not in rows]
     kwargs = {}
     if "dynamo" in inspect.signature(torch.onnx.export).parameters:  # torch >= 2.5
@@ -195,10 +191,7 @@ class OrtChain:
         self.carries_x0_prev = spec.carries_x0_prev
         self.self_condition = engine.config.self_condition
         self.noise_on = np.array([tables.adds_noise(k) for k in range(self.steps)], dtype=bool)
-        # The file's network: kept until the chain's first session is open (an export needs it).
-        self._folded = fold_weights(engine.network).to("cpu", torch.float32)
-        conditioning = time_conditioning(self._folded, tables.timesteps)
-        self.time_table = torch.cat(list(conditioning.values()), dim=1).numpy()
+        self.timesteps = np.asarray(tables.timesteps, dtype=np.int64)
         table = coefficient_table(tables, spec, engine.diffusion.objective)
         self.coeffs = np.ascontiguousarray(table.numpy())
         self._engine, self._spec = engine, spec
@@ -215,9 +208,7 @@ class OrtChain:
             path = cache_dir() / "onnx-steps" / f"step-{key}.onnx"
             if not path.is_file():
                 log.info("exporting the engine's CPU step to %s (once per model)", path)
-                export_step_file(
-                    self._engine, self._spec, self.learned, image_hw, path, self._folded
-                )
+                export_step_file(self._engine, self._spec, self.learned, image_hw, path)
             self._paths[image_hw] = path
         return self._paths[image_hw]
 
@@ -231,11 +222,8 @@ class OrtChain:
                     self._sessions[key] = _open(path, threads)
                 except Exception as error:  # a damaged cache entry: export it again, once
                     log.warning("%s does not load (%s); exporting it again", path, error)
-                    export_step_file(
-                        self._engine, self._spec, self.learned, image_hw, path, self._folded
-                    )
+                    export_step_file(self._engine, self._spec, self.learned, image_hw, path)
                     self._sessions[key] = _open(path, threads)
-                self._folded = None
         return self._sessions[key]
 
     def thread_invariant(self, shape: tuple[int, ...], threads: int) -> bool:
@@ -254,7 +242,7 @@ class OrtChain:
     def _feeds(self, x: np.ndarray, x0: np.ndarray, z: np.ndarray, k: int) -> dict:
         feeds = {
             "x_t": x,
-            "time_row": self.time_table[k : k + 1],
+            "t": self.timesteps[k : k + 1],
             "coef_row": self.coeffs[k],
             "adds_noise": self.noise_on[k : k + 1],
             "noise": z,
