@@ -369,7 +369,7 @@ def _pipeline_from_library(ckpt: Checkpoint, unet_options: dict, options: dict) 
     refuses = getattr(fam, "gaussian_diffusion_refuses", None)
     why = refuses(config) if refuses and ckpt.format in ("diffusion", "trainer") else None
     if why:
-        raise CheckpointError(f"{ckpt.path}: {FORMAT_NAMES[ckpt.format]} {why}")
+        raise CheckpointError(f"{ckpt.path}: looks like {FORMAT_NAMES[ckpt.format]}, but {why}")
     network = build_network(ckpt.path, fam, config, weights)
 
     notes = [f"read as {FORMAT_NAMES[ckpt.format]} ({fam.FAMILY})", *ckpt.notes]

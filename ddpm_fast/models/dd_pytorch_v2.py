@@ -484,7 +484,7 @@ def gaussian_diffusion_refuses(config: UnetConfig) -> str | None:
     if not config.learned_sinusoidal_cond and not config.random_fourier_features:
         return None
     return (
-        "whose network has random or learned Fourier time features (time_mlp.0.weights): "
+        "its network has random or learned Fourier time features (time_mlp.0.weights): "
         f"denoising-diffusion-pytorch {LIBRARY_VERSION}'s GaussianDiffusion refuses such a "
         "network, so it comes from a continuous-time class (ContinuousTimeGaussianDiffusion, "
         "VParamContinuousTimeGaussianDiffusion), which ddpm-fast does not sample"
