@@ -32,6 +32,7 @@ import argparse
 import contextlib
 import dataclasses
 import datetime
+import importlib.metadata
 import json
 import os
 import platform
@@ -402,6 +403,10 @@ def machine(device: str) -> dict:
             info[package] = __import__(package).__version__
         except ImportError:
             info[package] = None
+    try:  # read from its metadata: importing diffusers takes seconds
+        info["diffusers"] = importlib.metadata.version("diffusers")
+    except importlib.metadata.PackageNotFoundError:
+        info["diffusers"] = None
     if device.startswith("cuda"):
         info["gpu"] = torch.cuda.get_device_name(torch.device(device))
         info["cuda"] = torch.version.cuda
@@ -562,7 +567,8 @@ def markdown(report: dict) -> str:
         f"- machine: {m.get('gpu') or m['cpu']}, {m['cores']} cores "
         f"({m['torch_threads']} torch threads), device {m['device']}",
         f"- versions: torch {m['torch']}, triton {m['triton']}, onnxruntime {m['onnxruntime']}, "
-        f"ddpm-fast {m['ddpm_fast']}, python {m['python']}",
+        f"ddpm-fast {m['ddpm_fast']}, python {m['python']}"
+        + (f", diffusers {m['diffusers']}" if m.get("diffusers") else ""),
         f"- model: {report['model']}, images {report['image_shape']}, "
         f"{report['parameters'] / 1e6:.1f}M parameters "
         f"({results[0]['weight_mb']:.0f} MiB of fp32 weights)"

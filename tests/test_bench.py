@@ -53,7 +53,7 @@ def test_every_backend_and_batch_is_measured(report):
 def test_the_report_says_where_it_ran(report):
     _, markdown, data = report
     machine = data["machine"]
-    for key in ("date", "torch", "triton", "onnxruntime", "cores", "cpu", "command"):
+    for key in ("date", "torch", "triton", "onnxruntime", "diffusers", "cores", "cpu", "command"):
         assert key in machine
     assert data["ceiling_flops"]["fp32"] > 1e8
     assert "| backend | dtype | batch |" in markdown and "| engine | fp32 | 3 |" in markdown
@@ -350,6 +350,8 @@ def test_the_diffusers_backend_is_timed_like_the_others(tmp_path):
     bench.main(args)
     data = json.loads((tmp_path / "run.json").read_text())
     assert [r["backend"] for r in data["results"]] == ["reference", "diffusers"]
+    assert data["machine"]["diffusers"] == "0.42.1"  # the pinned version, in the report
+    assert "diffusers 0.42.1" in (tmp_path / "run.md").read_text()
     (r,) = [r for r in data["results"] if r["backend"] == "diffusers"]
     assert r["dtype"] == "fp32" and r["batch"] == 2 and r["ms_per_step"] > 0
     assert r["vs_reference"] > 0 and "PyTorch threads" in r["threads"]
