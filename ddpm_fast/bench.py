@@ -665,7 +665,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=["reference", "engine"],
         choices=BACKENDS,
         metavar="BACKEND",
-        help=f"any of {', '.join(BACKENDS)} (default: reference engine)",
+        help=f"any of {', '.join(BACKENDS)} (default: reference engine); diffusers: "
+        "diffusers' own DDPMPipeline on a diffusers-unet2d model (pip install "
+        "'ddpm-fast[bench]')",
     )
     parser.add_argument("--steps", type=int, default=10, help="chain steps per measurement")
     parser.add_argument(
