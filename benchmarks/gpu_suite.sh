@@ -18,12 +18,18 @@
 #   sampler-steps     100-step chains at batch 1 and 64: the reference, the engine with and
 #                     without CUDA graphs, bf16 and fp32 (ms per step)
 #   sampler-compile   torch.compile reduce-overhead beside the reference and the engine (fp32)
+#   sampler-ddpm-cifar10, sampler-dd2-cifar10
+#                     the other families' CIFAR-10 networks (bench's ddpm-cifar10: diffusers'
+#                     UNet2DModel; dd2-cifar10: denoising-diffusion-pytorch 2.x), 100-step chains
+#                     at batch 1: the engine in bf16 and fp32, the reference, and ONNX Runtime
+#                     where onnxruntime-gpu is installed (no diffusers: nothing new to install)
 #   sampler-onnx      ONNX Runtime's CUDA provider, where onnxruntime-gpu is installed
 #   sampler-torchrun  `ddpm-fast sample` in 1 process and 2 under torchrun (same bytes), on 2+ GPUs
 #   sampler-autotune  torch.compile max-autotune at batch 1 (last: its compile is the longest)
 # A stage over its limit gets SIGINT, then SIGKILL after a grace period: pytest-benchmark writes
 # its JSON on SIGINT and the sampler benchmark saves after every cell, so a stage cut short keeps
-# what it finished. The limits plus the graces plus the preflight stay under 8 minutes (--quick: 3).
+# what it finished. The limits plus the graces plus the preflight stay under 8 minutes on one GPU
+# without onnxruntime-gpu, the lent machine (--quick: 3).
 # stages.txt says how each stage ended; the last lines printed are the tables.
 #
 # Files in $OUT: preflight.txt, machine.txt, stages.txt, gpu-tests.txt, kernels.json,
@@ -171,8 +177,12 @@ fi
 sampler=("$PYTHON" benchmarks/sampler.py "$MODEL" --device "$DEVICE" --out "$OUT")
 
 # Limits and graces (s). Full: 30 (preflight) + (70+5) + (100+5) + (50+10) + (40+5) + (55+5)
-# + (25+5) + (20+5, two GPUs only) + (40+5) = 475 s; --quick: 30 + (70+5) + (35+5) + (20+10)
-# = 175 s.
+# + 2 x (25+5) (the two models) + (25+5, onnxruntime-gpu only) + (20+5, two GPUs only) + (40+5)
+# = 535 s at most; 480 s on one GPU without onnxruntime-gpu (the lent H200: those two stages
+# skip); --quick: 30 + (70+5) + (35+5) + (20+10) = 175 s. The two models' stages take one batch
+# (1) and 100 steps: their cells are the engine's new mappings (cold Triton compiles for their
+# shapes and dtypes) and a reference of the same size as the headline's; a stage cut keeps the
+# cells it saved (the engine's first).
 # gpu-tests: 57 tests = 51 compiled-kernel cases + 6 engine tests. Counted from the tests, the
 # kernel cases make at most 246 launches (group_norm 18 cases x 2 feature sets x 2 splits x <= 2
 # kernels, channel_norm 15 x 2, linear_attention 18 x 2 x 2), each a possible cold compile; cases
@@ -256,7 +266,27 @@ if [[ $QUICK == 0 ]]; then
         --name sampler-compile --batch 1 "$BIG_BATCH" --steps "$STEPS" --repeats 2 \
         --dtype fp32 --backends reference engine compile-reduce-overhead
 
+    ort_cuda=0
     if "$PYTHON" -c 'import onnxruntime, sys; sys.exit("CUDAExecutionProvider" not in onnxruntime.get_available_providers())' 2>/dev/null; then
+        ort_cuda=1
+    fi
+
+    # The other families: diffusers' UNet2DModel (google/ddpm-cifar10-32's) and 2.x, one batch.
+    if [[ $DEVICE == cuda ]]; then
+        model_dtypes=(bf16 fp32)
+    else  # the dry run: fp32 only (bf16 convolutions of a 35.7M network are slow on a CPU)
+        model_dtypes=(fp32)
+    fi
+    model_backends=(reference engine)
+    if [[ $ort_cuda == 1 ]]; then model_backends+=(onnxruntime); fi
+    for model in ddpm-cifar10 dd2-cifar10; do
+        stage "sampler-$model" 25 5 "$OUT/sampler-$model.txt" "$PYTHON" benchmarks/sampler.py \
+            "$model" --device "$DEVICE" --out "$OUT" --name "sampler-$model" --batch 1 \
+            --steps "$STEPS" --repeats 2 --dtype "${model_dtypes[@]}" \
+            --backends "${model_backends[@]}"
+    done
+
+    if [[ $ort_cuda == 1 ]]; then
         stage sampler-onnx 25 5 "$OUT/sampler-onnx.txt" "${sampler[@]}" \
             --name sampler-onnx --batch 1 "$BIG_BATCH" --steps "$STEPS" --repeats 2 \
             --backends reference engine onnxruntime
@@ -286,8 +316,8 @@ fi
 echo
 echo "== results in $OUT ($mode, $((SECONDS - started)) s)"
 cat "$OUT/stages.txt"
-for table in sampler-headline sampler-steps sampler-compile sampler-onnx sampler-torchrun \
-    sampler-autotune; do
+for table in sampler-headline sampler-steps sampler-compile sampler-ddpm-cifar10 \
+    sampler-dd2-cifar10 sampler-onnx sampler-torchrun sampler-autotune; do
     if [[ -f "$OUT/$table.md" ]]; then
         echo "-- $table"
         grep '^|' "$OUT/$table.md"

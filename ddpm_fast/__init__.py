@@ -51,7 +51,7 @@ def load(path: str | os.PathLike | None = None, **options) -> Pipeline:
 
     Options: ``use_ema`` (Trainer checkpoints, default True), ``device``, and what the file may not
     say: ``image_size``, ``beta_schedule``, ``timesteps``, ``schedule_kwargs``, ``objective``,
-    ``variance``, ``channels``, ``self_condition``, ``learned_variance``,
+    ``variance``, ``auto_normalize``, ``channels``, ``self_condition``, ``learned_variance``,
     ``resnet_block_groups``, ``attn_heads``.
     """
     if path is None:

@@ -18,16 +18,21 @@ processes beside it (``BusyProcesses``), and the report adds the loaded/quiet ra
 also says how each backend used the cores. A report never overwrites an earlier one of the same day
 (``unused_name``).
 
-Models: the seed's CIFAR-10 U-Net (dim 64, dim_mults 1, 2, 4, 8: 35.7M parameters) at 32 x 32, the
-same network at 64 x 64 and 128 x 128, default-initialised (time does not depend on the weights), or
-a checkpoint.
+Models (``MODELS``; random weights, seeded: time does not depend on them): the seed's CIFAR-10
+U-Net (denoising-diffusion-pytorch 1.x, dim 64, dim_mults 1, 2, 4, 8: 35.7M parameters) at 32 x 32,
+64 x 64 and 128 x 128; ``ddpm-cifar10``, the DDPM paper's CIFAR-10 network as diffusers' UNet2DModel
+(google/ddpm-cifar10-32's config and scheduler, 35.7M parameters); ``dd2-cifar10``, a
+denoising-diffusion-pytorch 2.x Unet of the same widths; or a checkpoint. ``--backends diffusers``
+runs diffusers' own DDPMPipeline on a diffusers-unet2d model (the ``bench`` extra).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import datetime
+import importlib.metadata
 import json
 import os
 import platform
@@ -47,12 +52,75 @@ from .engine import DTYPES, Engine
 from .errors import ConfigError
 from .flops import forward_flops
 from .machine import cpu_model
-from .models.dd_pytorch_v1 import Unet, UnetConfig
+from .models import dd_pytorch_v1, dd_pytorch_v2, diffusers_unet2d
 from .options import SAMPLERS
 from .pipeline import DiffusionConfig, Pipeline
 from .version import __version__
 
-MODELS = {"cifar10": 32, "cifar10-64": 64, "cifar10-128": 128}
+# google/ddpm-cifar10-32 (the DDPM paper's CIFAR-10 model as diffusers converted it): its unet's
+# config.json and its scheduler_config.json, less bookkeeping fields.
+DDPM_CIFAR10_UNET = {
+    "_class_name": "UNet2DModel",
+    "sample_size": 32,
+    "in_channels": 3,
+    "out_channels": 3,
+    "act_fn": "silu",
+    "attention_head_dim": None,
+    "block_out_channels": [128, 256, 256, 256],
+    "center_input_sample": False,
+    "down_block_types": ["DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"],
+    "up_block_types": ["UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"],
+    "downsample_padding": 0,
+    "flip_sin_to_cos": False,
+    "freq_shift": 1,
+    "layers_per_block": 2,
+    "mid_block_scale_factor": 1,
+    "norm_eps": 1e-06,
+    "norm_num_groups": 32,
+    "time_embedding_type": "positional",
+}
+DDPM_CIFAR10_SCHEDULER = {
+    "_class_name": "DDPMScheduler",
+    "beta_end": 0.02,
+    "beta_schedule": "linear",
+    "beta_start": 0.0001,
+    "clip_sample": True,
+    "num_train_timesteps": 1000,
+    "trained_betas": None,
+    "variance_type": "fixed_large",
+}
+
+
+def _dd1_cifar10(size: int) -> Pipeline:
+    network = dd_pytorch_v1.Unet(dd_pytorch_v1.UnetConfig(dim=64, dim_mults=(1, 2, 4, 8)))
+    return Pipeline(network, DiffusionConfig(image_size=size), source=f"cifar10 ({size} px)")
+
+
+def _ddpm_cifar10() -> Pipeline:
+    from .diffusers_folder import schedule_from_scheduler
+
+    config = diffusers_unet2d.UnetConfig.from_diffusers(DDPM_CIFAR10_UNET)
+    diffusion, _ = schedule_from_scheduler("ddpm-cifar10", DDPM_CIFAR10_SCHEDULER)
+    diffusion = dataclasses.replace(diffusion, image_size=DDPM_CIFAR10_UNET["sample_size"])
+    source = "ddpm-cifar10 (google/ddpm-cifar10-32's architecture, random weights)"
+    return Pipeline(diffusers_unet2d.Unet(config), diffusion, source=source)
+
+
+def _dd2_cifar10() -> Pipeline:
+    # Unet(dim=64, dim_mults=(1, 2, 4, 8), flash_attn=False): full attention at the last stage
+    # (2.x's default); GaussianDiffusion's defaults (sigmoid schedule, pred_v) at 32 px.
+    network = dd_pytorch_v2.Unet(dd_pytorch_v2.UnetConfig(dim=64, dim_mults=(1, 2, 4, 8)))
+    return Pipeline(network, DiffusionConfig(image_size=32), source="dd2-cifar10 (32 px)")
+
+
+# name -> (what it is, its pipeline). Weights are random (seed 0): time does not depend on them.
+MODELS = {
+    "cifar10": ("the seed's 1.x CIFAR-10 U-Net, 32 px", lambda: _dd1_cifar10(32)),
+    "cifar10-64": ("the same at 64 px", lambda: _dd1_cifar10(64)),
+    "cifar10-128": ("the same at 128 px", lambda: _dd1_cifar10(128)),
+    "ddpm-cifar10": ("google/ddpm-cifar10-32's UNet2DModel and scheduler", _ddpm_cifar10),
+    "dd2-cifar10": ("a denoising-diffusion-pytorch 2.x Unet, dim 64, 32 px", _dd2_cifar10),
+}
 BACKENDS = (
     "reference",
     "compile",
@@ -62,19 +130,19 @@ BACKENDS = (
     "engine-eager",
     "engine-torch",
     "onnxruntime",
+    "diffusers",
 )
 
 
 def model_pipeline(model: str) -> Pipeline:
-    """A named configuration (default-initialised, seed 0), "default" (the embedded model) or a
-    checkpoint path."""
+    """A named configuration of ``MODELS`` (random weights, seed 0, the same every call),
+    "default" (the embedded model) or a checkpoint path."""
     if model == "default":
         return load()
     if model in MODELS:
-        torch.manual_seed(0)
-        network = Unet(UnetConfig(dim=64, dim_mults=(1, 2, 4, 8)))
-        diffusion = DiffusionConfig(image_size=MODELS[model])
-        return Pipeline(network, diffusion, source=f"{model} configuration")
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            return MODELS[model][1]()
     return load(model)
 
 
@@ -99,6 +167,85 @@ class OnnxBackend:
         return self.samplers[sampler, steps].sample(num, batch_size=batch_size, seed=seed)
 
 
+class DiffusersBackend:
+    """``sample`` through diffusers' own DDPMPipeline (its ``unet`` + ``scheduler.step`` loop):
+    its UNet2DModel built from the network's config holding the same weights, its DDPMScheduler
+    from the same schedule, objective and variance, fp32. Only diffusers-unet2d models."""
+
+    def __init__(self, pipeline: Pipeline, device: str):
+        diffusers = import_diffusers()
+        check_diffusers_model(pipeline)
+        unet = diffusers.UNet2DModel(**diffusers_unet_config(pipeline))
+        unet.load_state_dict(pipeline.network.state_dict(), strict=True)
+        scheduler = diffusers.DDPMScheduler(**ddpm_scheduler_config(pipeline.diffusion))
+        self.pipeline = diffusers.DDPMPipeline(unet=unet.eval(), scheduler=scheduler)
+        self.pipeline.to(device)
+        self.pipeline.set_progress_bar_config(disable=True)
+        self.device = device
+
+    def sample(self, num, *, batch_size, steps, seed, device, sampler="ddpm"):
+        if sampler != "ddpm":
+            raise ConfigError(
+                f"the diffusers backend runs DDPMPipeline: --sampler ddpm, not {sampler}"
+            )
+        if batch_size != num:
+            raise ConfigError("the diffusers backend samples one batch (batch_size = num)")
+        generator = torch.Generator(device).manual_seed(seed)
+        return self.pipeline(
+            batch_size=num, generator=generator, num_inference_steps=steps, output_type="pt"
+        ).images
+
+
+def import_diffusers():
+    """The diffusers module, or one ConfigError naming the extra that installs it."""
+    try:
+        import diffusers
+    except ImportError:
+        raise ConfigError(
+            "the diffusers backend needs diffusers: pip install 'ddpm-fast[bench]'"
+        ) from None
+    return diffusers
+
+
+def check_diffusers_model(pipeline: Pipeline) -> None:
+    if pipeline.config.family != diffusers_unet2d.FAMILY:
+        raise ConfigError(
+            f"the diffusers backend runs {diffusers_unet2d.FAMILY} models (ddpm-cifar10, a "
+            f"diffusers folder), not {pipeline.config.family}"
+        )
+
+
+def diffusers_unet_config(pipeline: Pipeline) -> dict:
+    """UNet2DModel's constructor arguments for the network (its config fields are diffusers')."""
+    config = pipeline.config.to_dict()
+    for derived in ("family", "channels", "self_condition"):
+        config.pop(derived)
+    return {**config, "sample_size": pipeline.image_shape()[-1]}
+
+
+def ddpm_scheduler_config(diffusion: DiffusionConfig) -> dict:
+    """DDPMScheduler's arguments for ``diffusion``: the inverse of the folder reader's mapping
+    (``ddpm_fast.diffusers_folder``); a ConfigError for a schedule diffusers does not have."""
+    from .diffusers_folder import BETA_SCHEDULES, PREDICTIONS
+
+    schedule = diffusion.schedule
+    config = {
+        "num_train_timesteps": schedule.timesteps,
+        "prediction_type": {v: k for k, v in PREDICTIONS.items()}[diffusion.objective],
+        "variance_type": diffusion.variance,  # fixed_small, fixed_large, learned_range alike
+        "clip_sample": True,
+    }
+    names = {v: k for k, v in BETA_SCHEDULES.items()}
+    if schedule.name == "trained":
+        return {**config, "trained_betas": list(schedule.kwargs["betas"])}
+    if schedule.name not in names:
+        raise ConfigError(
+            f"the diffusers backend needs a diffusers beta schedule ({', '.join(names)}), "
+            f"not {schedule.name}"
+        )
+    return {**config, "beta_schedule": names[schedule.name], **schedule.kwargs}
+
+
 def make_backend(
     name: str,
     pipeline: Pipeline,
@@ -121,6 +268,8 @@ def make_backend(
         )
     if name == "onnxruntime":
         return OnnxBackend(pipeline, device, workdir)
+    if name == "diffusers":
+        return DiffusersBackend(pipeline, device)
     raise ValueError(f"unknown backend {name!r}; known: {', '.join(BACKENDS)}")
 
 
@@ -258,6 +407,10 @@ def machine(device: str) -> dict:
             info[package] = __import__(package).__version__
         except ImportError:
             info[package] = None
+    try:  # read from its metadata: importing diffusers takes seconds
+        info["diffusers"] = importlib.metadata.version("diffusers")
+    except importlib.metadata.PackageNotFoundError:
+        info["diffusers"] = None
     if device.startswith("cuda"):
         info["gpu"] = torch.cuda.get_device_name(torch.device(device))
         info["cuda"] = torch.version.cuda
@@ -286,6 +439,12 @@ def run(args: argparse.Namespace, save=None) -> dict:
     """Measure every (batch, dtype, backend) cell; ``save(report)`` after each cell, so that a
     run cut short (a time limit, Ctrl-C) keeps every cell it finished."""
     pipeline = model_pipeline(args.model)
+    if "diffusers" in args.backends:  # before any cell: a long run does not end in this error
+        import_diffusers()
+        check_diffusers_model(pipeline)
+        ddpm_scheduler_config(pipeline.diffusion)
+        if args.sampler != "ddpm":
+            raise ConfigError("the diffusers backend runs DDPMPipeline: --sampler ddpm only")
     with tempfile.TemporaryDirectory(prefix="ddpm-fast-bench-") as workdir:
         return _run(args, pipeline, Path(workdir), save)
 
@@ -413,7 +572,8 @@ def markdown(report: dict) -> str:
         f"- machine: {m.get('gpu') or m['cpu']}, {m['cores']} cores "
         f"({m['torch_threads']} torch threads), device {m['device']}",
         f"- versions: torch {m['torch']}, triton {m['triton']}, onnxruntime {m['onnxruntime']}, "
-        f"ddpm-fast {m['ddpm_fast']}, python {m['python']}",
+        f"ddpm-fast {m['ddpm_fast']}, python {m['python']}"
+        + (f", diffusers {m['diffusers']}" if m.get("diffusers") else ""),
         f"- model: {report['model']}, images {report['image_shape']}, "
         f"{report['parameters'] / 1e6:.1f}M parameters "
         f"({results[0]['weight_mb']:.0f} MiB of fp32 weights)"
@@ -498,8 +658,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "model",
         nargs="?",
         default="cifar10",
-        help=f"{', '.join(MODELS)} (default-initialised), 'default' (the embedded model) or a "
-        "checkpoint file (default: cifar10)",
+        help="; ".join(f"{name}: {what}" for name, (what, _) in MODELS.items())
+        + " (random weights, seed 0); 'default' (the embedded model) or a checkpoint file or "
+        "folder (default: cifar10)",
     )
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--dtype", nargs="+", default=["fp32"], choices=list(DTYPES))
@@ -509,7 +670,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=["reference", "engine"],
         choices=BACKENDS,
         metavar="BACKEND",
-        help=f"any of {', '.join(BACKENDS)} (default: reference engine)",
+        help=f"any of {', '.join(BACKENDS)} (default: reference engine); diffusers: "
+        "diffusers' own DDPMPipeline on a diffusers-unet2d model (pip install "
+        "'ddpm-fast[bench]')",
     )
     parser.add_argument("--steps", type=int, default=10, help="chain steps per measurement")
     parser.add_argument(

@@ -44,6 +44,7 @@ DIFFUSION_OPTIONS = (
     "schedule_kwargs",
     "objective",
     "variance",
+    "auto_normalize",
 )
 # denoising-diffusion-pytorch 1.6.4 (the version the fixtures pin) when a file does not say.
 LIBRARY_DEFAULT_OBJECTIVE = "pred_v"
@@ -306,25 +307,29 @@ def _resolve_schedule(ckpt: Checkpoint, options: dict) -> ScheduleConfig:
     )
 
 
-def _objective_from_loss_weight(buffers: dict, schedule: Schedule) -> str | None:
-    """GaussianDiffusion >= 1.5 stores a loss weight that depends on the objective."""
+def _read_loss_weight(buffers: dict, schedule: Schedule) -> tuple[str, float | None] | None:
+    """(objective, min_snr_gamma) from the loss weight GaussianDiffusion >= 1.5 stores:
+    min(snr, gamma) / snr (pred_noise), min(snr, gamma) (pred_x0) or min(snr, gamma) / (snr + 1)
+    (pred_v), gamma = infinity (None here) unless it trained with min_snr_loss_weight. None where
+    the buffer is absent or none of these."""
     stored = buffers.get("loss_weight")
-    if stored is None:
-        return None
     abar = schedule.alphas_cumprod
     snr = abar / (1 - abar)
-    for clipped in (snr, snr.clamp(max=5)):  # min_snr_gamma = 5, the library's default
-        candidates = {
-            "pred_noise": clipped / snr,
-            "pred_x0": clipped,
-            "pred_v": clipped / (snr + 1),
-        }
-        for objective, weight in candidates.items():
-            if stored.shape == weight.shape and torch.allclose(
-                stored.to(torch.float64), weight, rtol=1e-4, atol=1e-6
-            ):
-                return objective
+    if stored is None or stored.shape != snr.shape:
+        return None
+    stored = stored.to(torch.float64)
+    for objective, divisor in (("pred_noise", snr), ("pred_x0", 1.0), ("pred_v", snr + 1)):
+        clipped = stored * divisor
+        gamma = float(clipped.max())
+        if torch.allclose(clipped, snr.clamp(max=gamma), rtol=1e-4, atol=1e-6):
+            return objective, (gamma if gamma < float(snr.max()) * (1 - 1e-4) else None)
     return None
+
+
+def _objective_from_loss_weight(buffers: dict, schedule: Schedule) -> str | None:
+    """GaussianDiffusion >= 1.5 stores a loss weight that depends on the objective."""
+    reading = _read_loss_weight(buffers, schedule)
+    return reading[0] if reading else None
 
 
 def _library_objective(version: str | None) -> str:
@@ -361,6 +366,10 @@ def _pipeline_from_library(ckpt: Checkpoint, unet_options: dict, options: dict) 
         config = fam.infer_config(weights, **unet_options)
     except ConfigError as err:
         raise CheckpointError(f"{ckpt.path}: {err}") from None
+    refuses = getattr(fam, "gaussian_diffusion_refuses", None)
+    why = refuses(config) if refuses and ckpt.format in ("diffusion", "trainer") else None
+    if why:
+        raise CheckpointError(f"{ckpt.path}: looks like {FORMAT_NAMES[ckpt.format]}, but {why}")
     network = build_network(ckpt.path, fam, config, weights)
 
     notes = [f"read as {FORMAT_NAMES[ckpt.format]} ({fam.FAMILY})", *ckpt.notes]
@@ -371,16 +380,28 @@ def _pipeline_from_library(ckpt: Checkpoint, unet_options: dict, options: dict) 
     if not ckpt.buffers and "beta_schedule" not in options:
         notes.append(f"schedule {schedule_config.name} assumed: the file does not store it")
     objective = options.get("objective")
-    if objective is None:
-        objective = _objective_from_loss_weight(ckpt.buffers, Schedule(schedule_config))
+    reading = _read_loss_weight(ckpt.buffers, Schedule(schedule_config))
+    if reading and reading[1] is not None:
+        notes.append(
+            f"trained with min_snr_loss_weight (min_snr_gamma {reading[1]:.4g}, read from the "
+            "loss_weight buffer): a training-only setting, sampling is the same"
+        )
+    if objective is None and reading:
+        objective = reading[0]
     if objective is None:
         objective = _library_objective(ckpt.library_version)
         notes.append(f"objective {objective} assumed: the file does not store it")
+    if "auto_normalize" not in options:
+        notes.append(
+            "auto_normalize=True assumed (images are (x + 1) / 2 of the chain's x): the library "
+            "does not store it; --no-auto-normalize for a model trained on data in [0, 1]"
+        )
     diffusion = DiffusionConfig(
         image_size=options.get("image_size"),
         schedule=schedule_config,
         objective=objective,
         variance=options.get("variance", "fixed_small"),
+        auto_normalize=options.get("auto_normalize", True),
     )
     return Pipeline(network, diffusion, source=str(ckpt.path), notes=tuple(notes))
 

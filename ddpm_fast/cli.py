@@ -69,11 +69,20 @@ def _model_arguments(parser: argparse.ArgumentParser, *, checkpoint_required: bo
     group.add_argument("--beta-schedule", choices=list(BETA_SCHEDULES))
     group.add_argument("--timesteps", type=_positive_int)
     group.add_argument("--variance", choices=[v for v in VARIANCES if v != "learned_range"])
+    group.add_argument(
+        "--auto-normalize",
+        action=argparse.BooleanOptionalAction,
+        help="images are (x + 1) / 2 of the chain's x (the default); --no-auto-normalize: x "
+        "itself clamped to [0, 1], for a model trained on data in [0, 1]",
+    )
     group.add_argument("--channels", type=_positive_int)
     group.add_argument("--resnet-block-groups", type=_positive_int)
     group.add_argument("--attn-heads", type=_positive_int)
     group.add_argument(
-        "--online", action="store_true", help="Trainer checkpoints: online weights, not the EMA"
+        "--online",
+        action="store_true",
+        default=None,  # None, not False: --onnx tells a flag given from its absence
+        help="Trainer checkpoints: online weights, not the EMA",
     )
 
 
@@ -140,6 +149,7 @@ def _load(args: argparse.Namespace) -> Pipeline:
         "beta_schedule": args.beta_schedule,
         "timesteps": args.timesteps,
         "variance": args.variance,
+        "auto_normalize": args.auto_normalize,
         "channels": args.channels,
         "resnet_block_groups": args.resnet_block_groups,
         "attn_heads": args.attn_heads,
@@ -218,6 +228,7 @@ _MODEL_FLAGS = {
     "beta_schedule": "--beta-schedule",
     "timesteps": "--timesteps",
     "variance": "--variance",
+    "auto_normalize": "--auto-normalize",
     "channels": "--channels",
     "resnet_block_groups": "--resnet-block-groups",
     "attn_heads": "--attn-heads",
@@ -232,7 +243,7 @@ def _sample_onnx(args: argparse.Namespace, output: Output) -> int:
 
     if args.checkpoint is not None:
         raise ConfigError("give a checkpoint or --onnx FILE, not both")
-    given = [flag for dest, flag in _MODEL_FLAGS.items() if getattr(args, dest, None)]
+    given = [flag for dest, flag in _MODEL_FLAGS.items() if getattr(args, dest, None) is not None]
     if given:
         raise ConfigError(f"{given[0]} does not apply to --onnx (the file fixes the model)")
     engine_flags = (
@@ -364,6 +375,8 @@ def cmd_info(args: argparse.Namespace) -> int:
         + (f", {_shown_kwargs(schedule['kwargs'])}" if schedule["kwargs"] else ""),
         f"objective:   {diffusion['objective']}",
         f"variance:    {diffusion['variance']}",
+        f"images:      {'(x + 1) / 2' if diffusion['auto_normalize'] else 'x clamped to [0, 1]'}"
+        f" of the chain's x (auto_normalize {str(diffusion['auto_normalize']).lower()})",
         f"image size:  {diffusion['image_size'] or 'not stored (pass --image-size)'}",
     ]
     lines += [f"note:        {note}" for note in info["notes"]]

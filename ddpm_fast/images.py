@@ -1,7 +1,9 @@
 """Images to files: uint8 conversion, a PNG grid, PNGs in a folder (``ddpm_fast.output`` decides
 what goes where, and writes the .npz). Every file is written to a temporary name, flushed and
 renamed into place, so a crash never leaves a half-written image. NumPy and Pillow only:
-``sample --onnx`` writes with it where torch is not installed."""
+``sample --onnx`` writes with it where torch is not installed. ``chain_to_images`` is the one
+mapping of a chain's result to images, for every path (reference, engine, OnnxSampler); it
+imports nothing, so OnnxSampler needs no Pillow for it."""
 
 from __future__ import annotations
 
@@ -11,7 +13,16 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+
+
+def chain_to_images(x, auto_normalize: bool = True):
+    """A chain's final x (in [-1, 1]) as images in [0, 1], for torch tensors and NumPy arrays
+    alike: (x + 1) / 2, or with ``auto_normalize`` False (a model trained on data in [0, 1], as
+    denoising-diffusion-pytorch's ``GaussianDiffusion(auto_normalize=False)``) x itself, clamped
+    to [0, 1]."""
+    if auto_normalize:
+        return (x + 1) * 0.5
+    return x.clip(0, 1)
 
 
 def to_uint8(images: np.ndarray) -> np.ndarray:
@@ -33,7 +44,9 @@ def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def _pil(array: np.ndarray) -> Image.Image:
+def _pil(array: np.ndarray):
+    from PIL import Image
+
     return Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array)
 
 

@@ -14,6 +14,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .errors import ConfigError, NonFiniteError
+from .images import chain_to_images
 from .noise import check_seed, keyed_noise
 from .options import (
     DEFAULT_BATCH_SIZE,
@@ -43,10 +44,15 @@ class DiffusionConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     objective: str = "pred_v"
     variance: str = "fixed_small"
+    # auto_normalize: images are (x + 1) / 2 of the chain's x (True, the libraries' default), or
+    # x itself clamped to [0, 1] (False: trained on data in [0, 1]); see images.chain_to_images.
+    auto_normalize: bool = True
 
     def __post_init__(self) -> None:
         check_choice("objective", self.objective, OBJECTIVES)
         check_choice("variance", self.variance, VARIANCES)
+        if not isinstance(self.auto_normalize, bool):
+            raise ConfigError(f"auto_normalize must be true or false, got {self.auto_normalize!r}")
         if not isinstance(self.schedule, ScheduleConfig):
             raise ConfigError(f"schedule must be a ScheduleConfig, got {self.schedule!r}")
         if self.image_size is not None:
@@ -62,7 +68,7 @@ class DiffusionConfig:
     @classmethod
     def from_dict(cls, d: dict) -> DiffusionConfig:
         """The config saved by ``to_dict``; ConfigError for anything of another shape."""
-        names = {"image_size", "schedule", "objective", "variance"}
+        names = {"image_size", "schedule", "objective", "variance", "auto_normalize"}
         if not isinstance(d, dict) or not set(d) <= names or "schedule" not in d:
             raise ConfigError(f"a diffusion config is a dict with keys {sorted(names)}, got {d!r}")
         schedule = d["schedule"]
@@ -141,7 +147,7 @@ def check_finite(images: torch.Tensor, indices: range) -> None:
 
 def override_diffusion(diffusion: DiffusionConfig, options: dict) -> DiffusionConfig:
     """``diffusion`` with the options given (image_size, objective, variance, beta_schedule,
-    timesteps, schedule_kwargs) put in."""
+    timesteps, schedule_kwargs, auto_normalize) put in."""
     schedule = diffusion.schedule
     if {"beta_schedule", "timesteps", "schedule_kwargs"} & set(options):
         schedule = ScheduleConfig(
@@ -154,6 +160,7 @@ def override_diffusion(diffusion: DiffusionConfig, options: dict) -> DiffusionCo
         schedule=schedule,
         objective=options.get("objective", diffusion.objective),
         variance=options.get("variance", diffusion.variance),
+        auto_normalize=options.get("auto_normalize", diffusion.auto_normalize),
     )
 
 
@@ -289,7 +296,7 @@ class Pipeline:
                     x, tables, spec, seed=seed, indices=indices, on_step=lambda k: bar.update()
                 )
                 check_finite(x, indices)
-                yield indices, (x + 1) * 0.5
+                yield indices, chain_to_images(x, self.diffusion.auto_normalize)
 
     def identity(self) -> dict:
         """What fixes this model's images: a hash of its weights, and its config."""

@@ -212,6 +212,10 @@ def _inconsistencies(info: OnnxModelInfo) -> list[str]:
     expect(0 < info.image_size <= MAX_IMAGE_SIZE, f"image_size={info.image_size}")
     expect(diffusion.get("image_size") == info.image_size, "image_size differs from diffusion's")
     expect(diffusion.get("objective") == info.objective, "objective differs from diffusion's")
+    expect(  # absent in files written before it existed: True, the default
+        isinstance(diffusion.get("auto_normalize", True), bool),
+        f"auto_normalize={diffusion.get('auto_normalize')!r}",
+    )
     expect(config.get("channels") == info.channels, "channels differ from the config's")
     expect(
         info.variance in (diffusion.get("variance"), "learned_range"),

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ConfigError
+from ..images import chain_to_images
 from ..options import check_int, resolve_batch_size
 from ..samplers import rule
 from .format import HISTORY_INPUT, SELF_COND_INPUT, OnnxFileError, OnnxModelInfo, parse_metadata
@@ -446,7 +447,7 @@ class OnnxSampler:
                     )
                     x, x0 = self._step(x, k, noise, x0 if self.info.self_condition else None, x0)
                     bar.update()
-                yield indices, (x + np.float32(1)) * np.float32(0.5)
+                yield indices, chain_to_images(x, self.info.diffusion.get("auto_normalize", True))
 
     def sample(self, num: int, **options) -> np.ndarray:
         """Draw ``num`` images as an NCHW float32 array in [0, 1]; options as

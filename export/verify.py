@@ -152,6 +152,7 @@ def check_same_model(info: OnnxModelInfo, pipeline: Pipeline, path: Path) -> Sam
     theirs = {
         "family": info.family,
         **{f"config.{k}": v for k, v in info.config.items()},
+        "diffusion.auto_normalize": True,  # files written before it existed: the default
         **{f"diffusion.{k}": v for k, v in info.diffusion.items() if k != "variance"},
     }
     differ = [

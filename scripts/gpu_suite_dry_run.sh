@@ -70,8 +70,8 @@ ended = dict(line.split(None, 1) for line in (out / "stages.txt").read_text().sp
 stages = list(ended)
 expected = ["sampler-headline", "gpu-tests", "kernels"]
 if mode == "full":
-    expected += ["sampler-steps", "sampler-compile", "sampler-onnx", "sampler-torchrun",
-                 "sampler-autotune"]
+    expected += ["sampler-steps", "sampler-compile", "sampler-ddpm-cifar10",
+                 "sampler-dd2-cifar10", "sampler-onnx", "sampler-torchrun", "sampler-autotune"]
 assert stages == expected, stages
 # A loaded CPU can cut the headline before its first cell; a cell saved is in the right place.
 headline = out / "sampler-headline.json"

@@ -5,12 +5,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 
 import pytest
 import torch
 
 from ddpm_fast import bench
+from ddpm_fast.errors import ConfigError
+from ddpm_fast.schedule import ScheduleConfig
+
+from .helpers import rel_error
 
 
 def bench_args(tmp_path, **overrides) -> argparse.Namespace:
@@ -48,7 +53,7 @@ def test_every_backend_and_batch_is_measured(report):
 def test_the_report_says_where_it_ran(report):
     _, markdown, data = report
     machine = data["machine"]
-    for key in ("date", "torch", "triton", "onnxruntime", "cores", "cpu", "command"):
+    for key in ("date", "torch", "triton", "onnxruntime", "diffusers", "cores", "cpu", "command"):
         assert key in machine
     assert data["ceiling_flops"]["fp32"] > 1e8
     assert "| backend | dtype | batch |" in markdown and "| engine | fp32 | 3 |" in markdown
@@ -214,3 +219,143 @@ def test_a_dpm_solver_chain_is_measured(tmp_path, monkeypatch):
     assert data["sampler"] == "dpm++2m" and "sampler dpm++2m" in text
     assert {r["backend"] for r in data["results"]} == {"reference", "engine"}
     assert set(chains) == {("dpm++2m", 20)}
+
+
+# the bench models
+
+
+@pytest.mark.parametrize(
+    ("name", "family", "parameters"),
+    [
+        ("ddpm-cifar10", "diffusers-unet2d", 35_746_307),
+        ("dd2-cifar10", "dd-pytorch-v2", 35_711_491),
+        ("cifar10", "dd-pytorch-v1", None),
+    ],
+)
+def test_the_named_models_are_seeded_random_networks(name, family, parameters):
+    pipeline = bench.model_pipeline(name)
+    assert pipeline.config.family == family and pipeline.image_shape() == (3, 32, 32)
+    if parameters is not None:  # 35.7M, as issue 12 and the README say
+        assert pipeline.num_parameters() == parameters
+    again = bench.model_pipeline(name).network.state_dict()
+    for key, value in pipeline.network.state_dict().items():
+        assert torch.equal(value, again[key]), key  # seeded: the same weights every call
+    x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(1)) * 0.8 + 0.1
+    with torch.no_grad():
+        out = pipeline.network(x, torch.tensor([500]))
+    assert torch.isfinite(out).all() and out.std() > 1e-2  # not a network of zeros
+
+
+def test_ddpm_cifar10_is_google_s_architecture_and_scheduler():
+    pipeline = bench.model_pipeline("ddpm-cifar10")
+    config = pipeline.config
+    assert config.block_out_channels == (128, 256, 256, 256) and config.layers_per_block == 2
+    assert config.down_block_types == ("DownBlock2D", "AttnDownBlock2D", "DownBlock2D",
+                                       "DownBlock2D")  # fmt: skip
+    assert config.up_block_types == ("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D")
+    assert (config.norm_num_groups, config.norm_eps, config.freq_shift) == (32, 1e-6, 1)
+    assert not config.flip_sin_to_cos and config.downsample_padding == 0
+    assert config.attention_head_dim is None
+    diffusion = pipeline.diffusion
+    assert diffusion.schedule.name == "diffusers_linear" and diffusion.schedule.timesteps == 1000
+    assert diffusion.schedule.kwargs == {"beta_start": 0.0001, "beta_end": 0.02}
+    assert (diffusion.objective, diffusion.variance) == ("pred_noise", "fixed_large")
+
+
+def test_dd2_cifar10_is_the_2x_default_unet():
+    config = bench.model_pipeline("dd2-cifar10").config
+    assert (config.dim, config.dim_mults) == (64, (1, 2, 4, 8))
+    assert config.full_attn == (False, False, False, True)  # 2.x's default: the last stage
+    assert config.attn_heads == (4,) * 4 and config.attn_dim_head == (32,) * 4
+
+
+def test_bench_help_lists_the_models(capsys):
+    from ddpm_fast.cli import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["bench", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for name in bench.MODELS:
+        assert f"{name}:" in text
+    assert "diffusers" in text
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["ddpm-cifar10", "dd2-cifar10"])
+def test_a_new_model_runs_on_the_reference_and_the_engine(tmp_path, model):
+    """``bench ddpm-cifar10 --batch 1 --steps 2 --backends reference engine``."""
+    args = bench_args(tmp_path, model=model, batch=[1], repeats=1)
+    bench.main(args)
+    data = json.loads((tmp_path / "run.json").read_text())
+    assert [(r["backend"], r["batch"]) for r in data["results"]] == [("engine", 1),
+                                                                      ("reference", 1)]  # fmt: skip
+    assert data["parameters"] > 35e6 and model in data["model"]
+
+
+# the diffusers backend
+
+
+def test_without_diffusers_the_backend_is_one_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "diffusers", None)  # import diffusers raises ImportError
+    args = bench_args(tmp_path, model="ddpm-cifar10", backends=["reference", "diffusers"])
+    with pytest.raises(ConfigError, match=r"needs diffusers: pip install 'ddpm-fast\[bench\]'"):
+        bench.main(args)
+    assert not (tmp_path / "run.json").exists()  # refused before any cell
+
+
+def test_the_diffusers_backend_is_for_diffusers_models_and_their_schedules(tmp_path):
+    pytest.importorskip("diffusers")
+    args = bench_args(tmp_path, backends=["diffusers"])  # the embedded model is 1.x
+    with pytest.raises(ConfigError, match="runs diffusers-unet2d models"):
+        bench.main(args)
+    with pytest.raises(ConfigError, match="--sampler ddpm only"):
+        bench.main(bench_args(tmp_path, model="ddpm-cifar10", backends=["diffusers"],
+                              sampler="ddim"))  # fmt: skip
+    pipeline = bench.model_pipeline("ddpm-cifar10")
+    pipeline.diffusion.schedule = ScheduleConfig("sigmoid", 1000)  # not one of diffusers'
+    with pytest.raises(ConfigError, match="needs a diffusers beta schedule"):
+        bench.ddpm_scheduler_config(pipeline.diffusion)
+
+
+def test_the_scheduler_config_is_google_s():
+    pipeline = bench.model_pipeline("ddpm-cifar10")
+    config = bench.ddpm_scheduler_config(pipeline.diffusion)
+    for key in ("beta_start", "beta_end", "beta_schedule", "num_train_timesteps", "clip_sample",
+                "variance_type"):  # fmt: skip
+        assert config[key] == bench.DDPM_CIFAR10_SCHEDULER[key], key
+    assert config["prediction_type"] == "epsilon"
+
+
+def test_diffusers_unet_holds_the_same_weights_and_computes_the_same_forward():
+    """The weights' mapping (ddpm-fast keys -> diffusers') is exact: one forward of diffusers'
+    UNet2DModel built by the backend and of the reference within 1e-5."""
+    pytest.importorskip("diffusers")
+    pipeline = bench.model_pipeline("ddpm-cifar10")
+    backend = bench.DiffusersBackend(pipeline, "cpu")
+    unet = backend.pipeline.unet
+    assert unet.dtype == torch.float32 and unet.config.sample_size == 32
+    generator = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 3, 32, 32, generator=generator) * 0.9 + 0.05
+    t = torch.tensor([999, 17])
+    with torch.no_grad():
+        ours = pipeline.network(x, t)
+        theirs = unet(x, t).sample
+    assert rel_error(theirs, ours) <= 1e-5
+
+
+def test_the_diffusers_backend_is_timed_like_the_others(tmp_path):
+    pytest.importorskip("diffusers")
+    args = bench_args(tmp_path, model="ddpm-cifar10", batch=[2], repeats=1, steps=2,
+                      backends=["reference", "diffusers"])  # fmt: skip
+    bench.main(args)
+    data = json.loads((tmp_path / "run.json").read_text())
+    assert [r["backend"] for r in data["results"]] == ["reference", "diffusers"]
+    assert data["machine"]["diffusers"] == "0.42.1"  # the pinned version, in the report
+    assert "diffusers 0.42.1" in (tmp_path / "run.md").read_text()
+    (r,) = [r for r in data["results"] if r["backend"] == "diffusers"]
+    assert r["dtype"] == "fp32" and r["batch"] == 2 and r["ms_per_step"] > 0
+    assert r["vs_reference"] > 0 and "PyTorch threads" in r["threads"]
+    images = bench.DiffusersBackend(bench.model_pipeline("ddpm-cifar10"), "cpu").sample(
+        3, batch_size=3, steps=2, seed=0, device="cpu"
+    )
+    assert images.shape == (3, 3, 32, 32) and images.min() >= 0 and images.max() <= 1

@@ -549,3 +549,49 @@ def test_the_theta_option_is_not_a_one_x_option(tmp_path):
         checkpoints.load_checkpoint(
             V1_FIXTURES / "unet_state_dict.pt", sinusoidal_pos_emb_theta=1000
         )
+
+
+# what a GaussianDiffusion file says of its training, and what it cannot come from
+
+
+def test_training_only_settings_in_a_file_are_noted_or_not_stored():
+    """2.3.4 keeps offset_noise_strength, immiscible and auto_normalize as plain attributes: a
+    state_dict made with them on has exactly the keys of one made without. min_snr_loss_weight
+    shapes the stored loss_weight buffer, so its gamma is read back and noted."""
+    path = FIXTURES / "diffusion_training_settings.pt"
+    state = torch.load(path, weights_only=True)
+    plain = torch.load(FIXTURES / "diffusion_state_dict.pt", weights_only=True)
+    buffers = {k for k in state if not k.startswith("model.")}
+    assert buffers == {k for k in plain if not k.startswith("model.")}
+    pipeline = read_pipeline(path)
+    assert pipeline.diffusion.objective == "pred_v"  # read from the min-SNR loss weight
+    assert pipeline.diffusion.schedule.name == "linear"
+    notes = " ".join(pipeline.notes)
+    assert "min_snr_loss_weight (min_snr_gamma 3," in notes
+    assert "objective" not in notes  # not assumed
+    for name in ("offset_noise", "immiscible"):
+        assert name not in notes
+
+
+def test_a_loss_weight_without_min_snr_is_not_noted():
+    pipeline = read_pipeline(FIXTURES / "diffusion_state_dict.pt")
+    assert not any("min_snr" in note for note in pipeline.notes)
+
+
+def test_a_continuous_time_file_is_refused_in_one_line(tmp_path):
+    """ContinuousTimeGaussianDiffusion's state_dict looks like a GaussianDiffusion one (model.*
+    keys; no buffers) but its network has Fourier features, which GaussianDiffusion refuses."""
+    path = FIXTURES / "continuous_time.pt"
+    state = torch.load(path, weights_only=True)
+    assert all(k.startswith("model.") for k in state) and "model.time_mlp.0.weights" in state
+    with pytest.raises(CheckpointError, match="GaussianDiffusion refuses such a network") as err:
+        read_pipeline(path)
+    message = _one_line(err)
+    assert "ContinuousTimeGaussianDiffusion" in message and str(path) in message
+    trainer = {"step": 3, "model": state, "ema": {f"ema_model.{k}": v for k, v in state.items()}}
+    with pytest.raises(CheckpointError, match="pytorch Trainer checkpoint, but"):
+        read_pipeline(_saved(tmp_path, trainer))
+    bare = {k.removeprefix("model."): v for k, v in state.items()}  # the network alone: read
+    assert read_pipeline(_saved(tmp_path, bare)).config.learned_sinusoidal_cond
+    assert dd_pytorch_v2.gaussian_diffusion_refuses(infer_config(bare))
+    assert dd_pytorch_v2.gaussian_diffusion_refuses(UnetConfig(dim=8)) is None

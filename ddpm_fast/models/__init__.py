@@ -48,6 +48,10 @@ The module contract of ``ddpm_fast.models.<family>`` (see :class:`Family`):
 ``HALF_PRECISION_FP32``
     A tuple of the module classes (norms) that a half-precision graph computes in float32 with
     the fp32 reference's epsilon.
+``gaussian_diffusion_refuses(config) -> str | None`` (optional; absent: never)
+    Why the library's GaussianDiffusion would not hold this network (so a GaussianDiffusion
+    state_dict or Trainer checkpoint holding it came from another class), or None. The loader
+    refuses such a file with that reason.
 
 How a file's wrapper is taken off (a GaussianDiffusion or Trainer checkpoint, ddpm-fast's own
 safetensors) is :mod:`ddpm_fast.checkpoints`'; a folder format (diffusers' pipeline and UNet

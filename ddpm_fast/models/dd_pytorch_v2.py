@@ -475,6 +475,22 @@ def fold(network: Unet) -> None:
     no statistics that do not depend on the input."""
 
 
+def gaussian_diffusion_refuses(config: UnetConfig) -> str | None:
+    """Why 2.3.4's GaussianDiffusion would not hold this network, or None: it asserts
+    ``not model.random_or_learned_sinusoidal_cond``, while its continuous-time classes
+    (ContinuousTimeGaussianDiffusion, VParamContinuousTimeGaussianDiffusion, whose state_dicts
+    also hold ``model.*``) require those features. Their continuous-time sampling is not this
+    family's discrete chain, so such a file is refused, not sampled as something it is not."""
+    if not config.learned_sinusoidal_cond and not config.random_fourier_features:
+        return None
+    return (
+        "its network has random or learned Fourier time features (time_mlp.0.weights): "
+        f"denoising-diffusion-pytorch {LIBRARY_VERSION}'s GaussianDiffusion refuses such a "
+        "network, so it comes from a continuous-time class (ContinuousTimeGaussianDiffusion, "
+        "VParamContinuousTimeGaussianDiffusion), which ddpm-fast does not sample"
+    )
+
+
 def matches(state_dict: dict[str, torch.Tensor]) -> bool:
     """Whether a Unet state_dict (prefixes stripped) is a 2.x one: its blocks' RMSNorm gains
     and the memory key/values of its attention, which 1.x has not."""

@@ -4,6 +4,7 @@ chain (it never says "ok" for an edited file)."""
 
 import json
 
+import numpy as np
 import onnx
 import pytest
 
@@ -93,6 +94,14 @@ EDITS = {
         set_json("diffusion", lambda d: d["schedule"].update(name="cosine")),
         None,
     ),
+    "auto_normalize not a bool": (
+        "step-ddpm",
+        set_json("diffusion", lambda d: d.update(auto_normalize="yes")),
+        "auto_normalize='yes'",
+    ),
+    "auto_normalize flipped": (
+        "step-ddpm", set_json("diffusion", lambda d: d.update(auto_normalize=False)), None,
+    ),
 }  # fmt: skip
 
 
@@ -110,6 +119,14 @@ def test_an_edited_file_is_never_ok(exported, model, tmp_path, capsys, name):
         assert "\n" not in str(err)
     else:
         assert not report.ok, str(report)
+
+
+def test_a_file_from_before_auto_normalize_verifies_with_its_default(exported, model, tmp_path):
+    old = edited(exported["step-ddpm"], tmp_path, "old",
+                 set_json("diffusion", lambda d: d.pop("auto_normalize")))  # fmt: skip
+    assert verify_onnx(old, model).ok
+    images = OnnxSampler(old).sample(2, seed=4)
+    np.testing.assert_array_equal(images, OnnxSampler(exported["step-ddpm"]).sample(2, seed=4))
 
 
 def test_verify_names_edited_tables(exported, model, tmp_path):
