@@ -10,13 +10,17 @@ beta_schedule          linear, scaled_linear, squaredcos_cap_v2, sigmoid -> the
                        -> ``trained``
 prediction_type        epsilon -> pred_noise, v_prediction -> pred_v, sample -> pred_x0
 variance_type          fixed_small (= fixed_small_log), fixed_large, learned_range
-clip_sample            true with clip_sample_range 1 (ddpm-fast clips x0 to [-1, 1])
+clip_sample            true (x0 clipped to [-clip_sample_range, clip_sample_range]) or
+                       false (not clipped)
+timestep_spacing       leading (the default), linspace, trailing, with steps_offset:
+                       the timesteps a chain of fewer steps visits, as diffusers
 set_alpha_to_one       true (DDIM's last step returns x0)
 =====================  ==========================================================
 
-Anything else (thresholding, rescale_betas_zero_snr, another scheduler class, ...) is a
-ConfigError naming the field. ``timestep_spacing`` and ``steps_offset`` only matter for chains
-of fewer steps than the schedule's; they are reported in the notes.
+A DDIMScheduler folder samples with DDIM by default (its pipeline's), a DDPMScheduler folder with
+DDPM. DDIM steps with the network's own eps (diffusers' ``use_clipped_model_output=False``), not
+one re-derived from the clipped x0. Anything else (thresholding, rescale_betas_zero_snr, another
+scheduler class, ...) is a ConfigError naming the field.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import torch
 from .errors import CheckpointError, ConfigError
 from .models import diffusers_unet2d
 from .pipeline import DiffusionConfig, Pipeline, override_diffusion
+from .samplers import SPACINGS
 from .schedule import ScheduleConfig
 
 WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
@@ -133,28 +138,46 @@ def schedule_from_scheduler(where: str, config: dict) -> tuple[DiffusionConfig, 
         if variance not in VARIANCES:
             raise bad("variance_type", f"is not supported (known: {', '.join(VARIANCES)})")
         variance = VARIANCES[variance]
-    if config.get("clip_sample", True) is not True:
-        raise bad("clip_sample", "is not supported (ddpm-fast clips x0 to [-1, 1])")
-    if config.get("clip_sample_range", 1.0) != 1.0:
-        raise bad("clip_sample_range", "is not supported (only 1.0)")
+    clip = config.get("clip_sample", True)
+    if not isinstance(clip, bool):
+        raise bad("clip_sample", "is not true or false")
+    clip_range = config.get("clip_sample_range", 1.0)
+    if isinstance(clip_range, bool) or not isinstance(clip_range, int | float) or clip_range <= 0:
+        raise bad("clip_sample_range", "is not a positive number")
     if config.get("thresholding", False):
-        raise bad("thresholding")
+        raise bad(
+            "thresholding",
+            "is not supported (dynamic thresholding clips x0 at a per-sample quantile, which "
+            "ddpm-fast's elementwise step cannot do)",
+        )
     if config.get("rescale_betas_zero_snr", False):
         raise bad("rescale_betas_zero_snr")
     if kind == "DDIMScheduler" and config.get("set_alpha_to_one", True) is not True:
         raise bad("set_alpha_to_one", "is not supported (DDIM's last step returns x0)")
-    diffusion = DiffusionConfig(
-        schedule=schedule, objective=PREDICTIONS[prediction], variance=variance
-    )
     spacing = config.get("timestep_spacing", "leading")
+    if spacing not in SPACINGS or spacing == "library":
+        raise bad("timestep_spacing", "is not supported (known: linspace, leading, trailing)")
     offset = config.get("steps_offset", 0)
+    if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+        raise bad("steps_offset", "is not a whole number >= 0")
+    diffusion = DiffusionConfig(
+        schedule=schedule,
+        objective=PREDICTIONS[prediction],
+        variance=variance,
+        sampler="ddim" if kind == "DDIMScheduler" else None,
+        timestep_spacing=spacing,
+        steps_offset=offset,
+        clip_x0=clip,
+        clip_range=float(clip_range),
+        eps_from_clipped_x0=False,
+    )
+    clipping = f"clip_sample true (range {clip_range:g})" if clip else "clip_sample false"
     notes = [
         f"{kind}: beta_schedule {config.get('beta_schedule', 'linear')}"
         f"{' (trained_betas)' if schedule.name == 'trained' else ''}, prediction_type "
-        f"{prediction}, variance {variance}, clip_sample true",
-        # TODO(issue 13): sample fewer-step chains with diffusers' spacing.
-        f"timestep_spacing {spacing}, steps_offset {offset}: not yet honoured for chains of "
-        f"fewer than {steps} steps (ddpm-fast's own spacing is used)",
+        f"{prediction}, variance {variance}, {clipping}",
+        f"timestep_spacing {spacing}, steps_offset {offset}: the timesteps of chains of fewer "
+        f"than {steps} steps, as diffusers'",
     ]
     return diffusion, notes
 

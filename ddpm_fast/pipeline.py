@@ -7,7 +7,7 @@ import hashlib
 import math
 import os
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
 
 import torch
 from torch import nn
@@ -19,14 +19,16 @@ from .options import (
     DEFAULT_BATCH_SIZE,
     MAX_IMAGE_SIZE,
     OBJECTIVES,
+    SAMPLERS,
     VARIANCES,
     check_chain,
     check_choice,
     check_int,
+    check_real,
     resolve_batch_size,
 )
 from .output import Group, Output, write_samples
-from .samplers import SamplerSpec, StepTables, sample_loop, step_tables
+from .samplers import SPACINGS, SamplerSpec, StepTables, sample_loop, step_tables
 from .schedule import Schedule, ScheduleConfig
 
 __all__ = ["DEFAULT_BATCH_SIZE", "DiffusionConfig", "Pipeline", "resolve_batch_size"]
@@ -37,16 +39,26 @@ MAX_INITIAL_NOISE = 1e3
 @dataclass
 class DiffusionConfig:
     """What a checkpoint of the libraries we read does not say about the network: image size,
-    schedule, objective, DDPM variance."""
+    schedule, objective, DDPM variance, and how the model's own scheduler runs its chains."""
 
     image_size: int | None = None
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     objective: str = "pred_v"
     variance: str = "fixed_small"
+    # The chain defaults of the model's own scheduler (a diffusers scheduler_config.json); the
+    # defaults are denoising-diffusion-pytorch's. ``to_dict`` leaves out the ones at their
+    # default, so files and run manifests of models without them are unchanged.
+    sampler: str | None = None  # the sampler when none is asked for (None: ddpm)
+    timestep_spacing: str | None = None  # None: the sampler's own default
+    steps_offset: int = 0  # diffusers' offset of the leading spacing
+    clip_x0: bool = True  # x0 clipped to [-clip_range, clip_range]
+    clip_range: float = 1.0
+    eps_from_clipped_x0: bool = True  # DDIM's eps: from the clipped x0, else the network's own
 
     def __post_init__(self) -> None:
         check_choice("objective", self.objective, OBJECTIVES)
         check_choice("variance", self.variance, VARIANCES)
+        self._check_chain_defaults()
         if not isinstance(self.schedule, ScheduleConfig):
             raise ConfigError(f"schedule must be a ScheduleConfig, got {self.schedule!r}")
         if self.image_size is not None:
@@ -54,21 +66,50 @@ class DiffusionConfig:
                 "image_size", self.image_size, minimum=1, maximum=MAX_IMAGE_SIZE
             )
 
+    def _check_chain_defaults(self) -> None:
+        if self.sampler is not None:
+            self.sampler = check_choice("sampler", self.sampler, SAMPLERS)
+        if self.timestep_spacing is not None:
+            self.timestep_spacing = check_choice(
+                "timestep_spacing", self.timestep_spacing, SPACINGS
+            )
+        self.steps_offset = check_int("steps_offset", self.steps_offset, minimum=0)
+        for name in ("clip_x0", "eps_from_clipped_x0"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        self.clip_range = check_real("clip_range", self.clip_range, minimum=0.0)
+        if not self.clip_range > 0:
+            raise ConfigError(f"clip_range must be positive, got {self.clip_range!r}")
+
     def to_dict(self) -> dict:
         d = asdict(self)
         d["schedule"] = self.schedule.to_dict()
+        for f in fields(self):
+            if f.name in CHAIN_DEFAULTS and d[f.name] == f.default:
+                del d[f.name]
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> DiffusionConfig:
-        """The config saved by ``to_dict``; ConfigError for anything of another shape."""
-        names = {"image_size", "schedule", "objective", "variance"}
+        """The config saved by ``to_dict``; ConfigError for anything of another shape (a file
+        without the chain defaults gets denoising-diffusion-pytorch's)."""
+        names = {"image_size", "schedule", "objective", "variance", *CHAIN_DEFAULTS}
         if not isinstance(d, dict) or not set(d) <= names or "schedule" not in d:
             raise ConfigError(f"a diffusion config is a dict with keys {sorted(names)}, got {d!r}")
         schedule = d["schedule"]
         if not isinstance(schedule, dict) or not set(schedule) <= {"name", "timesteps", "kwargs"}:
             raise ConfigError(f"a schedule is a dict of name, timesteps, kwargs; got {schedule!r}")
         return cls(**{**d, "schedule": ScheduleConfig(**schedule)})
+
+
+CHAIN_DEFAULTS = (
+    "sampler",
+    "timestep_spacing",
+    "steps_offset",
+    "clip_x0",
+    "clip_range",
+    "eps_from_clipped_x0",
+)
 
 
 def resolve_device(device: torch.device | str | None, default: torch.device) -> torch.device:
@@ -149,7 +190,8 @@ def override_diffusion(diffusion: DiffusionConfig, options: dict) -> DiffusionCo
             options.get("timesteps", schedule.timesteps),
             options.get("schedule_kwargs", schedule.kwargs),
         )
-    return DiffusionConfig(
+    return replace(
+        diffusion,
         image_size=options.get("image_size", diffusion.image_size),
         schedule=schedule,
         objective=options.get("objective", diffusion.objective),
@@ -200,14 +242,16 @@ class Pipeline:
 
     def sampler_spec(
         self,
-        sampler: str = "ddpm",
+        sampler: str | None = None,
         steps: int | None = None,
         eta: float = 0.0,
         timestep_spacing: str | None = None,
     ):
-        """The chain ``sample`` runs for these arguments (steps default to the schedule's,
-        ``timestep_spacing`` to the sampler's)."""
-        sampler, eta = check_chain(sampler, eta)
+        """The chain ``sample`` runs for these arguments: the sampler defaults to the model's
+        (``diffusion.sampler``, else ddpm), steps to the schedule's, ``timestep_spacing`` to the
+        model's, else the sampler's; offset, clipping and DDIM's eps are the model's."""
+        d = self.diffusion
+        sampler, eta = check_chain(sampler or d.sampler or "ddpm", eta)
         total = self.schedule.num_timesteps
         if steps is None:
             steps = total
@@ -218,7 +262,15 @@ class Pipeline:
         if self.config.output_channels == 2 * self.config.channels and variance == "fixed_small":
             variance = "learned_range"
         return SamplerSpec(
-            kind=sampler, steps=steps, eta=eta, variance=variance, timestep_spacing=timestep_spacing
+            kind=sampler,
+            steps=steps,
+            eta=eta,
+            variance=variance,
+            timestep_spacing=timestep_spacing or d.timestep_spacing,
+            steps_offset=d.steps_offset,
+            clip_x0=d.clip_x0,
+            clip_range=d.clip_range,
+            eps_from_clipped_x0=d.eps_from_clipped_x0,
         )
 
     def image_shape(self) -> tuple[int, int, int]:
@@ -239,7 +291,7 @@ class Pipeline:
         num: int,
         *,
         steps: int | None = None,
-        sampler: str = "ddpm",
+        sampler: str | None = None,
         eta: float = 0.0,
         timestep_spacing: str | None = None,
         seed: int = 0,
@@ -331,7 +383,7 @@ class Pipeline:
         num: int,
         *,
         steps: int | None = None,
-        sampler: str = "ddpm",
+        sampler: str | None = None,
         eta: float = 0.0,
         timestep_spacing: str | None = None,
         seed: int = 0,
@@ -437,7 +489,7 @@ class Pipeline:
         num: int,
         *,
         steps: int | None = None,
-        sampler: str = "ddpm",
+        sampler: str | None = None,
         eta: float = 0.0,
         timestep_spacing: str | None = None,
         seed: int = 0,
@@ -450,8 +502,9 @@ class Pipeline:
         """Draw ``num`` images as an NCHW float32 tensor in [0, 1] (on the CPU).
 
         ``steps`` defaults to the schedule's length; ``sampler`` is one of
-        ``ddpm_fast.samplers.SAMPLERS`` ("ddpm", "ddim" with ``eta``, "dpm++2m", ...),
-        ``timestep_spacing`` one of ``ddpm_fast.samplers.SPACINGS`` (None: the sampler's);
+        ``ddpm_fast.samplers.SAMPLERS`` ("ddpm", "ddim" with ``eta``, "dpm++2m", ...; None: the
+        model's default, ``diffusion.sampler``, else ddpm), ``timestep_spacing`` one of
+        ``ddpm_fast.samplers.SPACINGS`` (None: the model's, else the sampler's);
         ``batch_size`` defaults to up to 64; ``initial_noise`` [num, C, H, W] replaces the Philox
         x_T; image i uses the noise of sample ``start_index + i``, so it is the same image for a
         given seed whatever the batch size; ``progress`` shows a tqdm bar.

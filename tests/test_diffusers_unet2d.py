@@ -185,15 +185,25 @@ BAD = {
         CheckpointError,
         "_class_name 'StableDiffusionPipeline' is not supported",
     ),
-    "no clipping": (
-        lambda f: edit_json(f / "scheduler" / "scheduler_config.json", clip_sample=False),
+    "bad clip range": (
+        lambda f: edit_json(f / "scheduler" / "scheduler_config.json", clip_sample_range=0),
         ConfigError,
-        "clip_sample=False",
+        "clip_sample_range=0 is not a positive number",
+    ),
+    "unknown spacing": (
+        lambda f: edit_json(f / "scheduler" / "scheduler_config.json", timestep_spacing="library"),
+        ConfigError,
+        "timestep_spacing='library' is not supported",
+    ),
+    "negative offset": (
+        lambda f: edit_json(f / "scheduler" / "scheduler_config.json", steps_offset=-1),
+        ConfigError,
+        "steps_offset=-1",
     ),
     "thresholding": (
         lambda f: edit_json(f / "scheduler" / "scheduler_config.json", thresholding=True),
         ConfigError,
-        "thresholding=True",
+        "thresholding=True is not supported .dynamic thresholding clips x0 at a per-sample",
     ),
     "unknown beta schedule": (
         lambda f: edit_json(f / "scheduler" / "scheduler_config.json", beta_schedule="laplace"),
@@ -244,15 +254,7 @@ def chain_noise(t: int, shape: tuple[int, ...]) -> torch.Tensor:
     [
         "ddpm_cifar10_small-ddpm",
         "learned_variance_scale_shift-ddpm",
-        pytest.param(
-            "ddpm_cifar10_small-ddim-eta0.5",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="diffusers' DDIM steps with the network's own eps (use_clipped_model_output"
-                "=False); ddpm-fast's DDIM re-derives eps from the clipped x0, as "
-                "denoising-diffusion-pytorch does: the DDIM rule per family is issue 13's",
-            ),
-        ),
+        "ddpm_cifar10_small-ddim-eta0.5",  # the network's own eps, from the unclipped x0
     ],
 )
 def test_a_whole_chain_is_diffusers(name):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import ConfigError
+from .rule import FLOAT32_MAX
 
 SPACINGS = ("library", "linspace", "leading", "trailing")
 
@@ -59,3 +60,21 @@ def x0_columns(abar: np.ndarray) -> dict[str, np.ndarray]:
 def next_timesteps(t: np.ndarray) -> np.ndarray:
     """Each visited timestep's successor, -1 after the last."""
     return np.append(t[1:], -1).astype(np.int64)
+
+
+def clip_columns(spec, n: int) -> dict[str, np.ndarray]:
+    """``x0_max`` (the clip bound, FLOAT32_MAX: none) and ``eps_x0_max`` (the bound of the x0
+    that eps is derived from: x0_max, or FLOAT32_MAX for the unclipped x0) of ``spec``'s n steps."""
+    x0_max = spec.clip_range if spec.clip_x0 else FLOAT32_MAX
+    eps_x0_max = x0_max if spec.eps_from_clipped_x0 else FLOAT32_MAX
+    return {"x0_max": np.full(n, x0_max), "eps_x0_max": np.full(n, eps_x0_max)}
+
+
+def diffusers_previous(t: np.ndarray, num_timesteps: int, steps: int, spacing: str) -> np.ndarray:
+    """The timestep each step lands on (-1: past the end): the next visited one for the library
+    spacing, and for diffusers' spacings t - num_timesteps // steps, as DDIMScheduler.step has it
+    (which is not the next visited timestep for linspace, or trailing when steps does not divide
+    num_timesteps)."""
+    if spacing == "library":
+        return next_timesteps(t)
+    return np.maximum(t - num_timesteps // steps, -1).astype(np.int64)
