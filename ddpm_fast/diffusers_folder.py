@@ -2,7 +2,8 @@
 (model_index.json, unet/, scheduler/) or a bare UNet2DModel folder (config.json and
 diffusion_pytorch_model.safetensors or .bin), whose scheduler options come from the caller.
 
-The scheduler's config (DDPMScheduler, DDIMScheduler) maps onto a DiffusionConfig:
+The scheduler's config (DDPMScheduler, DDIMScheduler, DPMSolverMultistepScheduler) maps onto a
+DiffusionConfig:
 
 =====================  ==========================================================
 beta_schedule          linear, scaled_linear, squaredcos_cap_v2, sigmoid -> the
@@ -15,10 +16,14 @@ clip_sample            true (x0 clipped to [-clip_sample_range, clip_sample_rang
 timestep_spacing       leading (the default), linspace, trailing, with steps_offset:
                        the timesteps a chain of fewer steps visits, as diffusers
 set_alpha_to_one       true (DDIM's last step returns x0)
+algorithm_type         DPM-Solver: dpmsolver++ -> dpm++2m, sde-dpmsolver++ -> dpm++2m-sde
+                       (-karras with use_karras_sigmas); solver_order 2, midpoint,
+                       final_sigmas_type zero, no other sigmas (``DPM_REQUIRED``)
 =====================  ==========================================================
 
 A DDIMScheduler folder samples with DDIM by default (its pipeline's), a DDPMScheduler folder with
-DDPM. DDIM steps with the network's own eps (diffusers' ``use_clipped_model_output=False``), not
+DDPM, a DPMSolverMultistepScheduler folder with its dpm++2m variant (default spacing linspace, x0
+not clipped). DDIM steps with the network's own eps (diffusers' ``use_clipped_model_output=False``), not
 one re-derived from the clipped x0. Anything else (thresholding, rescale_betas_zero_snr, another
 scheduler class, ...) is a ConfigError naming the field.
 """
@@ -37,7 +42,24 @@ from .samplers import SPACINGS
 from .schedule import ScheduleConfig
 
 WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
-SCHEDULERS = ("DDPMScheduler", "DDIMScheduler")
+SCHEDULERS = ("DDPMScheduler", "DDIMScheduler", "DPMSolverMultistepScheduler")
+# DPMSolverMultistepScheduler: algorithm_type -> ddpm-fast's sampler (with -karras for
+# use_karras_sigmas), and the options that must have these values for ddpm-fast's DPM-Solver++(2M)
+# to be diffusers' (solver_order 1 or 3, another algorithm, other sigmas are other solvers).
+DPM_ALGORITHMS = {"dpmsolver++": "dpm++2m", "sde-dpmsolver++": "dpm++2m-sde"}
+DPM_REQUIRED = {
+    "solver_order": 2,
+    "solver_type": "midpoint",
+    "final_sigmas_type": "zero",
+    "euler_at_final": False,
+    "use_exponential_sigmas": False,
+    "use_beta_sigmas": False,
+    "use_lu_lambdas": False,
+    "use_flow_sigmas": False,
+    "use_dynamic_shifting": False,
+    "lambda_min_clipped": -float("inf"),
+    "variance_type": None,
+}
 PIPELINES = ("DDPMPipeline", "DDIMPipeline")
 BETA_SCHEDULES = {
     "linear": "diffusers_linear",
@@ -132,13 +154,26 @@ def schedule_from_scheduler(where: str, config: dict) -> tuple[DiffusionConfig, 
     prediction = config.get("prediction_type", "epsilon")
     if prediction not in PREDICTIONS:
         raise bad("prediction_type", f"is not supported (known: {', '.join(PREDICTIONS)})")
+    dpm = kind == "DPMSolverMultistepScheduler"
+    sampler = "ddim" if kind == "DDIMScheduler" else None
+    if dpm:
+        for field, value in DPM_REQUIRED.items():
+            if config.get(field, value) != value:
+                raise bad(field, f"is not supported (ddpm-fast's DPM-Solver++(2M) needs {value!r})")
+        algorithm = config.get("algorithm_type", "dpmsolver++")
+        if algorithm not in DPM_ALGORITHMS:
+            raise bad("algorithm_type", f"is not supported (known: {', '.join(DPM_ALGORITHMS)})")
+        karras = config.get("use_karras_sigmas", False)
+        if not isinstance(karras, bool):
+            raise bad("use_karras_sigmas", "is not true or false")
+        sampler = DPM_ALGORITHMS[algorithm] + ("-karras" if karras else "")
     variance = "fixed_small"
     if kind == "DDPMScheduler":
         variance = config.get("variance_type", "fixed_small")
         if variance not in VARIANCES:
             raise bad("variance_type", f"is not supported (known: {', '.join(VARIANCES)})")
         variance = VARIANCES[variance]
-    clip = config.get("clip_sample", True)
+    clip = config.get("clip_sample", not dpm)  # DPM-Solver never clips (it only thresholds)
     if not isinstance(clip, bool):
         raise bad("clip_sample", "is not true or false")
     clip_range = config.get("clip_sample_range", 1.0)
@@ -154,7 +189,7 @@ def schedule_from_scheduler(where: str, config: dict) -> tuple[DiffusionConfig, 
         raise bad("rescale_betas_zero_snr")
     if kind == "DDIMScheduler" and config.get("set_alpha_to_one", True) is not True:
         raise bad("set_alpha_to_one", "is not supported (DDIM's last step returns x0)")
-    spacing = config.get("timestep_spacing", "leading")
+    spacing = config.get("timestep_spacing", "linspace" if dpm else "leading")
     if spacing not in SPACINGS or spacing == "library":
         raise bad("timestep_spacing", "is not supported (known: linspace, leading, trailing)")
     offset = config.get("steps_offset", 0)
@@ -164,7 +199,7 @@ def schedule_from_scheduler(where: str, config: dict) -> tuple[DiffusionConfig, 
         schedule=schedule,
         objective=PREDICTIONS[prediction],
         variance=variance,
-        sampler="ddim" if kind == "DDIMScheduler" else None,
+        sampler=sampler,
         timestep_spacing=spacing,
         steps_offset=offset,
         clip_x0=clip,
@@ -172,6 +207,8 @@ def schedule_from_scheduler(where: str, config: dict) -> tuple[DiffusionConfig, 
         eps_from_clipped_x0=False,
     )
     clipping = f"clip_sample true (range {clip_range:g})" if clip else "clip_sample false"
+    if dpm:
+        clipping = f"x0 not clipped; samples with {sampler} by default"
     notes = [
         f"{kind}: beta_schedule {config.get('beta_schedule', 'linear')}"
         f"{' (trained_betas)' if schedule.name == 'trained' else ''}, prediction_type "

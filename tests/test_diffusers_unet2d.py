@@ -298,3 +298,89 @@ def test_cli_info_and_sample_from_a_folder(tmp_path, capsys):
     assert main(["info", str(folder), "--attn-heads", "2"]) == 2
     err = capsys.readouterr().err.strip()
     assert "attn_heads" in err and "\n" not in err
+
+
+# chains of fewer steps, with the folder's own scheduler semantics (spaced_chains.pt)
+
+
+@cache
+def spaced_fixtures() -> dict:
+    return torch.load(FIXTURES / "spaced_chains.pt", weights_only=True)
+
+
+def spaced_folder(tmp_path: Path, fixture: dict) -> Path:
+    """A copy of the fixture's folder with its scheduler_config.json changed as make_diffusers
+    changed diffusers' scheduler."""
+    folder = copied(tmp_path, fixture["folder"])
+    edit_json(folder / "scheduler" / "scheduler_config.json", **json.loads(fixture["changes"]))
+    return folder
+
+
+def spaced_chain(tmp_path: Path, name: str):
+    """(pipeline, spec, tables, noise by step k, fixture) of a spaced chain: the folder's own
+    sampler where diffusers ran its DPM-Solver scheduler."""
+    fixture = spaced_fixtures()[name]
+    pipeline = ddpm_fast.load(spaced_folder(tmp_path, fixture))
+    sampler = None if fixture["sampler"] == "dpm" else fixture["sampler"]
+    spec = pipeline.sampler_spec(sampler, fixture["steps"], fixture["eta"])
+    tables = step_tables(pipeline.schedule, spec)
+
+    def noise_fn(k: int, shape: tuple[int, ...]) -> torch.Tensor:
+        return chain_noise(int(tables.timesteps[k - 1]), shape)
+
+    return pipeline, spec, tables, noise_fn, fixture
+
+
+def assert_diffusers_final(got: torch.Tensor, want: torch.Tensor) -> None:
+    """Within 1e-4 of diffusers' final x (relative to its scale where x0 is not clipped)."""
+    assert want.std() > 0.05
+    scale = max(1.0, float(want.abs().max()))
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-4 * scale)
+
+
+def test_the_spaced_fixture_covers_what_it_claims():
+    cases = spaced_fixtures()
+    changes = [json.loads(c["changes"]) for c in cases.values()]
+    assert {c.get("timestep_spacing") for c in changes} >= {"leading", "linspace"}
+    assert any(c.get("steps_offset") == 1 for c in changes)
+    assert any(c.get("clip_sample") is False for c in changes)
+    assert {c["sampler"] for c in cases.values()} == {"ddpm", "ddim", "dpm"}
+    assert all(c["steps"] < 100 for c in cases.values())  # over 1000-step schedules
+
+
+@pytest.mark.parametrize("name", sorted(spaced_fixtures()))
+def test_a_spaced_chain_is_diffusers(tmp_path, name):
+    """DDPM and DDIM with diffusers' timestep spacings, steps_offset, clip ranges and no
+    clipping, and a DPM-Solver++ folder run with its own scheduler, from the same x_T with the
+    same noise at each timestep: within 1e-4 of diffusers' loop."""
+    pipeline, spec, tables, noise_fn, fixture = spaced_chain(tmp_path, name)
+    if fixture["sampler"] == "dpm":
+        assert spec.kind.startswith("dpm++2m") and not spec.clip_x0  # the folder's default
+    with torch.no_grad():
+        got = sample_loop(
+            pipeline.network, fixture["x_T"].clone(), tables, spec, pipeline.diffusion.objective,
+            noise_fn,
+        )  # fmt: skip
+    assert_diffusers_final(got, fixture["final"])
+
+
+@pytest.mark.parametrize(
+    "name", ["ddpm-leading-offset1-10", "ddim-linspace-eta0.5-10", "dpm++2m-sde-karras-12"]
+)
+def test_a_spaced_chain_through_the_engine_is_diffusers(tmp_path, name):
+    """The engine's prepared chain (fast network, coefficient table, fused step) fed the
+    fixture's noise, step by step."""
+    from ddpm_fast.engine import Engine
+    from ddpm_fast.engine.engine import ChainState
+
+    pipeline, spec, tables, noise_fn, fixture = spaced_chain(tmp_path, name)
+    engine = Engine(pipeline)
+    device = torch.device("cpu")
+    chain = engine.prepare(tables, spec, device)
+    x_t = fixture["x_T"].clone()
+    state = ChainState.empty(tuple(x_t.shape), device)
+    state.reset(x_t, torch.zeros(x_t.shape[0], dtype=torch.int64))
+    with torch.no_grad():
+        for k in range(len(tables)):
+            chain.step(state, z=noise_fn(k + 1, tuple(x_t.shape)))
+    assert_diffusers_final(state.x, fixture["final"])
