@@ -23,9 +23,9 @@ algorithm_type         DPM-Solver: dpmsolver++ -> dpm++2m, sde-dpmsolver++ -> dp
 
 A DDIMScheduler folder samples with DDIM by default (its pipeline's), a DDPMScheduler folder with
 DDPM, a DPMSolverMultistepScheduler folder with its dpm++2m variant (default spacing linspace, x0
-not clipped). DDIM steps with the network's own eps (diffusers' ``use_clipped_model_output=False``), not
-one re-derived from the clipped x0. Anything else (thresholding, rescale_betas_zero_snr, another
-scheduler class, ...) is a ConfigError naming the field.
+not clipped). DDIM steps with the network's own eps (diffusers' ``use_clipped_model_output=False``),
+not one re-derived from the clipped x0. Anything else (thresholding, rescale_betas_zero_snr,
+another scheduler class, ...) is a ConfigError naming the field.
 """
 
 from __future__ import annotations
