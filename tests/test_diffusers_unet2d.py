@@ -316,11 +316,11 @@ def spaced_folder(tmp_path: Path, fixture: dict) -> Path:
     return folder
 
 
-def spaced_chain(tmp_path: Path, name: str):
+def spaced_chain(tmp_path: Path, name: str, **options):
     """(pipeline, spec, tables, noise by step k, fixture) of a spaced chain: the folder's own
     sampler where diffusers ran its DPM-Solver scheduler."""
     fixture = spaced_fixtures()[name]
-    pipeline = ddpm_fast.load(spaced_folder(tmp_path, fixture))
+    pipeline = ddpm_fast.load(spaced_folder(tmp_path, fixture), **options)
     sampler = None if fixture["sampler"] == "dpm" else fixture["sampler"]
     spec = pipeline.sampler_spec(sampler, fixture["steps"], fixture["eta"])
     tables = step_tables(pipeline.schedule, spec)
@@ -384,3 +384,49 @@ def test_a_spaced_chain_through_the_engine_is_diffusers(tmp_path, name):
         for k in range(len(tables)):
             chain.step(state, z=noise_fn(k + 1, tuple(x_t.shape)))
     assert_diffusers_final(state.x, fixture["final"])
+
+
+DPM_BAD = {
+    "solver_order": (3, "solver_order=3 is not supported"),
+    "algorithm_type": ("dpmsolver", "algorithm_type='dpmsolver' is not supported"),
+    "use_lu_lambdas": (True, "use_lu_lambdas=True is not supported"),
+    "variance_type": ("learned", "variance_type='learned' is not supported"),
+    "final_sigmas_type": ("sigma_min", "final_sigmas_type='sigma_min' is not supported"),
+    "solver_type": ("heun", "solver_type='heun' is not supported"),
+    "euler_at_final": (True, "euler_at_final=True is not supported"),
+    "thresholding": (True, "per-sample quantile"),
+    "prediction_type": ("flow_prediction", "prediction_type='flow_prediction'"),
+}
+
+
+@pytest.mark.parametrize("field", DPM_BAD)
+def test_dpm_solver_options_it_cannot_match_are_one_line_errors(tmp_path, field):
+    value, message = DPM_BAD[field]
+    folder = copied(tmp_path, "dpm_solver_small")
+    edit_json(folder / "scheduler" / "scheduler_config.json", **{field: value})
+    with pytest.raises(ConfigError, match=message) as err:
+        ddpm_fast.load(folder)
+    assert "\n" not in str(err.value) and "scheduler_config.json" in str(err.value)
+
+
+def test_a_dpm_solver_folder_samples_with_its_solver_by_default(tmp_path, capsys):
+    from ddpm_fast.cli import main
+
+    folder = copied(tmp_path, "dpm_solver_small")
+    edit_json(folder / "scheduler" / "scheduler_config.json", use_karras_sigmas=True)
+    pipeline = ddpm_fast.load(folder)
+    spec = pipeline.sampler_spec(steps=20)
+    assert (spec.kind, spec.timestep_spacing, spec.clip_x0) == ("dpm++2m-karras", "linspace", False)
+    assert main(["info", str(folder)]) == 0
+    out = capsys.readouterr().out
+    assert "chains:      sampler dpm++2m-karras, linspace, x0 not clipped" in out
+    out = tmp_path / "x.npz"
+    assert main(["sample", str(folder), "--steps", "4", "--num", "2", "--out", str(out)]) == 0
+    images = np.load(out)["arr_0"].astype(np.int16)  # NHWC uint8
+
+    def drawn(sampler: str) -> np.ndarray:
+        x = pipeline.sample(2, steps=4, sampler=sampler, seed=0).permute(0, 2, 3, 1).numpy()
+        return np.rint(np.clip(x, 0, 1) * 255).astype(np.int16)
+
+    assert np.abs(images - drawn("dpm++2m-karras")).max() <= 1
+    assert np.abs(images - drawn("ddpm")).max() > 10

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 import ddpm_fast
 from ddpm_fast.export import OnnxSampler, export_onnx, verify_onnx
@@ -49,3 +50,26 @@ def test_a_folders_chain_exports_verifies_and_samples(tmp_path, what, chain, cha
     images = OnnxSampler(path).sample(2, seed=3, batch_size=2)
     assert reference.std() > 0.01
     assert np.abs(images - reference).max() <= 1e-4
+
+
+@pytest.mark.parametrize(
+    ("name", "what"), [("ddim-linspace-eta0.5-10", "step"), ("dpm++2m-10", "step"),
+                       ("ddpm-leading-offset1-10", "unet")],
+)  # fmt: skip
+def test_a_spaced_chain_through_onnx_is_diffusers(tmp_path, name, what):
+    """The exported file (a step file: the traced rule; a unet file: OnnxSampler's NumPy rule),
+    step by step with the fixture's noise, within 1e-4 of diffusers' loop."""
+    from ..test_diffusers_unet2d import assert_diffusers_final, spaced_chain
+
+    pipeline, spec, _, noise_fn, fixture = spaced_chain(tmp_path, name, image_size=8)
+    path = tmp_path / "model.onnx"
+    chain = dict(sampler=spec.kind, steps=spec.steps, eta=spec.eta)
+    export_onnx(pipeline, path, what=what, verify=False, **chain)
+    sampler = OnnxSampler(path)
+    x = fixture["x_T"].numpy().copy()
+    x0 = None
+    for k in range(spec.steps):
+        noise = noise_fn(k + 1, x.shape).numpy() if sampler.info.adds_noise(k) else None
+        history = x0 if sampler.info.carries_x0_prev else None
+        x, x0 = sampler.step(x, k, noise, x0_prev=history)
+    assert_diffusers_final(torch.from_numpy(x), fixture["final"])
