@@ -186,7 +186,11 @@ def schedule_from_scheduler(where: str, config: dict) -> tuple[DiffusionConfig, 
             "ddpm-fast's elementwise step cannot do)",
         )
     if config.get("rescale_betas_zero_snr", False):
-        raise bad("rescale_betas_zero_snr")
+        raise bad(
+            "rescale_betas_zero_snr",
+            "is not supported (alphas_cumprod reaches 0 at the last timestep, where ddpm-fast's "
+            "eps = (x / sqrt(abar) - x0) / sqrt(1 / abar - 1) is not finite)",
+        )
     if kind == "DDIMScheduler" and config.get("set_alpha_to_one", True) is not True:
         raise bad("set_alpha_to_one", "is not supported (DDIM's last step returns x0)")
     spacing = config.get("timestep_spacing", "linspace" if dpm else "leading")

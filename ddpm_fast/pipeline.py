@@ -251,7 +251,9 @@ class Pipeline:
         (``diffusion.sampler``, else ddpm), steps to the schedule's, ``timestep_spacing`` to the
         model's, else the sampler's; offset, clipping and DDIM's eps are the model's."""
         d = self.diffusion
-        sampler, eta = check_chain(sampler or d.sampler or "ddpm", eta)
+        if sampler is None:
+            sampler = d.sampler or "ddpm"
+        sampler, eta = check_chain(sampler, eta)
         total = self.schedule.num_timesteps
         if steps is None:
             steps = total
@@ -266,7 +268,7 @@ class Pipeline:
             steps=steps,
             eta=eta,
             variance=variance,
-            timestep_spacing=timestep_spacing or d.timestep_spacing,
+            timestep_spacing=d.timestep_spacing if timestep_spacing is None else timestep_spacing,
             steps_offset=d.steps_offset,
             clip_x0=d.clip_x0,
             clip_range=d.clip_range,

@@ -205,6 +205,11 @@ BAD = {
         ConfigError,
         "thresholding=True is not supported .dynamic thresholding clips x0 at a per-sample",
     ),
+    "zero terminal snr": (
+        lambda f: edit_json(f / "scheduler" / "scheduler_config.json", rescale_betas_zero_snr=True),
+        ConfigError,
+        "rescale_betas_zero_snr=True is not supported .alphas_cumprod reaches 0",
+    ),
     "unknown beta schedule": (
         lambda f: edit_json(f / "scheduler" / "scheduler_config.json", beta_schedule="laplace"),
         ConfigError,
