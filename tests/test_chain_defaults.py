@@ -170,3 +170,19 @@ def test_ddpm_refuses_a_last_step_where_diffusers_adds_noise():
         step_tables(schedule, spec)
     small = SamplerSpec("ddpm", 10, timestep_spacing="leading", steps_offset=1)
     assert step_tables(schedule, small).timesteps.tolist()[-1] == 1  # sigma 1e-10 there: left out
+
+
+@pytest.mark.parametrize("spacing", ["linspace", "leading", "trailing"])
+def test_which_steps_add_noise_is_the_samplers_word_with_diffusers_spacings(spacing):
+    """format.expected_noise_steps (what an ONNX file's metadata is checked against) agrees with
+    the tables where DDIM lands on t - T // steps."""
+    from ddpm_fast.export.format import expected_noise_steps
+
+    schedule = Schedule(ScheduleConfig("diffusers_linear", 100))
+    for kind, eta in (("ddpm", 0.0), ("ddim", 0.0), ("ddim", 0.3), ("dpm++2m-sde", 0.0)):
+        for steps in (1, 7, 10, 33):
+            for offset in (0, 1):
+                spec = SamplerSpec(kind, steps, eta, timestep_spacing=spacing, steps_offset=offset)
+                tables = step_tables(schedule, spec)
+                noise = "".join("1" if tables.adds_noise(k) else "0" for k in range(steps))
+                assert noise == expected_noise_steps(kind, steps, eta), (spec, noise)
