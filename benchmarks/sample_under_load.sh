@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # The command a new user runs first, `ddpm-fast sample` (16 digits, 1000 DDPM steps), timed wall
 # to wall (start-up included) on a quiet machine and beside N busy processes (a Python loop
-# spinning a core each), for the engine's thread plan, the engine pinned to every core (what
-# PyTorch does by default, and what the engine did before its plan), and ONNX Runtime running
-# an exported step file. Each case runs REPEATS times, interleaved; the median is reported, and
-# every engine image file is compared with the first (same bytes whatever the load).
+# spinning a core each), for the engine with its plan (on ONNX Runtime where installed), the
+# engine pinned to every core, the engine on its PyTorch executor, and ONNX Runtime running an
+# exported step file by itself (`sample --onnx`). Each case runs REPEATS times, interleaved; the
+# median is reported, and each case's image files are compared with its first (same bytes
+# whatever the load). The engine's step file is exported into a fresh cache folder by a first,
+# separately timed run (the cold start); the timed runs find it there.
 #
 #   benchmarks/sample_under_load.sh [BUSY=1] [REPEATS=3] [OUT=benchmarks/results/...md]
 # STEPS=10 in the environment makes a quick check of the script itself.
@@ -18,12 +20,17 @@ trap 'kill ${pids[@]+"${pids[@]}"} 2>/dev/null; rm -rf "$work"' EXIT
 cores=$(python -c "import os; print(len(os.sched_getaffinity(0)))")
 
 python -m ddpm_fast export --what step --steps "$steps" --out "$work/step.onnx" >/dev/null
+export DDPM_FAST_CACHE_DIR="$work/cache"
+start=$(date +%s.%N)
+python -m ddpm_fast sample --steps "$steps" --out "$work/cold.png" >/dev/null 2>&1
+cold=$(awk "BEGIN {print $(date +%s.%N) - $start}")
 declare -A cmds=(
     [engine]="python -m ddpm_fast sample --steps $steps --out $work/IMG.png"
     [engine-all-cores]="python -m ddpm_fast sample --steps $steps --threads $cores --out $work/IMG.png"
+    [engine-torch]="python -m ddpm_fast sample --steps $steps --cpu-executor torch --out $work/IMG.png"
     [onnxruntime]="python -m ddpm_fast sample --steps $steps --onnx $work/step.onnx --out $work/IMG.png"
 )
-cases=(engine engine-all-cores onnxruntime)
+cases=(engine engine-all-cores engine-torch onnxruntime)
 declare -A times
 pids=()
 for load in 0 "$busy"; do
@@ -45,13 +52,16 @@ done
 
 median() { printf '%s\n' $1 | sort -n | awk '{a[NR]=$1} END {print (NR % 2) ? a[(NR+1)/2] : (a[NR/2] + a[NR/2+1]) / 2}'; }
 same=yes
-for f in "$work"/engine*.png; do cmp -s "$f" "$work/engine-0-1.png" || same=no; done
+for c in "${cases[@]}"; do
+    for f in "$work/$c"-[0-9]*.png; do cmp -s "$f" "$work/$c-0-1.png" || same="no ($c)"; done
+done
 {
     echo "# \`ddpm-fast sample\` quiet and under load, $(date +%F)"
     echo
     echo "- machine: $(python -c 'from ddpm_fast.machine import cpu_model; print(cpu_model())'), $cores cores available"
     echo "- command: \`benchmarks/sample_under_load.sh $busy $repeats\` (wall time with start-up, median of $repeats, interleaved)"
-    echo "- every engine image file byte-identical to the first: $same"
+    echo "- each case's image files byte-identical to its first, quiet and loaded: $same"
+    echo "- the engine's first run, exporting its step file into an empty cache (cold start): $(printf '%.1f' "$cold") s"
     echo
     echo "| | quiet s | with $busy busy process(es) s | loaded/quiet |"
     echo "|---|---|---|---|"

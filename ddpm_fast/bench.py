@@ -60,6 +60,7 @@ BACKENDS = (
     "compile-max-autotune",
     "engine",
     "engine-eager",
+    "engine-torch",
     "onnxruntime",
 )
 
@@ -114,7 +115,10 @@ def make_backend(
         return Pipeline(torch.compile(pipeline.network, mode=mode), pipeline.diffusion)
     if name.startswith("engine"):
         graphs = False if name == "engine-eager" else None
-        return Engine(pipeline, dtype=dtype, cuda_graph=graphs, threads=threads)
+        executor = "torch" if name == "engine-torch" else None
+        return Engine(
+            pipeline, dtype=dtype, cuda_graph=graphs, threads=threads, cpu_executor=executor
+        )
     if name == "onnxruntime":
         return OnnxBackend(pipeline, device, workdir)
     raise ValueError(f"unknown backend {name!r}; known: {', '.join(BACKENDS)}")
@@ -380,7 +384,8 @@ def timed_chains(sampler, batch: int, args: argparse.Namespace) -> list[float]:
 def thread_plan(sampler, batch: int, pipeline: Pipeline) -> str:
     """How a CPU backend used the cores."""
     if isinstance(sampler, Engine):
-        return sampler.thread_plan((batch, *pipeline.image_shape())).describe()
+        plan = sampler.thread_plan((batch, *pipeline.image_shape())).describe()
+        return f"{sampler.executor()[0]}: {plan}"
     if isinstance(sampler, OnnxBackend):
         return "ONNX Runtime's own thread pool (its defaults)"
     return f"{torch.get_num_threads()} PyTorch threads"

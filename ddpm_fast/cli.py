@@ -19,6 +19,7 @@ from . import load
 from .errors import ConfigError, DdpmFastError
 from .options import (
     BETA_SCHEDULES,
+    CPU_EXECUTORS,
     DEFAULT_BATCH_SIZE,
     ENGINE_DTYPES,
     OBJECTIVES,
@@ -130,6 +131,13 @@ def _threads_argument(parser: argparse.ArgumentParser) -> None:
         help="CPU threads (default: the cores available to this process, split or reduced "
         "under load as `ddpm-fast info` shows)",
     )
+    parser.add_argument(
+        "--cpu-executor",
+        choices=CPU_EXECUTORS,
+        help="what runs the engine's fp32 step on the CPU: onnxruntime (the engine's step "
+        "exported once into the cache folder) or torch; auto: onnxruntime where installed "
+        "(default: $DDPM_FAST_CPU_EXECUTOR, else auto)",
+    )
 
 
 def _load(args: argparse.Namespace) -> Pipeline:
@@ -187,12 +195,16 @@ def cmd_sample(args: argparse.Namespace) -> int:
     if args.reference:
         if args.dtype != "fp32":
             raise ConfigError("--dtype applies to the engine, not to --reference (fp32)")
+        if args.cpu_executor is not None:
+            raise ConfigError("--cpu-executor applies to the engine, not to --reference")
         if args.threads is not None:
             import torch
 
             torch.set_num_threads(args.threads)
     else:
-        pipeline = Engine(pipeline, dtype=args.dtype, threads=args.threads)
+        pipeline = Engine(
+            pipeline, dtype=args.dtype, threads=args.threads, cpu_executor=args.cpu_executor
+        )
     group, options["device"] = distributed.join(options["device"])
     try:
         pipeline.sample_to(
@@ -230,9 +242,14 @@ def _sample_onnx(args: argparse.Namespace, output: Output) -> int:
     given = [flag for dest, flag in _MODEL_FLAGS.items() if getattr(args, dest, None)]
     if given:
         raise ConfigError(f"{given[0]} does not apply to --onnx (the file fixes the model)")
-    if args.reference or args.dtype != "fp32" or args.threads is not None:
-        flag = next(f for f, on in (("--reference", args.reference), ("--dtype", True),
-                                   ("--threads", args.threads is not None)) if on)  # fmt: skip
+    engine_flags = (
+        ("--reference", args.reference),
+        ("--dtype", args.dtype != "fp32"),
+        ("--threads", args.threads is not None),
+        ("--cpu-executor", args.cpu_executor is not None),
+    )
+    flag = next((flag for flag, given in engine_flags if given), None)
+    if flag is not None:
         raise ConfigError(f"{flag} does not apply to --onnx (ONNX Runtime runs the file)")
     if args.eta is not None:
         _chain(args)  # a bad --eta is the same error as without --onnx
@@ -340,7 +357,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
     pipeline = _load(args)
     info = describe(pipeline)
-    info["cpu_threads"] = _cpu_threads(pipeline, args.threads)
+    info["cpu_threads"] = _cpu_threads(pipeline, args.threads, args.cpu_executor)
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
@@ -376,15 +393,18 @@ def _chain_defaults(pipeline: Pipeline) -> str:
     return f"sampler {d.sampler or 'ddpm'}, {spacing}, {clip}, DDIM's eps from the {eps} x0"
 
 
-def _cpu_threads(pipeline: Pipeline, threads: int | None) -> str:
-    """How the engine would use this machine's cores for the default sample's batch."""
+def _cpu_threads(pipeline: Pipeline, threads: int | None, cpu_executor: str | None) -> str:
+    """What runs the engine's fp32 step on the CPU, and how it would use this machine's cores
+    for the default sample's batch."""
     from .engine import Engine
 
+    engine = Engine(pipeline, threads=threads, cpu_executor=cpu_executor)
+    executor, why = engine.executor()
     if pipeline.diffusion.image_size is None:
-        return "depends on the image size (pass --image-size)"
+        return f"{executor} ({why}); threads depend on the image size (pass --image-size)"
     batch = min(SAMPLE_NUM, DEFAULT_BATCH_SIZE)
-    plan = Engine(pipeline, threads=threads).thread_plan((batch, *pipeline.image_shape()))
-    return f"engine at batch {batch}: {plan.describe()}"
+    plan = engine.thread_plan((batch, *pipeline.image_shape()))
+    return f"{executor} ({why}); at batch {batch}: {plan.describe()}"
 
 
 def cmd_convert(args: argparse.Namespace) -> int:

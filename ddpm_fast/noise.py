@@ -110,24 +110,42 @@ def keyed_noise(
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """Noise of shape [len(sample_indices), *shape] for chain step ``step`` (0 = x_T)."""
+    noise = keyed_noise_steps(seed, sample_indices, step, 1, shape, device=device, dtype=dtype)
+    return noise.view(len(sample_indices), *shape)
+
+
+def keyed_noise_steps(
+    seed: int,
+    sample_indices: Sequence[int],
+    first_step: int,
+    count: int,
+    shape: tuple[int, ...],
+    *,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """The noise of ``count`` consecutive chain steps from ``first_step`` in one draw, shape
+    [len(sample_indices), count, *shape]: entry [:, j] is ``keyed_noise`` of step
+    ``first_step + j`` (the steps' counters are consecutive), for the per-call cost once."""
     check_seed(seed)
     numel = 1
     for s in shape:
         numel *= s
-    if (step + 1) * numel > MAX_OFFSET:
+    if (first_step + count) * numel > MAX_OFFSET:
         raise ConfigError(
-            f"{step + 1} steps of {numel} noise values per sample exceed the 2**31 counters of the "
-            "Philox stream; use fewer steps or smaller images"
+            f"{first_step + count} steps of {numel} noise values per sample exceed the 2**31 "
+            "counters of the Philox stream; use fewer steps or smaller images"
         )
     # Checked on the host, before the tensor exists: no device sync inside a sampling loop.
     if sample_indices and (min(sample_indices) < 0 or max(sample_indices) > MASK32):
         raise ConfigError("sample indices must lie in [0, 2**32)")
     # The key's low word is the seed, the same for every sample: a Python int (no kernels).
     indices = _sample_indices(sample_indices, device).view(-1, 1)
-    start = step * numel  # offsets < 2**31 (checked above): no masking needed
-    offsets = torch.arange(start, start + numel, dtype=torch.int64, device=indices.device)
+    start = first_step * numel  # offsets < 2**31 (checked above): no masking needed
+    stop = start + count * numel
+    offsets = torch.arange(start, stop, dtype=torch.int64, device=indices.device)
     i1, i2, _, _ = philox4x32(offsets.view(1, -1), 0, 0, 0, seed, indices)
-    return _box_muller(i1, i2).view(len(sample_indices), *shape).to(dtype)
+    return _box_muller(i1, i2).view(len(sample_indices), count, *shape).to(dtype)
 
 
 def _sample_indices(

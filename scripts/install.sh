@@ -9,10 +9,11 @@
 # - otherwise (no GPU: CI, laptops) it asks for torch==2.13.0, which on this project's build
 #   machines is a CPU build on local disk, installed in seconds with no download.
 #
-# ONNX (ddpm_fast.export): `onnx`, and `dev` (whose tests cover it), install the `onnx` extra
-# (onnxruntime-gpu) on a machine with an NVIDIA driver and the `onnx-cpu` extra (onnxruntime, the
-# CPU build) elsewhere; an ONNX Runtime build already installed is kept. The two builds share the
-# `onnxruntime` package, so never both.
+# ONNX Runtime (the engine's CPU executor, and ddpm_fast.export) is always installed: the `onnx`
+# extra (onnxruntime-gpu) on a machine with an NVIDIA driver and the `onnx-cpu` extra
+# (onnxruntime, the CPU build) elsewhere; an ONNX Runtime build already installed is kept. The two
+# builds share the `onnxruntime` package, so never both. (`pip install .` alone installs neither:
+# the engine then runs its PyTorch step on the CPU.)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 extras="${1:-}"
@@ -28,11 +29,11 @@ for extra in ${requested[@]+"${requested[@]}"}; do
     case "$extra" in
         onnx) onnx=${onnx:-auto} ;;
         onnx-cpu) onnx=onnx-cpu ;;
-        dev) chosen+=(dev); onnx=${onnx:-auto} ;;
         "") ;;
         *) chosen+=("$extra") ;;
     esac
 done
+onnx=${onnx:-auto}
 if [ "$onnx" = auto ]; then
     if has_dist onnxruntime-gpu; then
         onnx=onnx

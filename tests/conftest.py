@@ -11,6 +11,9 @@ import torch
 
 # The engine's measured CPU convolution choices go to a folder of this run, not the user's cache.
 os.environ.setdefault("DDPM_FAST_CACHE_DIR", tempfile.mkdtemp(prefix="ddpm-fast-cache-"))
+# The engine's CPU tests exercise its own PyTorch step (and the Triton kernels, interpreted);
+# tests/test_onnx_executor.py runs the ONNX Runtime executor, the default where it is installed.
+os.environ.setdefault("DDPM_FAST_CPU_EXECUTOR", "torch")
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
     # Must be set before any @triton.jit function is defined (at import of ddpm_fast.kernels.*).

@@ -7,6 +7,7 @@ import torch
 from ddpm_fast.errors import ConfigError
 from ddpm_fast.noise import (
     keyed_noise,
+    keyed_noise_steps,
     philox4x32,
     philox_keys,
     randint4x,
@@ -145,3 +146,18 @@ def test_keyed_noise_makes_no_tensor_from_a_python_number():
     made = [op for op, kwargs in record.ops if "lift_fresh" in op or "scalar_tensor" in op]
     copies = [op for op, kwargs in record.ops if "copy" in op and "device" in kwargs]
     assert record.ops and not made and not copies
+
+
+def test_a_block_of_steps_is_each_step_drawn_alone():
+    block = keyed_noise_steps(5, range(2, 5), 3, 4, (2, 3, 3))
+    assert block.shape == (3, 4, 2, 3, 3)
+    for j in range(4):
+        assert torch.equal(block[:, j], keyed_noise(5, range(2, 5), 3 + j, (2, 3, 3)))
+
+
+def test_a_block_past_the_stream_is_a_config_error():
+    numel = 4 * 64 * 64
+    last = 2**31 // numel  # the first step past the stream
+    keyed_noise_steps(0, [0], last - 2, 2, (4, 64, 64))  # ends exactly at the limit
+    with pytest.raises(ConfigError, match="exceed the 2\\*\\*31 counters"):
+        keyed_noise_steps(0, [0], last - 2, 3, (4, 64, 64))

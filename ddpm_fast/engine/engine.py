@@ -29,7 +29,15 @@ from .coefficients import coefficient_table
 from .cpu_conv import use_cpu_convolutions
 from .graph import CapturedStep, new_graph_pool
 from .network import FastUnet
-from .threads import MAX_THREADS, ThreadGovernor, ThreadPlan, plan_threads, run_split, torch_threads
+from .onnx_executor import OrtChain, check_executor, resolve_executor
+from .threads import (
+    MAX_THREADS,
+    ThreadGovernor,
+    ThreadPlan,
+    plan_threads,
+    run_split,
+    torch_threads,
+)
 
 # Prepared chains an engine keeps (each a folded network copy with its time tables and graphs).
 MAX_CHAINS = 2
@@ -137,6 +145,20 @@ class PreparedChain:
         )  # fmt: skip
         state.step.add_(1)
 
+    def run_eager(self, x, keys, seed: int, indices: range, on_step) -> torch.Tensor:
+        """The chain from x_T = ``x``, step by step without a graph."""
+        state = ChainState.empty(tuple(x.shape), x.device)
+        state.reset(x, keys)
+        # The kernel draws z itself; the PyTorch path is given it.
+        kernel_draws = draws_noise(x)
+        z = None if kernel_draws else torch.zeros_like(x)
+        for k in range(self.steps):
+            if not kernel_draws and self.noise_on[k]:
+                z = keyed_noise(seed, indices, k + 1, tuple(x.shape[1:]), device=x.device)
+            self.step(state, z)
+            on_step(k + 1)
+        return state.x
+
 
 class Engine(Pipeline):
     """A pipeline on the fast path: ``Engine(pipeline, dtype="fp32", cuda_graph=None)``.
@@ -146,6 +168,9 @@ class Engine(Pipeline):
     chain's state in fp32). ``cuda_graph``: capture each step as a CUDA graph (default: on CUDA
     devices); a failed capture falls back to eager with one warning. ``channels_last``: the
     network's memory format (default: on the CPU, and on CUDA in half precision).
+    ``cpu_executor``: what runs fp32 chains on the CPU: "onnxruntime" (the step exported once,
+    see ``engine.onnx_executor``), "torch" (the engine's own PyTorch step) or "auto" (the
+    first where onnx and onnxruntime are installed); default: $DDPM_FAST_CPU_EXECUTOR, else auto.
     ``sample``/``sample_batches`` take the reference Pipeline's arguments and give the same images
     for the same seed, within the dtype's tolerance.
     """
@@ -160,6 +185,7 @@ class Engine(Pipeline):
         cuda_graph: bool | None = None,
         channels_last: bool | None = None,
         threads: int | None = None,
+        cpu_executor: str | None = None,
     ):
         super().__init__(
             pipeline.network, pipeline.diffusion, source=pipeline.source, notes=pipeline.notes
@@ -171,6 +197,9 @@ class Engine(Pipeline):
         if threads is not None:
             threads = check_int("threads", threads, minimum=1, maximum=MAX_THREADS)
         self.threads = threads
+        self.cpu_executor = check_executor(cpu_executor)
+        if self.cpu_executor == "onnxruntime":
+            self.executor()  # a ConfigError now, not at the first chain, where it cannot run
         self._flops_per_sample: dict[tuple[int, ...], int] = {}
         self._chains: dict[tuple, PreparedChain] = {}
         self._graph_pool = None
@@ -195,11 +224,18 @@ class Engine(Pipeline):
         MAX_CHAINS are kept."""
         device = torch.device(device)
         key = (spec, str(device))
-        chain = self._chains.pop(key, None) or PreparedChain(self, tables, spec, device)
+        chain = self._chains.pop(key, None)
+        if chain is None and device.type == "cpu" and self.executor()[0] == "onnxruntime":
+            chain = OrtChain(self, tables, spec)
+        chain = chain or PreparedChain(self, tables, spec, device)
         self._chains[key] = chain  # most recent last
         while len(self._chains) > MAX_CHAINS:
             self._chains.pop(next(iter(self._chains)))
         return chain
+
+    def executor(self) -> tuple[str, str]:
+        """What runs this engine's chains on the CPU ("onnxruntime" or "torch"), and why."""
+        return resolve_executor(self.cpu_executor, self.dtype)
 
     def _run_chain(
         self,
@@ -236,14 +272,18 @@ class Engine(Pipeline):
             for prepared in reversed(self._chains.values()):
                 if tuple(shape) in prepared.thread_plans:
                     return prepared.thread_plans[tuple(shape)]
+        # ONNX Runtime releases the interpreter lock for the whole step: any batch splits, and
+        # the network's size (a counted forward: seconds, cold) is not needed.
+        on_ort = self.executor()[0] == "onnxruntime"
         sample = tuple(shape[1:])
-        if sample not in self._flops_per_sample:
+        if sample not in self._flops_per_sample and not on_ort:
             self._flops_per_sample[sample] = forward_flops(self.network, sample)
         return plan_threads(
             batch=shape[0],
-            flops_per_sample=self._flops_per_sample[sample],
+            flops_per_sample=self._flops_per_sample.get(sample),
             threads=self.threads,
             thread_invariant=None if chain is None else lambda n: chain.thread_invariant(shape, n),
+            split_min_flops=0 if on_ort else None,
         )
 
     def _run_on_cpu(self, chain, x, keys, seed, indices, on_step) -> torch.Tensor:
@@ -274,17 +314,7 @@ class Engine(Pipeline):
         return chain.thread_plans[shape]
 
     def _run_eager(self, chain, x, keys, seed, indices, on_step) -> torch.Tensor:
-        state = ChainState.empty(tuple(x.shape), x.device)
-        state.reset(x, keys)
-        # The kernel draws z itself; the PyTorch path is given it.
-        kernel_draws = draws_noise(x)
-        z = None if kernel_draws else torch.zeros_like(x)
-        for k in range(chain.steps):
-            if not kernel_draws and chain.noise_on[k]:
-                z = keyed_noise(seed, indices, k + 1, tuple(x.shape[1:]), device=x.device)
-            chain.step(state, z)
-            on_step(k + 1)
-        return state.x
+        return chain.run_eager(x, keys, seed, indices, on_step)
 
     def _captured(self, chain: PreparedChain, shape: tuple[int, ...]) -> CapturedStep | None:
         """The chain's step captured for this batch shape, or None where capture failed."""

@@ -127,29 +127,36 @@ def pinned_threads(threads: int | None) -> tuple[int, str] | None:
 def plan_threads(
     *,
     batch: int,
-    flops_per_sample: float,
+    flops_per_sample: float | None,
     threads: int | None,
     thread_invariant: Callable[[int], bool] | None,
+    split_min_flops: float | None = None,
 ) -> ThreadPlan:
     """The plan for a chain of ``batch`` samples of a network of ``flops_per_sample`` per
     forward. ``thread_invariant(n)``: whether the network gives the same bits on n threads as on
-    one (called only when the answer matters; None: not known yet, as for ``info``)."""
+    one (called only when the answer matters; None: not known yet, as for ``info``).
+    ``split_min_flops``: the size from which a batch is split (default ``SPLIT_MIN_FLOPS``; 0
+    where each step is one call that releases the interpreter lock, as ONNX Runtime's: then
+    ``flops_per_sample`` may be None, not measured)."""
     pinned = pinned_threads(threads)
     if pinned is not None:
         return ThreadPlan(pinned[0], 1, False, f"pinned by {pinned[1]}")
     cores, why = available_cores()
     if cores == 1:
         return ThreadPlan(1, 1, False, f"1 core: {why}")
-    size = f"{flops_per_sample / 1e6:.0f} MFLOP per sample"
-    if batch > 1 and flops_per_sample >= SPLIT_MIN_FLOPS:
-        return ThreadPlan(1, min(cores, batch), False, f"{cores} cores: {why}; {size}")
+    if split_min_flops is None:
+        split_min_flops = SPLIT_MIN_FLOPS
+    where = f"{cores} cores: {why}"
+    if flops_per_sample is not None:
+        where += f"; {flops_per_sample / 1e6:.0f} MFLOP per sample"
+    if batch > 1 and (split_min_flops == 0 or flops_per_sample >= split_min_flops):
+        return ThreadPlan(1, min(cores, batch), False, where)
     if thread_invariant is None:
-        reason = f"{cores} cores: {why}; {size}; adapts if 1 thread keeps the bits (per chain)"
-        return ThreadPlan(cores, 1, True, reason)
+        return ThreadPlan(cores, 1, True, f"{where}; adapts if 1 thread keeps the bits (per chain)")
     if not thread_invariant(cores):
         reason = f"{cores} cores: {why}; fixed: 1 thread would change the last bits"
         return ThreadPlan(cores, 1, False, reason)
-    return ThreadPlan(cores, 1, True, f"{cores} cores: {why}; {size}")
+    return ThreadPlan(cores, 1, True, where)
 
 
 @contextlib.contextmanager

@@ -1,0 +1,230 @@
+"""The engine's ONNX Runtime executor on the CPU (ddpm_fast.engine.onnx_executor): its chains are
+the reference's for every family and sampler, under every thread plan; its step file is cached
+safely; without onnxruntime the engine says so or falls back."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+
+import ddpm_fast
+from ddpm_fast.cli import main
+from ddpm_fast.engine import Engine
+from ddpm_fast.engine import onnx_executor as ox
+from ddpm_fast.engine import threads as th
+from ddpm_fast.errors import ConfigError
+from ddpm_fast.samplers import step_tables
+
+from .families import CASES, random_pipeline
+
+CHAIN_ATOL = 1e-4  # images in [0, 1], a whole chain in fp32
+
+
+@pytest.fixture(scope="module")
+def default_pipeline():
+    return ddpm_fast.load()
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    """A cache folder of this test only: each test sees its own exports."""
+    monkeypatch.setenv("DDPM_FAST_CACHE_DIR", str(tmp_path / "cache"))
+    return tmp_path / "cache" / "onnx-steps"
+
+
+@pytest.fixture
+def restore_threads():
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+def assert_reference(got: torch.Tensor, want: torch.Tensor) -> None:
+    assert torch.isfinite(want).all() and (want - want.mean()).abs().max() > 0.05
+    torch.testing.assert_close(got, want, rtol=0, atol=CHAIN_ATOL)
+
+
+@pytest.mark.parametrize(
+    "chain",
+    [
+        dict(sampler="ddpm", steps=15),
+        dict(sampler="ddim", steps=8, eta=0.5),
+        dict(sampler="dpm++2m", steps=8),  # carries x0 of the step before
+        dict(sampler="dpm++2m-sde", steps=8),
+    ],
+)
+def test_default_model_chains_are_the_reference(default_pipeline, cache, chain):
+    engine = Engine(default_pipeline, cpu_executor="onnxruntime")
+    got = engine.sample(3, seed=4, **chain)
+    assert engine.executor()[0] == "onnxruntime" and list(cache.glob("*.onnx"))
+    assert_reference(got, default_pipeline.sample(3, seed=4, **chain))
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_every_family_runs_on_onnxruntime(name, cache):
+    """Self-conditioning, learned variance, memory key/values, Fourier features: one file per
+    family case, fed each step's rows."""
+    pipeline = random_pipeline(name, steps=50)
+    kwargs = dict(sampler="ddpm", steps=5, seed=3)
+    got = Engine(pipeline, cpu_executor="onnxruntime").sample(2, **kwargs)
+    assert_reference(got, pipeline.sample(2, **kwargs))
+
+
+@pytest.mark.parametrize("mode", ["split", "whole", "pinned-1", "pinned-2"])
+def test_every_thread_plan_gives_the_reference_images(
+    default_pipeline, cache, monkeypatch, mode, restore_threads
+):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(th, "available_cores", lambda: (2, "2 (test)"))
+    threads = {"pinned-1": 1, "pinned-2": 2}.get(mode)
+    engine = Engine(default_pipeline, threads=threads, cpu_executor="onnxruntime")
+    batch = 1 if mode == "whole" else 4
+    kwargs = dict(sampler="ddim", steps=10, seed=6, batch_size=batch)
+    first = engine.sample(batch, **kwargs)
+    plan = engine.thread_plan((batch, *default_pipeline.image_shape()))
+    assert plan.workers == (2 if mode == "split" else 1)
+    assert torch.equal(engine.sample(batch, **kwargs), first)  # the same bits every run
+    assert_reference(first, default_pipeline.sample(batch, **kwargs))
+
+
+def test_the_split_reports_progress_once_per_step(
+    default_pipeline, cache, monkeypatch, restore_threads
+):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(th, "available_cores", lambda: (2, "2 (test)"))
+    engine = Engine(default_pipeline, cpu_executor="onnxruntime")
+    spec = default_pipeline.sampler_spec("ddim", 6, 0.0)
+    tables = step_tables(default_pipeline.schedule, spec)
+    seen = []
+    x = torch.randn(4, *default_pipeline.image_shape())
+    engine._run_chain(x, tables, spec, seed=0, indices=range(4), on_step=seen.append)
+    assert seen == list(range(1, 7))
+
+
+def test_the_step_file_is_exported_once_and_reused(default_pipeline, cache, monkeypatch):
+    kwargs = dict(sampler="ddim", steps=4, seed=1)
+    first = Engine(default_pipeline, cpu_executor="onnxruntime").sample(2, **kwargs)
+    files = list(cache.glob("*"))
+    assert len(files) == 1 and files[0].suffix == ".onnx"  # no temporary file left
+
+    def no_export(*args):
+        raise AssertionError("exported again")
+
+    monkeypatch.setattr(ox, "export_step_file", no_export)
+    # A new engine, and another chain of the same model: the same file serves both.
+    again = Engine(default_pipeline, cpu_executor="onnxruntime")
+    assert torch.equal(again.sample(2, **kwargs), first)
+    again.sample(2, sampler="ddpm", steps=3, seed=1)
+
+
+def test_the_key_changes_with_the_weights_and_the_versions(default_pipeline, monkeypatch):
+    key = ox.file_key(default_pipeline, (8, 8), False, False)
+    assert ox.file_key(default_pipeline, (8, 8), False, False) == key
+    assert ox.file_key(default_pipeline, (16, 16), False, False) != key
+    assert ox.file_key(default_pipeline, (8, 8), False, True) != key
+    other = ddpm_fast.load()
+    with torch.no_grad():
+        next(other.network.parameters()).view(-1)[0] += 1e-3
+    assert ox.file_key(other, (8, 8), False, False) != key
+    monkeypatch.setattr(ox.torch, "__version__", "0.0-test")
+    assert ox.file_key(default_pipeline, (8, 8), False, False) != key
+
+
+def test_a_damaged_file_is_exported_again(default_pipeline, cache, caplog):
+    kwargs = dict(sampler="ddim", steps=4, seed=2)
+    want = Engine(default_pipeline, cpu_executor="onnxruntime").sample(2, **kwargs)
+    (path,) = cache.glob("*.onnx")
+    path.write_bytes(b"not an onnx file")
+    got = Engine(default_pipeline, cpu_executor="onnxruntime").sample(2, **kwargs)
+    assert torch.equal(got, want)
+    assert "exporting it again" in caplog.text
+    assert path.stat().st_size > 1000
+
+
+def test_the_thread_check_compares_sessions(default_pipeline, cache):
+    engine = Engine(default_pipeline, cpu_executor="onnxruntime")
+    spec = default_pipeline.sampler_spec("ddim", 3, 0.0)
+    chain = engine.prepare(step_tables(default_pipeline.schedule, spec), spec, "cpu")
+    shape = (2, *default_pipeline.image_shape())
+    real = chain.session
+    asked = []
+
+    def spy(image_hw, threads):
+        asked.append(threads)
+        session = real(image_hw, threads)
+        if threads == 1:
+
+            class Shifted:  # as if one thread gave other bits
+                def run(self, names, feeds):
+                    return [out + 1e-3 for out in session.run(names, feeds)]
+
+            return Shifted()
+        return session
+
+    chain.session = spy
+    assert chain.thread_invariant(shape, 2) is False
+    assert asked == [2, 1]
+    assert chain.thread_invariant(shape, 2) is False and len(asked) == 2  # checked once
+
+
+def test_without_onnxruntime_auto_runs_pytorch_and_asking_for_it_is_an_error(
+    default_pipeline, monkeypatch
+):
+    monkeypatch.setattr(ox, "missing_packages", lambda: ["onnxruntime"])
+    engine = Engine(default_pipeline, cpu_executor="auto")
+    executor, why = engine.executor()
+    assert executor == "torch" and "onnxruntime not installed" in why
+    with pytest.raises(ConfigError, match=r"needs onnxruntime: pip install 'ddpm-fast\[onnx\]'"):
+        Engine(default_pipeline, cpu_executor="onnxruntime")
+
+
+def test_half_precision_runs_pytorch(default_pipeline):
+    assert Engine(default_pipeline, dtype="bf16", cpu_executor="auto").executor()[0] == "torch"
+    with pytest.raises(ConfigError, match="fp32 chains only"):
+        Engine(default_pipeline, dtype="bf16", cpu_executor="onnxruntime")
+
+
+def test_bad_executors_are_config_errors(default_pipeline, monkeypatch):
+    with pytest.raises(ConfigError, match="cpu_executor must be one of auto, onnxruntime, torch"):
+        Engine(default_pipeline, cpu_executor="openvino")
+    monkeypatch.setenv("DDPM_FAST_CPU_EXECUTOR", "tensorrt")
+    with pytest.raises(ConfigError, match="DDPM_FAST_CPU_EXECUTOR must be one of"):
+        Engine(default_pipeline)
+
+
+def test_the_environment_sets_the_default(default_pipeline, monkeypatch):
+    monkeypatch.delenv("DDPM_FAST_CPU_EXECUTOR")
+    assert Engine(default_pipeline).executor()[0] == "onnxruntime"
+    monkeypatch.setenv("DDPM_FAST_CPU_EXECUTOR", "torch")
+    assert Engine(default_pipeline).executor()[0] == "torch"
+    assert Engine(default_pipeline, cpu_executor="auto").executor()[0] == "onnxruntime"
+
+
+def test_info_names_the_executor(monkeypatch, capsys):
+    monkeypatch.delenv("DDPM_FAST_CPU_EXECUTOR")
+    assert main(["info"]) == 0
+    assert "cpu threads: onnxruntime (onnxruntime installed" in capsys.readouterr().out
+    assert main(["info", "--cpu-executor", "torch"]) == 0
+    assert "cpu threads: torch (cpu_executor='torch')" in capsys.readouterr().out
+
+
+def test_the_cli_samples_on_onnxruntime(cache, tmp_path, default_pipeline):
+    out = tmp_path / "x.png"
+    args = ["sample", "--cpu-executor", "onnxruntime", "--steps", "5", "--num", "4"]
+    assert main([*args, "--out", str(out), "--seed", "9"]) == 0
+    assert out.is_file() and list(cache.glob("*.onnx"))
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--reference", "--cpu-executor", "torch"], "--cpu-executor applies to the engine"),
+        (["--onnx", "m.onnx", "--cpu-executor", "torch"], "--cpu-executor does not apply"),
+    ],
+)
+def test_cli_flag_misuse(args, message, tmp_path, capsys):
+    assert main(["sample", *args, "--out", str(tmp_path / "x.png")]) != 0
+    assert message in capsys.readouterr().err
