@@ -369,26 +369,38 @@ def test_a_spaced_chain_is_diffusers(tmp_path, name):
     assert_diffusers_final(got, fixture["final"])
 
 
+@pytest.mark.parametrize("executor", ["torch", "onnxruntime"])
 @pytest.mark.parametrize(
     "name", ["ddpm-leading-offset1-10", "ddim-linspace-eta0.5-10", "dpm++2m-sde-karras-12"]
 )
-def test_a_spaced_chain_through_the_engine_is_diffusers(tmp_path, name):
-    """The engine's prepared chain (fast network, coefficient table, fused step) fed the
-    fixture's noise, step by step."""
+def test_a_spaced_chain_through_the_engine_is_diffusers(tmp_path, name, executor):
+    """The engine's prepared chain on either CPU executor (the fast network, coefficient table
+    and fused step; the exported row-fed step file) fed the fixture's noise, step by step."""
     from ddpm_fast.engine import Engine
     from ddpm_fast.engine.engine import ChainState
 
     pipeline, spec, tables, noise_fn, fixture = spaced_chain(tmp_path, name)
-    engine = Engine(pipeline)
-    device = torch.device("cpu")
-    chain = engine.prepare(tables, spec, device)
+    engine = Engine(pipeline, cpu_executor=executor) if executor == "torch" else None
+    if engine is None:
+        pytest.importorskip("onnxruntime")
+        engine = Engine(pipeline, cpu_executor=executor)
+    chain = engine.prepare(tables, spec, torch.device("cpu"))
     x_t = fixture["x_T"].clone()
-    state = ChainState.empty(tuple(x_t.shape), device)
-    state.reset(x_t, torch.zeros(x_t.shape[0], dtype=torch.int64))
-    with torch.no_grad():
+    if executor == "torch":
+        state = ChainState.empty(tuple(x_t.shape), torch.device("cpu"))
+        state.reset(x_t, torch.zeros(x_t.shape[0], dtype=torch.int64))
+        with torch.no_grad():
+            for k in range(len(tables)):
+                chain.step(state, z=noise_fn(k + 1, tuple(x_t.shape)))
+        got = state.x
+    else:
+        x, x0 = x_t.numpy(), np.zeros(tuple(x_t.shape), np.float32)
+        session = chain.session(tuple(x_t.shape[2:]), 1)
         for k in range(len(tables)):
-            chain.step(state, z=noise_fn(k + 1, tuple(x_t.shape)))
-    assert_diffusers_final(state.x, fixture["final"])
+            z = noise_fn(k + 1, tuple(x_t.shape)).numpy()
+            x, x0 = session.run(None, chain._feeds(x, x0, z, k))
+        got = torch.from_numpy(x)
+    assert_diffusers_final(got, fixture["final"])
 
 
 DPM_BAD = {
