@@ -186,3 +186,19 @@ def test_which_steps_add_noise_is_the_samplers_word_with_diffusers_spacings(spac
                 tables = step_tables(schedule, spec)
                 noise = "".join("1" if tables.adds_noise(k) else "0" for k in range(steps))
                 assert noise == expected_noise_steps(kind, steps, eta), (spec, noise)
+
+
+def test_a_chain_it_refuses_fails_before_anything_is_written(tmp_path, capsys):
+    from ddpm_fast.cli import main
+
+    folder = Path(shutil.copytree(FIXTURES / "ddpm_cifar10_small", tmp_path / "f"))
+    config_file = folder / "scheduler" / "scheduler_config.json"
+    config_file.write_text(
+        json.dumps({**json.loads(config_file.read_text()), "timestep_spacing": "trailing"})
+    )  # fixed_large variance: diffusers adds noise at the last timestep, 99
+    out = tmp_path / "out" / "x.png"
+    out.parent.mkdir()
+    assert main(["sample", str(folder), "--steps", "10", "--num", "2", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "ends the 10-step chain at timestep 99" in err and "\n" not in err
+    assert list(out.parent.iterdir()) == []
