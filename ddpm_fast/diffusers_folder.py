@@ -16,6 +16,8 @@ clip_sample            true (x0 clipped to [-clip_sample_range, clip_sample_rang
 timestep_spacing       leading (the default), linspace, trailing, with steps_offset:
                        the timesteps a chain of fewer steps visits, as diffusers
 set_alpha_to_one       true (DDIM's last step returns x0)
+rescale_betas_zero_snr the betas rescaled (float32, as diffusers): abar_T = 0 (2**-24 for
+                       DPM-Solver, as diffusers); pred_noise cannot step from t = T - 1
 algorithm_type         DPM-Solver: dpmsolver++ -> dpm++2m, sde-dpmsolver++ -> dpm++2m-sde
                        (-karras with use_karras_sigmas); solver_order 2, midpoint,
                        final_sigmas_type zero, no other sigmas (``DPM_REQUIRED``)
@@ -24,8 +26,8 @@ algorithm_type         DPM-Solver: dpmsolver++ -> dpm++2m, sde-dpmsolver++ -> dp
 A DDIMScheduler folder samples with DDIM by default (its pipeline's), a DDPMScheduler folder with
 DDPM, a DPMSolverMultistepScheduler folder with its dpm++2m variant (default spacing linspace, x0
 not clipped). DDIM steps with the network's own eps (diffusers' ``use_clipped_model_output=False``),
-not one re-derived from the clipped x0. Anything else (thresholding, rescale_betas_zero_snr,
-another scheduler class, ...) is a ConfigError naming the field.
+not one re-derived from the clipped x0. Anything else (dynamic thresholding, another scheduler
+class, ...) is a ConfigError naming the field.
 """
 
 from __future__ import annotations
@@ -138,8 +140,13 @@ def schedule_from_scheduler(where: str, config: dict) -> tuple[DiffusionConfig, 
     if kind not in SCHEDULERS:
         raise bad("_class_name", f"is not supported (known: {', '.join(SCHEDULERS)})")
     steps = config.get("num_train_timesteps", 1000)
+    rescale = config.get("rescale_betas_zero_snr", False)
+    if not isinstance(rescale, bool):
+        raise bad("rescale_betas_zero_snr", "is not true or false")
+    zero_snr = {"rescale_zero_snr": 1} if rescale else {}
     if config.get("trained_betas") is not None:
-        schedule = ScheduleConfig("trained", steps, {"betas": list(config["trained_betas"])})
+        betas = {"betas": list(config["trained_betas"])}
+        schedule = ScheduleConfig("trained", steps, betas | zero_snr)
     else:
         name = config.get("beta_schedule", "linear")
         if name not in BETA_SCHEDULES:
@@ -150,7 +157,7 @@ def schedule_from_scheduler(where: str, config: dict) -> tuple[DiffusionConfig, 
                 "beta_start": config.get("beta_start", 0.0001),
                 "beta_end": config.get("beta_end", 0.02),
             }
-        schedule = ScheduleConfig(BETA_SCHEDULES[name], steps, kwargs)
+        schedule = ScheduleConfig(BETA_SCHEDULES[name], steps, kwargs | zero_snr)
     prediction = config.get("prediction_type", "epsilon")
     if prediction not in PREDICTIONS:
         raise bad("prediction_type", f"is not supported (known: {', '.join(PREDICTIONS)})")
@@ -184,12 +191,6 @@ def schedule_from_scheduler(where: str, config: dict) -> tuple[DiffusionConfig, 
             "thresholding",
             "is not supported (dynamic thresholding clips x0 at a per-sample quantile, which "
             "ddpm-fast's elementwise step cannot do)",
-        )
-    if config.get("rescale_betas_zero_snr", False):
-        raise bad(
-            "rescale_betas_zero_snr",
-            "is not supported (alphas_cumprod reaches 0 at the last timestep, where ddpm-fast's "
-            "eps = (x / sqrt(abar) - x0) / sqrt(1 / abar - 1) is not finite)",
         )
     if kind == "DDIMScheduler" and config.get("set_alpha_to_one", True) is not True:
         raise bad("set_alpha_to_one", "is not supported (DDIM's last step returns x0)")

@@ -202,3 +202,30 @@ def test_a_chain_it_refuses_fails_before_anything_is_written(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert "ends the 10-step chain at timestep 99" in err and "\n" not in err
     assert list(out.parent.iterdir()) == []
+
+
+def test_a_zero_terminal_snr_schedule_keeps_every_column_finite():
+    """diffusers' rescale_betas_zero_snr: abar_T = 0; the columns of DDPM, DDIM and DPM-Solver
+    stay finite (1 / sqrt(abar) has a stand-in; DPM-Solver's abar_T is 2**-24), and a pred_noise
+    network is refused where the chain visits t = T - 1."""
+    config = ScheduleConfig("diffusers_linear", 100, {"rescale_zero_snr": 1})
+    schedule = Schedule(config)
+    assert schedule.alphas_cumprod[-1] == 0 and schedule.betas[-1] == 1
+    assert (schedule.alphas_cumprod[:-1] > 0).all()
+    for spec in (
+        SamplerSpec("ddpm", 10, timestep_spacing="trailing"),
+        SamplerSpec("ddim", 10, 0.5, timestep_spacing="trailing", eps_from_clipped_x0=False),
+        SamplerSpec("dpm++2m-sde", 10, timestep_spacing="linspace", clip_x0=False),
+    ):
+        tables = step_tables(schedule, spec)
+        assert tables.timesteps[0] == 99
+        for objective in ("pred_v", "pred_x0"):
+            for name, column in tables.rows(objective).items():
+                assert torch.isfinite(column).all(), (spec.kind, objective, name)
+        if spec.kind != "dpm++2m-sde":  # DPM-Solver's abar_T is 2**-24: pred_noise is finite
+            with pytest.raises(ConfigError, match="cannot step from alphas_cumprod = 0"):
+                tables.rows("pred_noise")
+    leading = step_tables(schedule, SamplerSpec("ddpm", 10, timestep_spacing="leading"))
+    assert torch.isfinite(torch.stack(list(leading.rows("pred_noise").values()))).all()
+    with pytest.raises(ConfigError, match="betas outside"):
+        Schedule(ScheduleConfig("diffusers_linear", 100, {"beta_end": 1.0}))

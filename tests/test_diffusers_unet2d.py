@@ -205,10 +205,10 @@ BAD = {
         ConfigError,
         "thresholding=True is not supported .dynamic thresholding clips x0 at a per-sample",
     ),
-    "zero terminal snr": (
-        lambda f: edit_json(f / "scheduler" / "scheduler_config.json", rescale_betas_zero_snr=True),
+    "zero terminal snr flag": (
+        lambda f: edit_json(f / "scheduler" / "scheduler_config.json", rescale_betas_zero_snr=1),
         ConfigError,
-        "rescale_betas_zero_snr=True is not supported .alphas_cumprod reaches 0",
+        "rescale_betas_zero_snr=1 is not true or false",
     ),
     "unknown beta schedule": (
         lambda f: edit_json(f / "scheduler" / "scheduler_config.json", beta_schedule="laplace"),
@@ -351,6 +351,7 @@ def test_the_spaced_fixture_covers_what_it_claims():
     assert any(c.get("clip_sample") is False for c in changes)
     assert {c["sampler"] for c in cases.values()} == {"ddpm", "ddim", "dpm"}
     assert all(c["steps"] < 100 for c in cases.values())  # over 1000-step schedules
+    assert sum(c.get("rescale_betas_zero_snr", False) for c in changes) == 3
 
 
 @pytest.mark.parametrize("name", sorted(spaced_fixtures()))
@@ -371,7 +372,13 @@ def test_a_spaced_chain_is_diffusers(tmp_path, name):
 
 @pytest.mark.parametrize("executor", ["torch", "onnxruntime"])
 @pytest.mark.parametrize(
-    "name", ["ddpm-leading-offset1-10", "ddim-linspace-eta0.5-10", "dpm++2m-sde-karras-12"]
+    "name",
+    [
+        "ddpm-leading-offset1-10",
+        "ddim-linspace-eta0.5-10",
+        "dpm++2m-sde-karras-12",
+        "ddim-zero-snr-trailing-vpred-10",
+    ],
 )
 def test_a_spaced_chain_through_the_engine_is_diffusers(tmp_path, name, executor):
     """The engine's prepared chain on either CPU executor (the fast network, coefficient table

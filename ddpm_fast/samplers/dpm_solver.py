@@ -55,6 +55,9 @@ def timesteps_and_sigmas(alphas_cumprod: np.ndarray, spec) -> tuple[np.ndarray, 
     """The visited timesteps and the sigmas of the steps, with the final 0 appended (float32
     values, as diffusers keeps them)."""
     total = len(alphas_cumprod)
+    # A zero terminal SNR schedule's abar_T = 0 is 2**-24 for DPM-Solver, as diffusers sets it
+    # (a finite first sigma).
+    alphas_cumprod = np.where(alphas_cumprod == 0, 2.0**-24, alphas_cumprod)
     sigmas = ((1 - alphas_cumprod) / alphas_cumprod) ** 0.5
     if spec.kind.endswith("-karras"):
         chosen = karras_sigmas(sigmas, spec.steps)

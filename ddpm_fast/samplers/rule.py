@@ -48,6 +48,7 @@ TABLE = (
 # One row of the fused step's coefficient table: the objective's (a, b), then the sampler's.
 ROW = ("a", "b", *(name for name in TABLE if name not in ("x0_from_xt_v", "x0_from_v")))
 FLOAT32_MAX = 3.4028234663852886e38  # clamp bound that leaves every finite float32 unchanged
+ZERO_SNR_SCALE = 2.0**64  # 1 / sqrt(abar) at abar = 0 (spacing.x0_columns)
 
 
 @dataclass
@@ -73,6 +74,12 @@ def row_columns(table: Mapping, objective: str) -> dict:
     """The ``ROW`` columns (arrays or tensors alike) of a sampler's ``TABLE`` columns for a
     network trained on ``objective``: x0 = a x - b out (pred_x0: a = 0, b = -1, x0 = out)."""
     if objective == "pred_noise":
+        if bool((table["x0_from_xt_v"] == 0).any()):
+            raise ConfigError(
+                "a pred_noise (epsilon) network cannot step from alphas_cumprod = 0 (a zero "
+                "terminal SNR schedule's last timestep: x0 = (x - eps) / 0); use a chain that "
+                "does not visit it (e.g. leading spacing) or a v_prediction network"
+            )
         a, b = table["x0_from_xt"], table["x0_from_eps"]
     elif objective == "pred_v":
         a, b = table["x0_from_xt_v"], table["x0_from_v"]

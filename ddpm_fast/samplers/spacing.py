@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import ConfigError
-from .rule import FLOAT32_MAX
+from .rule import FLOAT32_MAX, ZERO_SNR_SCALE
 
 SPACINGS = ("library", "linspace", "leading", "trailing")
 
@@ -48,10 +48,17 @@ def spaced_timesteps(
 
 
 def x0_columns(abar: np.ndarray) -> dict[str, np.ndarray]:
-    """The columns that recover x0 from x_t = sqrt(abar) x0 + sqrt(1 - abar) eps (float64)."""
+    """The columns that recover x0 from x_t = sqrt(abar) x0 + sqrt(1 - abar) eps (float64).
+
+    At abar = 0 (a zero-terminal-SNR schedule's last timestep) 1 / sqrt(abar) is infinite:
+    ``ZERO_SNR_SCALE`` stands in for both, so that eps = (s x - x0) / s is x there (its limit;
+    x0's share, x0 / 2**64, is below float32's precision), as diffusers' v_prediction has it.
+    A pred_noise network cannot step there (``rule.row_columns`` refuses it)."""
+    zero_snr = abar == 0
+    safe = np.where(zero_snr, 1.0, abar)
     return {
-        "x0_from_xt": np.sqrt(1.0 / abar),
-        "x0_from_eps": np.sqrt(1.0 / abar - 1),
+        "x0_from_xt": np.where(zero_snr, ZERO_SNR_SCALE, np.sqrt(1.0 / safe)),
+        "x0_from_eps": np.where(zero_snr, ZERO_SNR_SCALE, np.sqrt(1.0 / safe - 1)),
         "x0_from_xt_v": np.sqrt(abar),
         "x0_from_v": np.sqrt(1.0 - abar),
     }

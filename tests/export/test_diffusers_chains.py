@@ -54,7 +54,8 @@ def test_a_folders_chain_exports_verifies_and_samples(tmp_path, what, chain, cha
 
 @pytest.mark.parametrize(
     ("name", "what"), [("ddim-linspace-eta0.5-10", "step"), ("dpm++2m-10", "step"),
-                       ("ddpm-leading-offset1-10", "unet")],
+                       ("ddpm-leading-offset1-10", "unet"),
+                       ("ddim-zero-snr-trailing-vpred-10", "unet")],
 )  # fmt: skip
 def test_a_spaced_chain_through_onnx_is_diffusers(tmp_path, name, what):
     """The exported file (a step file: the traced rule; a unet file: OnnxSampler's NumPy rule),
