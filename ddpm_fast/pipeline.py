@@ -406,7 +406,9 @@ class Pipeline:
         output = Output(path)
         num = check_int("the number of images", num, minimum=1)
         spec = self.sampler_spec(sampler, steps, eta, timestep_spacing)
-        step_tables(self.schedule, spec)  # a chain it cannot run fails before anything is written
+        # A chain it cannot run (diffusers' last-step noise, epsilon at abar = 0) fails here,
+        # before anything is written.
+        step_tables(self.schedule, spec).rows(self.diffusion.objective)
         seed = check_seed(check_int("seed", seed))
         device = resolve_device(device, self.device)
         group = current_group() if group is None else group
