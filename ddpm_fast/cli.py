@@ -88,20 +88,27 @@ def _model_arguments(parser: argparse.ArgumentParser, *, checkpoint_required: bo
 
 def _chain_arguments(parser: argparse.ArgumentParser) -> None:
     # No defaults here (None: "not given"), so that --onnx can tell a request from a default.
-    parser.add_argument("--sampler", choices=SAMPLERS, help="default: ddpm")
+    parser.add_argument(
+        "--sampler",
+        choices=SAMPLERS,
+        help="default: the model's (a diffusers DPMSolverMultistepScheduler folder: its "
+        "dpm++2m variant), else ddpm",
+    )
     parser.add_argument("--eta", type=float, help="DDIM's eta (default 0: deterministic)")
     parser.add_argument(
         "--timestep-spacing",
         choices=SPACINGS,
         help="which timesteps a chain of --steps visits (diffusers' names; library: "
-        "denoising-diffusion-pytorch's); default: the sampler's (ddpm, ddim: library; dpm++2m: "
-        "linspace)",
+        "denoising-diffusion-pytorch's); default: the model's (a diffusers folder's scheduler), "
+        "else the sampler's (ddpm, ddim: library; dpm++2m: linspace)",
     )
 
 
-def _chain(args: argparse.Namespace) -> tuple[str, float]:
-    """(sampler, eta) asked for, with their defaults; eta applies to DDIM only."""
-    sampler = args.sampler or "ddpm"
+def _chain(args: argparse.Namespace, pipeline: Pipeline | None = None) -> tuple[str, float]:
+    """(sampler, eta) asked for, with their defaults (the sampler: the model's, else ddpm); eta
+    applies to DDIM only."""
+    default = pipeline.diffusion.sampler if pipeline is not None else None
+    sampler = args.sampler or default or "ddpm"
     eta = 0.0 if args.eta is None else args.eta
     if eta and sampler in SAMPLERS and not sampler_module(sampler).USES_ETA:
         raise ConfigError("--eta applies to --sampler ddim only")
@@ -167,7 +174,7 @@ def _sampling_options(args: argparse.Namespace, pipeline: Pipeline) -> dict:
     from .noise import check_seed
     from .pipeline import resolve_device
 
-    sampler, eta = _chain(args)
+    sampler, eta = _chain(args, pipeline)
     spec = pipeline.sampler_spec(sampler, args.steps, eta, args.timestep_spacing)
     pipeline.image_shape()
     device = resolve_device(args.device, pipeline.device)
@@ -294,8 +301,10 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     check_writable_file(out, (".onnx",))
-    sampler, eta = _chain(args)
+    if args.sampler is not None:
+        _chain(args)  # a bad chain fails before the model is read
     pipeline = _load(args)
+    sampler, eta = _chain(args, pipeline)
     options = dict(what=args.what, dtype=args.dtype, opset=args.opset)
     try:
         result = export_onnx(
@@ -365,6 +374,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         return 0
     network = ", ".join(f"{k}={v}" for k, v in info["network"].items())
     diffusion = info["diffusion"]
+    auto_normalize = pipeline.diffusion.auto_normalize  # to_dict leaves out the default
     schedule = diffusion["schedule"]
     lines = [
         f"source:      {info['source']}",
@@ -375,14 +385,26 @@ def cmd_info(args: argparse.Namespace) -> int:
         + (f", {_shown_kwargs(schedule['kwargs'])}" if schedule["kwargs"] else ""),
         f"objective:   {diffusion['objective']}",
         f"variance:    {diffusion['variance']}",
-        f"images:      {'(x + 1) / 2' if diffusion['auto_normalize'] else 'x clamped to [0, 1]'}"
-        f" of the chain's x (auto_normalize {str(diffusion['auto_normalize']).lower()})",
+        f"images:      {'(x + 1) / 2' if auto_normalize else 'x clamped to [0, 1]'}"
+        f" of the chain's x (auto_normalize {str(auto_normalize).lower()})",
+        f"chains:      {_chain_defaults(pipeline)}",
         f"image size:  {diffusion['image_size'] or 'not stored (pass --image-size)'}",
     ]
     lines += [f"note:        {note}" for note in info["notes"]]
     lines.append(f"cpu threads: {info['cpu_threads']}")
     print("\n".join(lines))
     return 0
+
+
+def _chain_defaults(pipeline: Pipeline) -> str:
+    """How the model's chains run when nothing else is asked for."""
+    d = pipeline.diffusion
+    spacing = d.timestep_spacing or "the sampler's spacing"
+    if d.steps_offset:
+        spacing += f" (steps_offset {d.steps_offset})"
+    clip = f"x0 clipped to [-{d.clip_range:g}, {d.clip_range:g}]" if d.clip_x0 else "x0 not clipped"
+    eps = "clipped" if d.eps_from_clipped_x0 else "unclipped"
+    return f"sampler {d.sampler or 'ddpm'}, {spacing}, {clip}, DDIM's eps from the {eps} x0"
 
 
 def _cpu_threads(pipeline: Pipeline, threads: int | None, cpu_executor: str | None) -> str:

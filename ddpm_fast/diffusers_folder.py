@@ -2,7 +2,8 @@
 (model_index.json, unet/, scheduler/) or a bare UNet2DModel folder (config.json and
 diffusion_pytorch_model.safetensors or .bin), whose scheduler options come from the caller.
 
-The scheduler's config (DDPMScheduler, DDIMScheduler) maps onto a DiffusionConfig:
+The scheduler's config (DDPMScheduler, DDIMScheduler, DPMSolverMultistepScheduler) maps onto a
+DiffusionConfig:
 
 =====================  ==========================================================
 beta_schedule          linear, scaled_linear, squaredcos_cap_v2, sigmoid -> the
@@ -10,13 +11,23 @@ beta_schedule          linear, scaled_linear, squaredcos_cap_v2, sigmoid -> the
                        -> ``trained``
 prediction_type        epsilon -> pred_noise, v_prediction -> pred_v, sample -> pred_x0
 variance_type          fixed_small (= fixed_small_log), fixed_large, learned_range
-clip_sample            true with clip_sample_range 1 (ddpm-fast clips x0 to [-1, 1])
+clip_sample            true (x0 clipped to [-clip_sample_range, clip_sample_range]) or
+                       false (not clipped)
+timestep_spacing       leading (the default), linspace, trailing, with steps_offset:
+                       the timesteps a chain of fewer steps visits, as diffusers
 set_alpha_to_one       true (DDIM's last step returns x0)
+rescale_betas_zero_snr the betas rescaled (float32, as diffusers): abar_T = 0 (2**-24 for
+                       DPM-Solver, as diffusers); pred_noise cannot step from t = T - 1
+algorithm_type         DPM-Solver: dpmsolver++ -> dpm++2m, sde-dpmsolver++ -> dpm++2m-sde
+                       (-karras with use_karras_sigmas); solver_order 2, midpoint,
+                       final_sigmas_type zero, no other sigmas (``DPM_REQUIRED``)
 =====================  ==========================================================
 
-Anything else (thresholding, rescale_betas_zero_snr, another scheduler class, ...) is a
-ConfigError naming the field. ``timestep_spacing`` and ``steps_offset`` only matter for chains
-of fewer steps than the schedule's; they are reported in the notes.
+A DDIMScheduler folder samples with DDIM by default (its pipeline's), a DDPMScheduler folder with
+DDPM, a DPMSolverMultistepScheduler folder with its dpm++2m variant (default spacing linspace, x0
+not clipped). DDIM steps with the network's own eps (diffusers' ``use_clipped_model_output=False``),
+not one re-derived from the clipped x0. Anything else (dynamic thresholding, another scheduler
+class, ...) is a ConfigError naming the field.
 """
 
 from __future__ import annotations
@@ -29,10 +40,28 @@ import torch
 from .errors import CheckpointError, ConfigError
 from .models import diffusers_unet2d
 from .pipeline import DiffusionConfig, Pipeline, override_diffusion
+from .samplers import SPACINGS
 from .schedule import ScheduleConfig
 
 WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
-SCHEDULERS = ("DDPMScheduler", "DDIMScheduler")
+SCHEDULERS = ("DDPMScheduler", "DDIMScheduler", "DPMSolverMultistepScheduler")
+# DPMSolverMultistepScheduler: algorithm_type -> ddpm-fast's sampler (with -karras for
+# use_karras_sigmas), and the options that must have these values for ddpm-fast's DPM-Solver++(2M)
+# to be diffusers' (solver_order 1 or 3, another algorithm, other sigmas are other solvers).
+DPM_ALGORITHMS = {"dpmsolver++": "dpm++2m", "sde-dpmsolver++": "dpm++2m-sde"}
+DPM_REQUIRED = {
+    "solver_order": 2,
+    "solver_type": "midpoint",
+    "final_sigmas_type": "zero",
+    "euler_at_final": False,
+    "use_exponential_sigmas": False,
+    "use_beta_sigmas": False,
+    "use_lu_lambdas": False,
+    "use_flow_sigmas": False,
+    "use_dynamic_shifting": False,
+    "lambda_min_clipped": -float("inf"),
+    "variance_type": None,
+}
 PIPELINES = ("DDPMPipeline", "DDIMPipeline")
 BETA_SCHEDULES = {
     "linear": "diffusers_linear",
@@ -111,8 +140,13 @@ def schedule_from_scheduler(where: str, config: dict) -> tuple[DiffusionConfig, 
     if kind not in SCHEDULERS:
         raise bad("_class_name", f"is not supported (known: {', '.join(SCHEDULERS)})")
     steps = config.get("num_train_timesteps", 1000)
+    rescale = config.get("rescale_betas_zero_snr", False)
+    if not isinstance(rescale, bool):
+        raise bad("rescale_betas_zero_snr", "is not true or false")
+    zero_snr = {"rescale_zero_snr": 1} if rescale else {}
     if config.get("trained_betas") is not None:
-        schedule = ScheduleConfig("trained", steps, {"betas": list(config["trained_betas"])})
+        betas = {"betas": list(config["trained_betas"])}
+        schedule = ScheduleConfig("trained", steps, betas | zero_snr)
     else:
         name = config.get("beta_schedule", "linear")
         if name not in BETA_SCHEDULES:
@@ -123,38 +157,69 @@ def schedule_from_scheduler(where: str, config: dict) -> tuple[DiffusionConfig, 
                 "beta_start": config.get("beta_start", 0.0001),
                 "beta_end": config.get("beta_end", 0.02),
             }
-        schedule = ScheduleConfig(BETA_SCHEDULES[name], steps, kwargs)
+        schedule = ScheduleConfig(BETA_SCHEDULES[name], steps, kwargs | zero_snr)
     prediction = config.get("prediction_type", "epsilon")
     if prediction not in PREDICTIONS:
         raise bad("prediction_type", f"is not supported (known: {', '.join(PREDICTIONS)})")
+    dpm = kind == "DPMSolverMultistepScheduler"
+    sampler = "ddim" if kind == "DDIMScheduler" else None
+    if dpm:
+        for field, value in DPM_REQUIRED.items():
+            if config.get(field, value) != value:
+                raise bad(field, f"is not supported (ddpm-fast's DPM-Solver++(2M) needs {value!r})")
+        algorithm = config.get("algorithm_type", "dpmsolver++")
+        if algorithm not in DPM_ALGORITHMS:
+            raise bad("algorithm_type", f"is not supported (known: {', '.join(DPM_ALGORITHMS)})")
+        karras = config.get("use_karras_sigmas", False)
+        if not isinstance(karras, bool):
+            raise bad("use_karras_sigmas", "is not true or false")
+        sampler = DPM_ALGORITHMS[algorithm] + ("-karras" if karras else "")
     variance = "fixed_small"
     if kind == "DDPMScheduler":
         variance = config.get("variance_type", "fixed_small")
         if variance not in VARIANCES:
             raise bad("variance_type", f"is not supported (known: {', '.join(VARIANCES)})")
         variance = VARIANCES[variance]
-    if config.get("clip_sample", True) is not True:
-        raise bad("clip_sample", "is not supported (ddpm-fast clips x0 to [-1, 1])")
-    if config.get("clip_sample_range", 1.0) != 1.0:
-        raise bad("clip_sample_range", "is not supported (only 1.0)")
+    clip = config.get("clip_sample", not dpm)  # DPM-Solver never clips (it only thresholds)
+    if not isinstance(clip, bool):
+        raise bad("clip_sample", "is not true or false")
+    clip_range = config.get("clip_sample_range", 1.0)
+    if isinstance(clip_range, bool) or not isinstance(clip_range, int | float) or clip_range <= 0:
+        raise bad("clip_sample_range", "is not a positive number")
     if config.get("thresholding", False):
-        raise bad("thresholding")
-    if config.get("rescale_betas_zero_snr", False):
-        raise bad("rescale_betas_zero_snr")
+        raise bad(
+            "thresholding",
+            "is not supported (dynamic thresholding clips x0 at a per-sample quantile, which "
+            "ddpm-fast's elementwise step cannot do)",
+        )
     if kind == "DDIMScheduler" and config.get("set_alpha_to_one", True) is not True:
         raise bad("set_alpha_to_one", "is not supported (DDIM's last step returns x0)")
-    diffusion = DiffusionConfig(
-        schedule=schedule, objective=PREDICTIONS[prediction], variance=variance
-    )
-    spacing = config.get("timestep_spacing", "leading")
+    spacing = config.get("timestep_spacing", "linspace" if dpm else "leading")
+    if spacing not in SPACINGS or spacing == "library":
+        raise bad("timestep_spacing", "is not supported (known: linspace, leading, trailing)")
     offset = config.get("steps_offset", 0)
+    if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+        raise bad("steps_offset", "is not a whole number >= 0")
+    diffusion = DiffusionConfig(
+        schedule=schedule,
+        objective=PREDICTIONS[prediction],
+        variance=variance,
+        sampler=sampler,
+        timestep_spacing=spacing,
+        steps_offset=offset,
+        clip_x0=clip,
+        clip_range=float(clip_range),
+        eps_from_clipped_x0=False,
+    )
+    clipping = f"clip_sample true (range {clip_range:g})" if clip else "clip_sample false"
+    if dpm:
+        clipping = f"x0 not clipped; samples with {sampler} by default"
     notes = [
         f"{kind}: beta_schedule {config.get('beta_schedule', 'linear')}"
         f"{' (trained_betas)' if schedule.name == 'trained' else ''}, prediction_type "
-        f"{prediction}, variance {variance}, clip_sample true",
-        # TODO(issue 13): sample fewer-step chains with diffusers' spacing.
-        f"timestep_spacing {spacing}, steps_offset {offset}: not yet honoured for chains of "
-        f"fewer than {steps} steps (ddpm-fast's own spacing is used)",
+        f"{prediction}, variance {variance}, {clipping}",
+        f"timestep_spacing {spacing}, steps_offset {offset}: the timesteps of chains of fewer "
+        f"than {steps} steps, as diffusers'",
     ]
     return diffusion, notes
 

@@ -7,7 +7,7 @@ import hashlib
 import math
 import os
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
 
 import torch
 from torch import nn
@@ -20,14 +20,16 @@ from .options import (
     DEFAULT_BATCH_SIZE,
     MAX_IMAGE_SIZE,
     OBJECTIVES,
+    SAMPLERS,
     VARIANCES,
     check_chain,
     check_choice,
     check_int,
+    check_real,
     resolve_batch_size,
 )
 from .output import Group, Output, write_samples
-from .samplers import SamplerSpec, StepTables, sample_loop, step_tables
+from .samplers import SPACINGS, SamplerSpec, StepTables, sample_loop, step_tables
 from .schedule import Schedule, ScheduleConfig
 
 __all__ = ["DEFAULT_BATCH_SIZE", "DiffusionConfig", "Pipeline", "resolve_batch_size"]
@@ -38,7 +40,7 @@ MAX_INITIAL_NOISE = 1e3
 @dataclass
 class DiffusionConfig:
     """What a checkpoint of the libraries we read does not say about the network: image size,
-    schedule, objective, DDPM variance."""
+    schedule, objective, DDPM variance, and how the model's own scheduler runs its chains."""
 
     image_size: int | None = None
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
@@ -47,12 +49,23 @@ class DiffusionConfig:
     # auto_normalize: images are (x + 1) / 2 of the chain's x (True, the libraries' default), or
     # x itself clamped to [0, 1] (False: trained on data in [0, 1]); see images.chain_to_images.
     auto_normalize: bool = True
+    # The chain defaults of the model's own scheduler (a diffusers scheduler_config.json); the
+    # defaults are denoising-diffusion-pytorch's. ``to_dict`` leaves these and auto_normalize out
+    # at their default, so files, run manifests (a resume's model identity) and ONNX metadata of
+    # models without them are unchanged.
+    sampler: str | None = None  # the sampler when none is asked for (None: ddpm)
+    timestep_spacing: str | None = None  # None: the sampler's own default
+    steps_offset: int = 0  # diffusers' offset of the leading spacing
+    clip_x0: bool = True  # x0 clipped to [-clip_range, clip_range]
+    clip_range: float = 1.0
+    eps_from_clipped_x0: bool = True  # DDIM's eps: from the clipped x0, else the network's own
 
     def __post_init__(self) -> None:
         check_choice("objective", self.objective, OBJECTIVES)
         check_choice("variance", self.variance, VARIANCES)
         if not isinstance(self.auto_normalize, bool):
             raise ConfigError(f"auto_normalize must be true or false, got {self.auto_normalize!r}")
+        self._check_chain_defaults()
         if not isinstance(self.schedule, ScheduleConfig):
             raise ConfigError(f"schedule must be a ScheduleConfig, got {self.schedule!r}")
         if self.image_size is not None:
@@ -60,21 +73,51 @@ class DiffusionConfig:
                 "image_size", self.image_size, minimum=1, maximum=MAX_IMAGE_SIZE
             )
 
+    def _check_chain_defaults(self) -> None:
+        if self.sampler is not None:
+            self.sampler = check_choice("sampler", self.sampler, SAMPLERS)
+        if self.timestep_spacing is not None:
+            self.timestep_spacing = check_choice(
+                "timestep_spacing", self.timestep_spacing, SPACINGS
+            )
+        self.steps_offset = check_int("steps_offset", self.steps_offset, minimum=0)
+        for name in ("clip_x0", "eps_from_clipped_x0"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        self.clip_range = check_real("clip_range", self.clip_range, minimum=0.0)
+        if not self.clip_range > 0:
+            raise ConfigError(f"clip_range must be positive, got {self.clip_range!r}")
+
     def to_dict(self) -> dict:
         d = asdict(self)
         d["schedule"] = self.schedule.to_dict()
+        for f in fields(self):
+            if f.name in LEFT_OUT_AT_DEFAULT and d[f.name] == f.default:
+                del d[f.name]
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> DiffusionConfig:
-        """The config saved by ``to_dict``; ConfigError for anything of another shape."""
-        names = {"image_size", "schedule", "objective", "variance", "auto_normalize"}
+        """The config saved by ``to_dict``; ConfigError for anything of another shape (a file
+        without the chain defaults gets denoising-diffusion-pytorch's)."""
+        names = {"image_size", "schedule", "objective", "variance", *LEFT_OUT_AT_DEFAULT}
         if not isinstance(d, dict) or not set(d) <= names or "schedule" not in d:
             raise ConfigError(f"a diffusion config is a dict with keys {sorted(names)}, got {d!r}")
         schedule = d["schedule"]
         if not isinstance(schedule, dict) or not set(schedule) <= {"name", "timesteps", "kwargs"}:
             raise ConfigError(f"a schedule is a dict of name, timesteps, kwargs; got {schedule!r}")
         return cls(**{**d, "schedule": ScheduleConfig(**schedule)})
+
+
+CHAIN_DEFAULTS = (
+    "sampler",
+    "timestep_spacing",
+    "steps_offset",
+    "clip_x0",
+    "clip_range",
+    "eps_from_clipped_x0",
+)
+LEFT_OUT_AT_DEFAULT = ("auto_normalize", *CHAIN_DEFAULTS)
 
 
 def resolve_device(device: torch.device | str | None, default: torch.device) -> torch.device:
@@ -155,7 +198,8 @@ def override_diffusion(diffusion: DiffusionConfig, options: dict) -> DiffusionCo
             options.get("timesteps", schedule.timesteps),
             options.get("schedule_kwargs", schedule.kwargs),
         )
-    return DiffusionConfig(
+    return replace(
+        diffusion,
         image_size=options.get("image_size", diffusion.image_size),
         schedule=schedule,
         objective=options.get("objective", diffusion.objective),
@@ -207,13 +251,17 @@ class Pipeline:
 
     def sampler_spec(
         self,
-        sampler: str = "ddpm",
+        sampler: str | None = None,
         steps: int | None = None,
         eta: float = 0.0,
         timestep_spacing: str | None = None,
     ):
-        """The chain ``sample`` runs for these arguments (steps default to the schedule's,
-        ``timestep_spacing`` to the sampler's)."""
+        """The chain ``sample`` runs for these arguments: the sampler defaults to the model's
+        (``diffusion.sampler``, else ddpm), steps to the schedule's, ``timestep_spacing`` to the
+        model's, else the sampler's; offset, clipping and DDIM's eps are the model's."""
+        d = self.diffusion
+        if sampler is None:
+            sampler = d.sampler or "ddpm"
         sampler, eta = check_chain(sampler, eta)
         total = self.schedule.num_timesteps
         if steps is None:
@@ -225,7 +273,15 @@ class Pipeline:
         if self.config.output_channels == 2 * self.config.channels and variance == "fixed_small":
             variance = "learned_range"
         return SamplerSpec(
-            kind=sampler, steps=steps, eta=eta, variance=variance, timestep_spacing=timestep_spacing
+            kind=sampler,
+            steps=steps,
+            eta=eta,
+            variance=variance,
+            timestep_spacing=d.timestep_spacing if timestep_spacing is None else timestep_spacing,
+            steps_offset=d.steps_offset,
+            clip_x0=d.clip_x0,
+            clip_range=d.clip_range,
+            eps_from_clipped_x0=d.eps_from_clipped_x0,
         )
 
     def image_shape(self) -> tuple[int, int, int]:
@@ -246,7 +302,7 @@ class Pipeline:
         num: int,
         *,
         steps: int | None = None,
-        sampler: str = "ddpm",
+        sampler: str | None = None,
         eta: float = 0.0,
         timestep_spacing: str | None = None,
         seed: int = 0,
@@ -338,7 +394,7 @@ class Pipeline:
         num: int,
         *,
         steps: int | None = None,
-        sampler: str = "ddpm",
+        sampler: str | None = None,
         eta: float = 0.0,
         timestep_spacing: str | None = None,
         seed: int = 0,
@@ -359,6 +415,9 @@ class Pipeline:
         output = Output(path)
         num = check_int("the number of images", num, minimum=1)
         spec = self.sampler_spec(sampler, steps, eta, timestep_spacing)
+        # A chain it cannot run (diffusers' last-step noise, epsilon at abar = 0) fails here,
+        # before anything is written.
+        step_tables(self.schedule, spec).rows(self.diffusion.objective)
         seed = check_seed(check_int("seed", seed))
         device = resolve_device(device, self.device)
         group = current_group() if group is None else group
@@ -444,7 +503,7 @@ class Pipeline:
         num: int,
         *,
         steps: int | None = None,
-        sampler: str = "ddpm",
+        sampler: str | None = None,
         eta: float = 0.0,
         timestep_spacing: str | None = None,
         seed: int = 0,
@@ -457,8 +516,9 @@ class Pipeline:
         """Draw ``num`` images as an NCHW float32 tensor in [0, 1] (on the CPU).
 
         ``steps`` defaults to the schedule's length; ``sampler`` is one of
-        ``ddpm_fast.samplers.SAMPLERS`` ("ddpm", "ddim" with ``eta``, "dpm++2m", ...),
-        ``timestep_spacing`` one of ``ddpm_fast.samplers.SPACINGS`` (None: the sampler's);
+        ``ddpm_fast.samplers.SAMPLERS`` ("ddpm", "ddim" with ``eta``, "dpm++2m", ...; None: the
+        model's default, ``diffusion.sampler``, else ddpm), ``timestep_spacing`` one of
+        ``ddpm_fast.samplers.SPACINGS`` (None: the model's, else the sampler's);
         ``batch_size`` defaults to up to 64; ``initial_noise`` [num, C, H, W] replaces the Philox
         x_T; image i uses the noise of sample ``start_index + i``, so it is the same image for a
         given seed whatever the batch size; ``progress`` shows a tqdm bar.

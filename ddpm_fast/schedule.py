@@ -51,24 +51,45 @@ def sigmoid_beta_schedule(
 
 # diffusers' schedulers (DDPMScheduler, DDIMScheduler) compute their betas in float32: the same
 # float32 betas here, widened to float64 (the products after that are float64, as for 1.x).
+# ``rescale_zero_snr`` (1: diffusers' ``rescale_betas_zero_snr``) rescales them, in float32 as
+# diffusers does, so that alphas_cumprod reaches 0 at the last timestep (arXiv:2305.08891).
+
+
+def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
+    """diffusers' rescale_zero_terminal_snr (Algorithm 1 of arXiv:2305.08891), float32: sqrt(abar)
+    shifted to end at 0 and scaled to keep its first value; the last beta becomes 1."""
+    abar_sqrt = torch.cumprod(1.0 - betas, dim=0).sqrt()
+    first, last = abar_sqrt[0].clone(), abar_sqrt[-1].clone()
+    abar_sqrt = (abar_sqrt - last) * (first / (first - last))
+    abar = abar_sqrt**2
+    alphas = torch.cat([abar[0:1], abar[1:] / abar[:-1]])
+    return 1 - alphas
+
+
+def _diffusers(betas: torch.Tensor, rescale_zero_snr: float) -> torch.Tensor:
+    """float32 betas, rescaled if asked, widened to float64."""
+    return (rescale_zero_terminal_snr(betas) if rescale_zero_snr else betas).double()
 
 
 def diffusers_linear_beta_schedule(
-    timesteps: int, beta_start: float = 0.0001, beta_end: float = 0.02
+    timesteps: int, beta_start: float = 0.0001, beta_end: float = 0.02, rescale_zero_snr: float = 0
 ) -> torch.Tensor:
     """diffusers' "linear": beta from beta_start to beta_end (not rescaled to ``timesteps``)."""
-    return torch.linspace(beta_start, beta_end, timesteps, dtype=torch.float32).double()
+    betas = torch.linspace(beta_start, beta_end, timesteps, dtype=torch.float32)
+    return _diffusers(betas, rescale_zero_snr)
 
 
 def diffusers_scaled_linear_beta_schedule(
-    timesteps: int, beta_start: float = 0.0001, beta_end: float = 0.02
+    timesteps: int, beta_start: float = 0.0001, beta_end: float = 0.02, rescale_zero_snr: float = 0
 ) -> torch.Tensor:
     """diffusers' "scaled_linear": sqrt(beta) linear from sqrt(beta_start) to sqrt(beta_end)."""
     roots = torch.linspace(beta_start**0.5, beta_end**0.5, timesteps, dtype=torch.float32)
-    return (roots**2).double()
+    return _diffusers(roots**2, rescale_zero_snr)
 
 
-def diffusers_squaredcos_cap_v2_beta_schedule(timesteps: int) -> torch.Tensor:
+def diffusers_squaredcos_cap_v2_beta_schedule(
+    timesteps: int, rescale_zero_snr: float = 0
+) -> torch.Tensor:
     """diffusers' "squaredcos_cap_v2": betas_for_alpha_bar with the cosine abar, capped at
     0.999, computed in Python floats and stored as float32."""
 
@@ -78,22 +99,24 @@ def diffusers_squaredcos_cap_v2_beta_schedule(timesteps: int) -> torch.Tensor:
     betas = [
         min(1 - abar((i + 1) / timesteps) / abar(i / timesteps), 0.999) for i in range(timesteps)
     ]
-    return torch.tensor(betas, dtype=torch.float32).double()
+    return _diffusers(torch.tensor(betas, dtype=torch.float32), rescale_zero_snr)
 
 
 def diffusers_sigmoid_beta_schedule(
-    timesteps: int, beta_start: float = 0.0001, beta_end: float = 0.02
+    timesteps: int, beta_start: float = 0.0001, beta_end: float = 0.02, rescale_zero_snr: float = 0
 ) -> torch.Tensor:
     """diffusers' "sigmoid": sigmoid(linspace(-6, 6)) scaled into [beta_start, beta_end]."""
     x = torch.linspace(-6, 6, timesteps)
-    return (torch.sigmoid(x) * (beta_end - beta_start) + beta_start).double()
+    return _diffusers(torch.sigmoid(x) * (beta_end - beta_start) + beta_start, rescale_zero_snr)
 
 
-def trained_beta_schedule(timesteps: int, betas: tuple = ()) -> torch.Tensor:
+def trained_beta_schedule(
+    timesteps: int, betas: tuple = (), rescale_zero_snr: float = 0
+) -> torch.Tensor:
     """A file's own betas (diffusers' ``trained_betas``), as float32 like diffusers."""
     if len(betas) != timesteps:
         raise ConfigError(f"trained_betas has {len(betas)} values for {timesteps} timesteps")
-    return torch.tensor(betas, dtype=torch.float32).double()
+    return _diffusers(torch.tensor(betas, dtype=torch.float32), rescale_zero_snr)
 
 
 BETA_SCHEDULES = {
@@ -153,7 +176,10 @@ class Schedule:
             betas = BETA_SCHEDULES[config.name](config.timesteps, **config.kwargs)
         except TypeError as err:
             raise ConfigError(f"bad arguments for the {config.name} schedule: {err}") from None
-        if not bool(((betas > 0) & (betas < 1)).all()):
+        below_one = betas < 1
+        if config.kwargs.get("rescale_zero_snr"):
+            below_one[-1] = True  # beta_T = 1 (abar_T = 0): the samplers' columns stay finite
+        if not bool(((betas > 0) & below_one).all()):
             # e.g. the linear schedule rescaled to 20 steps reaches beta = 1, where abar = 0 and
             # every table divides by zero.
             raise ConfigError(

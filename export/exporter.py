@@ -166,9 +166,10 @@ class StepUpdate(nn.Module):
             model_output, variance_output = model_output.chunk(2, dim=1)
         row = coef_row.reshape(len(ROW), 1, 1, 1, 1)
         c = dict(zip(ROW, row.unbind(0), strict=True))
-        x0 = rule.estimate_x0(c["a"], c["b"], x_t, model_output)
-        x0 = torch.minimum(torch.maximum(x0, -c["x0_max"]), c["x0_max"])
-        eps = rule.estimate_eps(c["x0_from_xt"], c["x0_from_eps"], x_t, x0)
+        raw = rule.estimate_x0(c["a"], c["b"], x_t, model_output)
+        x0 = torch.minimum(torch.maximum(raw, -c["x0_max"]), c["x0_max"])
+        eps_x0 = torch.minimum(torch.maximum(raw, -c["eps_x0_max"]), c["eps_x0_max"])
+        eps = rule.estimate_eps(c["x0_from_xt"], c["x0_from_eps"], x_t, eps_x0)
         x_next = rule.combine(
             c["c_x0"], c["c_xt"], c["c_x0_prev"], c["c_eps"], x0, x_t, x0_prev, eps
         )
@@ -317,7 +318,7 @@ def export_onnx(
     what: str = "unet",
     dtype: str = "fp32",
     opset: int = DEFAULT_OPSET,
-    sampler: str = "ddpm",
+    sampler: str | None = None,
     steps: int | None = None,
     eta: float = 0.0,
     timestep_spacing: str | None = None,

@@ -31,7 +31,9 @@ from ..options import MAX_IMAGE_SIZE, MAX_TIMESTEPS, OBJECTIVES, SAMPLERS, VARIA
 from ..samplers import SPACINGS, TABLE, sampler_module
 
 FORMAT_KEY = "ddpm_fast_onnx_format"
-FORMAT_VERSION = "2"  # 2: the rule's columns (x0_prev, x0_max, noise_on), timestep_spacing
+# 2: the rule's columns (x0_prev, x0_max, noise_on), timestep_spacing; 3: eps_x0_max (DDIM's eps
+# from the unclipped x0), the diffusion's sampler defaults. Older files are refused: export again.
+FORMAT_VERSION = "3"
 WHATS = ("unet", "step")
 DTYPES = ("fp32", "fp16")
 DEFAULT_OPSET = 17
@@ -139,7 +141,8 @@ def parse_metadata(meta: dict[str, str], path: str) -> OnnxModelInfo:
     if meta[FORMAT_KEY] != FORMAT_VERSION:
         raise OnnxFileError(
             f"{path}: ddpm-fast ONNX format {meta[FORMAT_KEY]!r} (written by ddpm-fast "
-            f"{meta.get('ddpm_fast_version', '?')}); this ddpm-fast reads format {FORMAT_VERSION}"
+            f"{meta.get('ddpm_fast_version', '?')}); this ddpm-fast reads format {FORMAT_VERSION}: "
+            "export it again"
         )
     try:
         info = OnnxModelInfo(

@@ -390,9 +390,11 @@ class OnnxSampler:
         variance_output = None
         if model_output.shape[1] == 2 * channels:  # learned variance: [prediction, frac]
             model_output, variance_output = model_output[:, :channels], model_output[:, channels:]
-        x0 = rule.estimate_x0(c["a"], c["b"], x, model_output)
-        x0 = np.clip(x0, -c["x0_max"], c["x0_max"])
-        eps = rule.estimate_eps(c["x0_from_xt"], c["x0_from_eps"], x, x0)
+        raw = rule.estimate_x0(c["a"], c["b"], x, model_output)
+        x0 = np.clip(raw, -c["x0_max"], c["x0_max"])
+        eps = rule.estimate_eps(
+            c["x0_from_xt"], c["x0_from_eps"], x, np.clip(raw, -c["eps_x0_max"], c["eps_x0_max"])
+        )
         x_next = rule.combine(c["c_x0"], c["c_xt"], c["c_x0_prev"], c["c_eps"], x0, x, x0_prev, eps)
         if not info.adds_noise(k):
             return x_next, x0

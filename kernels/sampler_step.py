@@ -40,6 +40,7 @@ NUM_COEFFICIENTS = len(COEFFICIENTS)
 COL_A = tl.constexpr(COEFFICIENTS.index("a"))
 COL_B = tl.constexpr(COEFFICIENTS.index("b"))
 COL_X0_MAX = tl.constexpr(COEFFICIENTS.index("x0_max"))
+COL_EPS_X0_MAX = tl.constexpr(COEFFICIENTS.index("eps_x0_max"))
 COL_X0_FROM_XT = tl.constexpr(COEFFICIENTS.index("x0_from_xt"))
 COL_X0_FROM_EPS = tl.constexpr(COEFFICIENTS.index("x0_from_eps"))
 COL_C_X0 = tl.constexpr(COEFFICIENTS.index("c_x0"))
@@ -102,13 +103,15 @@ def _sampler_step_kernel(
     k = tl.load(step_ptr).to(tl.int32)
     row = coef_ptr + k * NCOEF
     x0_max = tl.load(row + COL_X0_MAX)
+    eps_x0_max = tl.load(row + COL_EPS_X0_MAX)
 
     x = tl.load(x_ptr + base + offs, mask=mask, other=0.0)
     x0_prev = tl.load(x0_prev_ptr + base + offs, mask=mask, other=0.0)
     o = tl.load(out_ptr + out_base + offs, mask=mask, other=0.0).to(tl.float32)
-    x0 = _estimate_x0(tl.load(row + COL_A), tl.load(row + COL_B), x, o)
-    x0 = tl.minimum(tl.maximum(x0, -x0_max), x0_max)
-    eps = _estimate_eps(tl.load(row + COL_X0_FROM_XT), tl.load(row + COL_X0_FROM_EPS), x, x0)
+    raw = _estimate_x0(tl.load(row + COL_A), tl.load(row + COL_B), x, o)
+    x0 = tl.minimum(tl.maximum(raw, -x0_max), x0_max)
+    eps_x0 = tl.minimum(tl.maximum(raw, -eps_x0_max), eps_x0_max)
+    eps = _estimate_eps(tl.load(row + COL_X0_FROM_XT), tl.load(row + COL_X0_FROM_EPS), x, eps_x0)
     x_next = _combine(
         tl.load(row + COL_C_X0), tl.load(row + COL_C_XT), tl.load(row + COL_C_X0_PREV),
         tl.load(row + COL_C_EPS), x0, x, x0_prev, eps,
@@ -240,9 +243,10 @@ def sampler_step_reference(
     c = dict(zip(COEFFICIENTS, row.unbind(), strict=True))
     channels = x.shape[1]
     out = model_output[:, :channels].float()
-    x0 = rule.estimate_x0(c["a"], c["b"], x, out)
-    x0 = torch.minimum(torch.maximum(x0, -c["x0_max"]), c["x0_max"])
-    eps = rule.estimate_eps(c["x0_from_xt"], c["x0_from_eps"], x, x0)
+    raw = rule.estimate_x0(c["a"], c["b"], x, out)
+    x0 = torch.minimum(torch.maximum(raw, -c["x0_max"]), c["x0_max"])
+    eps_x0 = torch.minimum(torch.maximum(raw, -c["eps_x0_max"]), c["eps_x0_max"])
+    eps = rule.estimate_eps(c["x0_from_xt"], c["x0_from_eps"], x, eps_x0)
     x0_prev = torch.zeros_like(x) if x0_prev is None else x0_prev
     x_next = rule.combine(c["c_x0"], c["c_xt"], c["c_x0_prev"], c["c_eps"], x0, x, x0_prev, eps)
     if learned:

@@ -185,15 +185,30 @@ BAD = {
         CheckpointError,
         "_class_name 'StableDiffusionPipeline' is not supported",
     ),
-    "no clipping": (
-        lambda f: edit_json(f / "scheduler" / "scheduler_config.json", clip_sample=False),
+    "bad clip range": (
+        lambda f: edit_json(f / "scheduler" / "scheduler_config.json", clip_sample_range=0),
         ConfigError,
-        "clip_sample=False",
+        "clip_sample_range=0 is not a positive number",
+    ),
+    "unknown spacing": (
+        lambda f: edit_json(f / "scheduler" / "scheduler_config.json", timestep_spacing="library"),
+        ConfigError,
+        "timestep_spacing='library' is not supported",
+    ),
+    "negative offset": (
+        lambda f: edit_json(f / "scheduler" / "scheduler_config.json", steps_offset=-1),
+        ConfigError,
+        "steps_offset=-1",
     ),
     "thresholding": (
         lambda f: edit_json(f / "scheduler" / "scheduler_config.json", thresholding=True),
         ConfigError,
-        "thresholding=True",
+        "thresholding=True is not supported .dynamic thresholding clips x0 at a per-sample",
+    ),
+    "zero terminal snr flag": (
+        lambda f: edit_json(f / "scheduler" / "scheduler_config.json", rescale_betas_zero_snr=1),
+        ConfigError,
+        "rescale_betas_zero_snr=1 is not true or false",
     ),
     "unknown beta schedule": (
         lambda f: edit_json(f / "scheduler" / "scheduler_config.json", beta_schedule="laplace"),
@@ -244,15 +259,7 @@ def chain_noise(t: int, shape: tuple[int, ...]) -> torch.Tensor:
     [
         "ddpm_cifar10_small-ddpm",
         "learned_variance_scale_shift-ddpm",
-        pytest.param(
-            "ddpm_cifar10_small-ddim-eta0.5",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="diffusers' DDIM steps with the network's own eps (use_clipped_model_output"
-                "=False); ddpm-fast's DDIM re-derives eps from the clipped x0, as "
-                "denoising-diffusion-pytorch does: the DDIM rule per family is issue 13's",
-            ),
-        ),
+        "ddpm_cifar10_small-ddim-eta0.5",  # the network's own eps, from the unclipped x0
     ],
 )
 def test_a_whole_chain_is_diffusers(name):
@@ -296,3 +303,154 @@ def test_cli_info_and_sample_from_a_folder(tmp_path, capsys):
     assert main(["info", str(folder), "--attn-heads", "2"]) == 2
     err = capsys.readouterr().err.strip()
     assert "attn_heads" in err and "\n" not in err
+
+
+# chains of fewer steps, with the folder's own scheduler semantics (spaced_chains.pt)
+
+
+@cache
+def spaced_fixtures() -> dict:
+    return torch.load(FIXTURES / "spaced_chains.pt", weights_only=True)
+
+
+def spaced_folder(tmp_path: Path, fixture: dict) -> Path:
+    """A copy of the fixture's folder with its scheduler_config.json changed as make_diffusers
+    changed diffusers' scheduler."""
+    folder = copied(tmp_path, fixture["folder"])
+    edit_json(folder / "scheduler" / "scheduler_config.json", **json.loads(fixture["changes"]))
+    return folder
+
+
+def spaced_chain(tmp_path: Path, name: str, **options):
+    """(pipeline, spec, tables, noise by step k, fixture) of a spaced chain: the folder's own
+    sampler where diffusers ran its DPM-Solver scheduler."""
+    fixture = spaced_fixtures()[name]
+    pipeline = ddpm_fast.load(spaced_folder(tmp_path, fixture), **options)
+    sampler = None if fixture["sampler"] == "dpm" else fixture["sampler"]
+    spec = pipeline.sampler_spec(sampler, fixture["steps"], fixture["eta"])
+    tables = step_tables(pipeline.schedule, spec)
+
+    def noise_fn(k: int, shape: tuple[int, ...]) -> torch.Tensor:
+        return chain_noise(int(tables.timesteps[k - 1]), shape)
+
+    return pipeline, spec, tables, noise_fn, fixture
+
+
+def assert_diffusers_final(got: torch.Tensor, want: torch.Tensor) -> None:
+    """Within 1e-4 of diffusers' final x (relative to its scale where x0 is not clipped)."""
+    assert want.std() > 0.05
+    scale = max(1.0, float(want.abs().max()))
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-4 * scale)
+
+
+def test_the_spaced_fixture_covers_what_it_claims():
+    cases = spaced_fixtures()
+    changes = [json.loads(c["changes"]) for c in cases.values()]
+    assert {c.get("timestep_spacing") for c in changes} >= {"leading", "linspace"}
+    assert any(c.get("steps_offset") == 1 for c in changes)
+    assert any(c.get("clip_sample") is False for c in changes)
+    assert {c["sampler"] for c in cases.values()} == {"ddpm", "ddim", "dpm"}
+    assert all(c["steps"] < 100 for c in cases.values())  # over 1000-step schedules
+    assert sum(c.get("rescale_betas_zero_snr", False) for c in changes) == 3
+
+
+@pytest.mark.parametrize("name", sorted(spaced_fixtures()))
+def test_a_spaced_chain_is_diffusers(tmp_path, name):
+    """DDPM and DDIM with diffusers' timestep spacings, steps_offset, clip ranges and no
+    clipping, and a DPM-Solver++ folder run with its own scheduler, from the same x_T with the
+    same noise at each timestep: within 1e-4 of diffusers' loop."""
+    pipeline, spec, tables, noise_fn, fixture = spaced_chain(tmp_path, name)
+    if fixture["sampler"] == "dpm":
+        assert spec.kind.startswith("dpm++2m") and not spec.clip_x0  # the folder's default
+    with torch.no_grad():
+        got = sample_loop(
+            pipeline.network, fixture["x_T"].clone(), tables, spec, pipeline.diffusion.objective,
+            noise_fn,
+        )  # fmt: skip
+    assert_diffusers_final(got, fixture["final"])
+
+
+@pytest.mark.parametrize("executor", ["torch", "onnxruntime"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "ddpm-leading-offset1-10",
+        "ddim-linspace-eta0.5-10",
+        "dpm++2m-sde-karras-12",
+        "ddim-zero-snr-trailing-vpred-10",
+    ],
+)
+def test_a_spaced_chain_through_the_engine_is_diffusers(tmp_path, name, executor):
+    """The engine's prepared chain on either CPU executor (the fast network, coefficient table
+    and fused step; the exported row-fed step file) fed the fixture's noise, step by step."""
+    from ddpm_fast.engine import Engine
+    from ddpm_fast.engine.engine import ChainState
+
+    pipeline, spec, tables, noise_fn, fixture = spaced_chain(tmp_path, name)
+    engine = Engine(pipeline, cpu_executor=executor) if executor == "torch" else None
+    if engine is None:
+        pytest.importorskip("onnxruntime")
+        engine = Engine(pipeline, cpu_executor=executor)
+    chain = engine.prepare(tables, spec, torch.device("cpu"))
+    x_t = fixture["x_T"].clone()
+    if executor == "torch":
+        state = ChainState.empty(tuple(x_t.shape), torch.device("cpu"))
+        state.reset(x_t, torch.zeros(x_t.shape[0], dtype=torch.int64))
+        with torch.no_grad():
+            for k in range(len(tables)):
+                chain.step(state, z=noise_fn(k + 1, tuple(x_t.shape)))
+        got = state.x
+    else:
+        x, x0 = x_t.numpy(), np.zeros(tuple(x_t.shape), np.float32)
+        session = chain.session(tuple(x_t.shape[2:]), 1)
+        for k in range(len(tables)):
+            z = noise_fn(k + 1, tuple(x_t.shape)).numpy()
+            x, x0 = session.run(None, chain._feeds(x, x0, z, k))
+        got = torch.from_numpy(x)
+    assert_diffusers_final(got, fixture["final"])
+
+
+DPM_BAD = {
+    "solver_order": (3, "solver_order=3 is not supported"),
+    "algorithm_type": ("dpmsolver", "algorithm_type='dpmsolver' is not supported"),
+    "use_lu_lambdas": (True, "use_lu_lambdas=True is not supported"),
+    "variance_type": ("learned", "variance_type='learned' is not supported"),
+    "final_sigmas_type": ("sigma_min", "final_sigmas_type='sigma_min' is not supported"),
+    "solver_type": ("heun", "solver_type='heun' is not supported"),
+    "euler_at_final": (True, "euler_at_final=True is not supported"),
+    "thresholding": (True, "per-sample quantile"),
+    "prediction_type": ("flow_prediction", "prediction_type='flow_prediction'"),
+}
+
+
+@pytest.mark.parametrize("field", DPM_BAD)
+def test_dpm_solver_options_it_cannot_match_are_one_line_errors(tmp_path, field):
+    value, message = DPM_BAD[field]
+    folder = copied(tmp_path, "dpm_solver_small")
+    edit_json(folder / "scheduler" / "scheduler_config.json", **{field: value})
+    with pytest.raises(ConfigError, match=message) as err:
+        ddpm_fast.load(folder)
+    assert "\n" not in str(err.value) and "scheduler_config.json" in str(err.value)
+
+
+def test_a_dpm_solver_folder_samples_with_its_solver_by_default(tmp_path, capsys):
+    from ddpm_fast.cli import main
+
+    folder = copied(tmp_path, "dpm_solver_small")
+    edit_json(folder / "scheduler" / "scheduler_config.json", use_karras_sigmas=True)
+    pipeline = ddpm_fast.load(folder)
+    spec = pipeline.sampler_spec(steps=20)
+    assert (spec.kind, spec.timestep_spacing, spec.clip_x0) == ("dpm++2m-karras", "linspace", False)
+    assert main(["info", str(folder)]) == 0
+    out = capsys.readouterr().out
+    assert "chains:      sampler dpm++2m-karras, linspace, x0 not clipped" in out
+    out = tmp_path / "x.npz"
+    assert main(["sample", str(folder), "--steps", "4", "--num", "2", "--out", str(out)]) == 0
+    images = np.load(out)["arr_0"].astype(np.int16)  # NHWC uint8
+
+    def drawn(sampler: str) -> np.ndarray:
+        x = pipeline.sample(2, steps=4, sampler=sampler, seed=0).permute(0, 2, 3, 1).numpy()
+        return np.rint(np.clip(x, 0, 1) * 255).astype(np.int16)
+
+    assert np.abs(images - drawn("dpm++2m-karras")).max() <= 1
+    assert np.abs(images - drawn("ddpm")).max() > 10

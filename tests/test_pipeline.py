@@ -73,7 +73,7 @@ BAD_SAMPLE_ARGUMENTS = [
     ({"steps": "5"}, "steps must be an integer, got '5'"),
     ({"steps": True}, "steps must be an integer, got True"),
     ({"sampler": "euler"}, "unknown sampler 'euler'"),
-    ({"sampler": None}, "unknown sampler None"),
+    ({"sampler": 3}, "unknown sampler 3"),  # None: the model's default
     ({"eta": float("inf")}, "eta must be finite"),
     ({"eta": float("nan")}, "eta must be finite"),
     ({"eta": -0.5}, "eta must be at least 0"),

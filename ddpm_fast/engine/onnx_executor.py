@@ -128,6 +128,7 @@ def file_key(pipeline, image_hw: tuple[int, int], learned: bool, carries_x0_prev
         "image_hw": list(image_hw),
         "learned": learned,
         "carries_x0_prev": carries_x0_prev,
+        "row": list(ROW),  # the coefficient row the graph reads (a new column: a new file)
         "versions": [__version__, torch.__version__, onnx.__version__, OPSET],
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]

@@ -1,15 +1,18 @@
-"""DDIM, as denoising-diffusion-pytorch's ddim_sample runs it:
+"""DDIM, as denoising-diffusion-pytorch's ddim_sample and diffusers' DDIMScheduler run it:
 c_x0 = sqrt(abar_next), c_eps = sqrt(1 - abar_next - sigma^2),
-sigma = eta sqrt((1 - abar_t / abar_next)(1 - abar_next) / (1 - abar_t)); the last step
-(t_next = -1) returns x0.
+sigma = eta sqrt((1 - abar_t / abar_next)(1 - abar_next) / (1 - abar_t)); a step that lands past
+t = 0 (abar_next = 1, diffusers' set_alpha_to_one) returns x0. abar_next is the next visited
+timestep's for the library spacing, and t - num_timesteps // steps for diffusers' spacings
+(``spacing.diffusers_previous``). eps is re-derived from the clipped x0 or is the network's own
+(``spec.eps_from_clipped_x0``: the column ``eps_x0_max``).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from .rule import FLOAT32_MAX, Chain
-from .spacing import next_timesteps, spaced_timesteps, x0_columns
+from .rule import Chain
+from .spacing import clip_columns, diffusers_previous, next_timesteps, spaced_timesteps, x0_columns
 
 NAMES = ("ddim",)
 DEFAULT_SPACING = "library"
@@ -26,23 +29,26 @@ def noise_steps(name: str, steps: int, eta: float) -> str:
 def chain(alphas_cumprod: np.ndarray, spec) -> Chain:
     total = len(alphas_cumprod)
     t = spaced_timesteps(total, spec.steps, spec.timestep_spacing, spec.steps_offset)
-    t_next = next_timesteps(t)
-    last = t_next < 0
+    landing = diffusers_previous(t, total, spec.steps, spec.timestep_spacing)
+    last = landing < 0
     a_t = alphas_cumprod[t]
-    a_next = np.where(last, 1.0, alphas_cumprod[np.maximum(t_next, 0)])
+    a_next = np.where(last, 1.0, alphas_cumprod[np.maximum(landing, 0)])
     zero = np.zeros_like(a_t)
 
     sigma = spec.eta * np.sqrt((1 - a_t / a_next) * (1 - a_next) / (1 - a_t))
     sigma = np.where(last, zero, sigma)
-    columns = x0_columns(a_t) | {
-        "x0_max": np.full_like(a_t, 1.0 if spec.clip_x0 else FLOAT32_MAX),
-        "c_x0": np.sqrt(a_next),
-        "c_xt": zero,
-        "c_x0_prev": zero,
-        "c_eps": np.where(last, zero, np.sqrt(np.maximum(1 - a_next - sigma**2, 0))),
-        "sigma": sigma,
-        "log_var_min": zero,
-        "log_var_max": zero,
-        "noise_on": (sigma > 0).astype(np.float64),
-    }
-    return Chain(t, t_next, columns)
+    columns = (
+        x0_columns(a_t)
+        | clip_columns(spec, len(t))
+        | {
+            "c_x0": np.sqrt(a_next),
+            "c_xt": zero,
+            "c_x0_prev": zero,
+            "c_eps": np.where(last, zero, np.sqrt(np.maximum(1 - a_next - sigma**2, 0))),
+            "sigma": sigma,
+            "log_var_min": zero,
+            "log_var_max": zero,
+            "noise_on": (sigma > 0).astype(np.float64),
+        }
+    )
+    return Chain(t, next_timesteps(t), columns)

@@ -4,15 +4,19 @@ c_x0, c_xt are the posterior mean coefficients and sigma^2 the posterior varianc
 ("fixed_small") or beta_t ("fixed_large"); fewer steps respace the chain with
 beta' = 1 - abar_t / abar_next. ``learned_range`` interpolates log sigma^2 between the two by the
 network's extra output channels, as the library's LearnedGaussianDiffusion does. The last step
-adds no noise.
+adds no noise. diffusers' DDPMScheduler is the same chain (its previous timestep is the next
+visited one); where its last timestep is above 0 (leading spacing with a steps_offset, trailing)
+it adds noise there too: sigma 1e-10 for fixed_small (left out here), but a real one for
+fixed_large and learned_range, which ddpm-fast refuses (ConfigError) rather than differ.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from .rule import FLOAT32_MAX, Chain
-from .spacing import next_timesteps, spaced_timesteps, x0_columns
+from ..errors import ConfigError
+from .rule import Chain
+from .spacing import clip_columns, next_timesteps, spaced_timesteps, x0_columns
 
 NAMES = ("ddpm",)
 DEFAULT_SPACING = "library"
@@ -29,6 +33,13 @@ def noise_steps(name: str, steps: int, eta: float) -> str:
 def chain(alphas_cumprod: np.ndarray, spec) -> Chain:
     total = len(alphas_cumprod)
     t = spaced_timesteps(total, spec.steps, spec.timestep_spacing, spec.steps_offset)
+    if spec.timestep_spacing != "library" and t[-1] > 0 and spec.variance != "fixed_small":
+        raise ConfigError(
+            f"timestep_spacing {spec.timestep_spacing!r} (steps_offset {spec.steps_offset}) ends "
+            f"the {spec.steps}-step chain at timestep {t[-1]}, where diffusers' DDPMScheduler adds "
+            f"{spec.variance} noise and ddpm-fast adds none; use linspace, or leading with "
+            "steps_offset 0"
+        )
     t_next = next_timesteps(t)
     last = t_next < 0
     a_t = alphas_cumprod[t]
@@ -41,15 +52,18 @@ def chain(alphas_cumprod: np.ndarray, spec) -> Chain:
     sigma = np.where(last, zero, np.sqrt(variance))
     learned = spec.variance == "learned_range"
     noise_on = ~last if learned else sigma > 0
-    columns = x0_columns(a_t) | {
-        "x0_max": np.full_like(a_t, 1.0 if spec.clip_x0 else FLOAT32_MAX),
-        "c_x0": beta * np.sqrt(a_next) / (1.0 - a_t),
-        "c_xt": (1.0 - a_next) * np.sqrt(1.0 - beta) / (1.0 - a_t),
-        "c_x0_prev": zero,
-        "c_eps": zero,
-        "sigma": sigma,
-        "log_var_min": np.log(np.maximum(posterior_variance, 1e-20)),
-        "log_var_max": np.log(beta),
-        "noise_on": noise_on.astype(np.float64),
-    }
+    columns = (
+        x0_columns(a_t)
+        | clip_columns(spec, len(t))
+        | {
+            "c_x0": beta * np.sqrt(a_next) / (1.0 - a_t),
+            "c_xt": (1.0 - a_next) * np.sqrt(1.0 - beta) / (1.0 - a_t),
+            "c_x0_prev": zero,
+            "c_eps": zero,
+            "sigma": sigma,
+            "log_var_min": np.log(np.maximum(posterior_variance, 1e-20)),
+            "log_var_max": np.log(beta),
+            "noise_on": noise_on.astype(np.float64),
+        }
+    )
     return Chain(t, t_next, columns, learned=learned)

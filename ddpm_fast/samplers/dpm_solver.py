@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .rule import FLOAT32_MAX, Chain
-from .spacing import spaced_timesteps
+from .rule import Chain
+from .spacing import clip_columns, spaced_timesteps
 
 NAMES = ("dpm++2m", "dpm++2m-karras", "dpm++2m-sde", "dpm++2m-sde-karras")
 DEFAULT_SPACING = "linspace"
@@ -55,6 +55,9 @@ def timesteps_and_sigmas(alphas_cumprod: np.ndarray, spec) -> tuple[np.ndarray, 
     """The visited timesteps and the sigmas of the steps, with the final 0 appended (float32
     values, as diffusers keeps them)."""
     total = len(alphas_cumprod)
+    # A zero terminal SNR schedule's abar_T = 0 is 2**-24 for DPM-Solver, as diffusers sets it
+    # (a finite first sigma).
+    alphas_cumprod = np.where(alphas_cumprod == 0, 2.0**-24, alphas_cumprod)
     sigmas = ((1 - alphas_cumprod) / alphas_cumprod) ** 0.5
     if spec.kind.endswith("-karras"):
         chosen = karras_sigmas(sigmas, spec.steps)
@@ -96,13 +99,12 @@ def chain(alphas_cumprod: np.ndarray, spec) -> Chain:
     c_x0, c_xt, c_x0_prev = np.where(final, 1.0, c_x0), np.where(final, 0.0, c_xt), c_x0_prev
     noise = np.where(final, 0.0, noise)
     zero = np.zeros(n)
-    columns = {
+    columns = clip_columns(spec, n) | {
         # diffusers: x0 = (x - s eps) / alpha and x0 = alpha x - s v, from the float32 sigmas
         "x0_from_xt": 1 / a_k,
         "x0_from_eps": s_k / a_k,
         "x0_from_xt_v": a_k,
         "x0_from_v": s_k,
-        "x0_max": np.full(n, 1.0 if spec.clip_x0 else FLOAT32_MAX),
         "c_x0": c_x0,
         "c_xt": c_xt,
         "c_x0_prev": c_x0_prev,

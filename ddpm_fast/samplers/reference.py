@@ -91,8 +91,10 @@ def denoise_step(
     variance_output = None
     if model_output.shape[1] == 2 * channels:  # learned variance: [prediction, frac]
         model_output, variance_output = model_output.chunk(2, dim=1)
-    x0 = rule.estimate_x0(c["a"], c["b"], x, model_output).clamp(-c["x0_max"], c["x0_max"])
-    eps = rule.estimate_eps(c["x0_from_xt"], c["x0_from_eps"], x, x0)
+    raw = rule.estimate_x0(c["a"], c["b"], x, model_output)
+    x0 = raw.clamp(-c["x0_max"], c["x0_max"])
+    eps_x0 = raw.clamp(-c["eps_x0_max"], c["eps_x0_max"])
+    eps = rule.estimate_eps(c["x0_from_xt"], c["x0_from_eps"], x, eps_x0)
     previous = 0.0 if x0_prev is None else x0_prev
     x_next = rule.combine(c["c_x0"], c["c_xt"], c["c_x0_prev"], c["c_eps"], x0, x, previous, eps)
     if not tables.adds_noise(k):

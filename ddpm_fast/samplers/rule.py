@@ -6,11 +6,14 @@ A sampler (one module of this package) turns (alphas_cumprod, spec) into the col
 ``out`` the network's output and x0_prev the previous step's x0 (0 at the first step):
 
     x0     = clamp(a x - b out, -x0_max, x0_max)
-    eps    = (x0_from_xt x - x0) / x0_from_eps            (re-derived after clipping)
+    eps    = (x0_from_xt x - clamp(a x - b out, -eps_x0_max, eps_x0_max)) / x0_from_eps
     x_next = c_x0 x0 + c_xt x + c_x0_prev x0_prev + c_eps eps + noise_on sigma z
 
-with sigma the column's, or for learned variance exp(log_var / 2), log_var interpolating
-(log_var_min, log_var_max) by (v + 1) / 2 (v: the output's second half of channels).
+eps_x0_max = x0_max re-derives eps from the clipped x0 (denoising-diffusion-pytorch's DDIM, the
+same numbers as using x0 itself); FLOAT32_MAX from the unclipped one, i.e. the network's own eps
+(diffusers' DDIM, ``use_clipped_model_output=False``). sigma is the column's, or for learned
+variance exp(log_var / 2), log_var interpolating (log_var_min, log_var_max) by (v + 1) / 2 (v: the
+output's second half of channels).
 
 The functions below are plain arithmetic, so the PyTorch reference, the ONNX step graph (traced
 PyTorch), the NumPy OnnxSampler and the Triton step kernel (``triton.jit`` of these very
@@ -32,6 +35,7 @@ TABLE = (
     "x0_from_xt_v",  # x0 = x0_from_xt_v x - x0_from_v v       (pred_v)
     "x0_from_v",
     "x0_max",  # x0 is clipped to [-x0_max, x0_max] (FLOAT32_MAX: not clipped)
+    "eps_x0_max",  # eps is derived from x0 clipped to this bound (x0_max or FLOAT32_MAX)
     "c_x0",
     "c_xt",
     "c_x0_prev",  # the multistep solvers' history
@@ -44,6 +48,7 @@ TABLE = (
 # One row of the fused step's coefficient table: the objective's (a, b), then the sampler's.
 ROW = ("a", "b", *(name for name in TABLE if name not in ("x0_from_xt_v", "x0_from_v")))
 FLOAT32_MAX = 3.4028234663852886e38  # clamp bound that leaves every finite float32 unchanged
+ZERO_SNR_SCALE = 2.0**64  # 1 / sqrt(abar) at abar = 0 (spacing.x0_columns)
 
 
 @dataclass
@@ -69,6 +74,12 @@ def row_columns(table: Mapping, objective: str) -> dict:
     """The ``ROW`` columns (arrays or tensors alike) of a sampler's ``TABLE`` columns for a
     network trained on ``objective``: x0 = a x - b out (pred_x0: a = 0, b = -1, x0 = out)."""
     if objective == "pred_noise":
+        if bool((table["x0_from_xt_v"] == 0).any()):
+            raise ConfigError(
+                "a pred_noise (epsilon) network cannot step from alphas_cumprod = 0 (a zero "
+                "terminal SNR schedule's last timestep: x0 = (x - eps) / 0); use a chain that "
+                "does not visit it (e.g. leading spacing) or a v_prediction network"
+            )
         a, b = table["x0_from_xt"], table["x0_from_eps"]
     elif objective == "pred_v":
         a, b = table["x0_from_xt_v"], table["x0_from_v"]
@@ -91,7 +102,7 @@ def estimate_x0(a, b, x, out):
 
 
 def estimate_eps(x0_from_xt, x0_from_eps, x, x0):
-    """The noise that x0 implies (DDIM's eps, re-derived after clipping)."""
+    """The noise that x0 implies (DDIM's eps; x0 clipped to eps_x0_max)."""
     return (x0_from_xt * x - x0) / x0_from_eps
 
 

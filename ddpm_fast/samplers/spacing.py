@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import ConfigError
+from .rule import FLOAT32_MAX, ZERO_SNR_SCALE
 
 SPACINGS = ("library", "linspace", "leading", "trailing")
 
@@ -47,10 +48,17 @@ def spaced_timesteps(
 
 
 def x0_columns(abar: np.ndarray) -> dict[str, np.ndarray]:
-    """The columns that recover x0 from x_t = sqrt(abar) x0 + sqrt(1 - abar) eps (float64)."""
+    """The columns that recover x0 from x_t = sqrt(abar) x0 + sqrt(1 - abar) eps (float64).
+
+    At abar = 0 (a zero-terminal-SNR schedule's last timestep) 1 / sqrt(abar) is infinite:
+    ``ZERO_SNR_SCALE`` stands in for both, so that eps = (s x - x0) / s is x there (its limit;
+    x0's share, x0 / 2**64, is below float32's precision), as diffusers' v_prediction has it.
+    A pred_noise network cannot step there (``rule.row_columns`` refuses it)."""
+    zero_snr = abar == 0
+    safe = np.where(zero_snr, 1.0, abar)
     return {
-        "x0_from_xt": np.sqrt(1.0 / abar),
-        "x0_from_eps": np.sqrt(1.0 / abar - 1),
+        "x0_from_xt": np.where(zero_snr, ZERO_SNR_SCALE, np.sqrt(1.0 / safe)),
+        "x0_from_eps": np.where(zero_snr, ZERO_SNR_SCALE, np.sqrt(1.0 / safe - 1)),
         "x0_from_xt_v": np.sqrt(abar),
         "x0_from_v": np.sqrt(1.0 - abar),
     }
@@ -59,3 +67,21 @@ def x0_columns(abar: np.ndarray) -> dict[str, np.ndarray]:
 def next_timesteps(t: np.ndarray) -> np.ndarray:
     """Each visited timestep's successor, -1 after the last."""
     return np.append(t[1:], -1).astype(np.int64)
+
+
+def clip_columns(spec, n: int) -> dict[str, np.ndarray]:
+    """``x0_max`` (the clip bound, FLOAT32_MAX: none) and ``eps_x0_max`` (the bound of the x0
+    that eps is derived from: x0_max, or FLOAT32_MAX for the unclipped x0) of ``spec``'s n steps."""
+    x0_max = spec.clip_range if spec.clip_x0 else FLOAT32_MAX
+    eps_x0_max = x0_max if spec.eps_from_clipped_x0 else FLOAT32_MAX
+    return {"x0_max": np.full(n, x0_max), "eps_x0_max": np.full(n, eps_x0_max)}
+
+
+def diffusers_previous(t: np.ndarray, num_timesteps: int, steps: int, spacing: str) -> np.ndarray:
+    """The timestep each step lands on (-1: past the end): the next visited one for the library
+    spacing, and for diffusers' spacings t - num_timesteps // steps, as DDIMScheduler.step has it
+    (which is not the next visited timestep for linspace, or trailing when steps does not divide
+    num_timesteps)."""
+    if spacing == "library":
+        return next_timesteps(t)
+    return np.maximum(t - num_timesteps // steps, -1).astype(np.int64)

@@ -14,8 +14,10 @@ from .spacing import SPACINGS
 class SamplerSpec:
     """A chain: sampler name, number of network evaluations, DDIM's eta, the DDPM variance
     (read by DDPM only), the timestep spacing (None: the sampler's default) with diffusers'
-    ``steps_offset`` (leading spacing), and whether x0 is clipped to [-1, 1] (the
-    denoising-diffusion-pytorch models' samplers all clip; diffusers' DPM-Solver does not)."""
+    ``steps_offset`` (leading spacing), whether x0 is clipped to [-clip_range, clip_range] (the
+    denoising-diffusion-pytorch models' samplers all clip to [-1, 1]; diffusers' DPM-Solver does
+    not), and whether DDIM's eps is re-derived from the clipped x0 (denoising-diffusion-pytorch)
+    or is the network's own (diffusers, from the unclipped x0)."""
 
     kind: str = "ddpm"
     steps: int = 1000
@@ -24,6 +26,8 @@ class SamplerSpec:
     timestep_spacing: str | None = None
     steps_offset: int = 0
     clip_x0: bool = True
+    clip_range: float = 1.0
+    eps_from_clipped_x0: bool = True
 
     def __post_init__(self) -> None:
         module = sampler_module(self.kind)
@@ -38,8 +42,13 @@ class SamplerSpec:
         object.__setattr__(self, "timestep_spacing", spacing)
         offset = check_int("steps_offset", self.steps_offset, minimum=0)
         object.__setattr__(self, "steps_offset", offset)
-        if not isinstance(self.clip_x0, bool):
-            raise ConfigError(f"clip_x0 must be True or False, got {self.clip_x0!r}")
+        for name in ("clip_x0", "eps_from_clipped_x0"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        clip_range = check_real("clip_range", self.clip_range, minimum=0.0)
+        if not clip_range > 0:
+            raise ConfigError(f"clip_range must be positive, got {self.clip_range!r}")
+        object.__setattr__(self, "clip_range", float(clip_range))
 
     @property
     def carries_x0_prev(self) -> bool:

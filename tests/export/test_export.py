@@ -106,7 +106,7 @@ def test_metadata_carries_what_a_deployment_needs(tmp_path):
     export_onnx(pipeline, path, what="step", sampler="ddim", steps=5, eta=0.5)
     model = onnx.load(str(path))
     meta = {p.key: p.value for p in model.metadata_props}
-    assert meta[FORMAT_KEY] == "2" and meta["ddpm_fast_version"] == __version__
+    assert meta[FORMAT_KEY] == "3" and meta["ddpm_fast_version"] == __version__
     assert meta["what"] == "step" and meta["dtype"] == "fp32" and meta["opset"] == "17"
     assert meta["family"] == "dd-pytorch-v1"
     assert json.loads(meta["config"]) == pipeline.config.to_dict()

@@ -248,6 +248,10 @@ def test_a_foreign_file_is_a_clear_error(tmp_path):
     newer = foreign_onnx(tmp_path / "newer.onnx", {"ddpm_fast_onnx_format": "9"})
     with pytest.raises(OnnxFileError, match="ddpm-fast ONNX format '9'"):
         OnnxSampler(newer)
+    # Format 2 files (before the rule's eps_x0_max column) are refused, with what to do.
+    older = foreign_onnx(tmp_path / "older.onnx", {"ddpm_fast_onnx_format": "2"})
+    with pytest.raises(OnnxFileError, match="ONNX format '2' .*reads format 3: export it again"):
+        OnnxSampler(older)
 
 
 def test_metadata_that_does_not_match_the_graph_is_an_error(exported, tmp_path):

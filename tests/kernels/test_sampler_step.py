@@ -35,12 +35,21 @@ CHAINS = [
     ("pred_v", SamplerSpec("ddpm", 20, variance="learned_range")),
     ("pred_noise", SamplerSpec("dpm++2m", 8)),
     ("pred_v", SamplerSpec("dpm++2m-sde-karras", 8, clip_x0=False)),
+    # diffusers' DDIM: eps from the unclipped x0 (the network's own), its spacing and clip range
+    ("pred_noise", SamplerSpec("ddim", 8, eta=0.5, eps_from_clipped_x0=False)),
+    (
+        "pred_v",
+        SamplerSpec(
+            "ddim", 7, 0.0, timestep_spacing="linspace", clip_range=0.7, eps_from_clipped_x0=False
+        ),
+    ),
 ]
 
 
 def chain_id(case) -> str:
     objective, spec = case
-    return f"{objective}-{spec.kind}{spec.steps}-{spec.variance}-{spec.eta}"
+    eps = "" if spec.eps_from_clipped_x0 else "-unclipped-eps"
+    return f"{objective}-{spec.kind}{spec.steps}-{spec.variance}-{spec.eta}{eps}"
 
 
 def setup(objective: str, spec: SamplerSpec, batch: int = 3, shape=(3, 5, 6)):
