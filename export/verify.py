@@ -19,13 +19,13 @@ with the file's structure checked).
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ..pipeline import Pipeline
+from ..pipeline import LEFT_OUT_AT_DEFAULT, DiffusionConfig, Pipeline
 from ..samplers import SamplerSpec, StepTables, denoise_step, step_tables
 from .exporter import graph_module, require_onnx
 from .format import HISTORY_INPUT, SELF_COND_INPUT, OnnxFileError, OnnxModelInfo, parse_metadata
@@ -143,7 +143,10 @@ def load_onnx_info(path: str | os.PathLike) -> OnnxModelInfo:
 def check_same_model(info: OnnxModelInfo, pipeline: Pipeline, path: Path) -> SamplerSpec:
     """The file's chain as a SamplerSpec, after checking that the file was exported from a model
     like ``pipeline`` (family, network config, image size, schedule, objective)."""
-    diffusion = pipeline.diffusion.to_dict()
+    # to_dict leaves some keys out at their default (and files written before a key existed
+    # lack it): both sides compare with the defaults filled in.
+    defaults = {f.name: f.default for f in fields(DiffusionConfig) if f.name in LEFT_OUT_AT_DEFAULT}
+    diffusion = {**defaults, **pipeline.diffusion.to_dict()}
     ours = {
         "family": pipeline.config.family,
         **{f"config.{k}": v for k, v in pipeline.config.to_dict().items()},
@@ -152,8 +155,11 @@ def check_same_model(info: OnnxModelInfo, pipeline: Pipeline, path: Path) -> Sam
     theirs = {
         "family": info.family,
         **{f"config.{k}": v for k, v in info.config.items()},
-        "diffusion.auto_normalize": True,  # files written before it existed: the default
-        **{f"diffusion.{k}": v for k, v in info.diffusion.items() if k != "variance"},
+        **{
+            f"diffusion.{k}": v
+            for k, v in {**defaults, **info.diffusion}.items()
+            if k != "variance"
+        },
     }
     differ = [
         f"{k}: file {theirs.get(k)!r}, model {ours.get(k)!r}"

@@ -123,7 +123,7 @@ def test_an_edited_file_is_never_ok(exported, model, tmp_path, capsys, name):
 
 def test_a_file_from_before_auto_normalize_verifies_with_its_default(exported, model, tmp_path):
     old = edited(exported["step-ddpm"], tmp_path, "old",
-                 set_json("diffusion", lambda d: d.pop("auto_normalize")))  # fmt: skip
+                 set_json("diffusion", lambda d: d.pop("auto_normalize", None)))  # fmt: skip
     assert verify_onnx(old, model).ok
     images = OnnxSampler(old).sample(2, seed=4)
     np.testing.assert_array_equal(images, OnnxSampler(exported["step-ddpm"]).sample(2, seed=4))
