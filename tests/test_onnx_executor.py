@@ -144,6 +144,18 @@ def test_a_damaged_file_is_exported_again(default_pipeline, cache, caplog):
     assert path.stat().st_size > 1000
 
 
+def test_a_cache_folder_that_cannot_be_written_exports_for_this_process(
+    default_pipeline, tmp_path, monkeypatch
+):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv("DDPM_FAST_CACHE_DIR", str(blocker / "cache"))
+    kwargs = dict(sampler="ddim", steps=4, seed=2)
+    with pytest.warns(RuntimeWarning, match="cannot write the engine's step file into"):
+        got = Engine(default_pipeline, cpu_executor="onnxruntime").sample(2, **kwargs)
+    assert_reference(got, default_pipeline.sample(2, **kwargs))
+
+
 def test_the_thread_check_compares_sessions(default_pipeline, cache):
     engine = Engine(default_pipeline, cpu_executor="onnxruntime")
     spec = default_pipeline.sampler_spec("ddim", 3, 0.0)

@@ -19,11 +19,14 @@ place, so a crash leaves no half-written file; a file that does not load is expo
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import inspect
 import json
 import logging
 import os
+import shutil
+import tempfile
 import threading
 import warnings
 from pathlib import Path
@@ -209,7 +212,18 @@ class OrtChain:
             path = cache_dir() / "onnx-steps" / f"step-{key}.onnx"
             if not path.is_file():
                 log.info("exporting the engine's CPU step to %s (once per model)", path)
-                export_step_file(self._engine, self._spec, self.learned, image_hw, path)
+                try:
+                    export_step_file(self._engine, self._spec, self.learned, image_hw, path)
+                except OSError as error:  # a cache folder that cannot be written
+                    path = _private_folder() / path.name
+                    warnings.warn(
+                        f"cannot write the engine's step file into {cache_dir()} "
+                        f"({error.strerror or error}); exported for this process into "
+                        f"{path.parent} (set DDPM_FAST_CACHE_DIR to keep it)",
+                        RuntimeWarning,
+                        stacklevel=2,
+                    )
+                    export_step_file(self._engine, self._spec, self.learned, image_hw, path)
             self._paths[image_hw] = path
         return self._paths[image_hw]
 
@@ -290,6 +304,13 @@ class _NoiseBlocks:
             self.block = block.transpose(0, 1).contiguous().numpy()  # [count, B, ...]
             self.first = k
         return self.block[k - self.first]
+
+
+def _private_folder() -> Path:
+    """A folder of this process only, removed at exit."""
+    folder = Path(tempfile.mkdtemp(prefix="ddpm-fast-steps-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return folder
 
 
 def _open(path: Path, threads: int):
