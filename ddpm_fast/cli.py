@@ -543,6 +543,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="ddpm-fast: %(message)s")
+    # The engine says so when it exports its CPU step file (seconds, once per model).
+    logging.getLogger("ddpm_fast.engine").setLevel(logging.INFO)
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)

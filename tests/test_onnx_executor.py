@@ -223,11 +223,17 @@ def test_info_names_the_executor(monkeypatch, capsys):
     assert "cpu threads: torch (cpu_executor='torch')" in capsys.readouterr().out
 
 
-def test_the_cli_samples_on_onnxruntime(cache, tmp_path, default_pipeline):
+def test_the_cli_samples_on_onnxruntime_and_says_when_it_exports(
+    cache, tmp_path, default_pipeline, caplog
+):
     out = tmp_path / "x.png"
     args = ["sample", "--cpu-executor", "onnxruntime", "--steps", "5", "--num", "4"]
     assert main([*args, "--out", str(out), "--seed", "9"]) == 0
     assert out.is_file() and list(cache.glob("*.onnx"))
+    assert "exporting the engine's CPU step to" in caplog.text  # the CLI shows engine INFO
+    caplog.clear()
+    assert main([*args, "--out", str(out), "--seed", "9"]) == 0
+    assert "exporting" not in caplog.text  # found in the cache
 
 
 @pytest.mark.parametrize(

@@ -211,7 +211,7 @@ class OrtChain:
             key = file_key(self._engine, image_hw, self.learned, self.carries_x0_prev)
             path = cache_dir() / "onnx-steps" / f"step-{key}.onnx"
             if not path.is_file():
-                log.info("exporting the engine's CPU step to %s (once per model)", path)
+                log.info("exporting the engine's CPU step to %s (once per model and size)", path)
                 try:
                     export_step_file(self._engine, self._spec, self.learned, image_hw, path)
                 except OSError as error:  # a cache folder that cannot be written
