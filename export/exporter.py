@@ -238,20 +238,31 @@ def _example_inputs(
 def _torch_export(
     module: nn.Module, inputs: tuple, path: Path, what: str, opset: int, sc: bool, history: bool
 ):
-    """torch.onnx.export with the TorchScript exporter, batch dynamic, H and W fixed."""
+    """A ``unet`` or ``step`` file's graph: its inputs and outputs named as the format says."""
     names = UNET_INPUTS if what == "unet" else STEP_INPUTS
     if what == "step" and history:
         names = (*names, HISTORY_INPUT)
     names = (*names, SELF_COND_INPUT) if sc else names
     outputs = UNET_OUTPUTS if what == "unet" else STEP_OUTPUTS
-    batched = [n for n in (*names, *outputs) if n not in ("t", "step")]
-    dynamic_axes = {n: {0: "batch"} for n in batched}
-    if what == "unet":
-        dynamic_axes["t"] = {0: "batch"}
+    batched = [n for n in (*names, *outputs) if n != "step"]  # a unet file's t is per sample
+    trace_to_onnx(module, inputs, path, names, outputs, batched, opset)
+
+
+def trace_to_onnx(
+    module: nn.Module,
+    inputs: tuple,
+    path: Path,
+    input_names,
+    output_names,
+    batched,
+    opset: int,
+) -> None:
+    """torch.onnx.export with the TorchScript exporter, axis 0 of the ``batched`` inputs and
+    outputs dynamic (the batch), every other size fixed (H and W: one file per image size)."""
     kwargs = {}
     if "dynamo" in inspect.signature(torch.onnx.export).parameters:  # torch >= 2.5
         kwargs["dynamo"] = False
-    with warnings.catch_warnings():
+    with torch.no_grad(), warnings.catch_warnings():
         # The TorchScript exporter is deprecated from torch 2.9 on (it still works, and writes
         # opset 17); tracer warnings about shapes read as Python ints are expected: H and W are
         # fixed per file.
@@ -260,9 +271,9 @@ def _torch_export(
             module,
             inputs,
             str(path),
-            input_names=list(names),
-            output_names=list(outputs),
-            dynamic_axes=dynamic_axes,
+            input_names=list(input_names),
+            output_names=list(output_names),
+            dynamic_axes={n: {0: "batch"} for n in batched},
             opset_version=opset,
             do_constant_folding=True,
             **kwargs,

@@ -201,7 +201,7 @@ class Engine(Pipeline):
         if self.cpu_executor == "onnxruntime":
             self.executor()  # a ConfigError now, not at the first chain, where it cannot run
         self._flops_per_sample: dict[tuple[int, ...], int] = {}
-        self._chains: dict[tuple, PreparedChain] = {}
+        self._chains: dict[tuple, PreparedChain | OrtChain] = {}
         self._graph_pool = None
         self._warned = False
 
@@ -253,10 +253,10 @@ class Engine(Pipeline):
             if not self._uses_graphs(x.device):  # raises for cuda_graph=True off CUDA
                 if x.device.type == "cpu":
                     return self._run_on_cpu(chain, x, keys, seed, indices, on_step)
-                return self._run_eager(chain, x, keys, seed, indices, on_step)
+                return chain.run_eager(x, keys, seed, indices, on_step)
             captured = self._captured(chain, tuple(x.shape))
             if captured is None:
-                return self._run_eager(chain, x, keys, seed, indices, on_step)
+                return chain.run_eager(x, keys, seed, indices, on_step)
             captured.state.reset(x, keys)
             for k in range(chain.steps):
                 captured.replay()
@@ -293,12 +293,12 @@ class Engine(Pipeline):
 
             def run_part(rows: slice, part_on_step) -> torch.Tensor:
                 part = range(indices.start + rows.start, indices.start + rows.stop)
-                return self._run_eager(chain, x[rows], keys[rows], seed, part, part_on_step)
+                return chain.run_eager(x[rows], keys[rows], seed, part, part_on_step)
 
             return run_split(run_part, x.shape[0], plan.workers, on_step)
         with torch_threads(plan.threads):
             if not plan.adaptive:
-                return self._run_eager(chain, x, keys, seed, indices, on_step)
+                return chain.run_eager(x, keys, seed, indices, on_step)
             governor = chain.governors.setdefault(tuple(x.shape), ThreadGovernor(plan.threads))
             governor.start()
 
@@ -306,15 +306,12 @@ class Engine(Pipeline):
                 governor.step_done()
                 on_step(k)
 
-            return self._run_eager(chain, x, keys, seed, indices, timed_on_step)
+            return chain.run_eager(x, keys, seed, indices, timed_on_step)
 
     def _cpu_plan(self, chain: PreparedChain, shape: tuple[int, ...]) -> ThreadPlan:
         if shape not in chain.thread_plans:
             chain.thread_plans[shape] = self.thread_plan(shape, chain)
         return chain.thread_plans[shape]
-
-    def _run_eager(self, chain, x, keys, seed, indices, on_step) -> torch.Tensor:
-        return chain.run_eager(x, keys, seed, indices, on_step)
 
     def _captured(self, chain: PreparedChain, shape: tuple[int, ...]) -> CapturedStep | None:
         """The chain's step captured for this batch shape, or None where capture failed."""

@@ -9,19 +9,19 @@ its thread plan (one session per thread count; the batch split runs one-thread s
 side), its noise (the same Philox draws as every other path) and the chain's tables.
 
 The file is ``export.exporter.StepUpdate``: the folded network and ``samplers.rule``'s update,
-with the step's time-conditioning row and coefficient row as inputs, so one file serves every
-chain (sampler, steps, eta) of a model at one image size. It is exported once and kept in the
-cache folder under a key of everything it depends on (the weights' hash, the config, the image
-size, the inputs it takes, the ddpm-fast, torch and onnx versions): a changed model or a new
-version gets a new file, never a stale one. It is written to a temporary name and renamed into
-place, so a crash leaves no half-written file; a file that does not load is exported again.
+with the step's timestep and coefficient row as inputs (the time MLP runs in the graph), so one
+file serves every chain (sampler, steps, eta) of a model at one image size. It is exported once
+and kept in the cache folder under a key of everything it depends on (the weights' hash, the
+config, the image size, the inputs it takes, the ddpm-fast, torch and onnx versions): a changed
+model or a new version gets a new file, never a stale one. It is written to a temporary name and
+renamed into place, so a crash leaves no half-written file; a file that does not load is exported
+again.
 """
 
 from __future__ import annotations
 
 import atexit
 import hashlib
-import inspect
 import json
 import logging
 import os
@@ -141,7 +141,7 @@ def export_step_file(
     pipeline, spec: SamplerSpec, learned: bool, image_hw: tuple[int, int], path: Path
 ) -> None:
     """Write the step graph for images of ``image_hw`` to ``path`` (atomically)."""
-    from ..export.exporter import StepUpdate
+    from ..export.exporter import StepUpdate, trace_to_onnx
 
     update = StepUpdate(pipeline, spec, learned).eval()
     generator = torch.Generator().manual_seed(0)
@@ -157,25 +157,11 @@ def export_step_file(
     inputs += [torch.rand(shape, generator=generator) * 2 - 1 for _ in names[len(inputs) :]]
     rows = ("t", "coef_row", "adds_noise")
     batched = [n for n in (*names, "x_prev", "x0") if n not in rows]
-    kwargs = {}
-    if "dynamo" in inspect.signature(torch.onnx.export).parameters:  # torch >= 2.5
-        kwargs["dynamo"] = False
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        with warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter("ignore")  # the exporter's deprecation and tracer warnings
-            torch.onnx.export(
-                _RowStep(update),
-                tuple(inputs),
-                str(tmp),
-                input_names=names,
-                output_names=["x_prev", "x0"],
-                dynamic_axes={n: {0: "batch"} for n in batched},
-                opset_version=OPSET,
-                do_constant_folding=True,
-                **kwargs,
-            )
+        outputs = ["x_prev", "x0"]
+        trace_to_onnx(_RowStep(update), tuple(inputs), tmp, names, outputs, batched, OPSET)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -183,7 +169,7 @@ def export_step_file(
 
 class OrtChain:
     """One chain (sampler spec) of an engine on ONNX Runtime: the step file's sessions, and the
-    chain's time-conditioning and coefficient rows as NumPy arrays. It runs under the thread
+    chain's timesteps and coefficient rows as NumPy arrays. It runs under the thread
     plan that PyTorch's thread count carries: the plan sets that count (``torch_threads``, the
     batch split's one thread per part, the governor's switches), and each step runs on the
     session with that many intra-op threads."""
@@ -275,7 +261,7 @@ class OrtChain:
         state = np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.float32)
         x0 = np.zeros_like(state)
         zeros = np.zeros_like(state)
-        noise = _NoiseBlocks(seed, indices, tuple(x.shape[1:]), self.noise_on)
+        noise = _NoiseBlocks(seed, indices, tuple(x.shape[1:]), self.steps)
         for k in range(self.steps):
             z = noise.of_step(k) if self.noise_on[k] else zeros
             session = self.session(image_hw, torch.get_num_threads())
@@ -290,8 +276,8 @@ class _NoiseBlocks:
     draw costs about a millisecond of PyTorch calls whatever its size, as much as the digits
     model's whole step on ONNX Runtime."""
 
-    def __init__(self, seed: int, indices: range, shape: tuple[int, ...], noise_on: np.ndarray):
-        self.seed, self.indices, self.shape, self.noise_on = seed, indices, shape, noise_on
+    def __init__(self, seed: int, indices: range, shape: tuple[int, ...], steps: int):
+        self.seed, self.indices, self.shape, self.steps = seed, indices, shape, steps
         per_step = len(indices) * int(np.prod(shape))
         self.count = max(1, min(NOISE_BLOCK_STEPS, NOISE_BLOCK_VALUES // per_step))
         self.first, self.block = 0, None
@@ -299,7 +285,7 @@ class _NoiseBlocks:
     def of_step(self, k: int) -> np.ndarray:
         """The noise of chain step k (reverse step k + 1; step 0 is x_T)."""
         if self.block is None or not self.first <= k < self.first + len(self.block):
-            count = min(self.count, len(self.noise_on) - k)
+            count = min(self.count, self.steps - k)
             block = keyed_noise_steps(self.seed, self.indices, k + 1, count, self.shape)
             self.block = block.transpose(0, 1).contiguous().numpy()  # [count, B, ...]
             self.first = k
