@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import mmap
 import sys
 import time
 
@@ -194,9 +195,12 @@ def test_peak_resident_memory_sees_an_allocation_freed_inside():
     with bench.PeakResident(interval=0.001) as quiet:
         pass
     with bench.PeakResident(interval=0.001) as peak:
-        block = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+        # Fresh anonymous pages, touched: a malloc'd block (torch.ones) can reuse freed heap
+        # pages that are still resident late in a long test session, and then RSS does not move.
+        block = mmap.mmap(-1, 64 * 2**20)
+        block.write(b"\1" * len(block))
         time.sleep(0.05)
-        del block
+        block.close()
     assert peak.peak - quiet.peak > 50
 
 
