@@ -402,7 +402,7 @@ def test_a_spaced_chain_through_the_engine_is_diffusers(tmp_path, name, executor
         got = state.x
     else:
         x, x0 = x_t.numpy(), np.zeros(tuple(x_t.shape), np.float32)
-        session = chain.session(tuple(x_t.shape[2:]), 1)
+        session = chain.session(tuple(x_t.shape), 1)
         for k in range(len(tables)):
             z = noise_fn(k + 1, tuple(x_t.shape)).numpy()
             x, x0 = session.run(None, chain._feeds(x, x0, z, k))

@@ -104,6 +104,24 @@ def test_the_split_reports_progress_once_per_step(
     assert seen == list(range(1, 7))
 
 
+def test_sessions_fix_the_batch_and_the_least_recently_used_go(
+    default_pipeline, cache, monkeypatch
+):
+    """Each batch size gets its own session (the file's batch axis fixed); past MAX_SESSIONS the
+    least recently used is dropped, and a batch seen again opens a new one."""
+    monkeypatch.setattr(ox, "MAX_SESSIONS", 2)
+    engine = Engine(default_pipeline, threads=1, cpu_executor="onnxruntime")
+    kwargs = dict(sampler="ddim", steps=3, seed=5)
+    for batch in (1, 2, 3, 1):
+        got = engine.sample(batch, batch_size=batch, **kwargs)
+        assert_reference(got, default_pipeline.sample(batch, batch_size=batch, **kwargs))
+    (chain,) = engine._chains.values()
+    batches = [key[2] for key in chain._sessions]
+    assert batches == [3, 1]
+    session = chain._sessions[next(iter(chain._sessions))]
+    assert session.get_inputs()[0].shape[0] == 3  # fixed, not "batch"
+
+
 def test_the_step_file_is_exported_once_and_reused(default_pipeline, cache, monkeypatch):
     kwargs = dict(sampler="ddim", steps=4, seed=1)
     first = Engine(default_pipeline, cpu_executor="onnxruntime").sample(2, **kwargs)
@@ -164,9 +182,9 @@ def test_the_thread_check_compares_sessions(default_pipeline, cache):
     real = chain.session
     asked = []
 
-    def spy(image_hw, threads):
+    def spy(shape, threads):
         asked.append(threads)
-        session = real(image_hw, threads)
+        session = real(shape, threads)
         if threads == 1:
 
             class Shifted:  # as if one thread gave other bits

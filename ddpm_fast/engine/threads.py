@@ -46,6 +46,7 @@ MAX_PROBE_EVERY = 200  # doubled after each probe that changes nothing, up to th
 PROBE_STEPS = 3  # steps timed per probe
 HISTORY = 5  # recent step times kept per thread count; their median decides
 JUMP = 2.0  # a step this many times the current count's median starts a probe at once
+LOSING = 1.2  # a probe step this many times the current count's median ends the probe
 
 
 def _cgroup_cores(
@@ -175,7 +176,9 @@ class ThreadGovernor:
     whichever has the lower median of its recent steps. The other count is probed for
     ``PROBE_STEPS`` steps every ``interval`` steps (``PROBE_EVERY`` after a switch, doubled after
     each probe that changes nothing: a losing probe costs slow steps), and at once when a step
-    takes ``JUMP`` times the usual (load just arrived). ``clock`` is injectable for tests."""
+    takes ``JUMP`` times the usual (load just arrived). A probe step ``LOSING`` times slower than
+    the count it would replace ends the probe at once: on a quiet machine each probe then costs
+    one slow step. ``clock`` is injectable for tests."""
 
     def __init__(self, high: int, clock: Callable[[], float] = time.perf_counter):
         self.high = high
@@ -218,7 +221,7 @@ class ThreadGovernor:
         if self.probe_left:
             self.probe_left -= 1
             before = self._median(self.before_probe)
-            if self.probe_left == 0 or (before is not None and elapsed > JUMP * before):
+            if self.probe_left == 0 or (before is not None and elapsed > LOSING * before):
                 self.probe_left = 0  # done, or clearly losing: one slow step is enough
                 self._decide()
             return
