@@ -716,8 +716,8 @@ def main(args: argparse.Namespace) -> Path:
         raise ConfigError(f"--under-load must be at least 0, got {args.under_load}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    name = args.name or unused_name(
-        out, f"sampler-{args.device.split(':')[0]}-{datetime.date.today()}"
+    name = unused_name(
+        out, args.name or f"sampler-{args.device.split(':')[0]}-{datetime.date.today()}"
     )
 
     def save(report: dict) -> None:  # written aside, then renamed: a Ctrl-C leaves no half file

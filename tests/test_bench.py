@@ -191,6 +191,14 @@ def test_a_second_report_of_the_day_does_not_overwrite_the_first(tmp_path):
     assert bench.unused_name(tmp_path, "sampler-cpu-x") == "sampler-cpu-x-3"
 
 
+def test_a_second_run_with_the_same_name_keeps_the_first(report):
+    out, markdown, _ = report
+    args = bench_args(out, backends=["reference"], batch=[1], steps=1, repeats=1)
+    second = bench.main(args)
+    assert second.name == "run-2.md" and (out / "run-2.json").is_file()
+    assert (out / "run.md").read_text() == markdown
+
+
 def test_peak_resident_memory_sees_an_allocation_freed_inside():
     with bench.PeakResident(interval=0.001) as quiet:
         pass
