@@ -22,6 +22,7 @@ from torch import nn
 
 from ..errors import CheckpointError, ConfigError
 from ..options import check_int
+from .convs import conv_holding
 
 FAMILY = "dd-pytorch-v1"
 # Network options a user may give where a state_dict cannot tell them (see infer_config).
@@ -475,24 +476,15 @@ def standardized_conv(conv: WeightStandardizedConv2d) -> nn.Conv2d:
     """A plain conv with ``conv``'s weight standardised in float32 (the library's fp32 eps):
     a half-precision engine casts the fp32 reference's weights, it does not re-standardise
     with the library's looser half-precision eps."""
-    folded = torch.nn.utils.skip_init(  # no random initialisation of what is overwritten
-        nn.Conv2d,
-        conv.in_channels,
-        conv.out_channels,
-        conv.kernel_size,
+    weight = conv.standardized_weight(torch.float32).to(conv.weight.dtype)
+    return conv_holding(
+        weight,
+        conv.bias,
         stride=conv.stride,
         padding=conv.padding,
         dilation=conv.dilation,
         groups=conv.groups,
-        bias=conv.bias is not None,
-        device=conv.weight.device,
-        dtype=torch.float32,
     )
-    with torch.no_grad():
-        folded.weight.copy_(conv.standardized_weight(torch.float32))
-        if conv.bias is not None:
-            folded.bias.copy_(conv.bias)
-    return folded.to(conv.weight.dtype).requires_grad_(False)
 
 
 def fold(network: Unet) -> None:

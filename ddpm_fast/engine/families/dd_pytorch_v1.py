@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ...models import dd_pytorch_v1 as ref
+from ...models.convs import conv_holding
 from ..modules import (
     GroupNormAct,
     TimeSlice,
@@ -117,13 +118,7 @@ def unshuffle_conv(downsample: nn.Sequential) -> nn.Conv2d:
     ``Conv2d(c, o, 2, stride=2)``: input channel c * 4 + p1 * 2 + p2 is tap (p1, p2) of c."""
     conv = downsample[1]
     out_channels, in4 = conv.weight.shape[:2]
-    folded = torch.nn.utils.skip_init(
-        nn.Conv2d, in4 // 4, out_channels, 2, stride=2, device=conv.weight.device
-    )
-    with torch.no_grad():
-        folded.weight.copy_(conv.weight.reshape(out_channels, in4 // 4, 2, 2))
-        folded.bias.copy_(conv.bias)
-    return folded.to(conv.weight.dtype).requires_grad_(False)
+    return conv_holding(conv.weight.reshape(out_channels, in4 // 4, 2, 2), conv.bias, stride=2)
 
 
 def _resample(module: nn.Module) -> nn.Module:

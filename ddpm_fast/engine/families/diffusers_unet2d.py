@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ...models import diffusers_unet2d as ref
+from ...models.convs import conv_holding
 from ..modules import GroupNormAct, TimeSlice, Upsample, sdpa, take_conv_bias
 
 
@@ -22,13 +23,7 @@ def _linear_as_conv(*linears: nn.Linear) -> nn.Conv2d:
     """``linears`` (same input) stacked as one 1x1 conv over channels."""
     weight = torch.cat([m.weight for m in linears]).detach()
     bias = torch.cat([m.bias for m in linears]).detach()
-    conv = torch.nn.utils.skip_init(
-        nn.Conv2d, weight.shape[1], weight.shape[0], 1, device=weight.device, dtype=weight.dtype
-    )
-    with torch.no_grad():
-        conv.weight.copy_(weight[:, :, None, None])
-        conv.bias.copy_(bias)
-    return conv.requires_grad_(False)
+    return conv_holding(weight[:, :, None, None], bias)
 
 
 class FastResnetBlock2D(nn.Module):
