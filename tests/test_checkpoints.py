@@ -343,3 +343,24 @@ def test_truncated_safetensors_header(tmp_path):
     path.write_bytes(path.read_bytes()[:200])
     with pytest.raises(CheckpointError, match="header that does not fit the file"):
         ddpm_fast.load(path)
+
+
+def test_a_one_x_continuous_time_file_is_refused_and_its_bare_network_is_read(tmp_path):
+    """1.6.4's GaussianDiffusion asserts against Fourier time features, as 2.x's does: a
+    GaussianDiffusion-shaped file whose network has them comes from a continuous-time class."""
+    from ddpm_fast.models.dd_pytorch_v1 import Unet, UnetConfig
+
+    buffers = {
+        k: v
+        for k, v in torch.load(FIXTURES / "diffusion_state_dict.pt", weights_only=True).items()
+        if not k.startswith("model.")
+    }
+    torch.manual_seed(0)
+    network = Unet(UnetConfig(dim=8, dim_mults=(1, 2), learned_sinusoidal_cond=True))
+    weights = network.state_dict()
+    path = tmp_path / "continuous.pt"
+    torch.save({**{f"model.{k}": v for k, v in weights.items()}, **buffers}, path)
+    with pytest.raises(CheckpointError, match="1.6.4's GaussianDiffusion refuses such a network"):
+        ddpm_fast.load(path)
+    torch.save(weights, tmp_path / "bare.pt")
+    assert ddpm_fast.load(tmp_path / "bare.pt").config.learned_sinusoidal_cond

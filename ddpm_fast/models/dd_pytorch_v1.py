@@ -22,6 +22,7 @@ from torch import nn
 
 from ..errors import CheckpointError, ConfigError
 from ..options import check_int
+from .continuous_time import fourier_refusal
 from .convs import conv_holding
 
 FAMILY = "dd-pytorch-v1"
@@ -465,6 +466,12 @@ def matches(weights: dict[str, torch.Tensor]) -> bool:
         and "downs.0.0.block1.proj.weight" in weights
         and "downs.0.2.fn.fn.to_qkv.weight" in weights
     )
+
+
+def gaussian_diffusion_refuses(config: UnetConfig) -> str | None:
+    """Why 1.6.4's GaussianDiffusion would not hold this network, or None (a continuous-time
+    file: ``continuous_time``)."""
+    return fourier_refusal(config, "1.6.4")
 
 
 def remap_keys(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

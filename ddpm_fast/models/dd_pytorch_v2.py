@@ -32,6 +32,7 @@ from torch import nn
 
 from ..errors import CheckpointError, ConfigError
 from ..options import check_int
+from .continuous_time import fourier_refusal
 
 FAMILY = "dd-pytorch-v2"
 LIBRARY_VERSION = "2.3.4"  # the version this file and its fixtures follow
@@ -476,19 +477,9 @@ def fold(network: Unet) -> None:
 
 
 def gaussian_diffusion_refuses(config: UnetConfig) -> str | None:
-    """Why 2.3.4's GaussianDiffusion would not hold this network, or None: it asserts
-    ``not model.random_or_learned_sinusoidal_cond``, while its continuous-time classes
-    (ContinuousTimeGaussianDiffusion, VParamContinuousTimeGaussianDiffusion, whose state_dicts
-    also hold ``model.*``) require those features. Their continuous-time sampling is not this
-    family's discrete chain, so such a file is refused, not sampled as something it is not."""
-    if not config.learned_sinusoidal_cond and not config.random_fourier_features:
-        return None
-    return (
-        "its network has random or learned Fourier time features (time_mlp.0.weights): "
-        f"denoising-diffusion-pytorch {LIBRARY_VERSION}'s GaussianDiffusion refuses such a "
-        "network, so it comes from a continuous-time class (ContinuousTimeGaussianDiffusion, "
-        "VParamContinuousTimeGaussianDiffusion), which ddpm-fast does not sample"
-    )
+    """Why 2.3.4's GaussianDiffusion would not hold this network, or None (a continuous-time
+    file: ``continuous_time``)."""
+    return fourier_refusal(config, LIBRARY_VERSION)
 
 
 def matches(state_dict: dict[str, torch.Tensor]) -> bool:
