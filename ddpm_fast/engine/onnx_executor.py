@@ -218,7 +218,7 @@ class OrtChain:
     def session(self, shape: tuple[int, ...], threads: int):
         """The session with ``threads`` intra-op threads for inputs of ``shape``. The file's
         batch axis is fixed to ``shape[0]`` in each session, so ONNX Runtime folds the graph's
-        shape arithmetic away (a fifth of the digits model's step at batch 1). The most recently
+        shape arithmetic away (a sixth of the digits model's step at batch 1). The most recently
         used ``MAX_SESSIONS`` are kept."""
         image_hw, batch = tuple(shape[2:]), shape[0]
         key = (image_hw, threads, batch)
