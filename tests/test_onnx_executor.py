@@ -18,7 +18,7 @@ from ddpm_fast.engine import threads as th
 from ddpm_fast.errors import ConfigError
 from ddpm_fast.samplers import step_tables
 
-from .families import CASES, random_pipeline
+from .families import CASES, random_network, random_pipeline
 
 CHAIN_ATOL = 1e-4  # images in [0, 1], a whole chain in fp32
 
@@ -71,6 +71,41 @@ def test_every_family_runs_on_onnxruntime(name, cache):
     kwargs = dict(sampler="ddpm", steps=5, seed=3)
     got = Engine(pipeline, cpu_executor="onnxruntime").sample(2, **kwargs)
     assert_reference(got, pipeline.sample(2, **kwargs))
+
+
+def test_the_token_form_of_linear_attention_is_the_reference_block():
+    """1.x's linear attention as the step file runs it: on random inputs (a mean that is not
+    zero, gains that are not one) within fp32's per-op tolerance of the reference block, at
+    every stage (two image sizes)."""
+    from ddpm_fast.engine.families import dd_pytorch_v1
+
+    network = random_network("v1-selfcond-learned-var")
+    torch.manual_seed(1)
+    for stage in (network.downs[0], network.ups[-1], network.downs[-1]):
+        block = stage[2]
+        fast = dd_pytorch_v1.TokenLinearAttention(block)
+        channels = block.fn.fn.to_qkv.weight.shape[1]
+        for size in (4, 8):
+            x = torch.randn(3, channels, size, size) * 2 + 0.5
+            want = block(x)
+            got = fast(x)
+            assert got.shape == want.shape and (want - x).abs().max() > 0.1
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+
+
+def test_a_one_x_step_file_holds_the_token_form(cache):
+    """The swap reaches the file: two fused LayerNormalizations per stage, and Einsum (the
+    reference's form) only in the middle's full attention."""
+    import onnx
+
+    pipeline = random_pipeline("v1-selfcond-learned-var", steps=50)
+    Engine(pipeline, cpu_executor="onnxruntime").sample(1, sampler="ddim", steps=2, seed=0)
+    (path,) = cache.glob("*.onnx")
+    nodes = onnx.load(path, load_external_data=False).graph.node
+    stages = len(pipeline.network.downs) + len(pipeline.network.ups)
+    assert sum(node.op_type == "LayerNormalization" for node in nodes) == 2 * stages
+    einsums = [node.name for node in nodes if node.op_type == "Einsum"]
+    assert einsums and all(name.startswith("/mid_attn/") for name in einsums)
 
 
 @pytest.mark.parametrize("mode", ["split", "whole", "pinned-1", "pinned-2"])

@@ -9,18 +9,23 @@ its thread plan (one session per thread count; the batch split runs one-thread s
 side), its noise (the same Philox draws as every other path) and the chain's tables.
 
 The file is ``export.exporter.StepUpdate``: the folded network and ``samplers.rule``'s update,
-with the step's timestep and coefficient row as inputs (the time MLP runs in the graph), so one
-file serves every chain (sampler, steps, eta) of a model at one image size. It is exported once
-and kept in the cache folder under a key of everything it depends on (the weights' hash, the
-config, the image size, the inputs it takes, the ddpm-fast, torch and onnx versions): a changed
-model or a new version gets a new file, never a stale one. It is written to a temporary name and
-renamed into place, so a crash leaves no half-written file; a file that does not load is exported
-again.
+with the step's time row (every block's time projection, a row of the chain's table, so the time
+MLPs stay out of the graph) and coefficient row as inputs, so one file serves every chain
+(sampler, steps, eta) of a model at one image size. Where the family's engine mapping has an
+``onnx_form``, its blocks are swapped for forms ONNX Runtime runs faster, the same function (1.x:
+the linear attention on the token view, 8% of the CIFAR-10 U-Net's step at batch 1).
+
+The file is exported once and kept in the cache folder under a key of everything it depends on
+(the weights' hash, the config, the image size, the inputs it takes, the ddpm-fast, torch and
+onnx versions, and a digest of ddpm-fast's source): a changed model, a new version or an edited
+checkout gets a new file, never a stale one. It is written to a temporary name and renamed into
+place, so a crash leaves no half-written file; a file that does not load is exported again.
 """
 
 from __future__ import annotations
 
 import atexit
+import functools
 import hashlib
 import json
 import logging
@@ -37,12 +42,15 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
+from ..folding import fold_weights, time_conditioning
+from ..models import family_of
 from ..noise import keyed_noise_steps
 from ..options import CPU_EXECUTORS
 from ..samplers import ROW, SamplerSpec, StepTables
 from ..version import __version__
 from .coefficients import coefficient_table
 from .cpu_conv import cache_dir
+from .families import mapping
 
 log = logging.getLogger("ddpm_fast.engine")
 
@@ -51,7 +59,7 @@ OPSET = 17
 NOISE_BLOCK_STEPS = 50
 NOISE_BLOCK_VALUES = 2**22  # 16 MiB of float32 per draw
 MAX_SESSIONS = 6  # per chain: each holds its own packed copy of the weights
-FILE_FORMAT = "row-step-2"  # bump when the graph's inputs or outputs change
+FILE_FORMAT = "row-step-3"  # bump when the graph's inputs or outputs change
 INSTALL_HINT = "pip install 'ddpm-fast[onnx]'"
 
 
@@ -96,23 +104,21 @@ def resolve_executor(requested: str, dtype: torch.dtype) -> tuple[str, str]:
     return "onnxruntime", "onnxruntime installed: faster on the CPU than the PyTorch path"
 
 
-class _RowStep(nn.Module):
-    """The exported graph: ``StepUpdate.update`` with the step's timestep and coefficient row as
-    inputs. The time conditioning is computed in the graph (a small MLP on one timestep), so a
-    run that finds the file needs no folded network and no time table."""
+class _TableStep(nn.Module):
+    """The exported graph: ``StepUpdate.update``, fed the step's time row (every block's time
+    projection, a row of the chain's table) and coefficient row. The time MLPs stay out of the
+    graph: on the default model at batch 1 they were a tenth of the step."""
 
     def __init__(self, update: nn.Module):
         super().__init__()
         self.step = update
 
-    def forward(self, x_t, t, coef_row, adds_noise, noise, *history):
-        conditioning = self.step.network.time_conditioning(t)
-        time_row = torch.cat([c.float() for c in conditioning.values()], dim=1)
+    def forward(self, x_t, time_row, coef_row, adds_noise, noise, *history):
         return self.step.update(x_t, time_row, coef_row, adds_noise, noise, *history)
 
 
 def input_names(carries_x0_prev: bool, self_condition: bool) -> list[str]:
-    names = ["x_t", "t", "coef_row", "adds_noise", "noise"]
+    names = ["x_t", "time_row", "coef_row", "adds_noise", "noise"]
     if carries_x0_prev:
         names.append("x0_prev")
     if self_condition:
@@ -135,8 +141,34 @@ def file_key(pipeline, image_hw: tuple[int, int], learned: bool, carries_x0_prev
         "carries_x0_prev": carries_x0_prev,
         "row": list(ROW),  # the coefficient row the graph reads (a new column: a new file)
         "versions": [__version__, torch.__version__, onnx.__version__, OPSET],
+        "source": source_digest(),  # a changed module of a checkout or a patched install
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
+
+
+@functools.cache
+def source_digest() -> str:
+    """The sha256 of the Python files of ddpm_fast and its export package, whose code the
+    graph is traced from: the version alone would not change in a checkout being worked on."""
+    from .. import export
+
+    digest = hashlib.sha256()
+    for folder in (Path(__file__).resolve().parents[1], *export.__path__):
+        for path in sorted(Path(folder).rglob("*.py")):
+            digest.update(path.relative_to(folder).as_posix().encode())
+            digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def onnx_network(pipeline) -> nn.Module:
+    """The folded float32 network of ``pipeline`` with the blocks that its family's engine
+    mapping has a faster form for on ONNX Runtime swapped in (``onnx_form``; the same
+    function, checked against the reference by the chain tests)."""
+    network = fold_weights(pipeline.network).to("cpu", torch.float32)
+    fast = mapping(family_of(network).FAMILY)
+    if hasattr(fast, "onnx_form"):
+        fast.onnx_form(network)
+    return network
 
 
 def export_step_file(
@@ -145,25 +177,26 @@ def export_step_file(
     """Write the step graph for images of ``image_hw`` to ``path`` (atomically)."""
     from ..export.exporter import StepUpdate, trace_to_onnx
 
-    update = StepUpdate(pipeline, spec, learned).eval()
+    update = StepUpdate(pipeline, spec, learned, network=onnx_network(pipeline)).eval()
     generator = torch.Generator().manual_seed(0)
     shape = (2, pipeline.config.channels, *image_hw)
+    width = max((end for _, end in update.time_slices.values()), default=0)
     inputs = [
         torch.randn(shape, generator=generator),
-        torch.full((1,), 7, dtype=torch.long),
+        torch.randn(1, width, generator=generator),
         torch.rand(len(ROW), generator=generator),
         torch.ones(1, dtype=torch.bool),
         torch.randn(shape, generator=generator),
     ]
     names = input_names(spec.carries_x0_prev, pipeline.config.self_condition)
     inputs += [torch.rand(shape, generator=generator) * 2 - 1 for _ in names[len(inputs) :]]
-    rows = ("t", "coef_row", "adds_noise")
+    rows = ("time_row", "coef_row", "adds_noise")
     batched = [n for n in (*names, "x_prev", "x0") if n not in rows]
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         outputs = ["x_prev", "x0"]
-        trace_to_onnx(_RowStep(update), tuple(inputs), tmp, names, outputs, batched, OPSET)
+        trace_to_onnx(_TableStep(update), tuple(inputs), tmp, names, outputs, batched, OPSET)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -171,7 +204,7 @@ def export_step_file(
 
 class OrtChain:
     """One chain (sampler spec) of an engine on ONNX Runtime: the step file's sessions, and the
-    chain's timesteps and coefficient rows as NumPy arrays. It runs under the thread
+    chain's time rows and coefficient rows as NumPy arrays. It runs under the thread
     plan that PyTorch's thread count carries: the plan sets that count (``torch_threads``, the
     batch split's one thread per part, the governor's switches), and each step runs on the
     session with that many intra-op threads."""
@@ -183,7 +216,10 @@ class OrtChain:
         self.carries_x0_prev = spec.carries_x0_prev
         self.self_condition = engine.config.self_condition
         self.noise_on = np.array([tables.adds_noise(k) for k in range(self.steps)], dtype=bool)
-        self.timesteps = np.asarray(tables.timesteps, dtype=np.int64)
+        # Every block's time projection at each step, side by side: [steps, D] float32, the
+        # graph's time_row input (the layout StepUpdate slices, as the folded network's).
+        rows = time_conditioning(engine.network, tables.timesteps).values()
+        self.time_rows = np.ascontiguousarray(torch.cat(list(rows), dim=1).cpu().numpy())
         table = coefficient_table(tables, spec, engine.diffusion.objective)
         self.coeffs = np.ascontiguousarray(table.numpy())
         self._engine, self._spec = engine, spec
@@ -251,7 +287,7 @@ class OrtChain:
     def _feeds(self, x: np.ndarray, x0: np.ndarray, z: np.ndarray, k: int) -> dict:
         feeds = {
             "x_t": x,
-            "t": self.timesteps[k : k + 1],
+            "time_row": self.time_rows[k : k + 1],
             "coef_row": self.coeffs[k],
             "adds_noise": self.noise_on[k : k + 1],
             "noise": z,
