@@ -16,6 +16,7 @@ from ddpm_fast.engine import Engine
 from ddpm_fast.engine import onnx_executor as ox
 from ddpm_fast.engine import threads as th
 from ddpm_fast.errors import ConfigError
+from ddpm_fast.folding import fold_weights
 from ddpm_fast.samplers import step_tables
 
 from .families import CASES, random_network, random_pipeline
@@ -73,17 +74,18 @@ def test_every_family_runs_on_onnxruntime(name, cache):
     assert_reference(got, pipeline.sample(2, **kwargs))
 
 
-def test_the_token_form_of_linear_attention_is_the_reference_block():
-    """1.x's linear attention as the step file runs it: on random inputs (a mean that is not
-    zero, gains that are not one) within fp32's per-op tolerance of the reference block, at
-    every stage (two image sizes)."""
-    from ddpm_fast.engine.families import dd_pytorch_v1
+def test_the_onnx_form_of_each_block_is_the_reference_block():
+    """1.x's attention blocks as the step file runs them: on random inputs (a mean that is not
+    zero, gains that are not one) within fp32's per-op tolerance of the reference block, at two
+    image sizes; and the network with every block swapped is the reference network."""
+    from ddpm_fast.engine.families import dd_pytorch_v1 as v1
 
     network = random_network("v1-selfcond-learned-var")
     torch.manual_seed(1)
-    for stage in (network.downs[0], network.ups[-1], network.downs[-1]):
-        block = stage[2]
-        fast = dd_pytorch_v1.TokenLinearAttention(block)
+    blocks = [(s[2], v1.TokenLinearAttention) for s in (network.downs[0], network.ups[-1])]
+    blocks.append((network.mid_attn, v1.TokenAttention))
+    for block, form in blocks:
+        fast = form(block)
         channels = block.fn.fn.to_qkv.weight.shape[1]
         for size in (4, 8):
             x = torch.randn(3, channels, size, size) * 2 + 0.5
@@ -91,11 +93,19 @@ def test_the_token_form_of_linear_attention_is_the_reference_block():
             got = fast(x)
             assert got.shape == want.shape and (want - x).abs().max() > 0.1
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+    swapped = fold_weights(network)
+    v1.onnx_form(swapped)
+    x, x_self_cond = torch.randn(2, network.channels, 8, 8), torch.rand(2, network.channels, 8, 8)
+    t = torch.tensor([3, 40])
+    want = network(x, t, x_self_cond)
+    torch.testing.assert_close(
+        swapped(x, t, x_self_cond), want, rtol=1e-4, atol=1e-4 * want.abs().max().item()
+    )
 
 
-def test_a_one_x_step_file_holds_the_token_form(cache):
-    """The swap reaches the file: two fused LayerNormalizations per stage, and Einsum (the
-    reference's form) only in the middle's full attention."""
+def test_a_one_x_step_file_holds_the_onnx_form(cache):
+    """The swaps reach the file: two fused LayerNormalizations per stage and one in the middle,
+    no Einsum (the reference's attention) and no Transpose of the downsampling's unshuffle."""
     import onnx
 
     pipeline = random_pipeline("v1-selfcond-learned-var", steps=50)
@@ -103,9 +113,10 @@ def test_a_one_x_step_file_holds_the_token_form(cache):
     (path,) = cache.glob("*.onnx")
     nodes = onnx.load(path, load_external_data=False).graph.node
     stages = len(pipeline.network.downs) + len(pipeline.network.ups)
-    assert sum(node.op_type == "LayerNormalization" for node in nodes) == 2 * stages
-    einsums = [node.name for node in nodes if node.op_type == "Einsum"]
-    assert einsums and all(name.startswith("/mid_attn/") for name in einsums)
+    assert sum(node.op_type == "LayerNormalization" for node in nodes) == 2 * stages + 1
+    assert not [node.name for node in nodes if node.op_type == "Einsum"]
+    unshuffles = [n.name for n in nodes if n.op_type == "Transpose" and ".3/" in n.name]
+    assert not unshuffles and any(n.op_type == "Transpose" for n in nodes)
 
 
 @pytest.mark.parametrize("mode", ["split", "whole", "pinned-1", "pinned-2"])
