@@ -77,8 +77,8 @@ def test_every_family_runs_on_onnxruntime(name, cache):
 def test_the_onnx_form_of_each_block_is_the_reference_block():
     """1.x's blocks as the step file runs them: on random inputs (a mean that is not zero, gains
     that are not one) within fp32's per-op tolerance of the reference block (the attentions at
-    two image sizes, a norm block with and without time scale/shift); and the network with
-    every block swapped is the reference network."""
+    two image sizes, a norm block without time scale/shift); and the network with every block
+    swapped, fed its time rows, is the reference network."""
     from ddpm_fast.engine.families import dd_pytorch_v1 as v1
 
     network = random_network("v1-selfcond-learned-var")
@@ -94,20 +94,23 @@ def test_the_onnx_form_of_each_block_is_the_reference_block():
             got = fast(x)
             assert got.shape == want.shape and (want - x).abs().max() > 0.1
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
-    block = fold_weights(network).downs[0][0].block1
-    channels = block.norm.num_channels
+    block = fold_weights(network).downs[0][0].block2  # no time scale/shift: its own affine
     x = torch.randn(3, block.proj.in_channels, 8, 8) + 0.5
-    for scale_shift in (None, tuple(torch.randn(2, 3, channels, 1, 1))):
-        want = block(x, scale_shift)
-        got = v1.AffineBlock(block)(x, scale_shift)
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+    want = block(x)
+    torch.testing.assert_close(
+        v1.AffineBlock(block)(x), want, rtol=1e-5, atol=1e-5 * want.abs().max().item()
+    )
     swapped = fold_weights(network)
     v1.onnx_form(swapped)
     x, x_self_cond = torch.randn(2, network.channels, 8, 8), torch.rand(2, network.channels, 8, 8)
     t = torch.tensor([3, 40])
+    rows = v1.onnx_time_rows(network, network.time_conditioning(t))
     want = network(x, t, x_self_cond)
     torch.testing.assert_close(
-        swapped(x, t, x_self_cond), want, rtol=1e-4, atol=1e-4 * want.abs().max().item()
+        swapped.forward_conditioned(x, rows, x_self_cond),
+        want,
+        rtol=1e-4,
+        atol=1e-4 * want.abs().max().item(),
     )
 
 

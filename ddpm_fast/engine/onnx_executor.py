@@ -218,8 +218,11 @@ class OrtChain:
         self.noise_on = np.array([tables.adds_noise(k) for k in range(self.steps)], dtype=bool)
         # Every block's time projection at each step, side by side: [steps, D] float32, the
         # graph's time_row input (the layout StepUpdate slices, as the folded network's).
-        rows = time_conditioning(engine.network, tables.timesteps).values()
-        self.time_rows = np.ascontiguousarray(torch.cat(list(rows), dim=1).cpu().numpy())
+        rows = time_conditioning(engine.network, tables.timesteps)
+        fast = mapping(family_of(engine.network).FAMILY)
+        if hasattr(fast, "onnx_time_rows"):  # what the family's onnx_form reads
+            rows = fast.onnx_time_rows(engine.network, rows)
+        self.time_rows = np.ascontiguousarray(torch.cat(list(rows.values()), 1).cpu().numpy())
         table = coefficient_table(tables, spec, engine.diffusion.objective)
         self.coeffs = np.ascontiguousarray(table.numpy())
         self._engine, self._spec = engine, spec

@@ -6,7 +6,11 @@ ddpm_fast.models for the contract):
   conditioning in the time row;
 - optionally ``time_tables(folded, tables) -> tables``: the family's own change to the per-step
   conditioning tables before they are laid side by side (e.g. a conv bias added to the time bias
-  that follows it), so that it costs nothing per step.
+  that follows it), so that it costs nothing per step;
+- optionally ``onnx_form(folded)``: swap in place the blocks of the folded network that ONNX
+  Runtime runs faster in another form (the engine's CPU step file is traced from it), and with
+  it ``onnx_time_rows(reference, conditioning) -> conditioning`` where those blocks read their
+  time rows in another form.
 """
 
 from __future__ import annotations

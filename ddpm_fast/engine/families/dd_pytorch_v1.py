@@ -9,9 +9,9 @@
 - ``FastAttention``: the middle's full attention through ``F.scaled_dot_product_attention``;
 - ``Downsample``'s pixel-unshuffle + 1x1 conv as one 2x2 stride-2 conv (the same sums).
 
-For ONNX Runtime (``onnx_form``): ``AffineBlock``, the norm's affine and the time scale/shift as
-one multiply-add; ``TokenLinearAttention`` and ``TokenAttention``, the attention blocks on the
-[B, H * W, C] token view.
+For ONNX Runtime (``onnx_form``, fed ``onnx_time_rows``): ``AffineBlock``, the norm's affine and
+the time scale/shift as one multiply-add; ``TokenLinearAttention`` and ``TokenAttention``, the
+attention blocks on the [B, H * W, C] token view.
 """
 
 from __future__ import annotations
@@ -120,9 +120,9 @@ class FastAttention(nn.Module):
 
 class AffineBlock(nn.Module):
     """``ref.Block`` for ONNX Runtime: GroupNorm's affine and the time scale/shift as one
-    per-channel multiply-add, ``(x * w + b) * (1 + scale) + shift = x * A + B`` with
-    ``A = w * (1 + scale)`` and ``B = b * (1 + scale) + shift`` made on the [1, C, 1, 1] rows:
-    two passes over the feature map fewer per block."""
+    per-channel multiply-add, ``(x * w + b) * (1 + scale) + shift = x * A + B``. The time rows
+    carry ``A = w * (1 + scale)`` and ``B = b * (1 + scale) + shift`` (``onnx_time_rows``, made
+    once per chain): two passes over the feature map and six small ops per block fewer."""
 
     def __init__(self, block: ref.Block):
         super().__init__()
@@ -132,12 +132,23 @@ class AffineBlock(nn.Module):
         self.bias = _frozen(block.norm.bias.reshape(1, -1, 1, 1))
 
     def forward(self, x, scale_shift=None):
-        x = F.group_norm(self.proj(x), self.groups, None, None, self.eps)
-        a, b = self.weight, self.bias
-        if scale_shift is not None:
-            scale, shift = scale_shift
-            a, b = a * (scale + 1), b * (scale + 1) + shift
-        return F.silu(x * a + b)
+        """``scale_shift``: (A, B) of ``onnx_time_rows``, or None (the norm's own affine)."""
+        a, b = (self.weight, self.bias) if scale_shift is None else scale_shift
+        return F.silu(F.group_norm(self.proj(x), self.groups, None, None, self.eps) * a + b)
+
+
+def onnx_time_rows(
+    reference: ref.Unet, conditioning: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """The time rows ``onnx_form``'s network reads: each ResnetBlock's (scale, shift) rows
+    [n, 2C] of ``reference.time_conditioning`` as its ``AffineBlock``'s (A, B)."""
+    rows = {}
+    for name, row in conditioning.items():
+        norm = reference.get_submodule(name).block1.norm
+        scale, shift = row.float().chunk(2, dim=1)
+        weight, bias = norm.weight.detach().float(), norm.bias.detach().float()
+        rows[name] = torch.cat((weight * (1 + scale), bias * (1 + scale) + shift), dim=1)
+    return rows
 
 
 class TokenLinearAttention(nn.Module):
@@ -223,9 +234,10 @@ def _frozen(tensor: torch.Tensor) -> nn.Parameter:
 
 def onnx_form(folded: ref.Unet) -> None:
     """Swap, in the folded network ``folded``, the blocks that ONNX Runtime runs faster in
-    another form (the same function): the blocks' norms, every stage's linear attention, the
-    middle's attention, and the downsamplings' pixel-unshuffle + 1x1 conv as one strided conv
-    (the unshuffle traces to a Transpose that took 2% of the default model's step)."""
+    another form (the same function, given ``onnx_time_rows``' time rows): the blocks' norms,
+    every stage's linear attention, the middle's attention, and the downsamplings'
+    pixel-unshuffle + 1x1 conv as one strided conv (the unshuffle traces to a Transpose that took
+    2% of the default model's step)."""
     for block in [m for m in folded.modules() if isinstance(m, ref.ResnetBlock)]:
         block.block1, block.block2 = AffineBlock(block.block1), AffineBlock(block.block2)
     for stage in (*folded.downs, *folded.ups):
