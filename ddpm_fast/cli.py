@@ -7,7 +7,6 @@ runs where only NumPy and ONNX Runtime are installed.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import logging
 import os
@@ -36,9 +35,6 @@ GRID_IMAGES = 64  # images in the grid `quality --grid` writes
 
 if TYPE_CHECKING:
     from .pipeline import Pipeline
-
-
-_HAS_TORCH = importlib.util.find_spec("torch") is not None
 
 
 def _say(message: str) -> None:
@@ -521,23 +517,39 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--device", help="cpu, cuda, cuda:1 (default: CUDA where usable)")
     verify.set_defaults(run=cmd_verify)
 
-    bench = commands.add_parser(
-        "bench", help="time sampling chains: reference, torch.compile, the engine, ONNX Runtime"
-    )
-    if _HAS_TORCH:
-        from . import bench as benchmark
-
-        benchmark.add_arguments(bench)
-    else:  # parsed anyway, so that the error says what is missing
-        bench.add_argument("arguments", nargs=argparse.REMAINDER)
+    # bench's own options are parsed by cmd_bench (bench_parser): its module imports torch,
+    # which the other commands, `sample --onnx` first, must not pay for at start-up.
+    bench = commands.add_parser("bench", help=BENCH_HELP, add_help=False)
     bench.set_defaults(run=cmd_bench)
     return parser
+
+
+BENCH_HELP = "time sampling chains: reference, torch.compile, the engine, ONNX Runtime"
+
+
+def bench_parser() -> argparse.ArgumentParser:
+    from . import bench as benchmark
+
+    parser = _Parser(prog="ddpm-fast bench", description=BENCH_HELP)
+    benchmark.add_arguments(parser)
+    return parser
+
+
+def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line's namespace; bench's options stay unparsed in ``bench_arguments``."""
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "bench":
+        args.bench_arguments = rest
+    elif rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    return args
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from . import bench as benchmark
 
-    benchmark.main(args)
+    benchmark.main(bench_parser().parse_args(args.bench_arguments))
     return 0
 
 
@@ -545,7 +557,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="ddpm-fast: %(message)s")
     # The engine says so when it exports its CPU step file (seconds, once per model).
     logging.getLogger("ddpm_fast.engine").setLevel(logging.INFO)
-    args = build_parser().parse_args(argv)
+    args = parse_arguments(argv)
     try:
         return args.run(args)
     except DdpmFastError as err:

@@ -103,6 +103,29 @@ def test_argparse_errors_exit_2_with_one_line(capsys, argv):
     assert err.startswith("ddpm-fast: error: ") and err.count("\n") == 1
 
 
+@pytest.mark.parametrize("argv", [["sample", "--bogus"], ["bench", "default", "--bogus"]])
+def test_an_unknown_option_is_one_line_for_bench_and_the_others(capsys, argv):
+    """bench's options are parsed by its command (so that parsing imports no torch); an unknown
+    option is still one line and exit 2, for bench and every other command."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--bogus" in err and err.startswith("ddpm-fast") and err.count("\n") == 1
+
+
+def test_parsing_a_command_line_imports_no_torch():
+    """`sample --onnx` runs in deployments without torch; where torch is installed, it must not
+    pay torch's import (over a second) either: parsing the command line leaves it alone."""
+    code = (
+        "import sys; from ddpm_fast.cli import parse_arguments;"
+        " args = parse_arguments(['sample', '--onnx', 'x.onnx']);"
+        " print(args.onnx, 'torch' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["x.onnx", "False"]
+
+
 def test_python_dash_m_and_the_console_script(tmp_path):
     out = subprocess.run(
         [sys.executable, "-m", "ddpm_fast", "--version"], capture_output=True, text=True, check=True
