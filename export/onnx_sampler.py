@@ -25,7 +25,7 @@ from ..images import chain_to_images
 from ..options import check_int, resolve_batch_size
 from ..samplers import rule
 from .format import HISTORY_INPUT, SELF_COND_INPUT, OnnxFileError, OnnxModelInfo, parse_metadata
-from .philox import check_seed, keyed_noise
+from .philox import block_steps, check_seed, keyed_noise, keyed_noise_steps
 
 logger = logging.getLogger(__name__)
 
@@ -225,6 +225,16 @@ class _NoBar:
 
     def update(self, n: int = 1) -> None:
         return None
+
+
+def _step_noise(seed: int, indices: range, shape: tuple[int, ...], steps: int):
+    """Each chain step's noise (step k's is chain step k + 1's, 0 being x_T), drawn
+    ``block_steps`` steps at a time: one NumPy draw costs about 0.25 ms whatever its size, a
+    tenth of the digits model's step at batch 1."""
+    count = block_steps(len(indices) * int(np.prod(shape)), steps)
+    for first in range(0, steps, count):
+        block = keyed_noise_steps(seed, indices, first + 1, min(count, steps - first), shape)
+        yield from np.ascontiguousarray(np.swapaxes(block, 0, 1))  # [count, B, ...]
 
 
 def _progress_bar(total: int, show: bool):
@@ -441,12 +451,8 @@ class OnnxSampler:
                     x = keyed_noise(seed, indices, 0, shape)
                 silent = np.zeros_like(x)  # fed where a step adds no noise (and reads none)
                 x0 = silent  # the previous step's x0: zeros at the first
-                for k in range(self.steps):
-                    noise = (
-                        keyed_noise(seed, indices, k + 1, shape)
-                        if self.info.adds_noise(k)
-                        else silent
-                    )
+                for k, drawn in enumerate(_step_noise(seed, indices, shape, self.steps)):
+                    noise = drawn if self.info.adds_noise(k) else silent
                     x, x0 = self._step(x, k, noise, x0 if self.info.self_condition else None, x0)
                     bar.update()
                 yield indices, chain_to_images(x, self.info.diffusion.get("auto_normalize", True))

@@ -22,6 +22,8 @@ PHILOX_ROUND_B = np.uint64(0xCD9E8D57)
 N_ROUNDS = 10
 MASK32 = 0xFFFFFFFF
 MAX_OFFSET = 2**31  # the kernels index with int32
+NOISE_BLOCK_STEPS = 50
+NOISE_BLOCK_VALUES = 2**22  # 16 MiB of float32 per draw
 
 _MASK = np.uint64(MASK32)
 _SHIFT = np.uint64(32)
@@ -91,17 +93,34 @@ def keyed_noise(
 ) -> np.ndarray:
     """Noise of shape [len(sample_indices), *shape] (float32) for chain step ``step`` (0 = x_T):
     ``ddpm_fast.noise.keyed_noise`` without torch."""
+    return keyed_noise_steps(seed, sample_indices, step, 1, shape)[:, 0]
+
+
+def keyed_noise_steps(
+    seed: int, sample_indices: Sequence[int], first_step: int, count: int, shape: tuple[int, ...]
+) -> np.ndarray:
+    """The noise of ``count`` consecutive chain steps from ``first_step`` in one draw, shape
+    [len(sample_indices), count, *shape] (float32): entry [:, j] is ``keyed_noise`` of step
+    ``first_step + j`` (the steps' counters are consecutive). ``ddpm_fast.noise``'s without
+    torch."""
     seed = check_seed(seed)
     numel = int(np.prod(shape, dtype=np.int64))
-    if (step + 1) * numel > MAX_OFFSET:
+    if (first_step + count) * numel > MAX_OFFSET:
         raise ConfigError(
-            f"{step + 1} steps of {numel} noise values per sample exceed the 2**31 counters of the "
-            "Philox stream; use fewer steps or smaller images"
+            f"{first_step + count} steps of {numel} noise values per sample exceed the 2**31 "
+            "counters of the Philox stream; use fewer steps or smaller images"
         )
     indices = np.asarray(list(sample_indices), dtype=np.int64)
     if indices.size and (indices.min() < 0 or indices.max() > MASK32):
         raise ConfigError("sample indices must lie in [0, 2**32)")
     keys = ((indices.astype(np.uint64) << _SHIFT) | np.uint64(seed)).reshape(-1, 1)
-    offsets = np.uint64(step * numel) + np.arange(numel, dtype=np.uint64)
+    offsets = np.uint64(first_step * numel) + np.arange(count * numel, dtype=np.uint64)
     noise = triton_randn(keys, offsets.reshape(1, -1))
-    return noise.reshape(len(indices), *shape)
+    return noise.reshape(len(indices), count, *shape)
+
+
+def block_steps(values_per_step: int, steps: int) -> int:
+    """How many chain steps' noise a sampler draws at once: up to ``NOISE_BLOCK_STEPS``, at most
+    ``NOISE_BLOCK_VALUES`` values per draw. Each draw has a fixed cost (tens of array or tensor
+    calls) as large as a small model's whole step; a block pays it once."""
+    return max(1, min(NOISE_BLOCK_STEPS, steps, NOISE_BLOCK_VALUES // max(1, values_per_step)))

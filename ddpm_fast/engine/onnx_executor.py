@@ -42,6 +42,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
+from ..export.philox import block_steps
 from ..folding import fold_weights, time_conditioning
 from ..models import family_of
 from ..noise import keyed_noise_steps
@@ -56,8 +57,6 @@ log = logging.getLogger("ddpm_fast.engine")
 
 EXECUTOR_ENV = "DDPM_FAST_CPU_EXECUTOR"  # the default where the caller gives none
 OPSET = 17
-NOISE_BLOCK_STEPS = 50
-NOISE_BLOCK_VALUES = 2**22  # 16 MiB of float32 per draw
 MAX_SESSIONS = 6  # per chain: each holds its own packed copy of the weights
 FILE_FORMAT = "row-step-3"  # bump when the graph's inputs or outputs change
 INSTALL_HINT = "pip install 'ddpm-fast[onnx]'"
@@ -318,15 +317,13 @@ class OrtChain:
 
 
 class _NoiseBlocks:
-    """The chain's noise (``keyed_noise_steps``, the same numbers as every path) drawn for up to
-    ``NOISE_BLOCK_STEPS`` steps at once, at most ``NOISE_BLOCK_VALUES`` values per draw: one
-    draw costs about a millisecond of PyTorch calls whatever its size, as much as the digits
-    model's whole step on ONNX Runtime."""
+    """The chain's noise (``keyed_noise_steps``, the same numbers as every path) drawn for
+    ``export.philox.block_steps`` steps at once: one draw costs about a millisecond of PyTorch
+    calls whatever its size, as much as the digits model's whole step on ONNX Runtime."""
 
     def __init__(self, seed: int, indices: range, shape: tuple[int, ...], steps: int):
         self.seed, self.indices, self.shape, self.steps = seed, indices, shape, steps
-        per_step = len(indices) * int(np.prod(shape))
-        self.count = max(1, min(NOISE_BLOCK_STEPS, NOISE_BLOCK_VALUES // per_step))
+        self.count = block_steps(len(indices) * int(np.prod(shape)), steps)
         self.first, self.block = 0, None
 
     def of_step(self, k: int) -> np.ndarray:

@@ -45,6 +45,19 @@ def test_keyed_noise_equals_the_torch_version(seed, indices, step, shape):
     assert 0.8 < ours.std() < 1.2 and not np.allclose(ours[0], ours[-1])
 
 
+def test_a_block_of_steps_is_each_step_drawn_alone_and_the_torch_block():
+    block = philox.keyed_noise_steps(5, range(2, 5), 3, 4, (2, 3, 3))
+    assert block.shape == (3, 4, 2, 3, 3) and block.dtype == np.float32
+    for j in range(4):
+        np.testing.assert_array_equal(
+            block[:, j], philox.keyed_noise(5, range(2, 5), 3 + j, (2, 3, 3))
+        )
+    theirs = torch_noise.keyed_noise_steps(5, range(2, 5), 3, 4, (2, 3, 3)).numpy()
+    assert np.abs(block - theirs).max() <= 2e-6
+    assert philox.block_steps(3 * 18, 1000) == philox.NOISE_BLOCK_STEPS
+    assert philox.block_steps(3 * 18, 7) == 7 and philox.block_steps(2**30, 1000) == 1
+
+
 def test_bad_seeds_and_counters_are_config_errors():
     with pytest.raises(ConfigError, match="seed must be"):
         philox.keyed_noise(-1, [0], 0, (1,))
