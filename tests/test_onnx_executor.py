@@ -172,11 +172,27 @@ def test_sessions_fix_the_batch_and_the_least_recently_used_go(
     for batch in (1, 2, 3, 1):
         got = engine.sample(batch, batch_size=batch, **kwargs)
         assert_reference(got, default_pipeline.sample(batch, batch_size=batch, **kwargs))
-    (chain,) = engine._chains.values()
-    batches = [key[2] for key in chain._sessions]
+    sessions = engine.step_sessions()._sessions
+    batches = [key[2] for key in sessions]
     assert batches == [3, 1]
-    session = chain._sessions[next(iter(chain._sessions))]
+    session = sessions[next(iter(sessions))]
     assert session.get_inputs()[0].shape[0] == 3  # fixed, not "batch"
+
+
+def test_the_chains_of_an_engine_share_its_sessions(default_pipeline, cache, monkeypatch):
+    """Another sampler or chain length reads the same step file: it opens no session of its
+    own (nor a second thread check), and its images are still the reference's."""
+    engine = Engine(default_pipeline, threads=1, cpu_executor="onnxruntime")
+    engine.sample(2, sampler="ddim", steps=3, seed=5)
+    opened = []
+    real_open = ox._open
+    monkeypatch.setattr(ox, "_open", lambda *args: opened.append(args) or real_open(*args))
+    for chain in (dict(sampler="ddpm", steps=4), dict(sampler="ddim", steps=5, eta=0.5)):
+        got = engine.sample(2, seed=5, **chain)
+        assert_reference(got, default_pipeline.sample(2, seed=5, **chain))
+    assert opened == []
+    engine.sample(3, sampler="ddpm", steps=4, seed=5)  # a new batch size: a new session
+    assert len(opened) == 1
 
 
 def test_the_step_file_is_exported_once_and_reused(default_pipeline, cache, monkeypatch):

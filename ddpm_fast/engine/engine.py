@@ -29,7 +29,7 @@ from .coefficients import coefficient_table
 from .cpu_conv import use_cpu_convolutions
 from .graph import CapturedStep, new_graph_pool
 from .network import FastUnet
-from .onnx_executor import OrtChain, check_executor, resolve_executor
+from .onnx_executor import OrtChain, StepSessions, check_executor, resolve_executor
 from .threads import (
     MAX_THREADS,
     ThreadGovernor,
@@ -202,6 +202,7 @@ class Engine(Pipeline):
             self.executor()  # a ConfigError now, not at the first chain, where it cannot run
         self._flops_per_sample: dict[tuple[int, ...], int] = {}
         self._chains: dict[tuple, PreparedChain | OrtChain] = {}
+        self._step_sessions: StepSessions | None = None
         self._graph_pool = None
         self._warned = False
 
@@ -232,6 +233,12 @@ class Engine(Pipeline):
         while len(self._chains) > MAX_CHAINS:
             self._chains.pop(next(iter(self._chains)))
         return chain
+
+    def step_sessions(self) -> StepSessions:
+        """The ONNX Runtime sessions that every CPU chain of this engine shares."""
+        if self._step_sessions is None:
+            self._step_sessions = StepSessions(self)
+        return self._step_sessions
 
     def executor(self) -> tuple[str, str]:
         """What runs this engine's chains on the CPU ("onnxruntime" or "torch"), and why."""
