@@ -168,13 +168,8 @@ class TokenLinearAttention(nn.Module):
 
     def __init__(self, residual: ref.Residual):
         super().__init__()
-        prenorm = residual.fn
-        attention = prenorm.fn
-        self.heads = attention.heads
-        # LayerNorm's gain g scales the channels the projection sums: (W * g) x = W (g * x).
-        qkv = attention.to_qkv.weight[:, :, 0, 0] * prenorm.norm.g.reshape(1, -1)  # [3hd, C]
-        hidden, self.channels = qkv.shape[0] // 3, qkv.shape[1]
-        self.dim_head = hidden // self.heads
+        attention = residual.fn.fn
+        qkv, hidden = _take_projection(self, residual)
         self.q = _frozen(qkv[:hidden].t())  # [C, h * d]
         self.kv = _frozen(qkv[hidden:])  # [2 * h * d, C]
         out_conv, out_norm = attention.to_out
@@ -184,17 +179,15 @@ class TokenLinearAttention(nn.Module):
         self.out_gain = _frozen(out_norm.g.reshape(-1))
 
     def forward(self, x):
-        b, _, height, width = x.shape
-        c, h, d = self.channels, self.heads, self.dim_head
-        n = height * width
-        eps = ref.dtype_eps(x.dtype)
-        normed = F.layer_norm(x.reshape(b, c, n).transpose(1, 2), (c,), None, None, eps)
+        b, c, h, d = x.shape[0], self.channels, self.heads, self.dim_head
+        n = x.shape[2] * x.shape[3]
+        normed = _normed_tokens(x, c)
         q = (normed @ self.q).reshape(b, n, h, d).softmax(dim=-1).reshape(b, n, h * d)
         k, v = (self.kv @ normed.transpose(1, 2)).reshape(b, 2, h, d, n).unbind(1)
         context = k.softmax(dim=-1) @ v.transpose(-1, -2)  # [B, h, d, e]
         m = (context @ (self.out * (1.0 / n))).reshape(b, h * d, c)  # v's 1 / N, folded
-        out = F.layer_norm(q @ m + self.out_bias, (c,), self.out_gain, None, eps)
-        return out.transpose(1, 2).reshape(b, c, height, width) + x
+        eps = ref.dtype_eps(x.dtype)
+        return _add_to_image(F.layer_norm(q @ m + self.out_bias, (c,), self.out_gain, None, eps), x)
 
 
 class TokenAttention(nn.Module):
@@ -204,28 +197,43 @@ class TokenAttention(nn.Module):
 
     def __init__(self, residual: ref.Residual):
         super().__init__()
-        prenorm = residual.fn
-        attention = prenorm.fn
-        self.heads = attention.heads
-        qkv = attention.to_qkv.weight[:, :, 0, 0] * prenorm.norm.g.reshape(1, -1)  # [3hd, C]
-        hidden, self.channels = qkv.shape[0] // 3, qkv.shape[1]
-        self.dim_head = hidden // self.heads
+        attention = residual.fn.fn
+        qkv, hidden = _take_projection(self, residual)
         qkv = torch.cat((qkv[:hidden] * attention.scale, qkv[hidden:]))
         self.qkv = _frozen(qkv.t())  # [C, 3 * h * d]
         self.out = _frozen(attention.to_out.weight[:, :, 0, 0].t())  # [h * d, C]
         self.out_bias = _frozen(attention.to_out.bias)
 
     def forward(self, x):
-        b, _, height, width = x.shape
-        c, h, d = self.channels, self.heads, self.dim_head
-        n = height * width
-        eps = ref.dtype_eps(x.dtype)
-        normed = F.layer_norm(x.reshape(b, c, n).transpose(1, 2), (c,), None, None, eps)
-        qkv = (normed @ self.qkv).reshape(b, n, 3, h, d).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)  # each [B, h, N, d]
+        b, h, d = x.shape[0], self.heads, self.dim_head
+        n = x.shape[2] * x.shape[3]
+        qkv = _normed_tokens(x, self.channels) @ self.qkv
+        q, k, v = qkv.reshape(b, n, 3, h, d).permute(2, 0, 3, 1, 4).unbind(0)  # [B, h, N, d]
         out = (q @ k.transpose(-1, -2)).softmax(dim=-1) @ v  # [B, h, N, d]
-        out = out.transpose(1, 2).reshape(b, n, h * d) @ self.out + self.out_bias
-        return out.transpose(1, 2).reshape(b, c, height, width) + x
+        return _add_to_image(out.transpose(1, 2).reshape(b, n, h * d) @ self.out + self.out_bias, x)
+
+
+def _take_projection(block: nn.Module, residual: ref.Residual) -> tuple[torch.Tensor, int]:
+    """Set ``block``'s heads, channels and dim_head from ``Residual(PreNorm(LayerNorm,
+    attention))``; return its qkv projection [3 * h * d, C] with the LayerNorm's gain folded in
+    (it scales the channels the projection sums: (W * g) x = W (g x)), and h * d."""
+    attention = residual.fn.fn
+    qkv = attention.to_qkv.weight[:, :, 0, 0] * residual.fn.norm.g.reshape(1, -1)
+    hidden = qkv.shape[0] // 3
+    block.heads, block.channels = attention.heads, qkv.shape[1]
+    block.dim_head = hidden // attention.heads
+    return qkv, hidden
+
+
+def _normed_tokens(x: torch.Tensor, channels: int) -> torch.Tensor:
+    """The channel LayerNorm (no gain) of x [B, C, H, W] on its token view [B, H * W, C]."""
+    tokens = x.reshape(x.shape[0], channels, -1).transpose(1, 2)
+    return F.layer_norm(tokens, (channels,), None, None, ref.dtype_eps(x.dtype))
+
+
+def _add_to_image(tokens: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``tokens`` [B, H * W, C] back on x's [B, C, H, W] layout, plus x (the residual)."""
+    return tokens.transpose(1, 2).reshape(x.shape) + x
 
 
 def _frozen(tensor: torch.Tensor) -> nn.Parameter:
