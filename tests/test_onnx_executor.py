@@ -74,44 +74,62 @@ def test_every_family_runs_on_onnxruntime(name, cache):
     assert_reference(got, pipeline.sample(2, **kwargs))
 
 
-def test_the_onnx_form_of_each_block_is_the_reference_block():
-    """1.x's blocks as the step file runs them: on random inputs (a mean that is not zero, gains
-    that are not one) within fp32's per-op tolerance of the reference block (the attentions at
-    two image sizes, a norm block without time scale/shift); and the network with every block
-    swapped, fed its time rows, is the reference network."""
-    from ddpm_fast.engine.families import dd_pytorch_v1 as v1
+def assert_block(got: torch.Tensor, want: torch.Tensor) -> None:
+    """fp32's per-op tolerance, relative to the output's size."""
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
 
-    network = random_network("v1-selfcond-learned-var")
+
+def test_the_onnx_form_of_each_block_is_the_reference_block():
+    """The blocks as the step file runs them, on random inputs (a mean that is not zero, gains
+    that are not one), within fp32's per-op tolerance of the reference block: 1.x's and 2.x's
+    attentions at two image sizes (2.x's with their memory slots, full and linear), 1.x's norm
+    block without time scale/shift."""
+    from ddpm_fast.engine.families import dd_pytorch_v1 as v1
+    from ddpm_fast.engine.families import dd_pytorch_v2 as v2
+
+    one = random_network("v1-selfcond-learned-var")
+    two = random_network("v2-selfcond-learned-var-full-attn")
     torch.manual_seed(1)
-    blocks = [(s[2], v1.TokenLinearAttention) for s in (network.downs[0], network.ups[-1])]
-    blocks.append((network.mid_attn, v1.TokenAttention))
-    for block, form in blocks:
+    blocks = [
+        (one.downs[0][2], v1.TokenLinearAttention, True),
+        (one.ups[-1][2], v1.TokenLinearAttention, True),
+        (one.mid_attn, v1.TokenAttention, True),
+        (two.downs[0][2], v2.TokenAttention, False),  # full_attn=(True, False)
+        (two.downs[1][2], v2.TokenLinearAttention, False),
+        (two.mid_attn, v2.TokenAttention, False),
+    ]
+    for block, form, residual in blocks:
         fast = form(block)
-        channels = block.fn.fn.to_qkv.weight.shape[1]
+        channels = fast.channels
         for size in (4, 8):
             x = torch.randn(3, channels, size, size) * 2 + 0.5
             want = block(x)
             got = fast(x)
-            assert got.shape == want.shape and (want - x).abs().max() > 0.1
-            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
-    block = fold_weights(network).downs[0][0].block2  # no time scale/shift: its own affine
+            assert got.shape == want.shape and (want - x * residual).abs().max() > 0.1
+            assert_block(got, want)
+    block = fold_weights(one).downs[0][0].block2  # no time scale/shift: its own affine
     x = torch.randn(3, block.proj.in_channels, 8, 8) + 0.5
-    want = block(x)
-    torch.testing.assert_close(
-        v1.AffineBlock(block)(x), want, rtol=1e-5, atol=1e-5 * want.abs().max().item()
-    )
+    assert_block(v1.AffineBlock(block)(x), block(x))
+
+
+@pytest.mark.parametrize("name", [n for n in CASES if CASES[n][0].startswith("dd-pytorch")])
+def test_the_onnx_form_is_the_reference_network(name):
+    """A family's whole folded network with its onnx_form swaps, fed its time rows
+    (onnx_time_rows where the family has them), is the reference network."""
+    from ddpm_fast.engine.families import mapping
+
+    network = random_network(name)
+    fast = mapping(CASES[name][0])
     swapped = fold_weights(network)
-    v1.onnx_form(swapped)
+    fast.onnx_form(swapped)
     x, x_self_cond = torch.randn(2, network.channels, 8, 8), torch.rand(2, network.channels, 8, 8)
     t = torch.tensor([3, 40])
-    rows = v1.onnx_time_rows(network, network.time_conditioning(t))
+    rows = network.time_conditioning(t)
+    if hasattr(fast, "onnx_time_rows"):
+        rows = fast.onnx_time_rows(network, rows)
     want = network(x, t, x_self_cond)
-    torch.testing.assert_close(
-        swapped.forward_conditioned(x, rows, x_self_cond),
-        want,
-        rtol=1e-4,
-        atol=1e-4 * want.abs().max().item(),
-    )
+    got = swapped.forward_conditioned(x, rows, x_self_cond)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
 
 
 def test_a_one_x_step_file_holds_the_onnx_form(cache):

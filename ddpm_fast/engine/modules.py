@@ -6,7 +6,10 @@
 - ``sdpa``: full attention of a [B, 3 * heads * d, H, W] qkv map through
   ``F.scaled_dot_product_attention``;
 - ``TimeSlice``: columns ``[start, start + width)`` of the engine's per-step time row;
-- ``Upsample``: nearest-neighbour x2 + conv.
+- ``Upsample``: nearest-neighbour x2 + conv;
+- ``frozen``, ``token_view``, ``image_view``: what the families' ONNX Runtime forms
+  (``onnx_form``) share: weights as frozen parameters, and a [B, C, H, W] map as [B, H * W, C]
+  tokens and back.
 """
 
 from __future__ import annotations
@@ -24,8 +27,11 @@ __all__ = [
     "TimeSlice",
     "Upsample",
     "channel_layer_norm",
+    "frozen",
+    "image_view",
     "linear_attention",
     "sdpa",
+    "token_view",
 ]
 
 
@@ -98,3 +104,19 @@ class Upsample(nn.Module):
 
     def forward(self, x):
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+def frozen(tensor: torch.Tensor) -> nn.Parameter:
+    """A contiguous copy of ``tensor`` as a parameter without grad."""
+    return nn.Parameter(tensor.detach().contiguous().clone(), requires_grad=False)
+
+
+def token_view(x: torch.Tensor, channels: int) -> torch.Tensor:
+    """x [B, C, H, W] as tokens [B, H * W, C] (``channels`` a Python int: traced graphs keep
+    the norms' shapes constant)."""
+    return x.reshape(x.shape[0], channels, -1).transpose(1, 2)
+
+
+def image_view(tokens: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Tokens [B, H * W, C] back on the [B, C, H, W] layout of ``like``."""
+    return tokens.transpose(1, 2).reshape(like.shape)

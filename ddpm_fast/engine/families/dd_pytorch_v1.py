@@ -27,9 +27,12 @@ from ..modules import (
     TimeSlice,
     Upsample,
     channel_layer_norm,
+    frozen,
+    image_view,
     linear_attention,
     sdpa,
     take_conv_bias,
+    token_view,
 )
 
 # The fp32 reference's epsilon for its LayerNorms (the library's dtype_eps).
@@ -128,8 +131,8 @@ class AffineBlock(nn.Module):
         super().__init__()
         self.proj = block.proj
         self.groups, self.eps = block.norm.num_groups, block.norm.eps
-        self.weight = _frozen(block.norm.weight.reshape(1, -1, 1, 1))
-        self.bias = _frozen(block.norm.bias.reshape(1, -1, 1, 1))
+        self.weight = frozen(block.norm.weight.reshape(1, -1, 1, 1))
+        self.bias = frozen(block.norm.bias.reshape(1, -1, 1, 1))
 
     def forward(self, x, scale_shift=None):
         """``scale_shift``: (A, B) of ``onnx_time_rows``, or None (the norm's own affine)."""
@@ -170,13 +173,13 @@ class TokenLinearAttention(nn.Module):
         super().__init__()
         attention = residual.fn.fn
         qkv, hidden = _take_projection(self, residual)
-        self.q = _frozen(qkv[:hidden].t())  # [C, h * d]
-        self.kv = _frozen(qkv[hidden:])  # [2 * h * d, C]
+        self.q = frozen(qkv[:hidden].t())  # [C, h * d]
+        self.kv = frozen(qkv[hidden:])  # [2 * h * d, C]
         out_conv, out_norm = attention.to_out
         out = out_conv.weight[:, :, 0, 0].t() * attention.scale  # [h * e, C]
-        self.out = _frozen(out.reshape(self.heads, self.dim_head, self.channels))
-        self.out_bias = _frozen(out_conv.bias)
-        self.out_gain = _frozen(out_norm.g.reshape(-1))
+        self.out = frozen(out.reshape(self.heads, self.dim_head, self.channels))
+        self.out_bias = frozen(out_conv.bias)
+        self.out_gain = frozen(out_norm.g.reshape(-1))
 
     def forward(self, x):
         b, c, h, d = x.shape[0], self.channels, self.heads, self.dim_head
@@ -200,9 +203,9 @@ class TokenAttention(nn.Module):
         attention = residual.fn.fn
         qkv, hidden = _take_projection(self, residual)
         qkv = torch.cat((qkv[:hidden] * attention.scale, qkv[hidden:]))
-        self.qkv = _frozen(qkv.t())  # [C, 3 * h * d]
-        self.out = _frozen(attention.to_out.weight[:, :, 0, 0].t())  # [h * d, C]
-        self.out_bias = _frozen(attention.to_out.bias)
+        self.qkv = frozen(qkv.t())  # [C, 3 * h * d]
+        self.out = frozen(attention.to_out.weight[:, :, 0, 0].t())  # [h * d, C]
+        self.out_bias = frozen(attention.to_out.bias)
 
     def forward(self, x):
         b, h, d = x.shape[0], self.heads, self.dim_head
@@ -227,17 +230,12 @@ def _take_projection(block: nn.Module, residual: ref.Residual) -> tuple[torch.Te
 
 def _normed_tokens(x: torch.Tensor, channels: int) -> torch.Tensor:
     """The channel LayerNorm (no gain) of x [B, C, H, W] on its token view [B, H * W, C]."""
-    tokens = x.reshape(x.shape[0], channels, -1).transpose(1, 2)
-    return F.layer_norm(tokens, (channels,), None, None, ref.dtype_eps(x.dtype))
+    return F.layer_norm(token_view(x, channels), (channels,), None, None, ref.dtype_eps(x.dtype))
 
 
 def _add_to_image(tokens: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """``tokens`` [B, H * W, C] back on x's [B, C, H, W] layout, plus x (the residual)."""
-    return tokens.transpose(1, 2).reshape(x.shape) + x
-
-
-def _frozen(tensor: torch.Tensor) -> nn.Parameter:
-    return nn.Parameter(tensor.detach().contiguous().clone(), requires_grad=False)
+    """``tokens`` [B, H * W, C] back on x's layout, plus x (the residual)."""
+    return image_view(tokens, x) + x
 
 
 def onnx_form(folded: ref.Unet) -> None:
@@ -248,9 +246,16 @@ def onnx_form(folded: ref.Unet) -> None:
     2% of the default model's step)."""
     for block in [m for m in folded.modules() if isinstance(m, ref.ResnetBlock)]:
         block.block1, block.block2 = AffineBlock(block.block1), AffineBlock(block.block2)
+    swap_stage_blocks(folded, TokenLinearAttention, TokenAttention)
+
+
+def swap_stage_blocks(folded: nn.Module, stage_attention, mid_attention) -> None:
+    """The walk both denoising-diffusion-pytorch versions' U-Nets share: each stage's attention
+    becomes ``stage_attention(it)``, the middle's ``mid_attention(it)``, and each downsampling's
+    pixel-unshuffle + 1x1 conv one strided conv (``unshuffle_conv``)."""
     for stage in (*folded.downs, *folded.ups):
-        stage[2] = TokenLinearAttention(stage[2])
-    folded.mid_attn = TokenAttention(folded.mid_attn)
+        stage[2] = stage_attention(stage[2])
+    folded.mid_attn = mid_attention(folded.mid_attn)
     for stage in folded.downs:
         if not isinstance(stage[3], nn.Conv2d):  # the last stage's is a plain conv
             stage[3] = unshuffle_conv(stage[3])

@@ -9,6 +9,9 @@
 - ``FastAttention``: RMSNorm, 1x1 conv, memory key/values prepended, scaled_dot_product_attention
   (its default scale, dim_head ** -0.5, is the reference's), 1x1 conv, plus the residual;
 - ``Downsample``'s pixel-unshuffle + 1x1 conv as one 2x2 stride-2 conv (the same sums).
+
+For ONNX Runtime (``onnx_form``): ``TokenLinearAttention`` and ``TokenAttention``, both attentions
+on the [B, H * W, C] token view, as 1.x's (``dd_pytorch_v1``), with RMSNorm and the memory slots.
 """
 
 from __future__ import annotations
@@ -19,8 +22,8 @@ from torch import nn
 
 from ...kernels.channel_norm import channel_rms_norm
 from ...models import dd_pytorch_v2 as ref
-from ..modules import TimeSlice, Upsample, linear_attention
-from .dd_pytorch_v1 import unshuffle_conv
+from ..modules import TimeSlice, Upsample, frozen, image_view, linear_attention, token_view
+from .dd_pytorch_v1 import swap_stage_blocks, unshuffle_conv
 
 
 class FastBlock(nn.Module):
@@ -95,6 +98,89 @@ class FastAttention(nn.Module):
         out = F.scaled_dot_product_attention(q.contiguous(), k, v)
         out = out.transpose(-1, -2).reshape(b, -1, h, w)
         return self.to_out(out) + x
+
+
+class TokenLinearAttention(nn.Module):
+    """``ref.LinearAttention`` (no residual: the Unet adds it) on the token view for ONNX
+    Runtime: the RMSNorms along the last axis with their gains folded into the projections (the
+    first) or applied after (the second), q projected onto the tokens and k, v onto the channels
+    with the memory slots in front, both softmaxes along the last axis, and the output
+    contraction and to_out's 1x1 conv as one product ``q @ M`` (see 1.x's)."""
+
+    def __init__(self, attention: ref.LinearAttention):
+        super().__init__()
+        qkv, hidden = _take_projection(self, attention)
+        self.q = frozen(qkv[:hidden].t())  # [C, h * d]
+        self.kv = frozen(qkv[hidden:])  # [2 * h * d, C]
+        self.mem_kv = frozen(attention.mem_kv)  # [2, h, d, M]
+        out_conv, out_norm = attention.to_out
+        out = out_conv.weight[:, :, 0, 0].t() * attention.scale  # [h * e, C]
+        self.out = frozen(out.reshape(self.heads, self.dim_head, self.channels))
+        self.out_bias = frozen(out_conv.bias)
+        self.out_gain = frozen(out_norm.g.reshape(-1) * out_norm.scale)
+
+    def forward(self, x):
+        b, c, h, d = x.shape[0], self.channels, self.heads, self.dim_head
+        n = x.shape[2] * x.shape[3]
+        normed = F.normalize(token_view(x, c), dim=-1)
+        q = (normed @ self.q).reshape(b, n, h, d).softmax(dim=-1).reshape(b, n, h * d)
+        k, v = (self.kv @ normed.transpose(1, 2)).reshape(b, 2, h, d, n).unbind(1)
+        mem_k, mem_v = (m.expand(b, -1, -1, -1) for m in self.mem_kv)
+        k, v = torch.cat((mem_k, k), dim=-1), torch.cat((mem_v, v), dim=-1)
+        context = k.softmax(dim=-1) @ v.transpose(-1, -2)  # [B, h, d, e]
+        out = q @ (context @ self.out).reshape(b, h * d, c) + self.out_bias
+        return image_view(F.normalize(out, dim=-1) * self.out_gain, x)
+
+
+class TokenAttention(nn.Module):
+    """``ref.Attention`` (no residual) on the token view for ONNX Runtime: the RMSNorm along the
+    last axis with its gain and q's scale folded into the projection, the memory slots in front
+    of k and v, softmax along the last axis, MatMuls instead of Einsums."""
+
+    def __init__(self, attention: ref.Attention):
+        super().__init__()
+        qkv, hidden = _take_projection(self, attention)
+        qkv = torch.cat((qkv[:hidden] * self.dim_head**-0.5, qkv[hidden:]))
+        self.qkv = frozen(qkv.t())  # [C, 3 * h * d]
+        self.mem_kv = frozen(attention.mem_kv)  # [2, h, M, d]
+        self.out = frozen(attention.to_out.weight[:, :, 0, 0].t())  # [h * d, C]
+        self.out_bias = frozen(attention.to_out.bias)
+
+    def forward(self, x):
+        b, h, d = x.shape[0], self.heads, self.dim_head
+        n = x.shape[2] * x.shape[3]
+        qkv = F.normalize(token_view(x, self.channels), dim=-1) @ self.qkv
+        q, k, v = qkv.reshape(b, n, 3, h, d).permute(2, 0, 3, 1, 4).unbind(0)  # [B, h, N, d]
+        mem_k, mem_v = (m.expand(b, -1, -1, -1) for m in self.mem_kv)
+        k, v = torch.cat((mem_k, k), dim=2), torch.cat((mem_v, v), dim=2)
+        out = (q @ k.transpose(-1, -2)).softmax(dim=-1) @ v  # [B, h, N, d]
+        out = out.transpose(1, 2).reshape(b, n, h * d) @ self.out + self.out_bias
+        return image_view(out, x)
+
+
+def _take_projection(block: nn.Module, attention: nn.Module) -> tuple[torch.Tensor, int]:
+    """Set ``block``'s heads, channels and dim_head from ``attention``; return its qkv projection
+    [3 * h * d, C] with its RMSNorm's gain g * sqrt(C) folded in, and h * d."""
+    qkv = attention.to_qkv.weight[:, :, 0, 0] * (
+        attention.norm.g.reshape(1, -1) * attention.norm.scale
+    )
+    hidden = qkv.shape[0] // 3
+    block.heads, block.channels = attention.heads, qkv.shape[1]
+    block.dim_head = hidden // attention.heads
+    return qkv, hidden
+
+
+def onnx_form(folded: ref.Unet) -> None:
+    """Swap, in the folded network ``folded``, the blocks that ONNX Runtime runs faster in
+    another form (the same function): every attention, and the downsamplings' pixel-unshuffle +
+    1x1 conv as one strided conv."""
+    swap_stage_blocks(folded, _token_form, _token_form)
+
+
+def _token_form(module: nn.Module) -> nn.Module:
+    if isinstance(module, ref.LinearAttention):
+        return TokenLinearAttention(module)
+    return TokenAttention(module)
 
 
 def _attention(module: nn.Module) -> nn.Module:
