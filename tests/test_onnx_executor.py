@@ -82,8 +82,8 @@ def assert_block(got: torch.Tensor, want: torch.Tensor) -> None:
 def test_the_onnx_form_of_each_block_is_the_reference_block():
     """The blocks as the step file runs them, on random inputs (a mean that is not zero, gains
     that are not one), within fp32's per-op tolerance of the reference block: 1.x's and 2.x's
-    attentions at two image sizes (2.x's with their memory slots, full and linear), 1.x's norm
-    block without time scale/shift."""
+    attentions at two image sizes (2.x's with their memory slots, full and linear), both
+    versions' norm blocks without time scale/shift."""
     from ddpm_fast.engine.families import dd_pytorch_v1 as v1
     from ddpm_fast.engine.families import dd_pytorch_v2 as v2
 
@@ -107,9 +107,10 @@ def test_the_onnx_form_of_each_block_is_the_reference_block():
             got = fast(x)
             assert got.shape == want.shape and (want - x * residual).abs().max() > 0.1
             assert_block(got, want)
-    block = fold_weights(one).downs[0][0].block2  # no time scale/shift: its own affine
-    x = torch.randn(3, block.proj.in_channels, 8, 8) + 0.5
-    assert_block(v1.AffineBlock(block)(x), block(x))
+    for form, network in ((v1.AffineBlock, one), (v2.RmsBlock, two)):
+        block = fold_weights(network).downs[0][0].block2  # no time scale/shift: its own gain
+        x = torch.randn(3, block.proj.in_channels, 8, 8) + 0.5
+        assert_block(form(block)(x), block(x))
 
 
 @pytest.mark.parametrize("name", [n for n in CASES if CASES[n][0].startswith("dd-pytorch")])
