@@ -124,3 +124,22 @@ def block_steps(values_per_step: int, steps: int) -> int:
     ``NOISE_BLOCK_VALUES`` values per draw. Each draw has a fixed cost (tens of array or tensor
     calls) as large as a small model's whole step; a block pays it once."""
     return max(1, min(NOISE_BLOCK_STEPS, steps, NOISE_BLOCK_VALUES // max(1, values_per_step)))
+
+
+class NoiseBlocks:
+    """A chain's noise, drawn ``block_steps`` steps at a time and only when a step asks:
+    ``of_step(k)`` is chain step k's noise (reverse step k + 1's counters; 0 is x_T), [B, ...].
+    ``draw(first_step, count)`` returns ``count`` consecutive steps' noise as a NumPy array
+    [count, B, ...] (the engine draws with torch, OnnxSampler with NumPy: the same numbers). A
+    chain whose steps add no noise (DDIM with eta 0) draws nothing."""
+
+    def __init__(self, draw, values_per_step: int, steps: int):
+        self.draw, self.steps = draw, steps
+        self.count = block_steps(values_per_step, steps)
+        self.first, self.block = 0, None
+
+    def of_step(self, k: int) -> np.ndarray:
+        if self.block is None or not self.first <= k < self.first + len(self.block):
+            self.block = self.draw(k + 1, min(self.count, self.steps - k))
+            self.first = k
+        return self.block[k - self.first]

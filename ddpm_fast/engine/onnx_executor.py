@@ -12,8 +12,9 @@ The file is ``export.exporter.StepUpdate``: the folded network and ``samplers.ru
 with the step's time row (every block's time projection, a row of the chain's table, so the time
 MLPs stay out of the graph) and coefficient row as inputs, so one file serves every chain
 (sampler, steps, eta) of a model at one image size. Where the family's engine mapping has an
-``onnx_form``, its blocks are swapped for forms ONNX Runtime runs faster, the same function (1.x:
-the linear attention on the token view, 8% of the CIFAR-10 U-Net's step at batch 1).
+``onnx_form`` (1.x and 2.x), its blocks are swapped for forms ONNX Runtime runs faster, the same
+function: attention on the token view, norms as fused ops or convs (together 1.16x on the
+CIFAR-10 U-Net's step at batch 1, 1.28x on the digits model's).
 
 The file is exported once and kept in the cache folder under a key of everything it depends on
 (the weights' hash, the config, the image size, the inputs it takes, the ddpm-fast, torch and
@@ -42,7 +43,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from ..export.philox import block_steps
+from ..export.philox import NoiseBlocks
 from ..folding import fold_weights, time_conditioning
 from ..models import family_of
 from ..noise import keyed_noise_steps
@@ -57,7 +58,7 @@ log = logging.getLogger("ddpm_fast.engine")
 
 EXECUTOR_ENV = "DDPM_FAST_CPU_EXECUTOR"  # the default where the caller gives none
 OPSET = 17
-MAX_SESSIONS = 6  # per chain: each holds its own packed copy of the weights
+MAX_SESSIONS = 6  # per engine: each holds its own packed copy of the weights
 FILE_FORMAT = "row-step-3"  # bump when the graph's inputs or outputs change
 INSTALL_HINT = "pip install 'ddpm-fast[onnx]'"
 
@@ -105,8 +106,8 @@ def resolve_executor(requested: str, dtype: torch.dtype) -> tuple[str, str]:
 
 class _TableStep(nn.Module):
     """The exported graph: ``StepUpdate.update``, fed the step's time row (every block's time
-    projection, a row of the chain's table) and coefficient row. The time MLPs stay out of the
-    graph: on the default model at batch 1 they were a tenth of the step."""
+    projection, a row of the chain's table) and coefficient row, so the time MLPs stay out of
+    the graph (3% of the CIFAR-10 U-Net's step at batch 1)."""
 
     def __init__(self, update: nn.Module):
         super().__init__()
@@ -332,7 +333,7 @@ class OrtChain:
         state = np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.float32)
         x0 = np.zeros_like(state)
         zeros = np.zeros_like(state)
-        noise = _NoiseBlocks(seed, indices, tuple(x.shape[1:]), self.steps)
+        noise = _noise_blocks(seed, indices, tuple(x.shape[1:]), self.steps)
         for k in range(self.steps):
             z = noise.of_step(k) if self.noise_on[k] else zeros
             session = self.session(shape, torch.get_num_threads())
@@ -341,24 +342,16 @@ class OrtChain:
         return torch.from_numpy(state)
 
 
-class _NoiseBlocks:
-    """The chain's noise (``keyed_noise_steps``, the same numbers as every path) drawn for
-    ``export.philox.block_steps`` steps at once: one draw costs about a millisecond of PyTorch
-    calls whatever its size, as much as the digits model's whole step on ONNX Runtime."""
+def _noise_blocks(seed: int, indices: range, shape: tuple[int, ...], steps: int) -> NoiseBlocks:
+    """The chain's noise (``keyed_noise_steps``, the same numbers as every path) in blocks of
+    steps: one draw costs about a millisecond of PyTorch calls whatever its size, as much as the
+    digits model's whole step on ONNX Runtime."""
 
-    def __init__(self, seed: int, indices: range, shape: tuple[int, ...], steps: int):
-        self.seed, self.indices, self.shape, self.steps = seed, indices, shape, steps
-        self.count = block_steps(len(indices) * int(np.prod(shape)), steps)
-        self.first, self.block = 0, None
+    def draw(first_step: int, count: int) -> np.ndarray:
+        block = keyed_noise_steps(seed, indices, first_step, count, shape)
+        return block.transpose(0, 1).contiguous().numpy()  # [count, B, ...]
 
-    def of_step(self, k: int) -> np.ndarray:
-        """The noise of chain step k (reverse step k + 1; step 0 is x_T)."""
-        if self.block is None or not self.first <= k < self.first + len(self.block):
-            count = min(self.count, self.steps - k)
-            block = keyed_noise_steps(self.seed, self.indices, k + 1, count, self.shape)
-            self.block = block.transpose(0, 1).contiguous().numpy()  # [count, B, ...]
-            self.first = k
-        return self.block[k - self.first]
+    return NoiseBlocks(draw, len(indices) * int(np.prod(shape)), steps)
 
 
 def _private_folder() -> Path:

@@ -96,6 +96,18 @@ def test_sample_i_is_the_same_image_in_any_batch(exported):
     assert [list(indices) for indices, _ in batches] == [[0, 1], [2, 3], [4]]
 
 
+def test_step_noise_is_drawn_in_blocks_and_only_where_a_step_adds_some(exported, monkeypatch):
+    """One draw per batch for a 5-step chain that adds noise; none for DDIM with eta 0."""
+    draws = []
+    real = module.keyed_noise_steps
+    monkeypatch.setattr(module, "keyed_noise_steps", lambda *a: draws.append(a[2:4]) or real(*a))
+    OnnxSampler(exported["step-ddim-eta-selfcond"][1]).sample(3, seed=1, batch_size=2)
+    assert draws == [(1, 5), (1, 5)]  # (first step, count) for each of the two batches
+    draws.clear()
+    OnnxSampler(exported["unet-ddim-selfcond"][1]).sample(2, seed=1)
+    assert draws == []
+
+
 def test_initial_noise_replaces_x_t(exported):
     pipeline, path = exported["unet-ddim-selfcond"]
     rng = np.random.default_rng(0)

@@ -58,6 +58,22 @@ def test_a_block_of_steps_is_each_step_drawn_alone_and_the_torch_block():
     assert philox.block_steps(3 * 18, 7) == 7 and philox.block_steps(2**30, 1000) == 1
 
 
+def test_noise_blocks_draw_on_demand_and_give_each_step_its_noise():
+    calls = []
+
+    def draw(first_step, count):
+        calls.append((first_step, count))
+        return np.swapaxes(philox.keyed_noise_steps(3, range(2), first_step, count, (4, 4)), 0, 1)
+
+    blocks = philox.NoiseBlocks(draw, 2 * 16, steps=120)
+    assert calls == []
+    for k in (0, 1, 49, 50, 119):
+        np.testing.assert_array_equal(
+            blocks.of_step(k), philox.keyed_noise(3, range(2), k + 1, (4, 4))
+        )
+    assert calls == [(1, 50), (51, 50), (120, 1)]  # a block starts at the step that asks
+
+
 def test_bad_seeds_and_counters_are_config_errors():
     with pytest.raises(ConfigError, match="seed must be"):
         philox.keyed_noise(-1, [0], 0, (1,))
