@@ -193,6 +193,14 @@ def cmd_sample(args: argparse.Namespace) -> int:
     output = Output(args.out)  # an unwritable target fails here, before any sampling
     if args.onnx is not None:
         return _sample_onnx(args, output)
+    from .warm_start import WarmStart, record, warm_key
+
+    key = warm_key(args)
+    warm = WarmStart.find(key)
+    if warm is not None:  # the same model and chain ran before: no torch needed
+        warm.sample_to(output, args, say=_say)
+        print(f"wrote {args.num} images to {output.path}")
+        return 0
     from . import distributed
     from .engine import Engine
 
@@ -219,6 +227,11 @@ def cmd_sample(args: argparse.Namespace) -> int:
         )  # fmt: skip
     finally:
         distributed.leave()
+    if key is not None and group.world == 1 and not args.reference:
+        spec = pipeline.sampler_spec(
+            options["sampler"], options["steps"], options["eta"], options["timestep_spacing"]
+        )
+        record(key, pipeline, spec, pipeline.run_identity(spec, options["device"]))
     if group.rank == 0:
         print(f"wrote {args.num} images to {output.path}")
     return 0

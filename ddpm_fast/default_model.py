@@ -8,9 +8,12 @@ shipped in ``assets/`` as a ddpm-fast safetensors file (3.3 MB).
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .errors import CheckpointError
-from .pipeline import Pipeline
+
+if TYPE_CHECKING:
+    from .pipeline import Pipeline
 
 ASSET = Path(__file__).parent / "assets" / "default.safetensors"
 SOURCE = "embedded default (digits 8x8)"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 from pathlib import Path
 
@@ -15,3 +16,15 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine() or "unknown"
+
+
+CACHE_ENV = "DDPM_FAST_CACHE_DIR"
+
+
+def cache_dir() -> Path:
+    """Where ddpm-fast keeps what it measured and exported: $DDPM_FAST_CACHE_DIR, else
+    $XDG_CACHE_HOME/ddpm-fast, else ~/.cache/ddpm-fast."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "ddpm-fast"

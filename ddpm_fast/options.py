@@ -13,6 +13,7 @@ from .samplers.registry import SAMPLERS, sampler_module
 OBJECTIVES = ("pred_noise", "pred_x0", "pred_v")
 # What runs the engine's fp32 step on the CPU (ddpm_fast.engine.onnx_executor).
 CPU_EXECUTORS = ("auto", "onnxruntime", "torch")
+EXECUTOR_ENV = "DDPM_FAST_CPU_EXECUTOR"  # the default executor where the caller gives none
 VARIANCES = ("fixed_small", "fixed_large", "learned_range")
 BETA_SCHEDULES = (
     "linear",

@@ -179,13 +179,7 @@ def check_finite(images: torch.Tensor, indices: range) -> None:
     per batch, none per step)."""
     bad = ~torch.isfinite(images.flatten(1)).all(dim=1)
     if bool(bad.any()):
-        which = [indices[i] for i in bad.nonzero().flatten().tolist()]
-        shown = ", ".join(map(str, which[:8])) + (" ..." if len(which) > 8 else "")
-        raise NonFiniteError(
-            f"the chain of samples {indices.start}..{indices.stop - 1} gave NaN or infinite "
-            f"values (samples {shown})",
-            indices=which,
-        )
+        raise NonFiniteError.in_chain(indices, bad.nonzero().flatten().tolist())
 
 
 def override_diffusion(diffusion: DiffusionConfig, options: dict) -> DiffusionConfig:
@@ -347,7 +341,7 @@ class Pipeline:
                 if initial_noise is not None:
                     x = initial_noise[rows.start : rows.stop].to(device, torch.float32)
                 else:
-                    x = keyed_noise(seed, indices, 0, shape, device=device)
+                    x = chain._initial_noise(seed, indices, shape, device)
                 x = chain._run_chain(
                     x, tables, spec, seed=seed, indices=indices, on_step=lambda k: bar.update()
                 )
@@ -367,6 +361,21 @@ class Pipeline:
             "family": config.family,
             "network": config.to_dict(),
             "diffusion": self.diffusion.to_dict(),
+        }
+
+    def run_identity(self, spec: SamplerSpec, device: torch.device) -> dict:
+        """What an output records of a run of ``spec`` on ``device`` but its seed (``sample_to``
+        adds it): a rerun that differs is refused."""
+        return {
+            "model": self.identity(),
+            "backend": self.backend,
+            "dtype": self.precision,
+            "device": device.type,
+            "sampler": spec.kind,
+            "steps": spec.steps,
+            "eta": spec.eta,
+            "timestep_spacing": spec.timestep_spacing,
+            "image_shape": list(self.image_shape()),
         }
 
     def auto_batch_size(self, num: int, device: torch.device | str | None = None) -> int:
@@ -424,18 +433,7 @@ class Pipeline:
         if batch_size == "auto":  # every rank must cut the run into the same batches
             batch_size = group.smallest(self.auto_batch_size(num, device))
         batch_size = resolve_batch_size(num, batch_size)
-        run = {
-            "model": self.identity(),
-            "backend": self.backend,
-            "dtype": self.precision,
-            "device": device.type,
-            "sampler": spec.kind,
-            "steps": spec.steps,
-            "eta": spec.eta,
-            "timestep_spacing": spec.timestep_spacing,
-            "seed": seed,
-            "image_shape": list(self.image_shape()),
-        }
+        run = {**self.run_identity(spec, device), "seed": seed}
         options = dict(
             steps=spec.steps,
             sampler=spec.kind,
@@ -476,6 +474,12 @@ class Pipeline:
             clone.network = copy.deepcopy(self.network).to(device)
             self._device_copy = cached = clone
         return cached
+
+    def _initial_noise(
+        self, seed: int, indices: range, shape: tuple[int, ...], device: torch.device
+    ) -> torch.Tensor:
+        """x_T of the samples ``indices``: the keyed noise of chain step 0."""
+        return keyed_noise(seed, indices, 0, shape, device=device)
 
     def _run_chain(
         self,

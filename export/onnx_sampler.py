@@ -25,7 +25,7 @@ from ..images import chain_to_images
 from ..options import check_int, resolve_batch_size
 from ..samplers import rule
 from .format import HISTORY_INPUT, SELF_COND_INPUT, OnnxFileError, OnnxModelInfo, parse_metadata
-from .philox import NoiseBlocks, check_seed, keyed_noise, keyed_noise_steps
+from .philox import check_seed, keyed_noise, step_noise
 
 logger = logging.getLogger(__name__)
 
@@ -225,17 +225,6 @@ class _NoBar:
 
     def update(self, n: int = 1) -> None:
         return None
-
-
-def _noise_blocks(seed: int, indices: range, shape: tuple[int, ...], steps: int) -> NoiseBlocks:
-    """The chain's noise in blocks of steps: one NumPy draw costs about 0.25 ms whatever its
-    size, a tenth of the digits model's step at batch 1."""
-
-    def draw(first_step: int, count: int) -> np.ndarray:
-        block = keyed_noise_steps(seed, indices, first_step, count, shape)
-        return np.ascontiguousarray(np.swapaxes(block, 0, 1))  # [count, B, ...]
-
-    return NoiseBlocks(draw, len(indices) * int(np.prod(shape)), steps)
 
 
 def _progress_bar(total: int, show: bool):
@@ -452,7 +441,7 @@ class OnnxSampler:
                     x = keyed_noise(seed, indices, 0, shape)
                 silent = np.zeros_like(x)  # fed where a step adds no noise (and reads none)
                 x0 = silent  # the previous step's x0: zeros at the first
-                noise_blocks = _noise_blocks(seed, indices, shape, self.steps)
+                noise_blocks = step_noise(seed, indices, shape, self.steps)
                 for k in range(self.steps):
                     noise = noise_blocks.of_step(k) if self.info.adds_noise(k) else silent
                     x, x0 = self._step(x, k, noise, x0 if self.info.self_condition else None, x0)

@@ -204,8 +204,8 @@ def test_the_chains_of_an_engine_share_its_sessions(default_pipeline, cache, mon
     engine = Engine(default_pipeline, threads=1, cpu_executor="onnxruntime")
     engine.sample(2, sampler="ddim", steps=3, seed=5)
     opened = []
-    real_open = ox._open
-    monkeypatch.setattr(ox, "_open", lambda *args: opened.append(args) or real_open(*args))
+    real_open = ox.open_session
+    monkeypatch.setattr(ox, "open_session", lambda *args: opened.append(args) or real_open(*args))
     for chain in (dict(sampler="ddpm", steps=4), dict(sampler="ddim", steps=5, eta=0.5)):
         got = engine.sample(2, seed=5, **chain)
         assert_reference(got, default_pipeline.sample(2, seed=5, **chain))

@@ -35,8 +35,10 @@ PROBE = (
 )
 
 
-def run(argv: list, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
+def run(
+    argv: list, cwd: Path, check: bool = True, env: dict | None = None
+) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in (env or os.environ).items() if k not in ("PYTHONPATH", "PYTHONHOME")}
     result = subprocess.run(
         [str(a) for a in argv], cwd=cwd, env=env, capture_output=True, text=True, check=False
     )
@@ -116,6 +118,25 @@ def test_the_installed_wheel_runs_from_outside_the_repository(wheel, tmp_path):
     assert (outside / "x.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     info = run([bin_dir / "ddpm-fast", "info"], outside).stdout
     assert "family:      dd-pytorch-v1" in info and "embedded default" in info
+
+
+def test_the_installed_wheel_starts_warm(wheel, tmp_path):
+    """The second sample of the same chain runs on ONNX Runtime from the cache, without torch
+    (``ddpm_fast.warm_start``), and writes the same bytes."""
+    pytest.importorskip("onnxruntime")
+    bin_dir = fresh_environment(tmp_path, wheel, torch=True)
+    outside = tmp_path / "work"
+    outside.mkdir()
+    env = {**os.environ, "DDPM_FAST_CPU_EXECUTOR": "auto", "DDPM_FAST_CACHE_DIR": str(tmp_path)}
+    argv = ["sample", "--num", 3, "--steps", 5, "--sampler", "ddim"]
+    run([bin_dir / "ddpm-fast", *argv, "--out", "full.npz"], outside, env=env)
+    code = (
+        "import sys; from ddpm_fast.cli import main; "
+        f"main({[str(a) for a in argv] + ['--out', 'warm.npz']!r}); print('torch' in sys.modules)"
+    )
+    warm = run([bin_dir / "python", "-c", code], outside, env=env).stdout.splitlines()[-1]
+    assert warm == "False"
+    assert (outside / "warm.npz").read_bytes() == (outside / "full.npz").read_bytes()
 
 
 def test_sample_onnx_runs_without_torch(wheel, tmp_path):

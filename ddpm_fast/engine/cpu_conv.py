@@ -29,21 +29,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..machine import cpu_model
+from ..machine import cache_dir, cpu_model
 
 log = logging.getLogger("ddpm_fast.engine")
 
 TRIALS = 3  # calls timed per candidate; the minimum counts
-CACHE_ENV = "DDPM_FAST_CACHE_DIR"
-
-
-def cache_dir() -> Path:
-    """Where ddpm-fast keeps what it measured: $DDPM_FAST_CACHE_DIR, else
-    $XDG_CACHE_HOME/ddpm-fast, else ~/.cache/ddpm-fast."""
-    if os.environ.get(CACHE_ENV):
-        return Path(os.environ[CACHE_ENV])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "ddpm-fast"
 
 
 class ConvChoices:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import ConfigError
+from ..export.philox import keyed_noise as keyed_noise_numpy
 from ..flops import forward_flops
 from ..kernels.sampler_step import draws_noise, sampler_step
 from ..noise import keyed_noise, philox_keys
@@ -234,6 +235,12 @@ class Engine(Pipeline):
             self._chains.pop(next(iter(self._chains)))
         return chain
 
+    def ort_chain(self, spec: SamplerSpec) -> OrtChain | None:
+        """The chain of ``spec`` that ran on ONNX Runtime on the CPU, if one did (the CLI's warm
+        start records its tables)."""
+        chain = self._chains.get((spec, "cpu"))
+        return chain if isinstance(chain, OrtChain) else None
+
     def step_sessions(self) -> StepSessions:
         """The ONNX Runtime sessions that every CPU chain of this engine shares."""
         if self._step_sessions is None:
@@ -243,6 +250,16 @@ class Engine(Pipeline):
     def executor(self) -> tuple[str, str]:
         """What runs this engine's chains on the CPU ("onnxruntime" or "torch"), and why."""
         return resolve_executor(self.cpu_executor, self.dtype)
+
+    def _initial_noise(
+        self, seed: int, indices: range, shape: tuple[int, ...], device: torch.device
+    ) -> torch.Tensor:
+        """x_T, as ``Pipeline``'s; drawn with NumPy where ONNX Runtime runs the chain, as its
+        steps' noise is (``table_chain``): the same numbers to within an ulp, and the same bits
+        as the CLI's warm start, which draws without torch."""
+        if torch.device(device).type == "cpu" and self.executor()[0] == "onnxruntime":
+            return torch.from_numpy(keyed_noise_numpy(seed, indices, 0, shape))
+        return super()._initial_noise(seed, indices, shape, device)
 
     def _run_chain(
         self,

@@ -6,7 +6,8 @@ EPYC it took 2.6 ms per step for the digits model at batch 1 against the PyTorch
 ms, and the CIFAR-10 U-Net at batch 1 took 49 ms against 63. So where onnxruntime is installed,
 an fp32 chain on the CPU runs there (``cpu_executor="auto"``). The engine still owns the rest:
 its thread plan (one session per thread count; the batch split runs one-thread sessions side by
-side), its noise (the same Philox draws as every other path) and the chain's tables.
+side), its noise (the Philox stream of every path, drawn with NumPy: ``table_chain``, which also
+runs the loop) and the chain's tables.
 
 The file is ``export.exporter.StepUpdate``: the folded network and ``samplers.rule``'s update,
 with the step's time row (every block's time projection, a row of the chain's table, so the time
@@ -26,7 +27,6 @@ place, so a crash leaves no half-written file; a file that does not load is expo
 from __future__ import annotations
 
 import atexit
-import functools
 import hashlib
 import json
 import logging
@@ -43,20 +43,18 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from ..export.philox import NoiseBlocks
 from ..folding import fold_weights, time_conditioning
+from ..machine import cache_dir
 from ..models import family_of
-from ..noise import keyed_noise_steps
-from ..options import CPU_EXECUTORS
+from ..options import CPU_EXECUTORS, EXECUTOR_ENV
 from ..samplers import ROW, SamplerSpec, StepTables
-from ..version import __version__
+from ..version import __version__, source_digest
 from .coefficients import coefficient_table
-from .cpu_conv import cache_dir
 from .families import mapping
+from .table_chain import ChainTables, TableChain, input_names, open_session
 
 log = logging.getLogger("ddpm_fast.engine")
 
-EXECUTOR_ENV = "DDPM_FAST_CPU_EXECUTOR"  # the default where the caller gives none
 OPSET = 17
 MAX_SESSIONS = 6  # per engine: each holds its own packed copy of the weights
 FILE_FORMAT = "row-step-3"  # bump when the graph's inputs or outputs change
@@ -117,15 +115,6 @@ class _TableStep(nn.Module):
         return self.step.update(x_t, time_row, coef_row, adds_noise, noise, *history)
 
 
-def input_names(carries_x0_prev: bool, self_condition: bool) -> list[str]:
-    names = ["x_t", "time_row", "coef_row", "adds_noise", "noise"]
-    if carries_x0_prev:
-        names.append("x0_prev")
-    if self_condition:
-        names.append("x_self_cond")
-    return names
-
-
 def file_key(pipeline, image_hw: tuple[int, int], learned: bool, carries_x0_prev: bool) -> str:
     """The cache key of a step file: everything the graph depends on."""
     import onnx
@@ -144,20 +133,6 @@ def file_key(pipeline, image_hw: tuple[int, int], learned: bool, carries_x0_prev
         "source": source_digest(),  # a changed module of a checkout or a patched install
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
-
-
-@functools.cache
-def source_digest() -> str:
-    """The sha256 of the Python files of ddpm_fast and its export package, whose code the
-    graph is traced from: the version alone would not change in a checkout being worked on."""
-    from .. import export
-
-    digest = hashlib.sha256()
-    for folder in (Path(__file__).resolve().parents[1], *export.__path__):
-        for path in sorted(Path(folder).rglob("*.py")):
-            digest.update(path.relative_to(folder).as_posix().encode())
-            digest.update(path.read_bytes())
-    return digest.hexdigest()
 
 
 def onnx_network(pipeline) -> nn.Module:
@@ -213,7 +188,7 @@ class StepSessions:
         self._engine = engine
         self._paths: dict[tuple, Path] = {}
         self._sessions: OrderedDict[tuple, object] = OrderedDict()  # least recently used first
-        self.invariant: dict[tuple, bool] = {}  # OrtChain.thread_invariant's answers
+        self.invariant: dict[tuple, dict] = {}  # TableChain.thread_invariant's, per file
         self._lock = threading.RLock()  # path() inside session(): both take it
 
     def path(self, spec: SamplerSpec, learned: bool, image_hw: tuple[int, int]) -> Path:
@@ -255,11 +230,11 @@ class StepSessions:
             key = (path, threads, batch)
             if key not in self._sessions:
                 try:
-                    self._sessions[key] = _open(path, threads, batch)
+                    self._sessions[key] = open_session(path, threads, batch)
                 except Exception as error:  # a damaged cache entry: export it again, once
                     log.warning("%s does not load (%s); exporting it again", path, error)
                     export_step_file(self._engine, spec, learned, image_hw, path)
-                    self._sessions[key] = _open(path, threads, batch)
+                    self._sessions[key] = open_session(path, threads, batch)
                 while len(self._sessions) > MAX_SESSIONS:
                     self._sessions.popitem(last=False)
             self._sessions.move_to_end(key)
@@ -267,9 +242,9 @@ class StepSessions:
 
 
 class OrtChain:
-    """One chain (sampler spec) of an engine on ONNX Runtime: the chain's time rows and
-    coefficient rows as NumPy arrays, run on the engine's ``StepSessions``. It runs under the
-    thread plan that PyTorch's thread count carries: the plan sets that count
+    """One chain (sampler spec) of an engine on ONNX Runtime: the chain's tables built with
+    torch (``ChainTables``), run by ``table_chain.TableChain`` on the engine's ``StepSessions``.
+    It runs under the thread plan that PyTorch's thread count carries: the plan sets that count
     (``torch_threads``, the batch split's one thread per part, the governor's switches), and
     each step runs on the session with that many intra-op threads."""
 
@@ -277,20 +252,28 @@ class OrtChain:
         self.device = torch.device("cpu")
         self.steps = len(tables)
         self.learned = tables.learned
-        self.carries_x0_prev = spec.carries_x0_prev
-        self.self_condition = engine.config.self_condition
-        self.noise_on = np.array([tables.adds_noise(k) for k in range(self.steps)], dtype=bool)
         # Every block's time projection at each step, side by side: [steps, D] float32, the
         # graph's time_row input (the layout StepUpdate slices, as the folded network's).
         rows = time_conditioning(engine.network, tables.timesteps)
         fast = mapping(family_of(engine.network).FAMILY)
         if hasattr(fast, "onnx_time_rows"):  # what the family's onnx_form reads
             rows = fast.onnx_time_rows(engine.network, rows)
-        self.time_rows = np.ascontiguousarray(torch.cat(list(rows.values()), 1).cpu().numpy())
-        table = coefficient_table(tables, spec, engine.diffusion.objective)
-        self.coeffs = np.ascontiguousarray(table.numpy())
+        self.tables = ChainTables(
+            time_rows=np.ascontiguousarray(torch.cat(list(rows.values()), 1).cpu().numpy()),
+            coeffs=np.ascontiguousarray(
+                coefficient_table(tables, spec, engine.diffusion.objective).numpy()
+            ),
+            noise_on=np.array([tables.adds_noise(k) for k in range(self.steps)], dtype=bool),
+            carries_x0_prev=spec.carries_x0_prev,
+            self_condition=engine.config.self_condition,
+        )
         self.sessions: StepSessions = engine.step_sessions()
         self._spec = spec
+        self.chain = TableChain(
+            self.tables,
+            lambda shape, threads: self.session(shape, threads),  # looked up at each call
+            self.sessions.invariant.setdefault((spec.carries_x0_prev, self.learned), {}),
+        )
         self.thread_plans: dict = {}
         self.governors: dict = {}  # kept: what they learnt
 
@@ -298,60 +281,21 @@ class OrtChain:
         """The engine's session with ``threads`` intra-op threads for inputs of ``shape``."""
         return self.sessions.session(self._spec, self.learned, shape, threads)
 
+    def step_file(self, image_hw: tuple[int, int]) -> Path:
+        """The step file this chain runs on images of ``image_hw``."""
+        return self.sessions.path(self._spec, self.learned, image_hw)
+
     def thread_invariant(self, shape: tuple[int, ...], threads: int) -> bool:
         """Whether the session on ``threads`` threads gives the same bits as on one, for this
         input shape (checked once per step file with random inputs)."""
-        path = self.sessions.path(self._spec, self.learned, tuple(shape[2:]))
-        key = (path, shape, threads)
-        if key not in self.sessions.invariant:
-            generator = np.random.default_rng(0)
-            x = generator.standard_normal(shape, dtype=np.float32)
-            feeds = self._feeds(x, x * 0.5, generator.standard_normal(shape, dtype=np.float32), 0)
-            outputs = [self.session(shape, n).run(None, feeds) for n in (threads, 1)]
-            same = all(np.array_equal(a, b) for a, b in zip(*outputs, strict=True))
-            self.sessions.invariant[key] = same
-        return self.sessions.invariant[key]
-
-    def _feeds(self, x: np.ndarray, x0: np.ndarray, z: np.ndarray, k: int) -> dict:
-        feeds = {
-            "x_t": x,
-            "time_row": self.time_rows[k : k + 1],
-            "coef_row": self.coeffs[k],
-            "adds_noise": self.noise_on[k : k + 1],
-            "noise": z,
-        }
-        if self.carries_x0_prev:
-            feeds["x0_prev"] = x0
-        if self.self_condition:
-            feeds["x_self_cond"] = x0
-        return feeds
+        return self.chain.thread_invariant(shape, threads)
 
     def run_eager(self, x, keys, seed: int, indices: range, on_step) -> torch.Tensor:
-        """The chain from x_T = ``x`` (the noise keyed by ``seed`` and ``indices``, as every
-        path draws it); ``keys`` is unused (the PyTorch noise is keyed by seed and indices)."""
-        shape = tuple(x.shape)
-        state = np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.float32)
-        x0 = np.zeros_like(state)
-        zeros = np.zeros_like(state)
-        noise = _noise_blocks(seed, indices, tuple(x.shape[1:]), self.steps)
-        for k in range(self.steps):
-            z = noise.of_step(k) if self.noise_on[k] else zeros
-            session = self.session(shape, torch.get_num_threads())
-            state, x0 = session.run(None, self._feeds(state, x0, z, k))
-            on_step(k + 1)
-        return torch.from_numpy(state)
-
-
-def _noise_blocks(seed: int, indices: range, shape: tuple[int, ...], steps: int) -> NoiseBlocks:
-    """The chain's noise (``keyed_noise_steps``, the same numbers as every path) in blocks of
-    steps: one draw costs about a millisecond of PyTorch calls whatever its size, as much as the
-    digits model's whole step on ONNX Runtime."""
-
-    def draw(first_step: int, count: int) -> np.ndarray:
-        block = keyed_noise_steps(seed, indices, first_step, count, shape)
-        return block.transpose(0, 1).contiguous().numpy()  # [count, B, ...]
-
-    return NoiseBlocks(draw, len(indices) * int(np.prod(shape)), steps)
+        """The chain from x_T = ``x`` (the engine draws it with NumPy for these chains, see
+        ``Engine._initial_noise``); ``keys`` is unused (the noise is keyed by seed and indices)."""
+        state = x.detach().cpu().numpy()
+        x_0 = self.chain.run(state, seed, indices, torch.get_num_threads, on_step)
+        return torch.from_numpy(x_0)
 
 
 def _private_folder() -> Path:
@@ -359,14 +303,3 @@ def _private_folder() -> Path:
     folder = Path(tempfile.mkdtemp(prefix="ddpm-fast-steps-"))
     atexit.register(shutil.rmtree, folder, ignore_errors=True)
     return folder
-
-
-def _open(path: Path, threads: int, batch: int):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.add_free_dimension_override_by_name("batch", batch)
-    options.log_severity_level = 3
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])

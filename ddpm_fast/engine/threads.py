@@ -19,6 +19,9 @@ time, the seed CIFAR-10 U-Net 2.8x. Two plans avoid that wait:
 
 ``threads=N`` (the API's and the CLI's) pins N intra-op threads for the whole batch and nothing
 adapts; so does OMP_NUM_THREADS in the environment (torchrun sets it to 1 per process).
+
+The module imports no torch (the CLI's warm start plans its ONNX Runtime chains without it):
+what sets PyTorch's thread count imports it where it runs.
 """
 
 from __future__ import annotations
@@ -33,8 +36,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
+from typing import Any
 
 # Per-sample FLOPs of one forward from which the batch is split across cores. The embedded digits
 # model (43 MFLOP) is overhead-bound: its Python threads would queue on the interpreter lock. The
@@ -163,6 +165,8 @@ def plan_threads(
 @contextlib.contextmanager
 def torch_threads(count: int) -> Iterator[None]:
     """PyTorch's intra-op threads set to ``count`` inside, restored after."""
+    import torch
+
     before = torch.get_num_threads()
     torch.set_num_threads(count)
     try:
@@ -171,18 +175,31 @@ def torch_threads(count: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+def _set_torch_threads(count: int) -> None:
+    import torch
+
+    torch.set_num_threads(count)
+
+
 class ThreadGovernor:
-    """Times each step and sets PyTorch's thread count for the next one: ``high`` or 1,
+    """Times each step and sets the thread count for the next one: ``high`` or 1,
     whichever has the lower median of its recent steps. The other count is probed for
     ``PROBE_STEPS`` steps every ``interval`` steps (``PROBE_EVERY`` after a switch, doubled after
     each probe that changes nothing: a losing probe costs slow steps), and at once when a step
     takes ``JUMP`` times the usual (load just arrived). A probe step ``LOSING`` times slower than
     the count it would replace ends the probe at once: on a quiet machine each probe then costs
-    one slow step. ``clock`` is injectable for tests."""
+    one slow step. ``set_threads`` applies a count (default: PyTorch's, which the engine's chains
+    read); ``clock`` is injectable for tests."""
 
-    def __init__(self, high: int, clock: Callable[[], float] = time.perf_counter):
+    def __init__(
+        self,
+        high: int,
+        clock: Callable[[], float] = time.perf_counter,
+        set_threads: Callable[[int], None] = _set_torch_threads,
+    ):
         self.high = high
         self.clock = clock
+        self.set_threads = set_threads
         self.current = high
         self.times = {high: deque(maxlen=HISTORY), 1: deque(maxlen=HISTORY)}
         self.probe_left = 0
@@ -195,7 +212,7 @@ class ThreadGovernor:
     def _set(self, count: int) -> None:
         if count != self.current:
             self.current = count
-            torch.set_num_threads(count)
+            self.set_threads(count)
 
     def _median(self, count: int) -> float | None:
         times = self.times[count]
@@ -208,7 +225,7 @@ class ThreadGovernor:
         if self.probe_left:
             self.probe_left = 0
             self.current = self.before_probe
-        torch.set_num_threads(self.current)
+        self.set_threads(self.current)
 
     def step_done(self) -> None:
         now = self.clock()
@@ -249,17 +266,34 @@ class ThreadGovernor:
 
 
 def run_split(
-    run_part: Callable[[slice, Callable[[int], None]], torch.Tensor],
+    run_part: Callable[[slice, Callable[[int], None]], Any],
     batch: int,
     workers: int,
     on_step: Callable[[int], None],
-) -> torch.Tensor:
+    concat: Callable[[list], Any] | None = None,
+) -> Any:
     """``run_part(rows, on_step)`` for ``workers`` consecutive row ranges of the batch, each in
-    its own thread on one PyTorch thread; the parts concatenated. ``on_step(k)`` is called once
-    step k is done by every part. An error in one part stops the others and is raised here."""
+    its own thread; the parts joined by ``concat``. ``on_step(k)`` is called once step k is done
+    by every part. An error in one part stops the others and is raised here. Default: PyTorch
+    parts, each worker on one PyTorch thread without autograd, joined by ``torch.cat``; with a
+    ``concat`` given (NumPy parts) nothing of torch is touched."""
+    if concat is not None:
+        return concat(_run_parts(run_part, batch, workers, on_step))
+    import torch
+
+    def torch_part(rows: slice, part_on_step: Callable[[int], None]) -> torch.Tensor:
+        torch.set_num_threads(1)  # OpenMP's thread count is per thread: this one's too
+        with torch.no_grad():  # grad mode is per thread
+            return run_part(rows, part_on_step)
+
+    with torch_threads(1):
+        return torch.cat(_run_parts(torch_part, batch, workers, on_step))
+
+
+def _run_parts(run_part, batch: int, workers: int, on_step: Callable[[int], None]) -> list:
     bounds = [batch * i // workers for i in range(workers + 1)]
     parts = [slice(bounds[i], bounds[i + 1]) for i in range(workers)]
-    outputs: list[torch.Tensor | None] = [None] * workers
+    outputs: list = [None] * workers
     errors: list[BaseException] = []
     done = [0] * workers
     reported = [0]
@@ -282,27 +316,24 @@ def run_split(
 
     def work(i: int) -> None:
         try:
-            torch.set_num_threads(1)  # OpenMP's thread count is per thread: this one's too
-            with torch.no_grad():  # grad mode is per thread
-                outputs[i] = run_part(parts[i], lambda k: progress(i, k))
+            outputs[i] = run_part(parts[i], lambda k: progress(i, k))
         except Stopped:
             pass
         except BaseException as error:  # re-raised in the calling thread
             errors.append(error)
             stop.set()
 
-    with torch_threads(1):
-        threads = [threading.Thread(target=work, args=(i,), daemon=True) for i in range(workers)]
+    threads = [threading.Thread(target=work, args=(i,), daemon=True) for i in range(workers)]
+    for thread in threads:
+        thread.start()
+    try:
         for thread in threads:
-            thread.start()
-        try:
-            for thread in threads:
-                thread.join()
-        except BaseException:  # Ctrl-C: the parts stop at their next step
-            stop.set()
-            for thread in threads:
-                thread.join()
-            raise
+            thread.join()
+    except BaseException:  # Ctrl-C: the parts stop at their next step
+        stop.set()
+        for thread in threads:
+            thread.join()
+        raise
     if errors:
         raise errors[0]
-    return torch.cat(outputs)
+    return outputs

@@ -8,8 +8,7 @@ names load on first use.
 
 from __future__ import annotations
 
-import importlib
-
+from ..lazy import lazy_getattr
 from .registry import SAMPLERS, sampler_module
 from .rule import ROW, TABLE, Chain
 from .spacing import SPACINGS
@@ -27,12 +26,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str):
-    if name in _LAZY:
-        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _LAZY)
 
 
 __all__ = ["ROW", "SAMPLERS", "SPACINGS", "TABLE", "Chain", "sampler_module", *_LAZY]

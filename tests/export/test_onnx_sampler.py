@@ -10,7 +10,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from ddpm_fast.errors import ConfigError
-from ddpm_fast.export import OnnxFileError, OnnxSampler, export_onnx
+from ddpm_fast.export import OnnxFileError, OnnxSampler, export_onnx, philox
 from ddpm_fast.export import onnx_sampler as module
 
 from .common import make_pipeline
@@ -99,13 +99,14 @@ def test_sample_i_is_the_same_image_in_any_batch(exported):
 def test_step_noise_is_drawn_in_blocks_and_only_where_a_step_adds_some(exported, monkeypatch):
     """One draw per batch for a 5-step chain that adds noise; none for DDIM with eta 0."""
     draws = []
-    real = module.keyed_noise_steps
-    monkeypatch.setattr(module, "keyed_noise_steps", lambda *a: draws.append(a[2:4]) or real(*a))
+    real = philox.keyed_noise_steps
+    monkeypatch.setattr(philox, "keyed_noise_steps", lambda *a: draws.append(a[2:4]) or real(*a))
     OnnxSampler(exported["step-ddim-eta-selfcond"][1]).sample(3, seed=1, batch_size=2)
-    assert draws == [(1, 5), (1, 5)]  # (first step, count) for each of the two batches
+    # (first step, count) for each of the two batches: x_T, then the 5 steps' noise in one draw
+    assert draws == [(0, 1), (1, 5), (0, 1), (1, 5)]
     draws.clear()
     OnnxSampler(exported["unet-ddim-selfcond"][1]).sample(2, seed=1)
-    assert draws == []
+    assert draws == [(0, 1)]  # x_T only
 
 
 def test_initial_noise_replaces_x_t(exported):

@@ -1,0 +1,254 @@
+"""The CLI's warm start: ``ddpm-fast sample`` run again with the same model and chain, without
+importing torch.
+
+On the CPU an fp32 chain runs on ONNX Runtime: the engine's step file, exported once into the
+cache, fed each step's rows of the chain's tables (``engine.table_chain``). Everything the
+chain needs beside the file is small: those tables, computed with torch from the network, and
+what the output records of the run. So a ``sample`` that ran that way records them
+(``record``), and the next ``sample`` with the same key finds the record before importing
+torch (``WarmStart.find``: importing torch is 1.5 to 2.5 s of the ~3 s start-up of the default
+model on a 2-core machine) and runs the same loop (``TableChain``), noise, sessions and thread
+plans as the engine, with NumPy: the same bits, from start-up in a few tenths of a second.
+
+The key is everything a record's content depends on: the checkpoint file's sha256 (the
+embedded default's asset), every ``sample`` option but those the warm start applies itself
+(number, seed, batch size, threads, output), the executor environment variable, ddpm-fast's
+source digest and torch's version (which computed the tables). A record whose step file has left
+the cache, or that does not read, is not used: the full path runs and records again. Records
+are written atomically. ``DDPM_FAST_WARM_START=0`` turns warm starts off.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import os
+import threading
+from collections.abc import Callable, Iterator
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+
+from .engine.table_chain import ChainTables, TableChain, open_session
+from .engine.threads import MAX_THREADS, ThreadGovernor, plan_threads, run_split
+from .errors import NonFiniteError
+from .export.philox import keyed_noise
+from .images import chain_to_images
+from .machine import cache_dir
+from .options import EXECUTOR_ENV, check_int
+from .output import Output, file_sha256, write_samples
+from .version import source_digest
+
+log = logging.getLogger("ddpm_fast.warm_start")
+
+ENV = "DDPM_FAST_WARM_START"
+FORMAT = "warm-start-1"  # bump when a record's content or meaning changes
+FOLDER = "warm-starts"
+MAX_RECORDS = 16  # the most recently used are kept (the default model's record is 4 MB)
+# sample's options that the warm start applies itself, or that name the output: not in the key.
+APPLIED = ("num", "seed", "batch_size", "threads", "out", "keep_shards", "run", "command")
+
+
+def warm_key(args: argparse.Namespace) -> str | None:
+    """The record key of a ``sample`` command, or None where it cannot start warm (a GPU, the
+    reference, another dtype or executor, an ONNX file, several processes, a folder checkpoint,
+    a batch size measured on the device, or warm starts turned off)."""
+    if os.environ.get(ENV, "1") == "0":
+        return None
+    executor = args.cpu_executor or os.environ.get(EXECUTOR_ENV) or "auto"
+    if (
+        args.onnx is not None
+        or args.reference
+        or args.dtype != "fp32"
+        or executor == "torch"
+        or args.device not in (None, "cpu")
+        or args.batch_size == "auto"
+        or int(os.environ.get("WORLD_SIZE", "1")) > 1
+    ):
+        return None
+    from .default_model import ASSET
+
+    checkpoint = Path(args.checkpoint) if args.checkpoint is not None else ASSET
+    if not checkpoint.is_file():
+        return None
+    options = {k: v for k, v in vars(args).items() if k not in APPLIED}
+    parts = {
+        "format": FORMAT,
+        "checkpoint": [str(checkpoint.resolve()), file_sha256(checkpoint)],
+        "options": options,
+        "executor": executor,
+        "source": source_digest(),
+        "torch": _version("torch"),
+    }
+    text = json.dumps(parts, sort_keys=True, default=repr)
+    return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
+def _version(package: str) -> str | None:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _paths(key: str) -> tuple[Path, Path]:
+    folder = cache_dir() / FOLDER
+    return folder / f"{key}.json", folder / f"{key}.npz"
+
+
+def record(key: str, engine, spec, run: dict) -> None:
+    """After a ``sample`` on the CPU: keep what a warm start of ``key`` needs, where its chain
+    (``spec``) ran on ONNX Runtime from a step file in the cache. ``run``: what the output
+    recorded, but the seed. Best effort: a cache that cannot be written only logs."""
+    chain = engine.ort_chain(spec)
+    if chain is None:
+        return
+    shape = list(engine.image_shape())
+    step_file = chain.step_file(tuple(shape[1:]))
+    if cache_dir().resolve() not in step_file.resolve().parents:
+        return  # exported into a private folder (the cache is not writable): gone at exit
+    meta, tables = _paths(key)
+    entry = {
+        "format": FORMAT,
+        "step_file": str(step_file),
+        "image_shape": shape,
+        "auto_normalize": engine.diffusion.auto_normalize,
+        "run": run,
+    }
+    try:
+        meta.parent.mkdir(parents=True, exist_ok=True)
+        chain.tables.save(tables)
+        tmp = meta.with_name(f".{meta.name}.{os.getpid()}.tmp")
+        try:
+            tmp.write_text(json.dumps(entry, default=list))
+            os.replace(tmp, meta)
+        finally:
+            tmp.unlink(missing_ok=True)
+    except OSError as error:
+        log.info("cannot record a warm start in %s: %s", meta.parent, error)
+        return
+    _prune(meta.parent)
+
+
+def _prune(folder: Path) -> None:
+    """Remove all but the ``MAX_RECORDS`` most recently used records."""
+    try:
+        metas = sorted(folder.glob("*.json"), key=lambda p: p.stat().st_mtime, reverse=True)
+        for meta in metas[MAX_RECORDS:]:
+            meta.unlink(missing_ok=True)
+            meta.with_suffix(".npz").unlink(missing_ok=True)
+    except OSError as error:  # another process pruning at once, or a read-only cache
+        log.info("cannot prune the warm start records in %s: %s", folder, error)
+
+
+class WarmStart:
+    """A recorded chain, run as the engine would run it (its thread plans, ``TableChain``)."""
+
+    def __init__(self, entry: dict, tables: ChainTables):
+        self.step_file = Path(entry["step_file"])
+        self.image_shape = tuple(entry["image_shape"])
+        self.auto_normalize = bool(entry["auto_normalize"])
+        self.run_identity = entry["run"]
+        self._sessions: dict[tuple, object] = {}
+        self._lock = threading.Lock()  # the batch split's parts ask at once
+        self.chain = TableChain(tables, self._session)
+        self._governors: dict[tuple, ThreadGovernor] = {}
+
+    @classmethod
+    def find(cls, key: str | None) -> WarmStart | None:
+        """The record of ``key``, if there is a usable one."""
+        if key is None:
+            return None
+        meta, tables = _paths(key)
+        try:
+            entry = json.loads(meta.read_text())
+            if entry.get("format") != FORMAT or not Path(entry["step_file"]).is_file():
+                return None
+            found = cls(entry, ChainTables.load(tables))
+        except FileNotFoundError:
+            return None
+        except Exception as error:  # any record that does not read (truncated, garbled) is skipped
+            log.info("ignoring the warm start record %s: %s", meta, error)
+            return None
+        with contextlib.suppress(OSError):
+            os.utime(meta)  # used: the last to be pruned
+        return found
+
+    def _session(self, shape: tuple[int, ...], threads: int):
+        key = (shape[0], threads)
+        with self._lock:
+            if key not in self._sessions:
+                self._sessions[key] = open_session(self.step_file, threads, shape[0])
+            return self._sessions[key]
+
+    def _run(self, x: np.ndarray, seed: int, indices: range, threads, on_step) -> np.ndarray:
+        """One batch's chain under the engine's thread plan (``Engine._run_on_cpu``)."""
+        shape = tuple(x.shape)
+        plan = plan_threads(
+            batch=shape[0],
+            flops_per_sample=None,
+            threads=threads,
+            thread_invariant=lambda n: self.chain.thread_invariant(shape, n),
+            split_min_flops=0,
+        )
+        if plan.workers > 1:
+
+            def run_part(rows: slice, part_on_step) -> np.ndarray:
+                part = range(indices.start + rows.start, indices.start + rows.stop)
+                return self.chain.run(x[rows], seed, part, lambda: 1, part_on_step)
+
+            return run_split(run_part, shape[0], plan.workers, on_step, concat=np.concatenate)
+        if not plan.adaptive:
+            return self.chain.run(x, seed, indices, lambda: plan.threads, on_step)
+        governor = self._governors.setdefault(
+            shape, ThreadGovernor(plan.threads, set_threads=lambda count: None)
+        )
+        governor.start()
+
+        def timed_on_step(k: int) -> None:
+            governor.step_done()
+            on_step(k)
+
+        return self.chain.run(x, seed, indices, lambda: governor.current, timed_on_step)
+
+    def batches(
+        self, num: int, start: int, seed: int, batch: int, threads: int | None
+    ) -> Iterator[tuple[range, np.ndarray]]:
+        """Yield (sample indices, images NCHW float32 in [0, 1]) one batch at a time, with a
+        progress bar in steps as ``Pipeline.sample_batches``'."""
+        from tqdm.auto import tqdm
+
+        steps = self.chain.tables.steps
+        with tqdm(total=math.ceil(num / batch) * steps, desc="sampling", unit="step") as bar:
+            for first in range(0, num, batch):
+                indices = range(start + first, start + min(first + batch, num))
+                x = keyed_noise(seed, indices, 0, self.image_shape)
+                x = self._run(x, seed, indices, threads, lambda k: bar.update())
+                bad = ~np.isfinite(x.reshape(len(x), -1)).all(axis=1)
+                if bad.any():
+                    raise NonFiniteError.in_chain(indices, np.flatnonzero(bad).tolist())
+                yield indices, chain_to_images(x, self.auto_normalize)
+
+    def sample_to(
+        self, output: Output, args: argparse.Namespace, say: Callable[[str], None]
+    ) -> None:
+        """``sample``'s outputs, as ``Pipeline.sample_to`` writes them."""
+        from .export.philox import check_seed
+        from .options import resolve_batch_size
+
+        seed = check_seed(check_int("seed", args.seed))
+        threads = args.threads
+        if threads is not None:
+            threads = check_int("threads", threads, minimum=1, maximum=MAX_THREADS)
+        batch = resolve_batch_size(args.num, args.batch_size)
+        run = {**self.run_identity, "seed": seed}
+
+        def draw(count: int, start: int):
+            return self.batches(count, start, seed, batch, threads)
+
+        write_samples(output, run, args.num, batch, draw, keep_shards=args.keep_shards, say=say)
