@@ -21,7 +21,6 @@ are written atomically. ``DDPM_FAST_WARM_START=0`` turns warm starts off.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import hashlib
 import json
 import logging
@@ -39,7 +38,7 @@ from .engine.threads import MAX_THREADS, ThreadGovernor, plan_threads, run_split
 from .errors import NonFiniteError
 from .export.philox import keyed_noise
 from .images import chain_to_images
-from .machine import cache_dir
+from .machine import cache_dir, mark_used, prune_cache
 from .options import EXECUTOR_ENV, check_int
 from .output import Output, file_sha256, write_samples
 from .version import source_digest
@@ -132,18 +131,7 @@ def record(key: str, engine, spec, run: dict) -> None:
     except OSError as error:
         log.info("cannot record a warm start in %s: %s", meta.parent, error)
         return
-    _prune(meta.parent)
-
-
-def _prune(folder: Path) -> None:
-    """Remove all but the ``MAX_RECORDS`` most recently used records."""
-    try:
-        metas = sorted(folder.glob("*.json"), key=lambda p: p.stat().st_mtime, reverse=True)
-        for meta in metas[MAX_RECORDS:]:
-            meta.unlink(missing_ok=True)
-            meta.with_suffix(".npz").unlink(missing_ok=True)
-    except OSError as error:  # another process pruning at once, or a read-only cache
-        log.info("cannot prune the warm start records in %s: %s", folder, error)
+    prune_cache(meta.parent, "*.json", MAX_RECORDS, (".npz",))
 
 
 class WarmStart:
@@ -175,8 +163,8 @@ class WarmStart:
         except Exception as error:  # any record that does not read (truncated, garbled) is skipped
             log.info("ignoring the warm start record %s: %s", meta, error)
             return None
-        with contextlib.suppress(OSError):
-            os.utime(meta)  # used: the last to be pruned
+        mark_used(meta)
+        mark_used(found.step_file)  # the engine's file, which its cache prunes too
         return found
 
     def _session(self, shape: tuple[int, ...], threads: int):

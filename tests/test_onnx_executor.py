@@ -230,6 +230,24 @@ def test_the_step_file_is_exported_once_and_reused(default_pipeline, cache, monk
     again.sample(2, sampler="ddpm", steps=3, seed=1)
 
 
+def test_only_the_most_recently_used_step_files_are_kept(default_pipeline, cache, monkeypatch):
+    """A new version or an edited checkout exports new files: the old ones are pruned, and an
+    engine whose file was pruned exports it again."""
+    monkeypatch.setattr(ox, "MAX_STEP_FILES", 1)
+    ddim = dict(sampler="ddim", steps=3, seed=2)
+    first = Engine(default_pipeline, cpu_executor="onnxruntime")
+    images = first.sample(2, **ddim)
+    (ddim_file,) = cache.glob("*.onnx")
+    # DPM-Solver++ carries x0_prev: another file, and the older one goes.
+    Engine(default_pipeline, cpu_executor="onnxruntime").sample(2, sampler="dpm++2m", steps=3)
+    (kept,) = cache.glob("*.onnx")
+    assert kept != ddim_file and not ddim_file.exists()
+    again = Engine(default_pipeline, cpu_executor="onnxruntime").sample(2, **ddim)
+    assert torch.equal(again, images)
+    assert [p.name for p in cache.glob("*.onnx")] == [ddim_file.name]
+    assert torch.equal(first.sample(3, **ddim)[:2], images)  # a new session: its file is back
+
+
 def test_the_key_changes_with_the_weights_and_the_versions(default_pipeline, monkeypatch):
     key = ox.file_key(default_pipeline, (8, 8), False, False)
     assert ox.file_key(default_pipeline, (8, 8), False, False) == key

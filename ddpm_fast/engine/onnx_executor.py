@@ -44,7 +44,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..folding import fold_weights, time_conditioning
-from ..machine import cache_dir
+from ..machine import cache_dir, mark_used, prune_cache
 from ..models import family_of
 from ..options import CPU_EXECUTORS, EXECUTOR_ENV
 from ..samplers import ROW, SamplerSpec, StepTables
@@ -57,6 +57,10 @@ log = logging.getLogger("ddpm_fast.engine")
 
 OPSET = 17
 MAX_SESSIONS = 6  # per engine: each holds its own packed copy of the weights
+STEP_FOLDER = "onnx-steps"
+# Step files kept in the cache, the most recently used: a new version or an edited checkout
+# exports new ones (the CIFAR-10 U-Net's is 134 MB), so old ones must go.
+MAX_STEP_FILES = 8
 FILE_FORMAT = "row-step-3"  # bump when the graph's inputs or outputs change
 INSTALL_HINT = "pip install 'ddpm-fast[onnx]'"
 
@@ -202,12 +206,14 @@ class StepSessions:
 
     def _export_or_find(self, spec: SamplerSpec, learned: bool, image_hw: tuple[int, int]) -> Path:
         name = file_key(self._engine, image_hw, learned, spec.carries_x0_prev)
-        path = cache_dir() / "onnx-steps" / f"step-{name}.onnx"
+        path = cache_dir() / STEP_FOLDER / f"step-{name}.onnx"
         if path.is_file():
+            mark_used(path)
             return path
         log.info("exporting the engine's CPU step to %s (once per model and size)", path)
         try:
             export_step_file(self._engine, spec, learned, image_hw, path)
+            prune_cache(path.parent, "step-*.onnx", MAX_STEP_FILES)
         except OSError as error:  # a cache folder that cannot be written
             path = _private_folder() / path.name
             warnings.warn(
