@@ -405,7 +405,7 @@ def test_a_spaced_chain_through_the_engine_is_diffusers(tmp_path, name, executor
         session = chain.session(tuple(x_t.shape), 1)
         for k in range(len(tables)):
             z = noise_fn(k + 1, tuple(x_t.shape)).numpy()
-            x, x0 = session.run(None, chain._feeds(x, x0, z, k))
+            x, x0 = session.run(None, chain.chain.feeds(x, x0, z, k))
         got = torch.from_numpy(x)
     assert_diffusers_final(got, fixture["final"])
 
