@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from .engine.table_chain import ChainTables, TableChain, open_session
-from .engine.threads import MAX_THREADS, ThreadGovernor, plan_threads, run_split
+from .engine.threads import MAX_THREADS, plan_threads, run_planned
 from .errors import NonFiniteError
 from .export.philox import keyed_noise
 from .images import chain_to_images
@@ -145,7 +145,7 @@ class WarmStart:
         self._sessions: dict[tuple, object] = {}
         self._lock = threading.Lock()  # the batch split's parts ask at once
         self.chain = TableChain(tables, self._session)
-        self._governors: dict[tuple, ThreadGovernor] = {}
+        self._governors: dict = {}  # per batch shape, as the engine's chains keep them
 
     @classmethod
     def find(cls, key: str | None) -> WarmStart | None:
@@ -184,25 +184,14 @@ class WarmStart:
             thread_invariant=lambda n: self.chain.thread_invariant(shape, n),
             split_min_flops=0,
         )
-        if plan.workers > 1:
 
-            def run_part(rows: slice, part_on_step) -> np.ndarray:
-                part = range(indices.start + rows.start, indices.start + rows.stop)
-                return self.chain.run(x[rows], seed, part, lambda: 1, part_on_step)
+        def run(rows: slice, threads_now, rows_on_step) -> np.ndarray:
+            part = range(indices.start + rows.start, indices.start + rows.stop)
+            return self.chain.run(x[rows], seed, part, threads_now, rows_on_step)
 
-            return run_split(run_part, shape[0], plan.workers, on_step, concat=np.concatenate)
-        if not plan.adaptive:
-            return self.chain.run(x, seed, indices, lambda: plan.threads, on_step)
-        governor = self._governors.setdefault(
-            shape, ThreadGovernor(plan.threads, set_threads=lambda count: None)
+        return run_planned(
+            plan, run, shape, on_step, self._governors, np.concatenate, lambda count: None
         )
-        governor.start()
-
-        def timed_on_step(k: int) -> None:
-            governor.step_done()
-            on_step(k)
-
-        return self.chain.run(x, seed, indices, lambda: governor.current, timed_on_step)
 
     def batches(
         self, num: int, start: int, seed: int, batch: int, threads: int | None

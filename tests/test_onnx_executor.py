@@ -289,7 +289,7 @@ def test_the_thread_check_compares_sessions(default_pipeline, cache):
     spec = default_pipeline.sampler_spec("ddim", 3, 0.0)
     chain = engine.prepare(step_tables(default_pipeline.schedule, spec), spec, "cpu")
     shape = (2, *default_pipeline.image_shape())
-    real = chain.session
+    real = chain.chain.session
     asked = []
 
     def spy(shape, threads):
@@ -304,7 +304,7 @@ def test_the_thread_check_compares_sessions(default_pipeline, cache):
             return Shifted()
         return session
 
-    chain.session = spy
+    chain.chain.session = spy
     assert chain.thread_invariant(shape, 2) is False
     assert asked == [2, 1]
     assert chain.thread_invariant(shape, 2) is False and len(asked) == 2  # checked once

@@ -36,7 +36,7 @@ from .threads import (
     ThreadGovernor,
     ThreadPlan,
     plan_threads,
-    run_split,
+    run_planned,
     torch_threads,
 )
 
@@ -311,26 +311,16 @@ class Engine(Pipeline):
         )
 
     def _run_on_cpu(self, chain, x, keys, seed, indices, on_step) -> torch.Tensor:
-        """The eager chain on the CPU, under the thread plan for this batch."""
+        """The eager chain on the CPU, under the thread plan for this batch (``run_planned``).
+        The chains read their thread count from PyTorch's, which the plan sets."""
         plan = self._cpu_plan(chain, tuple(x.shape))
-        if plan.workers > 1:
 
-            def run_part(rows: slice, part_on_step) -> torch.Tensor:
-                part = range(indices.start + rows.start, indices.start + rows.stop)
-                return chain.run_eager(x[rows], keys[rows], seed, part, part_on_step)
+        def run(rows: slice, threads, rows_on_step) -> torch.Tensor:
+            part = range(indices.start + rows.start, indices.start + rows.stop)
+            return chain.run_eager(x[rows], keys[rows], seed, part, rows_on_step)
 
-            return run_split(run_part, x.shape[0], plan.workers, on_step)
         with torch_threads(plan.threads):
-            if not plan.adaptive:
-                return chain.run_eager(x, keys, seed, indices, on_step)
-            governor = chain.governors.setdefault(tuple(x.shape), ThreadGovernor(plan.threads))
-            governor.start()
-
-            def timed_on_step(k: int) -> None:
-                governor.step_done()
-                on_step(k)
-
-            return chain.run_eager(x, keys, seed, indices, timed_on_step)
+            return run_planned(plan, run, tuple(x.shape), on_step, chain.governors)
 
     def _cpu_plan(self, chain: PreparedChain, shape: tuple[int, ...]) -> ThreadPlan:
         if shape not in chain.thread_plans:

@@ -277,7 +277,7 @@ class OrtChain:
         self._spec = spec
         self.chain = TableChain(
             self.tables,
-            lambda shape, threads: self.session(shape, threads),  # looked up at each call
+            self.session,
             self.sessions.invariant.setdefault((spec.carries_x0_prev, self.learned), {}),
         )
         self.thread_plans: dict = {}

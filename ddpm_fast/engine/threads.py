@@ -265,6 +265,36 @@ class ThreadGovernor:
             self.switches += 1
 
 
+def run_planned(
+    plan: ThreadPlan,
+    run: Callable[[slice, Callable[[], int], Callable[[int], None]], Any],
+    shape: tuple[int, ...],
+    on_step: Callable[[int], None],
+    governors: dict,
+    concat: Callable[[list], Any] | None = None,
+    set_threads: Callable[[int], None] = _set_torch_threads,
+) -> Any:
+    """One batch's chain (inputs of ``shape``) under ``plan``. ``run(rows, threads, on_step)``
+    runs those rows of the batch, each step on ``threads()`` intra-op threads (asked at every
+    step: a governor may change it). A split plan runs its parts side by side (``run_split``,
+    joined by ``concat``); an adaptive one runs under the governor of this shape, kept in
+    ``governors`` (what it learnt lasts), which applies its counts through ``set_threads``."""
+    if plan.workers > 1:
+        part = lambda rows, part_on_step: run(rows, lambda: 1, part_on_step)  # noqa: E731
+        return run_split(part, shape[0], plan.workers, on_step, concat)
+    whole = slice(0, shape[0])
+    if not plan.adaptive:
+        return run(whole, lambda: plan.threads, on_step)
+    governor = governors.setdefault(shape, ThreadGovernor(plan.threads, set_threads=set_threads))
+    governor.start()
+
+    def timed_on_step(k: int) -> None:
+        governor.step_done()
+        on_step(k)
+
+    return run(whole, lambda: governor.current, timed_on_step)
+
+
 def run_split(
     run_part: Callable[[slice, Callable[[int], None]], Any],
     batch: int,
