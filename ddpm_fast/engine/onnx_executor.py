@@ -15,7 +15,8 @@ MLPs stay out of the graph) and coefficient row as inputs, so one file serves ev
 (sampler, steps, eta) of a model at one image size. Where the family's engine mapping has an
 ``onnx_form`` (1.x and 2.x), its blocks are swapped for forms ONNX Runtime runs faster, the same
 function: attention on the token view, norms as fused ops or convs (together 1.16x on the
-CIFAR-10 U-Net's step at batch 1, 1.28x on the digits model's).
+CIFAR-10 U-Net's step at batch 1, 1.28x on the digits model's). Beside the file the export
+writes its Winograd form, which sessions of larger batches open (``winograd``).
 
 The file is exported once and kept in the cache folder under a key of everything it depends on
 (the weights' hash, the config, the image size, the inputs it takes, the ddpm-fast, torch and
@@ -49,6 +50,7 @@ from ..models import family_of
 from ..options import CPU_EXECUTORS, EXECUTOR_ENV
 from ..samplers import ROW, SamplerSpec, StepTables
 from ..version import __version__, source_digest
+from . import winograd
 from .coefficients import coefficient_table
 from .families import mapping
 from .table_chain import ChainTables, TableChain, input_names, open_session
@@ -176,6 +178,8 @@ def export_step_file(
     try:
         outputs = ["x_prev", "x0"]
         trace_to_onnx(_TableStep(update), tuple(inputs), tmp, names, outputs, batched, OPSET)
+        # The Winograd form first: a step file in place always has its companion, if any.
+        winograd.write_variant(tmp, winograd.variant_path(path))
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -213,7 +217,7 @@ class StepSessions:
         log.info("exporting the engine's CPU step to %s (once per model and size)", path)
         try:
             export_step_file(self._engine, spec, learned, image_hw, path)
-            prune_cache(path.parent, "step-*.onnx", MAX_STEP_FILES)
+            prune_cache(path.parent, "step-*.onnx", MAX_STEP_FILES, (winograd.SUFFIX,))
         except OSError as error:  # a cache folder that cannot be written
             path = _private_folder() / path.name
             warnings.warn(

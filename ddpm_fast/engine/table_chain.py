@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from ..export.philox import step_noise
+from . import winograd
 
 INPUTS = ("x_t", "time_row", "coef_row", "adds_noise", "noise")  # then x0_prev, x_self_cond
 
@@ -79,11 +80,15 @@ class ChainTables:
         return tables
 
 
-def open_session(path: Path, threads: int, batch: int):
+def open_session(path: Path, threads: int, batch: int, *, direct: bool = False):
     """A CPU session of a step file on ``threads`` intra-op threads, its batch axis fixed to
     ``batch`` (ONNX Runtime then folds the graph's shape arithmetic away: a sixth of the digits
-    model's step at batch 1)."""
+    model's step at batch 1); from the file's Winograd form where the batch is large enough for
+    it (``winograd.session_file``), unless ``direct``."""
     import onnxruntime as ort
+
+    if not direct:
+        path = winograd.session_file(path, batch)
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads

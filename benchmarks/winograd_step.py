@@ -1,0 +1,86 @@
+"""The engine's CPU step with and without its Winograd convolutions, interleaved in one process.
+
+    python benchmarks/winograd_step.py cifar10 --batch 1 2 8 --rounds 7
+
+Exports the engine's step file for the model (or finds it in the cache) with its Winograd form
+(``ddpm_fast.engine.winograd``), then times a session of each on one thread, as each part of the
+engine's batch split runs, alternating round by round on the same inputs (the first step of a
+2-step DDIM chain from random x_T), and says how far apart their outputs are. Figures go to
+stdout as a markdown table; nothing is written but the cache.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import numpy as np
+
+from ddpm_fast.bench import model_pipeline
+from ddpm_fast.engine import Engine, winograd
+from ddpm_fast.engine.table_chain import open_session
+
+
+def step_feeds(chain, batch: int, image_shape) -> dict:
+    """The first step's inputs of ``chain`` (an ``OrtChain``) for ``batch`` random images."""
+    generator = np.random.default_rng(0)
+    x, z = (generator.standard_normal((batch, *image_shape), dtype=np.float32) for _ in range(2))
+    return chain.chain.feeds(x, np.zeros_like(x), z, 0)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("model", help="a bench model name, 'default' or a checkpoint")
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 2, 8])
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--seconds", type=float, default=1.0, help="per session and round")
+    args = parser.parse_args()
+    pipeline = model_pipeline(args.model)
+    engine = Engine(pipeline, cpu_executor="onnxruntime")
+    engine.sample(1, sampler="ddim", steps=2)  # exports the step file, if the cache has none
+    spec = engine.sampler_spec("ddim", 2)
+    chain = engine.ort_chain(spec)
+    path = chain.step_file(tuple(pipeline.image_shape()[1:]))
+    variant = winograd.variant_path(path)
+    if not variant.is_file():
+        print(f"{path.name}: no convolution of this model is worth the Winograd form")
+        return
+    print(f"`{path.name}`, {len(list(winograd_nodes(variant)))} convolutions rewritten\n")
+    print("| batch | direct ms/step | Winograd ms/step | speedup per round | max rel. difference |")
+    print("|---|---|---|---|---|")
+    for batch in args.batch:
+        sessions = [open_session(path, 1, batch, direct=True), open_session(variant, 1, batch)]
+        feeds = step_feeds(chain, batch, pipeline.image_shape())
+        outputs = [s.run(None, feeds) for s in sessions]
+        difference = max(
+            float(np.abs(a - b).max() / np.abs(a).max()) for a, b in zip(*outputs, strict=True)
+        )
+        start = time.perf_counter()
+        sessions[0].run(None, feeds)
+        repeats = max(1, round(args.seconds / (time.perf_counter() - start)))
+        ms = [[], []]
+        for r in range(args.rounds):
+            for i in (r % 2, 1 - r % 2):
+                start = time.perf_counter()
+                for _ in range(repeats):
+                    sessions[i].run(None, feeds)
+                ms[i].append((time.perf_counter() - start) * 1e3 / repeats)
+        per_round = [d / w for d, w in zip(*ms, strict=True)]
+        print(
+            f"| {batch} | {statistics.median(ms[0]):.2f} | {statistics.median(ms[1]):.2f} "
+            f"| {statistics.median(per_round):.3f}x ({min(per_round):.2f}-{max(per_round):.2f}) "
+            f"| {difference:.1e} |",
+            flush=True,
+        )
+
+
+def winograd_nodes(variant):
+    import onnx
+
+    model = onnx.load(str(variant), load_external_data=False)
+    return (n for n in model.graph.node if n.name.endswith("/winograd/m"))
+
+
+if __name__ == "__main__":
+    main()

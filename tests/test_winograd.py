@@ -1,0 +1,163 @@
+"""Winograd F(2x2, 3x3) in the engine's step file (ddpm_fast.engine.winograd): the rewritten
+convolutions are the convolutions (fp32's per-op tolerance, against float64), only those the
+rule chooses are rewritten, sessions of a batch large enough open the rewritten file, and an
+engine chain on it is the reference chain."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
+
+from ddpm_fast.engine import Engine, winograd
+from ddpm_fast.engine.table_chain import open_session
+
+from .families import random_pipeline
+
+ALWAYS = lambda *shape: True  # noqa: E731
+
+
+def conv_model(c_in, c_out, size, *, bias=True, **attrs):
+    """One Conv on [batch, c_in, size, size], random weights; the batch axis free."""
+    generator = np.random.default_rng(c_in * 100 + c_out + size)
+    weight = generator.standard_normal((c_out, c_in, 3, 3)).astype(np.float32) / 3
+    inputs = ["x", "w"]
+    constants = [numpy_helper.from_array(weight, "w")]
+    if bias:
+        inputs.append("b")
+        constants.append(numpy_helper.from_array(generator.standard_normal(c_out, np.float32), "b"))
+    attrs = {"kernel_shape": [3, 3], "pads": [1, 1, 1, 1], **attrs}
+    out_size = size if attrs.get("strides", [1, 1]) == [1, 1] else None
+    graph = helper.make_graph(
+        [helper.make_node("Conv", inputs, ["y"], name="conv", **attrs)],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", c_in, size, size])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", c_out, out_size, None])],
+        constants,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def run(model, x):
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, {"x": x})[0]
+
+
+def float64_conv(model, x):
+    constants = {t.name: numpy_helper.to_array(t).copy() for t in model.graph.initializer}
+    bias = constants.get("b")
+    return torch.nn.functional.conv2d(
+        torch.from_numpy(x).double(),
+        torch.from_numpy(constants["w"]).double(),
+        None if bias is None else torch.from_numpy(bias).double(),
+        padding=1,
+    ).numpy()
+
+
+@pytest.mark.parametrize(
+    ("c_in", "c_out", "size", "bias"),
+    [(8, 8, 4, True), (16, 8, 8, False), (8, 24, 6, True), (4, 4, 2, True)],
+)
+def test_the_rewritten_convolution_is_the_convolution(c_in, c_out, size, bias):
+    model = conv_model(c_in, c_out, size, bias=bias)
+    want = float64_conv(
+        model, x := np.random.default_rng(1).standard_normal((3, c_in, size, size), np.float32)
+    )
+    assert winograd.rewrite(model, ALWAYS) == 1
+    assert "Conv" in {n.op_type for n in model.graph.node}  # the input transform
+    assert "w" not in {t.name for t in model.graph.initializer}  # the direct weights are gone
+    got = run(model, x)
+    assert got.shape == want.shape and np.abs(want).max() > 1
+    assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
+    # the batch axis stays free
+    one = run(model, x[1:2])
+    assert np.abs(one - want[1:2]).max() <= 1e-5 * np.abs(want).max()
+
+
+@pytest.mark.parametrize(
+    "attrs",
+    [
+        dict(strides=[2, 2]),
+        dict(pads=[0, 0, 0, 0]),
+        dict(dilations=[2, 2], pads=[2, 2, 2, 2]),
+        dict(group=2),
+    ],
+)
+def test_other_convolutions_are_left_alone(attrs):
+    model = conv_model(8, 8, 8, **attrs)
+    before = model.SerializeToString()
+    assert winograd.rewrite(model, ALWAYS) == 0
+    assert model.SerializeToString() == before
+
+
+def test_odd_sizes_and_weights_computed_in_the_graph_are_left_alone():
+    assert not winograd.worth_it(1024, 1024, 5, 5)
+    model = conv_model(8, 8, 4)
+    model.graph.initializer.pop()  # the bias, then the weights, become graph inputs
+    weights = model.graph.initializer.pop()
+    model.graph.input.append(helper.make_tensor_value_info("w", TensorProto.FLOAT, weights.dims))
+    model.graph.input.append(helper.make_tensor_value_info("b", TensorProto.FLOAT, [8]))
+    assert winograd.rewrite(model, ALWAYS) == 0
+
+
+def test_the_rule_follows_the_measurements():
+    """Faster as measured (one thread, batch 8): many channels on small images; slower with
+    fewer channels or larger images."""
+    assert winograd.worth_it(768, 512, 4, 4) and winograd.worth_it(512, 512, 4, 4)
+    assert winograd.worth_it(384, 256, 8, 8) and winograd.worth_it(512, 512, 8, 8)
+    assert not winograd.worth_it(256, 256, 4, 4)
+    assert not winograd.worth_it(128, 128, 8, 8)
+    assert not winograd.worth_it(128, 128, 16, 16) and not winograd.worth_it(512, 512, 16, 16)
+    assert not winograd.worth_it(64, 64, 32, 32)
+
+
+def test_the_rule_chooses_without_a_given_one(tmp_path, monkeypatch):
+    source = tmp_path / "step-k.onnx"
+    onnx.save(conv_model(8, 8, 4), str(source))
+    target = winograd.variant_path(source)
+    assert target.name == "step-k.winograd"
+    assert winograd.write_variant(source, target) == 0 and not target.exists()
+    monkeypatch.setattr(winograd, "worth_it", ALWAYS)
+    assert winograd.write_variant(source, target) == 1 and target.is_file()
+    monkeypatch.undo()
+    assert winograd.write_variant(source, target) == 0 and not target.exists()  # stale: removed
+
+
+def test_sessions_open_the_winograd_form_from_the_batch_it_pays_at(tmp_path, monkeypatch):
+    source = tmp_path / "step-k.onnx"
+    onnx.save(conv_model(8, 8, 4), str(source))
+    assert winograd.session_file(source, 8) == source  # no variant: the file itself
+    monkeypatch.setattr(winograd, "worth_it", ALWAYS)
+    winograd.write_variant(source, winograd.variant_path(source))
+    assert winograd.session_file(source, winograd.MIN_BATCH - 1) == source
+    assert winograd.session_file(source, winograd.MIN_BATCH) == winograd.variant_path(source)
+    opened = []
+    monkeypatch.setattr(ort, "InferenceSession", lambda path, *a, **k: opened.append(path))
+    open_session(source, 1, 1)
+    open_session(source, 1, winograd.MIN_BATCH)
+    assert opened == [str(source), str(winograd.variant_path(source))]
+
+
+def test_an_engine_chain_on_the_winograd_form_is_the_reference(tmp_path, monkeypatch):
+    """Every eligible 3x3 convolution of a small network rewritten (the rule forced): the chain
+    at a batch that opens the Winograd form gives the reference's images."""
+    monkeypatch.setenv("DDPM_FAST_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(winograd, "worth_it", ALWAYS)
+    monkeypatch.setattr(winograd, "MIN_BATCH", 1)  # every part of the batch split
+    pipeline = random_pipeline("v1-selfcond-learned-var", steps=50)
+    kwargs = dict(sampler="ddim", steps=5, seed=3)
+    engine = Engine(pipeline, cpu_executor="onnxruntime")
+    got = engine.sample(3, batch_size=3, **kwargs)
+    (variant,) = (tmp_path / "cache" / "onnx-steps").glob(f"*{winograd.SUFFIX}")
+    rewritten = sum(n.name.endswith("/winograd/m") for n in onnx.load(str(variant)).graph.node)
+    assert rewritten >= 4
+    want = pipeline.sample(3, **kwargs)
+    assert torch.isfinite(want).all() and (want - want.mean()).abs().max() > 0.05
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
