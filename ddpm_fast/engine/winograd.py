@@ -13,8 +13,10 @@ two MatMuls), one thread of a 2-core EPYC at batch 8 measured, against ONNX Runt
 - batch 2: 1.0 to 1.2x; batch 1: 0.63x (the transformed weights, 16/9 the size, stream from
   memory for a single image).
 
-The CIFAR-10 U-Net's whole step (13 of its convolutions rewritten; benchmarks/winograd_step.py):
-0.88x at batch 1, 1.01x at 2, 1.06x at 3, 1.12x at 4 and 1.14x at 8.
+The CIFAR-10 U-Net's whole step (13 of its convolutions rewritten; benchmarks/winograd_step.py),
+one session on one thread: 0.89x at batch 1, 1.01x at 2, 1.04 to 1.12x at 4, 1.10 to 1.14x at 8;
+two side by side, as the engine's batch split runs them (``--parts 2``): 0.91x at batch 1,
+1.05x at 2, 1.07x at 4, 1.11x at 8.
 
 So ``worth_it`` chooses by shape (a rule, never a timing: the same bits on every run), and the
 rewritten graph is a second file beside the step file (``variant_path``), which sessions of
@@ -32,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-MIN_BATCH = 4
+MIN_BATCH = 2
 SUFFIX = ".winograd"  # beside step-KEY.onnx: step-KEY.winograd (pruned with it)
 
 B_T = np.array([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]], np.float64)
