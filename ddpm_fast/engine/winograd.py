@@ -96,15 +96,9 @@ def rewrite(model, worth: Worth | None = None) -> int:
     """Replace, in place, the 3x3 convolutions of ``model`` (stride 1, padding 1, one group,
     weights and bias constant) that ``worth`` (``worth_it`` unless given) chooses by their
     Winograd form. Returns how many."""
-    from onnx import shape_inference
-
     worth = worth or worth_it
     graph = model.graph
-    inferred = shape_inference.infer_shapes(model, data_prop=True).graph
-    shapes = {
-        v.name: [d.dim_value for d in v.type.tensor_type.shape.dim]
-        for v in (*inferred.value_info, *inferred.output)
-    }
+    shapes = _inferred_shapes(model)
     constants = {t.name: t for t in graph.initializer}
     uses = Counter(name for node in graph.node for name in node.input)
     nodes, count = [], 0
@@ -123,6 +117,31 @@ def rewrite(model, worth: Worth | None = None) -> int:
     del graph.initializer[:]
     graph.initializer.extend(kept)
     return count
+
+
+def _inferred_shapes(model) -> dict[str, list[int]]:
+    """Every value's shape, by ONNX's shape inference with data propagation (the sizes that
+    Reshapes compute), run on a copy whose float weights are inputs of their shapes: the same
+    answer without serializing the weights (0.8 s of the CIFAR-10 U-Net's 134 MB)."""
+    from onnx import ModelProto, TensorProto, helper, shape_inference
+
+    light = ModelProto(ir_version=model.ir_version)
+    light.opset_import.extend(model.opset_import)
+    graph = light.graph
+    graph.node.extend(model.graph.node)
+    graph.input.extend(model.graph.input)
+    graph.output.extend(model.graph.output)
+    for tensor in model.graph.initializer:
+        if tensor.data_type == TensorProto.FLOAT:
+            value = helper.make_tensor_value_info(tensor.name, tensor.data_type, tensor.dims)
+            graph.input.append(value)
+        else:  # integer constants: the shapes that data propagation reads
+            graph.initializer.append(tensor)
+    inferred = shape_inference.infer_shapes(light, data_prop=True).graph
+    return {
+        v.name: [d.dim_value for d in v.type.tensor_type.shape.dim]
+        for v in (*inferred.value_info, *inferred.output)
+    }
 
 
 def _plan(node, constants: dict, shapes: dict, worth: Worth):
@@ -178,8 +197,9 @@ def _winograd(node, weight: np.ndarray, bias, height: int, width: int, graph) ->
         return constant(what, np.array(dims, np.int64))
 
     # G g G^T for every (output, input) channel pair, as 16 [c_out, c_in] matrices.
-    transformed = np.einsum("ai,ocij,bj->aboc", G, weight.astype(np.float64), G)
-    products = transformed.reshape(16, c_out, c_in).astype(np.float32)
+    rows = np.tensordot(weight.astype(np.float64), G, axes=([2], [1]))  # [c_out, c_in, j, a]
+    transformed = np.tensordot(rows, G, axes=([2], [1]))  # [c_out, c_in, a, b]
+    products = transformed.transpose(2, 3, 0, 1).reshape(16, c_out, c_in).astype(np.float32)
     last = node.output[0] if bias is None else name("y")
     steps = [
         ("Reshape", [node.input[0], shape("planes_shape", -1, 1, height, width)], "planes", {}),
