@@ -12,7 +12,7 @@ pytest.importorskip("onnxruntime")
 
 import ddpm_fast
 from ddpm_fast.cli import main
-from ddpm_fast.engine import Engine, winograd
+from ddpm_fast.engine import Engine
 from ddpm_fast.engine import onnx_executor as ox
 from ddpm_fast.engine import threads as th
 from ddpm_fast.errors import ConfigError
@@ -231,20 +231,17 @@ def test_the_step_file_is_exported_once_and_reused(default_pipeline, cache, monk
 
 
 def test_only_the_most_recently_used_step_files_are_kept(default_pipeline, cache, monkeypatch):
-    """A new version or an edited checkout exports new files: the old ones are pruned with their
-    Winograd forms, and an engine whose file was pruned exports it again."""
+    """A new version or an edited checkout exports new files: the old ones are pruned, and an
+    engine whose file was pruned exports it again."""
     monkeypatch.setattr(ox, "MAX_STEP_FILES", 1)
-    monkeypatch.setattr(winograd, "worth_it", lambda *shape: True)  # every file has a form
     ddim = dict(sampler="ddim", steps=3, seed=2)
     first = Engine(default_pipeline, cpu_executor="onnxruntime")
     images = first.sample(2, **ddim)
     (ddim_file,) = cache.glob("*.onnx")
-    assert winograd.variant_path(ddim_file).is_file()
     # DPM-Solver++ carries x0_prev: another file, and the older one goes.
     Engine(default_pipeline, cpu_executor="onnxruntime").sample(2, sampler="dpm++2m", steps=3)
     (kept,) = cache.glob("*.onnx")
     assert kept != ddim_file and not ddim_file.exists()
-    assert [p.name for p in cache.glob(f"*{winograd.SUFFIX}")] == [winograd.variant_path(kept).name]
     again = Engine(default_pipeline, cpu_executor="onnxruntime").sample(2, **ddim)
     assert torch.equal(again, images)
     assert [p.name for p in cache.glob("*.onnx")] == [ddim_file.name]

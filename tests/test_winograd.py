@@ -17,6 +17,7 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 from ddpm_fast.engine import Engine, winograd
+from ddpm_fast.engine import onnx_executor as ox
 from ddpm_fast.engine.table_chain import open_session
 
 from .families import random_pipeline
@@ -161,3 +162,40 @@ def test_an_engine_chain_on_the_winograd_form_is_the_reference(tmp_path, monkeyp
     want = pipeline.sample(3, **kwargs)
     assert torch.isfinite(want).all() and (want - want.mean()).abs().max() > 0.05
     torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
+
+
+def test_a_pruned_step_file_takes_its_winograd_form_along(tmp_path, monkeypatch):
+    monkeypatch.setenv("DDPM_FAST_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(ox, "MAX_STEP_FILES", 1)
+    monkeypatch.setattr(winograd, "worth_it", ALWAYS)  # every file has a form
+    pipeline = random_pipeline("v1-selfcond-learned-var", steps=50)
+    Engine(pipeline, cpu_executor="onnxruntime").sample(2, sampler="ddim", steps=2)
+    cache = tmp_path / "cache" / "onnx-steps"
+    (first,) = cache.glob("*.onnx")
+    assert winograd.variant_path(first).is_file()
+    # DPM-Solver++ carries x0_prev: another file, and the older one goes with its form.
+    Engine(pipeline, cpu_executor="onnxruntime").sample(2, sampler="dpm++2m", steps=2)
+    (kept,) = cache.glob("*.onnx")
+    assert kept != first
+    assert sorted(p.name for p in cache.iterdir()) == sorted(
+        [kept.name, winograd.variant_path(kept).name]
+    )
+
+
+def test_an_image_on_either_file_is_the_same_within_the_batch_tolerance(tmp_path, monkeypatch):
+    """Batch 1 runs the direct file, larger parts the Winograd form: the same images within
+    test_engine's 5e-5 for a sample drawn in batches of other shapes."""
+    import ddpm_fast
+
+    monkeypatch.setenv("DDPM_FAST_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(winograd, "worth_it", ALWAYS)
+    pipeline = ddpm_fast.load()
+    kwargs = dict(sampler="ddim", steps=10, seed=3)
+    images = {}
+    for min_batch in (1, 10**6):  # every session on the form, then none
+        monkeypatch.setattr(winograd, "MIN_BATCH", min_batch)
+        images[min_batch] = Engine(pipeline, cpu_executor="onnxruntime").sample(2, **kwargs)
+    form, direct = images.values()
+    assert (direct - direct.mean()).abs().max() > 0.1
+    torch.testing.assert_close(form, direct, rtol=0, atol=5e-5)
+    assert not torch.equal(form, direct)  # each file did run
