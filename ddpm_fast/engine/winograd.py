@@ -44,6 +44,9 @@ A_T = np.array([[1, 1, 1, 0], [0, 1, -1, -1]], np.float64)
 # transform as a [4, 16] matrix (output r * 2 + s of the 2x2 block).
 INPUT_KERNELS = np.einsum("ai,bj->abij", B_T, B_T).reshape(16, 1, 4, 4).astype(np.float32)
 OUTPUT_MATRIX = np.einsum("ra,sb->rsab", A_T, A_T).reshape(4, 16).astype(np.float32)
+# G g G^T of a flattened 3x3 kernel g, as a [9, 16] matrix (float64: the weights' transform is
+# rounded once, to float32, at the end).
+WEIGHT_MATRIX = np.einsum("ai,bj->ijab", G, G).reshape(9, 16)
 
 Worth = Callable[[int, int, int, int], bool]
 
@@ -113,9 +116,10 @@ def rewrite(model, worth: Worth | None = None) -> int:
             uses[name] -= 1
     del graph.node[:]
     graph.node.extend(nodes)
-    kept = [t for t in graph.initializer if t.name not in constants or uses[t.name] > 0]
-    del graph.initializer[:]
-    graph.initializer.extend(kept)
+    unused = {name for name in constants if not uses[name]}
+    replaced = [i for i, t in enumerate(graph.initializer) if t.name in unused]
+    for index in reversed(replaced):  # by index: no copy of the weights that stay
+        del graph.initializer[index]
     return count
 
 
@@ -197,9 +201,8 @@ def _winograd(node, weight: np.ndarray, bias, height: int, width: int, graph) ->
         return constant(what, np.array(dims, np.int64))
 
     # G g G^T for every (output, input) channel pair, as 16 [c_out, c_in] matrices.
-    rows = np.tensordot(weight.astype(np.float64), G, axes=([2], [1]))  # [c_out, c_in, j, a]
-    transformed = np.tensordot(rows, G, axes=([2], [1]))  # [c_out, c_in, a, b]
-    products = transformed.transpose(2, 3, 0, 1).reshape(16, c_out, c_in).astype(np.float32)
+    transformed = weight.reshape(-1, 9).astype(np.float64) @ WEIGHT_MATRIX  # [c_out * c_in, 16]
+    products = transformed.T.reshape(16, c_out, c_in).astype(np.float32)
     last = node.output[0] if bias is None else name("y")
     steps = [
         ("Reshape", [node.input[0], shape("planes_shape", -1, 1, height, width)], "planes", {}),
