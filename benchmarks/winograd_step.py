@@ -67,7 +67,7 @@ def main() -> None:
     if not variant.is_file():
         print(f"{path.name}: no convolution of this model is worth the Winograd form")
         return
-    print(f"`{path.name}`, {len(list(winograd_nodes(variant)))} convolutions rewritten\n")
+    print(f"`{path.name}`, {winograd.rewritten(variant)} convolutions rewritten\n")
     print(f"{args.parts} session(s) side by side, one thread each\n")
     print("| batch | direct ms/step | Winograd ms/step | speedup per round | max rel. difference |")
     print("|---|---|---|---|---|")
@@ -93,13 +93,6 @@ def main() -> None:
             f"| {difference:.1e} |",
             flush=True,
         )
-
-
-def winograd_nodes(variant):
-    import onnx
-
-    model = onnx.load(str(variant), load_external_data=False)
-    return (n for n in model.graph.node if n.name.endswith("/winograd/m"))
 
 
 if __name__ == "__main__":

@@ -15,8 +15,8 @@ two MatMuls), one thread of a 2-core EPYC at batch 8 measured, against ONNX Runt
 
 The CIFAR-10 U-Net's whole step (13 of its convolutions rewritten; benchmarks/winograd_step.py),
 one session on one thread: 0.89x at batch 1, 1.01x at 2, 1.04 to 1.12x at 4, 1.10 to 1.14x at 8;
-two side by side, as the engine's batch split runs them (``--parts 2``): 0.91x at batch 1,
-1.05x at 2, 1.07x at 4, 1.11x at 8.
+two side by side, as the engine's batch split runs them (``--parts 2``, two runs): 0.89 to
+0.91x at batch 1, 1.04 to 1.05x at 2, 1.07 to 1.13x at 4, 1.11 to 1.16x at 8.
 
 So ``worth_it`` chooses by shape (a rule, never a timing: the same bits on every run), and the
 rewritten graph is a second file beside the step file (``variant_path``), which sessions of
@@ -121,6 +121,15 @@ def rewrite(model, worth: Worth | None = None) -> int:
     for index in reversed(replaced):  # by index: no copy of the weights that stay
         del graph.initializer[index]
     return count
+
+
+def rewritten(path: Path) -> int:
+    """How many convolutions the Winograd form at ``path`` holds (their product MatMuls, named
+    by ``_winograd``)."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    return sum(node.name.endswith("/winograd/m") for node in model.graph.node)
 
 
 def _inferred_shapes(model) -> dict[str, list[int]]:
