@@ -40,17 +40,35 @@ def mark_used(path: Path) -> None:
         os.utime(path)
 
 
-def prune_cache(folder: Path, pattern: str, keep: int, suffixes: tuple[str, ...] = ()) -> None:
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:  # no companion, or another process pruned it first
+        return 0
+
+
+def prune_cache(
+    folder: Path,
+    pattern: str,
+    keep: int,
+    suffixes: tuple[str, ...] = (),
+    max_bytes: int | None = None,
+) -> None:
     """Remove all but the ``keep`` most recently used files of ``folder`` that match ``pattern``
-    (with their companions of the same stem and ``suffixes``). Best effort: another process
-    pruning at once, or a read-only cache, only logs. A session already open keeps its file's
-    content (ONNX Runtime reads it whole); a process about to open a removed file exports it
-    again."""
+    (with their companions of the same stem and ``suffixes``), and, where ``max_bytes`` is given,
+    the older ones beyond that many bytes, companions counted; the most recent is always kept.
+    Best effort: another process pruning at once, or a read-only cache, only logs. A session
+    already open keeps its file's content (ONNX Runtime reads it whole); a process about to open
+    a removed file exports it again."""
     try:
         entries = sorted(folder.glob(pattern), key=lambda p: p.stat().st_mtime, reverse=True)
-        for entry in entries[keep:]:
-            entry.unlink(missing_ok=True)
-            for suffix in suffixes:
-                entry.with_suffix(suffix).unlink(missing_ok=True)
+        total = 0
+        for rank, entry in enumerate(entries):
+            group = [entry, *(entry.with_suffix(suffix) for suffix in suffixes)]
+            total += sum(_size(path) for path in group)
+            over_budget = max_bytes is not None and total > max_bytes and rank > 0
+            if rank >= keep or over_budget:
+                for path in group:
+                    path.unlink(missing_ok=True)
     except OSError as error:
         log.info("cannot prune %s: %s", folder, error)

@@ -4,6 +4,8 @@ safely; without onnxruntime the engine says so or falls back."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -17,6 +19,7 @@ from ddpm_fast.engine import onnx_executor as ox
 from ddpm_fast.engine import threads as th
 from ddpm_fast.errors import ConfigError
 from ddpm_fast.folding import fold_weights
+from ddpm_fast.machine import prune_cache
 from ddpm_fast.samplers import step_tables
 
 from .families import CASES, random_network, random_pipeline
@@ -246,6 +249,41 @@ def test_only_the_most_recently_used_step_files_are_kept(default_pipeline, cache
     assert torch.equal(again, images)
     assert [p.name for p in cache.glob("*.onnx")] == [ddim_file.name]
     assert torch.equal(first.sample(3, **ddim)[:2], images)  # a new session: its file is back
+
+
+def test_step_files_beyond_the_byte_budget_are_pruned(default_pipeline, cache, monkeypatch):
+    """Larger models' files fill the disk long before eight are kept: a byte budget prunes the
+    older ones, never the file just exported."""
+    monkeypatch.setattr(ox, "MAX_STEP_BYTES", 1)  # below any file's size
+    Engine(default_pipeline, cpu_executor="onnxruntime").sample(2, sampler="ddim", steps=3)
+    (ddim_file,) = cache.glob("*.onnx")
+    Engine(default_pipeline, cpu_executor="onnxruntime").sample(2, sampler="dpm++2m", steps=3)
+    (kept,) = cache.glob("*.onnx")
+    assert kept != ddim_file and not ddim_file.exists()
+
+
+def test_the_cache_keeps_the_most_recent_files_within_the_budget(tmp_path):
+    def entry(name, size, form_size, age):
+        path = tmp_path / f"{name}.onnx"
+        path.write_bytes(b"x" * size)
+        if form_size:
+            path.with_suffix(".form").write_bytes(b"y" * form_size)
+        os.utime(path, (1e9 - age, 1e9 - age))
+
+    entry("newest", 50, 40, 0)
+    entry("second", 5, 0, 1)  # 95 bytes so far
+    entry("third", 3, 3, 2)  # its form takes the total past 100
+    entry("oldest", 1, 0, 3)  # within the budget alone, but older than a removed entry
+    prune_cache(tmp_path, "*.onnx", keep=8, suffixes=(".form",), max_bytes=100)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "newest.form",
+        "newest.onnx",
+        "second.onnx",
+    ]
+    prune_cache(tmp_path, "*.onnx", keep=8, suffixes=(".form",), max_bytes=10)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["newest.form", "newest.onnx"]
+    prune_cache(tmp_path, "*.onnx", keep=1, suffixes=(".form",))  # no budget: the count alone
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["newest.form", "newest.onnx"]
 
 
 def test_the_key_changes_with_the_weights_and_the_versions(default_pipeline, monkeypatch):

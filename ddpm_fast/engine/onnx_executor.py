@@ -63,6 +63,9 @@ STEP_FOLDER = "onnx-steps"
 # Step files kept in the cache, the most recently used: a new version or an edited checkout
 # exports new ones (the CIFAR-10 U-Net's is 134 MB), so old ones must go.
 MAX_STEP_FILES = 8
+# and no more bytes than this, Winograd forms counted: a CIFAR-10 U-Net's pair is 347 MB, and
+# a larger model's would fill the disk at 8 files. The most recent file is always kept.
+MAX_STEP_BYTES = 2 << 30
 FILE_FORMAT = "row-step-3"  # bump when the graph's inputs or outputs change
 INSTALL_HINT = "pip install 'ddpm-fast[onnx]'"
 
@@ -217,7 +220,9 @@ class StepSessions:
         log.info("exporting the engine's CPU step to %s (once per model and size)", path)
         try:
             export_step_file(self._engine, spec, learned, image_hw, path)
-            prune_cache(path.parent, "step-*.onnx", MAX_STEP_FILES, (winograd.SUFFIX,))
+            prune_cache(
+                path.parent, "step-*.onnx", MAX_STEP_FILES, (winograd.SUFFIX,), MAX_STEP_BYTES
+            )
         except OSError as error:  # a cache folder that cannot be written
             path = _private_folder() / path.name
             warnings.warn(
