@@ -7,8 +7,10 @@ tiles are transformed (B^T d B, additions only), multiplied with the transformed
 (A^T m A). Written in ONNX ops (a 16-kernel convolution for the input transform, two transposes,
 two MatMuls), one thread of a 2-core EPYC at batch 8 measured, against ONNX Runtime's Conv:
 
-- 4x4 images: 1.87x with 768 input channels, 1.50x with 512; 1.00x with 256, 0.84x 256 to 256;
-- 8x8 images: 1.12 to 1.14x with 256 to 512 channels, 1.43x 512 to 512; 0.75x with 128;
+- 4x4 images: 1.87x with 768 input channels, 1.50x with 512; 1.00x with 256, 0.84x 256 to 256,
+  0.99x 512 to 256;
+- 8x8 images: 1.12 to 1.14x with 256 to 512 channels, 1.14x 256 to 256, 1.20x 384 to 256, 1.43x
+  512 to 512; 0.75x with 128;
 - 16x16 with 128 channels 0.82x, 32x32 with 64 0.58x (the transforms are memory traffic);
 - batch 2: 1.0 to 1.2x; batch 1: 0.63x (the transformed weights, 16/9 the size, stream from
   memory for a single image).
@@ -16,11 +18,15 @@ two MatMuls), one thread of a 2-core EPYC at batch 8 measured, against ONNX Runt
 The CIFAR-10 U-Net's whole step (13 of its convolutions rewritten; benchmarks/winograd_step.py),
 one session on one thread: 0.89x at batch 1, 1.01x at 2, 1.04 to 1.12x at 4, 1.10 to 1.14x at 8;
 two side by side, as the engine's batch split runs them (``--parts 2``, two runs): 0.89 to
-0.91x at batch 1, 1.04 to 1.05x at 2, 1.07 to 1.13x at 4, 1.11 to 1.16x at 8.
+0.91x at batch 1, 1.04 to 1.05x at 2, 1.07 to 1.13x at 4, 1.11 to 1.16x at 8. The 2.x U-Net
+(``dd2-cifar10``, 13 rewritten), side by side: 0.90x at 1, 1.01x at 2, 1.11x at 4, 1.08x at 8.
 
 So ``worth_it`` chooses by shape (a rule, never a timing: the same bits on every run), and the
 rewritten graph is a second file beside the step file (``variant_path``), which sessions of
-``MIN_BATCH`` images or more open (``session_file``). Both files are the same function: the
+``MIN_BATCH`` images or more open (``session_file``). It is written only where the chosen
+convolutions hold ``MIN_SHARE`` of the file's convolution work or more: 36% in the 1.x and 2.x
+CIFAR-10 U-Nets, 10% in diffusers' ddpm-cifar10 (most of its work at 32x32 and 16x16), whose
+form measured 0.97 to 1.01x and would cost a 168 MB file. Both files are the same function: the
 transforms' coefficients are 0, +-1 and +-1/2, so fp32 stays close to the direct convolution
 (9e-7 relative against 4e-7 with 768 channels; tests/test_winograd.py holds it to 1e-5).
 """
@@ -35,6 +41,7 @@ from pathlib import Path
 import numpy as np
 
 MIN_BATCH = 2
+MIN_SHARE = 0.25  # of the multiply-adds of the file's convolutions
 SUFFIX = ".winograd"  # beside step-KEY.onnx: step-KEY.winograd (pruned with it)
 
 B_T = np.array([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]], np.float64)
@@ -57,7 +64,7 @@ def worth_it(c_in: int, c_out: int, height: int, width: int) -> bool:
     if height % 2 or width % 2:
         return False
     if height * width <= 16:
-        return c_in >= 512 and c_out >= 256
+        return c_in >= 512 and c_out >= 512
     if height * width <= 64:
         return min(c_in, c_out) >= 256
     return False
@@ -77,8 +84,8 @@ def session_file(path: Path, batch: int) -> Path:
 
 def write_variant(source: Path, target: Path, worth: Worth | None = None) -> int:
     """Write the Winograd form of the ONNX file ``source`` to ``target`` (atomically), or remove
-    ``target`` where no convolution is worth it (``worth``: ``worth_it`` unless given). Returns
-    the number rewritten."""
+    ``target`` where ``rewrite`` finds nothing worth it (``worth``: ``worth_it`` unless given).
+    Returns the number rewritten."""
     import onnx
 
     model = onnx.load(str(source))
@@ -98,15 +105,21 @@ def write_variant(source: Path, target: Path, worth: Worth | None = None) -> int
 def rewrite(model, worth: Worth | None = None) -> int:
     """Replace, in place, the 3x3 convolutions of ``model`` (stride 1, padding 1, one group,
     weights and bias constant) that ``worth`` (``worth_it`` unless given) chooses by their
-    Winograd form. Returns how many."""
+    Winograd form, where together they hold ``MIN_SHARE`` of its convolutions' multiply-adds or
+    more (else nothing). Returns how many."""
     worth = worth or worth_it
     graph = model.graph
     shapes = _inferred_shapes(model)
     constants = {t.name: t for t in graph.initializer}
-    uses = Counter(name for node in graph.node for name in node.input)
+    old = list(graph.node)
+    plans = [_plan(node, constants, shapes, worth) for node in old]
+    work = [_work(node, constants, shapes) for node in old]
+    chosen = sum(w for w, plan in zip(work, plans, strict=True) if plan)
+    if not chosen or chosen < MIN_SHARE * sum(work):
+        return 0
+    uses = Counter(name for node in old for name in node.input)
     nodes, count = [], 0
-    for node in graph.node:
-        plan = _plan(node, constants, shapes, worth)
+    for node, plan in zip(old, plans, strict=True):
         if plan is None:
             nodes.append(node)
             continue
@@ -135,13 +148,15 @@ def rewritten(path: Path) -> int:
 def _inferred_shapes(model) -> dict[str, list[int]]:
     """Every value's shape, by ONNX's shape inference with data propagation (the sizes that
     Reshapes compute), run on a copy whose float weights are inputs of their shapes: the same
-    answer without serializing the weights (0.8 s of the CIFAR-10 U-Net's 134 MB)."""
+    answer without serializing the weights (0.8 s of the CIFAR-10 U-Net's 134 MB). In the copy,
+    small values computed from constants alone are constants (``_folded``): the pads of a
+    ``torch.nn.functional.pad`` export, through which inference cannot see otherwise."""
     from onnx import ModelProto, TensorProto, helper, shape_inference
 
     light = ModelProto(ir_version=model.ir_version)
     light.opset_import.extend(model.opset_import)
     graph = light.graph
-    graph.node.extend(model.graph.node)
+    graph.node.extend(_folded(model))
     graph.input.extend(model.graph.input)
     graph.output.extend(model.graph.output)
     for tensor in model.graph.initializer:
@@ -155,6 +170,84 @@ def _inferred_shapes(model) -> dict[str, list[int]]:
         v.name: [d.dim_value for d in v.type.tensor_type.shape.dim]
         for v in (*inferred.value_info, *inferred.output)
     }
+
+
+# Values computed from constants that are folded for shape inference: shapes and pads, never
+# weights, so the folding costs nothing next to the export.
+FOLD_MAX_ELEMENTS = 64
+
+
+def _folded(model) -> list:
+    """``model``'s nodes, with each node whose inputs are all small constants (Constant nodes,
+    integer initializers, or values folded before it) replaced by Constant nodes of its outputs,
+    as ONNX's reference evaluator computes them."""
+    from onnx import TensorProto, helper, numpy_helper
+    from onnx.reference import ReferenceEvaluator
+
+    known = {
+        t.name: numpy_helper.to_array(t)
+        for t in model.graph.initializer
+        if t.data_type != TensorProto.FLOAT and np.prod(t.dims) <= FOLD_MAX_ELEMENTS
+    }
+    opsets = list(model.opset_import)
+    nodes = []
+    for node in model.graph.node:
+        if node.op_type == "Constant" and node.attribute[0].name == "value":
+            value = numpy_helper.to_array(node.attribute[0].t)
+            if value.size <= FOLD_MAX_ELEMENTS:
+                known[node.output[0]] = value
+            nodes.append(node)
+            continue
+        inputs = [name for name in node.input if name]
+        foldable = (
+            node.domain in ("", "ai.onnx")
+            and all(name in known for name in inputs)
+            and not any(a.type in (a.GRAPH, a.GRAPHS) for a in node.attribute)
+            and not node.op_type.startswith("Random")
+        )
+        values = _evaluate(node, known, opsets, ReferenceEvaluator) if foldable else None
+        if values is None or any(v.size > FOLD_MAX_ELEMENTS for v in values):
+            nodes.append(node)
+            continue
+        for name, value in zip(node.output, values, strict=True):
+            known[name] = value
+            nodes.append(
+                helper.make_node("Constant", [], [name], value=numpy_helper.from_array(value, name))
+            )
+    return nodes
+
+
+def _evaluate(node, known: dict, opsets: list, evaluator) -> list[np.ndarray] | None:
+    """``node``'s outputs on the values ``known``, or None where the evaluator cannot run it."""
+    from onnx import helper
+
+    inputs = [name for name in node.input if name]
+    graph = helper.make_graph(
+        [node],
+        "fold",
+        [
+            helper.make_tensor_value_info(
+                name, helper.np_dtype_to_tensor_dtype(known[name].dtype), None
+            )
+            for name in inputs
+        ],
+        [helper.make_tensor_value_info(name, 0, None) for name in node.output],
+    )
+    try:
+        outputs = evaluator(helper.make_model(graph, opset_imports=opsets)).run(
+            None, {name: known[name] for name in inputs}
+        )
+    except Exception:  # an op the reference evaluator lacks: left to inference as it is
+        return None
+    return [np.asarray(value) for value in outputs]
+
+
+def _work(node, constants: dict, shapes: dict) -> int:
+    """Multiply-adds of a convolution with constant weights and a known output size, else 0."""
+    if node.op_type != "Conv" or len(node.input) < 2 or node.input[1] not in constants:
+        return 0
+    shape = shapes.get(node.output[0]) or []
+    return int(np.prod(constants[node.input[1]].dims)) * int(np.prod(shape[2:])) if shape else 0
 
 
 def _plan(node, constants: dict, shapes: dict, worth: Worth):
