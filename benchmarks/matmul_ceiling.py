@@ -4,8 +4,10 @@ runs one thread per core).
 
     python benchmarks/matmul_ceiling.py --processes 2
 
-Prints each process's GFLOP/s (median of 7 rounds) and the sum: the rate no network's step can
-beat on this machine, to set a step's FLOPs (``ddpm_fast.flops``) against.
+Prints each process's GFLOP/s (median of 7 rounds) and the sum: the machine's practical float32
+peak, to set a step's FLOPs (``ddpm_fast.flops``) against. A single well-shaped op may come near
+it (or, in another library, a little above); a whole step of small ops, norms and softmaxes
+stays well below.
 """
 
 from __future__ import annotations

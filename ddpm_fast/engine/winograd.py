@@ -182,7 +182,6 @@ def _folded(model) -> list:
     integer initializers, or values folded before it) replaced by Constant nodes of its outputs,
     as ONNX's reference evaluator computes them."""
     from onnx import TensorProto, helper, numpy_helper
-    from onnx.reference import ReferenceEvaluator
 
     known = {
         t.name: numpy_helper.to_array(t)
@@ -198,14 +197,13 @@ def _folded(model) -> list:
                 known[node.output[0]] = value
             nodes.append(node)
             continue
-        inputs = [name for name in node.input if name]
         foldable = (
             node.domain in ("", "ai.onnx")
-            and all(name in known for name in inputs)
+            and all(name in known for name in node.input if name)
             and not any(a.type in (a.GRAPH, a.GRAPHS) for a in node.attribute)
             and not node.op_type.startswith("Random")
         )
-        values = _evaluate(node, known, opsets, ReferenceEvaluator) if foldable else None
+        values = _evaluate(node, known, opsets) if foldable else None
         if values is None or any(v.size > FOLD_MAX_ELEMENTS for v in values):
             nodes.append(node)
             continue
@@ -217,9 +215,11 @@ def _folded(model) -> list:
     return nodes
 
 
-def _evaluate(node, known: dict, opsets: list, evaluator) -> list[np.ndarray] | None:
-    """``node``'s outputs on the values ``known``, or None where the evaluator cannot run it."""
+def _evaluate(node, known: dict, opsets: list) -> list[np.ndarray] | None:
+    """``node``'s outputs on the values ``known`` (ONNX's reference evaluator), or None where the
+    evaluator cannot run it."""
     from onnx import helper
+    from onnx.reference import ReferenceEvaluator
 
     inputs = [name for name in node.input if name]
     graph = helper.make_graph(
@@ -234,7 +234,7 @@ def _evaluate(node, known: dict, opsets: list, evaluator) -> list[np.ndarray] | 
         [helper.make_tensor_value_info(name, 0, None) for name in node.output],
     )
     try:
-        outputs = evaluator(helper.make_model(graph, opset_imports=opsets)).run(
+        outputs = ReferenceEvaluator(helper.make_model(graph, opset_imports=opsets)).run(
             None, {name: known[name] for name in inputs}
         )
     except Exception:  # an op the reference evaluator lacks: left to inference as it is
