@@ -87,8 +87,8 @@ def test_the_onnx_form_of_each_block_is_the_reference_block():
     that are not one), within fp32's per-op tolerance of the reference block: 1.x's and 2.x's
     attentions at two image sizes (2.x's with their memory slots, full and linear), both
     versions' norm blocks without time scale/shift."""
-    from ddpm_fast.engine.families import dd_pytorch_v1 as v1
-    from ddpm_fast.engine.families import dd_pytorch_v2 as v2
+    from ddpm_fast.engine.families import dd_pytorch_v1_onnx as v1
+    from ddpm_fast.engine.families import dd_pytorch_v2_onnx as v2
 
     one = random_network("v1-selfcond-learned-var")
     two = random_network("v2-selfcond-learned-var-full-attn")

@@ -6,7 +6,13 @@
 - ``sdpa``: full attention of a [B, 3 * heads * d, H, W] qkv map through
   ``F.scaled_dot_product_attention``;
 - ``TimeSlice``: columns ``[start, start + width)`` of the engine's per-step time row;
-- ``Upsample``: nearest-neighbour x2 + conv;
+- ``Upsample``: nearest-neighbour x2 + conv; ``unshuffle_conv``: a pixel-unshuffle + 1x1 conv
+  as one strided conv; ``resample``: the engine's form of a stage's last module;
+- ``StagedUnet``, ``FastResnetBlock``, ``swap_stage_blocks``: what the two
+  denoising-diffusion-pytorch mappings share (their U-Net is
+  :class:`ddpm_fast.models.dd_pytorch_common.Unet`): the engine's U-Net walk, its ResnetBlock
+  reading the time row, and the walk that swaps a folded network's attentions and downsamplings
+  for another form;
 - ``frozen``, ``token_view``, ``image_view``: what the families' ONNX Runtime forms
   (``onnx_form``) share: weights as frozen parameters, and a [B, C, H, W] map as [B, H * W, C]
   tokens and back.
@@ -21,17 +27,24 @@ from torch import nn
 from ..kernels.channel_norm import channel_layer_norm
 from ..kernels.group_norm import group_norm
 from ..kernels.linear_attention import linear_attention
+from ..models.convs import conv_holding
 
 __all__ = [
+    "FastResnetBlock",
     "GroupNormAct",
+    "StagedUnet",
     "TimeSlice",
     "Upsample",
     "channel_layer_norm",
     "frozen",
     "image_view",
     "linear_attention",
+    "resample",
     "sdpa",
+    "swap_stage_blocks",
+    "take_conv_bias",
     "token_view",
+    "unshuffle_conv",
 ]
 
 
@@ -104,6 +117,119 @@ class Upsample(nn.Module):
 
     def forward(self, x):
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+def unshuffle_conv(downsample: nn.Sequential) -> nn.Conv2d:
+    """``Rearrange('b c (h p1) (w p2) -> b (c p1 p2) h w') + Conv2d(4c, o, 1)`` as the equivalent
+    ``Conv2d(c, o, 2, stride=2)``: input channel c * 4 + p1 * 2 + p2 is tap (p1, p2) of c."""
+    conv = downsample[1]
+    out_channels, in4 = conv.weight.shape[:2]
+    return conv_holding(conv.weight.reshape(out_channels, in4 // 4, 2, 2), conv.bias, stride=2)
+
+
+def resample(module: nn.Module) -> nn.Module:
+    """The engine's version of a denoising-diffusion-pytorch stage's last module (its
+    ``Upsample`` or ``Downsample``, or a plain conv at the innermost stage)."""
+    if isinstance(module, nn.Sequential) and isinstance(module[1], nn.Conv2d):
+        if isinstance(module[0], nn.Upsample):
+            return Upsample(module[1])
+        return unshuffle_conv(module)
+    return module
+
+
+def swap_stage_blocks(folded: nn.Module, stage_attention, mid_attention) -> None:
+    """The walk both denoising-diffusion-pytorch versions' U-Nets share: each stage's attention
+    becomes ``stage_attention(it)``, the middle's ``mid_attention(it)``, and each downsampling's
+    pixel-unshuffle + 1x1 conv one strided conv (``unshuffle_conv``)."""
+    for stage in (*folded.downs, *folded.ups):
+        stage[2] = stage_attention(stage[2])
+    folded.mid_attn = mid_attention(folded.mid_attn)
+    for stage in folded.downs:
+        if not isinstance(stage[3], nn.Conv2d):  # the last stage's is a plain conv
+            stage[3] = unshuffle_conv(stage[3])
+
+
+class FastResnetBlock(nn.Module):
+    """A denoising-diffusion-pytorch ``ResnetBlock`` (either version) with its time MLP replaced
+    by its slice of the time row (scale, then shift); ``fast_block`` makes the family's fast
+    Block of each of its two Blocks."""
+
+    def __init__(self, block: nn.Module, time: TimeSlice, fast_block):
+        super().__init__()
+        self.block1 = fast_block(block.block1)
+        self.block2 = fast_block(block.block2)
+        self.res_conv = block.res_conv
+        self.time = time
+
+    def forward(self, x, time_row):
+        scale, shift = self.time(time_row).chunk(2, dim=1)  # views
+        h = self.block1(x, scale, shift)
+        h = self.block2(h)
+        return h + self.res_conv(x)
+
+
+class StagedUnet(nn.Module):
+    """The engine's form of a folded denoising-diffusion-pytorch U-Net (either version):
+    ``forward(x, time_row, x_self_cond=None)`` equals the reference's forward at the timestep
+    whose row of the time table ``time_row`` is.
+
+    A family gives ``resnet(name)``, the fast ResnetBlock of the reference's block ``name``
+    (reading its slice of the time row), and ``attention(module)`` / ``mid_attention(module)``,
+    the fast form of a stage's and of the middle's attention, each with its residual."""
+
+    def __init__(self, folded: nn.Module, resnet, attention, mid_attention):
+        super().__init__()
+        self.self_condition = folded.self_condition
+
+        def stage(name: str, modules: nn.ModuleList) -> nn.ModuleList:
+            """[block1, block2, attention, resampling] of the stage ``name`` ("downs.0", ...)."""
+            return nn.ModuleList(
+                [
+                    resnet(f"{name}.0"),
+                    resnet(f"{name}.1"),
+                    attention(modules[2]),
+                    resample(modules[3]),
+                ]
+            )
+
+        self.init_conv = folded.init_conv
+        self.downs = nn.ModuleList(stage(f"downs.{i}", m) for i, m in enumerate(folded.downs))
+        self.mid_block1 = resnet("mid_block1")
+        self.mid_attn = mid_attention(folded.mid_attn)
+        self.mid_block2 = resnet("mid_block2")
+        self.ups = nn.ModuleList(stage(f"ups.{i}", m) for i, m in enumerate(folded.ups))
+        self.final_res_block = resnet("final_res_block")
+        self.final_conv = folded.final_conv
+        # Half precision: the last conv stays fp32 (one small conv). Near t = T the sampler takes
+        # x0 = sqrt(1 / abar) x - sqrt(1 / abar - 1) out, ~157 x the output's bf16 rounding; on
+        # the default model's bf16 chains (DDIM 50) this halves the images' rms error.
+        self.final_conv.keeps_fp32 = True
+
+    def forward(self, x, t, x_self_cond=None):
+        if self.self_condition:
+            if x_self_cond is None:
+                x_self_cond = torch.zeros_like(x)
+            x = torch.cat((x_self_cond, x), dim=1)
+        x = self.init_conv(x)
+        r = x
+        h = []
+        for block1, block2, attn, downsample in self.downs:
+            x = block1(x, t)
+            h.append(x)
+            x = block2(x, t)
+            x = attn(x)
+            h.append(x)
+            x = downsample(x)
+        x = self.mid_block1(x, t)
+        x = self.mid_attn(x)
+        x = self.mid_block2(x, t)
+        for block1, block2, attn, upsample in self.ups:
+            x = block1(torch.cat((x, h.pop()), dim=1), t)
+            x = block2(torch.cat((x, h.pop()), dim=1), t)
+            x = attn(x)
+            x = upsample(x)
+        x = self.final_res_block(torch.cat((x, r), dim=1), t)
+        return self.final_conv(x.float())
 
 
 def frozen(tensor: torch.Tensor) -> nn.Parameter:

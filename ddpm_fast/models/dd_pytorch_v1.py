@@ -4,24 +4,26 @@ Module and parameter names are the library's, so its state_dicts load with stric
 the math is the library's line for line, so the outputs agree. Weight-standardised 3x3 convs +
 GroupNorm + time scale/shift + SiLU blocks, ``Residual(PreNorm(LayerNorm, LinearAttention))`` at
 every stage, full attention in the middle, pixel-unshuffle down- and nearest-neighbour upsampling.
+
+The pieces 2.x has too (the Unet's construction and forward, ``ResnetBlock``, ``Block``'s
+forward, ``Upsample``, ``Downsample``, the time embeddings, what ``infer_config`` reads of both)
+are :mod:`ddpm_fast.models.dd_pytorch_common`'s; 1.x's own are its Block's weight-standardised
+conv and GroupNorm, ``Residual(PreNorm(...))`` around LayerNorm-ed attentions, and its config.
 """
 
 from __future__ import annotations
 
-import math
-import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from functools import partial
-from itertools import pairwise
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange, reduce
-from einops.layers.torch import Rearrange
 from torch import nn
 
 from ..errors import CheckpointError, ConfigError
 from ..options import check_int
+from . import dd_pytorch_common as common
 from .continuous_time import fourier_refusal
 from .convs import conv_holding
 
@@ -30,18 +32,8 @@ FAMILY = "dd-pytorch-v1"
 OPTIONS = ("channels", "self_condition", "learned_variance", "resnet_block_groups", "attn_heads")
 
 
-def exists(x) -> bool:
-    return x is not None
-
-
-def default(val, d):
-    if exists(val):
-        return val
-    return d() if callable(d) else d
-
-
 @dataclass
-class UnetConfig:
+class UnetConfig(common.ConfigShape):
     """The constructor arguments of the library's ``Unet`` (with its defaults), plus the
     attention shape that 1.x fixes at 4 heads of 32 (kept here so a config says it)."""
 
@@ -79,50 +71,11 @@ class UnetConfig:
             raise ConfigError(
                 f"resnet_block_groups={groups} must divide every block width; {bad} do not"
             )
-        if self.learned_sinusoidal_dim % 2:
-            raise ConfigError(
-                f"learned_sinusoidal_dim must be even, got {self.learned_sinusoidal_dim}"
-            )
 
     def _check_types(self) -> None:
         """Every field of the type it must have (a config may come from a file's JSON)."""
-        for name in ("dim", "channels", "resnet_block_groups", "learned_sinusoidal_dim",
-                     "attn_heads", "attn_dim_head"):  # fmt: skip
-            setattr(self, name, check_int(name, getattr(self, name), minimum=1))
-        for name in ("init_dim", "out_dim"):
-            if getattr(self, name) is not None:
-                setattr(self, name, check_int(name, getattr(self, name), minimum=1))
-        for name in ("self_condition", "learned_variance", "learned_sinusoidal_cond",
-                     "random_fourier_features"):  # fmt: skip
-            if not isinstance(getattr(self, name), bool):
-                raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
-        if not isinstance(self.dim_mults, list | tuple) or not self.dim_mults:
-            raise ConfigError(f"dim_mults must be a list of integers, got {self.dim_mults!r}")
-        self.dim_mults = tuple(check_int("dim_mults", m, minimum=1) for m in self.dim_mults)
-
-    @property
-    def block_widths(self) -> list[int]:
-        """Channel counts of the stages: ``[init_dim, dim * m for m in dim_mults]``."""
-        return [default(self.init_dim, self.dim), *(self.dim * m for m in self.dim_mults)]
-
-    @property
-    def output_channels(self) -> int:
-        return default(self.out_dim, self.channels * (2 if self.learned_variance else 1))
-
-    @property
-    def downsample_factor(self) -> int:
-        """Height and width must be multiples of this."""
-        return 2 ** (len(self.dim_mults) - 1)
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["dim_mults"] = list(self.dim_mults)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> UnetConfig:
-        d = {k: v for k, v in d.items() if k != "family"}
-        return cls(**d)
+        ints = ("dim", "channels", "resnet_block_groups", "learned_sinusoidal_dim", "attn_heads")
+        common.check_fields(self, (*ints, "attn_dim_head"))
 
 
 # small helper modules
@@ -135,20 +88,6 @@ class Residual(nn.Module):
 
     def forward(self, x, *args, **kwargs):
         return self.fn(x, *args, **kwargs) + x
-
-
-def Upsample(dim: int, dim_out: int | None = None) -> nn.Module:
-    return nn.Sequential(
-        nn.Upsample(scale_factor=2, mode="nearest"),
-        nn.Conv2d(dim, default(dim_out, dim), 3, padding=1),
-    )
-
-
-def Downsample(dim: int, dim_out: int | None = None) -> nn.Module:
-    return nn.Sequential(
-        Rearrange("b c (h p1) (w p2) -> b (c p1 p2) h w", p1=2, p2=2),
-        nn.Conv2d(dim * 4, default(dim_out, dim), 1),
-    )
 
 
 def dtype_eps(dtype: torch.dtype) -> float:
@@ -196,78 +135,20 @@ class PreNorm(nn.Module):
         return self.fn(self.norm(x))
 
 
-# time embeddings
-
-
-class SinusoidalPosEmb(nn.Module):
-    def __init__(self, dim: int):
-        super().__init__()
-        self.dim = dim
-
-    def forward(self, x):
-        half_dim = self.dim // 2
-        emb = math.log(10000) / (half_dim - 1)
-        emb = torch.exp(torch.arange(half_dim, device=x.device) * -emb)
-        emb = x[:, None] * emb[None, :]
-        return torch.cat((emb.sin(), emb.cos()), dim=-1)
-
-
-class RandomOrLearnedSinusoidalPosEmb(nn.Module):
-    """Random (frozen) or learned Fourier features of t, with t itself prepended."""
-
-    def __init__(self, dim: int, is_random: bool = False):
-        super().__init__()
-        half_dim = dim // 2
-        self.weights = nn.Parameter(torch.randn(half_dim), requires_grad=not is_random)
-
-    def forward(self, x):
-        x = rearrange(x, "b -> b 1")
-        freqs = x * rearrange(self.weights, "d -> 1 d") * 2 * math.pi
-        fouriered = torch.cat((freqs.sin(), freqs.cos()), dim=-1)
-        return torch.cat((x, fouriered), dim=-1)
-
-
 # building blocks
 
 
-class Block(nn.Module):
+class Block(common.Block):
     def __init__(self, dim: int, dim_out: int, groups: int = 8):
-        super().__init__()
-        self.proj = WeightStandardizedConv2d(dim, dim_out, 3, padding=1)
-        self.norm = nn.GroupNorm(groups, dim_out)
-        self.act = nn.SiLU()
-
-    def forward(self, x, scale_shift=None):
-        x = self.proj(x)
-        x = self.norm(x)
-        if exists(scale_shift):
-            scale, shift = scale_shift
-            x = x * (scale + 1) + shift
-        return self.act(x)
-
-
-class ResnetBlock(nn.Module):
-    def __init__(self, dim: int, dim_out: int, *, time_emb_dim: int | None = None, groups: int = 8):
-        super().__init__()
-        self.mlp = (
-            nn.Sequential(nn.SiLU(), nn.Linear(time_emb_dim, dim_out * 2))
-            if exists(time_emb_dim)
-            else None
+        super().__init__(
+            WeightStandardizedConv2d(dim, dim_out, 3, padding=1), nn.GroupNorm(groups, dim_out)
         )
-        self.block1 = Block(dim, dim_out, groups=groups)
-        self.block2 = Block(dim_out, dim_out, groups=groups)
-        self.res_conv = nn.Conv2d(dim, dim_out, 1) if dim != dim_out else nn.Identity()
 
-    def forward(self, x, cond=None):
-        """``cond``: ``self.mlp(time_emb)`` [B or 1, 2 * dim_out], computed once per timestep by
-        ``Unet.time_conditioning`` (the library applies the MLP here: the same numbers)."""
-        scale_shift = None
-        if exists(self.mlp) and exists(cond):
-            cond = rearrange(cond, "b c -> b c 1 1")
-            scale_shift = cond.chunk(2, dim=1)
-        h = self.block1(x, scale_shift=scale_shift)
-        h = self.block2(h)
-        return h + self.res_conv(x)
+
+class ResnetBlock(common.ResnetBlock):
+    def __init__(self, dim: int, dim_out: int, *, time_emb_dim: int | None = None, groups: int = 8):
+        block = partial(Block, groups=groups)
+        super().__init__(dim, dim_out, time_emb_dim=time_emb_dim, block=block)
 
 
 class LinearAttention(nn.Module):
@@ -314,135 +195,26 @@ class Attention(nn.Module):
         return self.to_out(out)
 
 
-class Unet(nn.Module):
-    """``forward(x, time, x_self_cond=None)``: x [B, C, H, W], time [B] -> [B, out_dim, H, W]."""
+class Unet(common.Unet):
+    """``forward(x, time, x_self_cond=None)``: x [B, C, H, W], time [B] -> [B, out_dim, H, W].
 
-    def __init__(self, config: UnetConfig):
-        super().__init__()
-        self.config = config
-        dim, channels = config.dim, config.channels
-        self.channels = channels
-        self.self_condition = config.self_condition
-        input_channels = channels * (2 if config.self_condition else 1)
+    The library's Unet (:class:`~ddpm_fast.models.dd_pytorch_common.Unet`) with 1.x's blocks:
+    ``Residual(PreNorm(LinearAttention))`` at every stage and ``Residual(PreNorm(Attention))`` in
+    the middle, 4 heads of 32 unless the config says otherwise. ``final_res_block`` works at
+    ``init_dim``, which is ``dim`` here (the library writes ``dim``)."""
 
-        dims = config.block_widths
-        init_dim = dims[0]
-        self.init_conv = nn.Conv2d(input_channels, init_dim, 7, padding=3)
-        in_out = list(pairwise(dims))
-        block_klass = partial(ResnetBlock, groups=config.resnet_block_groups)
-        attn_klass = partial(
-            LinearAttention, heads=config.attn_heads, dim_head=config.attn_dim_head
+    def resnet_block(self, dim_in: int, dim_out: int, time_emb_dim: int) -> ResnetBlock:
+        groups = self.config.resnet_block_groups
+        return ResnetBlock(dim_in, dim_out, time_emb_dim=time_emb_dim, groups=groups)
+
+    def stage_attention(self, stage: int, width: int) -> nn.Module:
+        attention = LinearAttention(width, self.config.attn_heads, self.config.attn_dim_head)
+        return Residual(PreNorm(width, attention))
+
+    def mid_attention(self, width: int) -> nn.Module:
+        return Residual(
+            PreNorm(width, Attention(width, self.config.attn_heads, self.config.attn_dim_head))
         )
-
-        time_dim = dim * 4
-        self.random_or_learned_sinusoidal_cond = (
-            config.learned_sinusoidal_cond or config.random_fourier_features
-        )
-        if self.random_or_learned_sinusoidal_cond:
-            sinu_pos_emb = RandomOrLearnedSinusoidalPosEmb(
-                config.learned_sinusoidal_dim, config.random_fourier_features
-            )
-            fourier_dim = config.learned_sinusoidal_dim + 1
-        else:
-            sinu_pos_emb = SinusoidalPosEmb(dim)
-            fourier_dim = dim
-        self.time_mlp = nn.Sequential(
-            sinu_pos_emb,
-            nn.Linear(fourier_dim, time_dim),
-            nn.GELU(),
-            nn.Linear(time_dim, time_dim),
-        )
-
-        self.downs = nn.ModuleList([])
-        self.ups = nn.ModuleList([])
-        num_resolutions = len(in_out)
-        for ind, (dim_in, dim_out) in enumerate(in_out):
-            is_last = ind >= (num_resolutions - 1)
-            self.downs.append(
-                nn.ModuleList(
-                    [
-                        block_klass(dim_in, dim_in, time_emb_dim=time_dim),
-                        block_klass(dim_in, dim_in, time_emb_dim=time_dim),
-                        Residual(PreNorm(dim_in, attn_klass(dim_in))),
-                        Downsample(dim_in, dim_out)
-                        if not is_last
-                        else nn.Conv2d(dim_in, dim_out, 3, padding=1),
-                    ]
-                )
-            )
-
-        mid_dim = dims[-1]
-        self.mid_block1 = block_klass(mid_dim, mid_dim, time_emb_dim=time_dim)
-        self.mid_attn = Residual(
-            PreNorm(mid_dim, Attention(mid_dim, config.attn_heads, config.attn_dim_head))
-        )
-        self.mid_block2 = block_klass(mid_dim, mid_dim, time_emb_dim=time_dim)
-
-        for ind, (dim_in, dim_out) in enumerate(reversed(in_out)):
-            is_last = ind == (len(in_out) - 1)
-            self.ups.append(
-                nn.ModuleList(
-                    [
-                        block_klass(dim_out + dim_in, dim_out, time_emb_dim=time_dim),
-                        block_klass(dim_out + dim_in, dim_out, time_emb_dim=time_dim),
-                        Residual(PreNorm(dim_out, attn_klass(dim_out))),
-                        Upsample(dim_out, dim_in)
-                        if not is_last
-                        else nn.Conv2d(dim_out, dim_in, 3, padding=1),
-                    ]
-                )
-            )
-
-        self.out_dim = config.output_channels
-        self.final_res_block = block_klass(dim * 2, dim, time_emb_dim=time_dim)
-        self.final_conv = nn.Conv2d(dim, self.out_dim, 1)
-
-    def time_conditioning(self, time: torch.Tensor) -> dict[str, torch.Tensor]:
-        """{ResnetBlock name: its ``mlp(time_mlp(time))`` [n, 2 * dim_out]} (scale, then shift),
-        float32, in module order."""
-        t = self.time_mlp(time)
-        return {
-            name: m.mlp(t).float()
-            for name, m in self.named_modules()
-            if isinstance(m, ResnetBlock) and m.mlp is not None
-        }
-
-    def forward(self, x, time, x_self_cond=None):
-        return self.forward_conditioned(x, self.time_conditioning(time), x_self_cond)
-
-    def forward_conditioned(self, x, cond: dict[str, torch.Tensor], x_self_cond=None):
-        """The forward given ``cond = time_conditioning(time)``."""
-        if self.self_condition:
-            x_self_cond = default(x_self_cond, lambda: torch.zeros_like(x))
-            x = torch.cat((x_self_cond, x), dim=1)
-
-        x = self.init_conv(x)
-        r = x.clone()
-        h = []
-
-        for i, (block1, block2, attn, downsample) in enumerate(self.downs):
-            x = block1(x, cond[f"downs.{i}.0"])
-            h.append(x)
-            x = block2(x, cond[f"downs.{i}.1"])
-            x = attn(x)
-            h.append(x)
-            x = downsample(x)
-
-        x = self.mid_block1(x, cond["mid_block1"])
-        x = self.mid_attn(x)
-        x = self.mid_block2(x, cond["mid_block2"])
-
-        for i, (block1, block2, attn, upsample) in enumerate(self.ups):
-            x = torch.cat((x, h.pop()), dim=1)
-            x = block1(x, cond[f"ups.{i}.0"])
-            x = torch.cat((x, h.pop()), dim=1)
-            x = block2(x, cond[f"ups.{i}.1"])
-            x = attn(x)
-            x = upsample(x)
-
-        x = torch.cat((x, r), dim=1)
-        x = self.final_res_block(x, cond["final_res_block"])
-        return self.final_conv(x)
 
 
 # the family contract (see ddpm_fast.models)
@@ -512,44 +284,9 @@ def infer_config(state_dict: dict[str, torch.Tensor], **options) -> UnetConfig:
     features compute the same function, so both read as ``learned_sinusoidal_cond``.
     """
 
-    def shape(key: str) -> tuple[int, ...]:
-        if key not in state_dict:
-            raise CheckpointError(f"missing key {key!r}: this is not a {FAMILY} Unet state_dict")
-        return tuple(state_dict[key].shape)
-
-    time_dim, fourier_dim = shape("time_mlp.1.weight")
-    dim = time_dim // 4
-    learned = "time_mlp.0.weights" in state_dict
-    init_dim, in_channels = shape("init_conv.weight")[:2]
-    out_channels = shape("final_conv.weight")[0]
-
-    num_stages = len({int(m.group(1)) for k in state_dict if (m := re.match(r"downs\.(\d+)\.", k))})
-    if num_stages == 0:
-        raise CheckpointError(f"no 'downs.*' keys: this is not a {FAMILY} Unet state_dict")
-    widths = [init_dim]
-    for i in range(num_stages):
-        key = (
-            f"downs.{i}.3.1.weight"
-            if f"downs.{i}.3.1.weight" in state_dict
-            else f"downs.{i}.3.weight"
-        )
-        widths.append(shape(key)[0])
-    if any(w % dim for w in widths[1:]):
-        raise CheckpointError(f"stage widths {widths[1:]} are not multiples of dim={dim}")
-    dim_mults = tuple(w // dim for w in widths[1:])
-    hidden = shape("downs.0.2.fn.fn.to_qkv.weight")[0] // 3
-
-    channels = options.pop("channels", None)
-    self_condition = options.pop("self_condition", None)
-    learned_variance = options.pop("learned_variance", None)
-    if channels is None:
-        if self_condition is None:
-            self_condition = in_channels == 2 * out_channels
-        channels = in_channels // 2 if self_condition else in_channels
-    if self_condition is None:
-        self_condition = in_channels == 2 * channels
-    if learned_variance is None:
-        learned_variance = out_channels == 2 * channels
+    shapes = common.read_shapes(state_dict, FAMILY)
+    hidden = shapes.shape("downs.0.2.fn.fn.to_qkv.weight")[0] // 3
+    channels = common.read_channels(options, shapes)
     heads = check_int("attn_heads", options.pop("attn_heads", UnetConfig.attn_heads), minimum=1)
     if hidden % heads:
         raise CheckpointError(
@@ -557,18 +294,10 @@ def infer_config(state_dict: dict[str, torch.Tensor], **options) -> UnetConfig:
             f"attn_heads={heads}"
         )
     config = UnetConfig(
-        dim=dim,
-        init_dim=init_dim if init_dim != dim else None,
-        dim_mults=dim_mults,
-        channels=channels,
-        self_condition=self_condition,
-        learned_variance=learned_variance,
-        learned_sinusoidal_cond=learned,
-        learned_sinusoidal_dim=fourier_dim - 1 if learned else 16,
+        **shapes.config_fields(),
+        **channels,
         attn_heads=heads,
         attn_dim_head=hidden // heads,
         **options,
     )
-    if config.output_channels != out_channels:
-        config.out_dim = out_channels
-    return config
+    return common.with_out_channels(config, shapes)

@@ -11,6 +11,12 @@ ddpm_fast.models for the contract):
   Runtime runs faster in another form (the engine's CPU step file is traced from it), and with
   it ``onnx_time_rows(reference, conditioning) -> conditioning`` where those blocks read their
   time rows in another form.
+
+A family's ONNX Runtime form is its own file beside its mapping, ``<family>_onnx.py`` (the
+CUDA-side fast modules and the ONNX Runtime forms of the same blocks are different code, read and
+changed apart); the mapping names the two functions from it (one import line), so that
+``mapping(family)`` is the one place the engine and the CPU executor ask. What several mappings
+share is in :mod:`ddpm_fast.engine.modules`, never imported from another family's file.
 """
 
 from __future__ import annotations
