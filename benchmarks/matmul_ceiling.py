@@ -8,6 +8,12 @@ Prints each process's GFLOP/s (median of 7 rounds) and the sum: the machine's pr
 peak, to set a step's FLOPs (``ddpm_fast.flops``) against. A single well-shaped op may come near
 it (or, in another library, a little above); a whole step of small ops, norms and softmaxes
 stays well below.
+
+Not ``ddpm_fast.bench``'s ``torch_matmul_ceiling``: that one times torch's matmul, in each dtype
+the bench runs, on a GPU as on a CPU, in the bench's own process with all of torch's threads, as
+the denominator of its GFLOP/s column. This script times the CPU libraries the engine's CPU
+executor rests on, one thread per process as its batch split runs them; the two figures differ
+by design.
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ def rate(run, size: int) -> float:
     return statistics.median(rounds)
 
 
-def measure(size: int) -> tuple[float, float]:
+def blas_and_mlas_rates(size: int) -> tuple[float, float]:
     """(NumPy, ONNX Runtime) GFLOP/s on one thread."""
     import numpy as np
     import onnxruntime as ort
@@ -61,7 +67,7 @@ def main() -> None:
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        print(*measure(args.size))
+        print(*blas_and_mlas_rates(args.size))
         return
     env = {
         **os.environ,

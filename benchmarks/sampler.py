@@ -6,7 +6,7 @@ side by side in one process, written as markdown and JSON.
     python benchmarks/sampler.py --device cuda --batch 1 64 --steps 1000 --dtype fp32 bf16 \\
         --backends reference compile-reduce-overhead compile-max-autotune engine
 
-See ``ddpm_fast/bench.py`` for what is measured and how.
+See ``ddpm_fast/bench/`` (its ``__init__``) for what is measured and how.
 """
 
 import argparse

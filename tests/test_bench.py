@@ -13,6 +13,8 @@ import pytest
 import torch
 
 from ddpm_fast import bench
+from ddpm_fast.bench import cli, diffusers_backend, measure, models
+from ddpm_fast.bench import report as reporting
 from ddpm_fast.errors import ConfigError
 from ddpm_fast.schedule import ScheduleConfig
 
@@ -81,7 +83,7 @@ def test_the_headline_cells_come_first():
     args = parser.parse_args(
         ["--batch", "1", "64", "--dtype", "bf16", "fp32", "--backends", *backends]
     )
-    order = bench.cells(args)
+    order = cli.cells(args)
     assert order[:6] == [
         (1, "bf16", "engine"),  # the headline first
         (1, "bf16", "engine-eager"),
@@ -113,11 +115,12 @@ def test_each_cell_is_saved_and_fp32_runs_without_tf32(tmp_path, monkeypatch):
     def recording(name, pipeline, dtype, device, workdir, threads=None):
         return Recorder(make(name, pipeline, dtype, device, workdir, threads), seen, name, dtype)
 
-    monkeypatch.setattr(bench, "make_backend", recording)
-    monkeypatch.setattr(bench, "matmul_ceiling", lambda *a: 1e9)  # a bf16 4096^3 is slow on CPUs
+    monkeypatch.setattr(cli, "make_backend", recording)
+    # a bf16 4096^3 is slow on CPUs
+    monkeypatch.setattr(cli, "torch_matmul_ceiling", lambda *a: 1e9)
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)  # PyTorch's default
     args = bench_args(tmp_path, batch=[1], dtype=["bf16", "fp32"], repeats=1, steps=1)
-    report = bench.run(args, save=lambda r: saved.append(len(r["results"])))
+    report = cli.run(args, save=lambda r: saved.append(len(r["results"])))
     assert saved == [1, 2, 3]  # one save per cell
     assert [(r["backend"], r["dtype"]) for r in report["results"]] == [
         ("engine", "bf16"),
@@ -143,7 +146,7 @@ def test_counting_flops_leaves_the_network_where_it_is():
     pipeline = bench.model_pipeline("default")
     network = pipeline.network
     before = [(p.device, p.data_ptr()) for p in network.parameters()]
-    floor = bench.network_floor(pipeline, 3)
+    floor = measure.network_floor(pipeline, 3)
     assert [(p.device, p.data_ptr()) for p in network.parameters()] == before
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         network(torch.zeros(3, *pipeline.image_shape()), torch.zeros(3, dtype=torch.long))
@@ -162,12 +165,12 @@ def test_the_cpu_report_has_peak_memory_and_the_thread_plan(report):
 def test_under_load_times_every_cell_again_beside_busy_processes(tmp_path, monkeypatch):
     started = []
 
-    class Busy(bench.BusyProcesses):  # counted, and short: the test is about the plumbing
+    class Busy(measure.BusyProcesses):  # counted, and short: the test is about the plumbing
         def __enter__(self):
             started.append(self.count)
             return super().__enter__()
 
-    monkeypatch.setattr(bench, "BusyProcesses", Busy)
+    monkeypatch.setattr(cli, "BusyProcesses", Busy)
     args = bench_args(tmp_path, batch=[2], backends=["engine"], repeats=1, under_load=1)
     markdown = bench.main(args).read_text()
     data = json.loads((tmp_path / "run.json").read_text())
@@ -178,17 +181,17 @@ def test_under_load_times_every_cell_again_beside_busy_processes(tmp_path, monke
 
 
 def test_busy_processes_spin_and_are_gone_after(tmp_path):
-    with bench.BusyProcesses(2) as busy:
+    with measure.BusyProcesses(2) as busy:
         assert all(p.poll() is None for p in busy.processes)
     assert all(p.poll() is not None for p in busy.processes)
 
 
 def test_a_second_report_of_the_day_does_not_overwrite_the_first(tmp_path):
-    assert bench.unused_name(tmp_path, "sampler-cpu-x") == "sampler-cpu-x"
+    assert reporting.unused_name(tmp_path, "sampler-cpu-x") == "sampler-cpu-x"
     (tmp_path / "sampler-cpu-x.md").write_text("first")
-    assert bench.unused_name(tmp_path, "sampler-cpu-x") == "sampler-cpu-x-2"
+    assert reporting.unused_name(tmp_path, "sampler-cpu-x") == "sampler-cpu-x-2"
     (tmp_path / "sampler-cpu-x-2.json").write_text("second")
-    assert bench.unused_name(tmp_path, "sampler-cpu-x") == "sampler-cpu-x-3"
+    assert reporting.unused_name(tmp_path, "sampler-cpu-x") == "sampler-cpu-x-3"
 
 
 def test_a_second_run_with_the_same_name_keeps_the_first(report):
@@ -200,9 +203,9 @@ def test_a_second_run_with_the_same_name_keeps_the_first(report):
 
 
 def test_peak_resident_memory_sees_an_allocation_freed_inside():
-    with bench.PeakResident(interval=0.001) as quiet:
+    with measure.PeakResident(interval=0.001) as quiet:
         pass
-    with bench.PeakResident(interval=0.001) as peak:
+    with measure.PeakResident(interval=0.001) as peak:
         # Fresh anonymous pages, touched: a malloc'd block (torch.ones) can reuse freed heap
         # pages that are still resident late in a long test session, and then RSS does not move.
         block = mmap.mmap(-1, 64 * 2**20)
@@ -326,15 +329,15 @@ def test_the_diffusers_backend_is_for_diffusers_models_and_their_schedules(tmp_p
     pipeline = bench.model_pipeline("ddpm-cifar10")
     pipeline.diffusion.schedule = ScheduleConfig("sigmoid", 1000)  # not one of diffusers'
     with pytest.raises(ConfigError, match="needs a diffusers beta schedule"):
-        bench.ddpm_scheduler_config(pipeline.diffusion)
+        diffusers_backend.ddpm_scheduler_config(pipeline.diffusion)
 
 
 def test_the_scheduler_config_is_google_s():
     pipeline = bench.model_pipeline("ddpm-cifar10")
-    config = bench.ddpm_scheduler_config(pipeline.diffusion)
+    config = diffusers_backend.ddpm_scheduler_config(pipeline.diffusion)
     for key in ("beta_start", "beta_end", "beta_schedule", "num_train_timesteps", "clip_sample",
                 "variance_type"):  # fmt: skip
-        assert config[key] == bench.DDPM_CIFAR10_SCHEDULER[key], key
+        assert config[key] == models.DDPM_CIFAR10_SCHEDULER[key], key
     assert config["prediction_type"] == "epsilon"
 
 
@@ -343,7 +346,7 @@ def test_diffusers_unet_holds_the_same_weights_and_computes_the_same_forward():
     UNet2DModel built by the backend and of the reference within 1e-5."""
     pytest.importorskip("diffusers")
     pipeline = bench.model_pipeline("ddpm-cifar10")
-    backend = bench.DiffusersBackend(pipeline, "cpu")
+    backend = diffusers_backend.DiffusersBackend(pipeline, "cpu")
     unet = backend.pipeline.unet
     assert unet.dtype == torch.float32 and unet.config.sample_size == 32
     generator = torch.Generator().manual_seed(3)
@@ -367,7 +370,7 @@ def test_the_diffusers_backend_is_timed_like_the_others(tmp_path):
     (r,) = [r for r in data["results"] if r["backend"] == "diffusers"]
     assert r["dtype"] == "fp32" and r["batch"] == 2 and r["ms_per_step"] > 0
     assert r["vs_reference"] > 0 and "PyTorch threads" in r["threads"]
-    images = bench.DiffusersBackend(bench.model_pipeline("ddpm-cifar10"), "cpu").sample(
+    images = diffusers_backend.DiffusersBackend(bench.model_pipeline("ddpm-cifar10"), "cpu").sample(
         3, batch_size=3, steps=2, seed=0, device="cpu"
     )
     assert images.shape == (3, 3, 32, 32) and images.min() >= 0 and images.max() <= 1

@@ -1,0 +1,86 @@
+"""The bench's backends: each a way to sample a whole chain, with the Pipeline's ``sample``.
+
+"Backend" here means a bench backend (a row of the report: reference, torch.compile, the engine,
+ONNX Runtime, diffusers), not the kernels' dispatch (``backend="triton"``), ``Pipeline.backend``
+or torch.distributed's process-group backend. diffusers' DDPMPipeline is in ``diffusers_backend``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..engine import Engine
+from ..pipeline import Pipeline
+from .diffusers_backend import DiffusersBackend
+
+BACKENDS = (
+    "reference",
+    "compile",
+    "compile-reduce-overhead",
+    "compile-max-autotune",
+    "engine",
+    "engine-eager",
+    "engine-torch",
+    "onnxruntime",
+    "diffusers",
+)
+
+
+class OnnxBackend:
+    """``sample`` through an exported ``step`` file and ``OnnxSampler`` (CPU provider on the
+    CPU), exported once per chain length into ``workdir``."""
+
+    def __init__(self, pipeline: Pipeline, device: str, workdir: Path):
+        self.pipeline, self.device, self.workdir = pipeline, device, workdir
+        self.samplers = {}
+
+    def sample(self, num, *, batch_size, steps, seed, device, sampler="ddpm"):
+        from ..export import OnnxSampler, export_onnx
+
+        if (sampler, steps) not in self.samplers:
+            path = self.workdir / f"step-{sampler}-{steps}.onnx"
+            export_onnx(
+                self.pipeline, path, what="step", sampler=sampler, steps=steps, verify=False
+            )
+            providers = ["CPUExecutionProvider"] if device == "cpu" else None
+            self.samplers[sampler, steps] = OnnxSampler(path, providers=providers)
+        return self.samplers[sampler, steps].sample(num, batch_size=batch_size, seed=seed)
+
+
+def make_backend(
+    name: str,
+    pipeline: Pipeline,
+    dtype: str,
+    device: str,
+    workdir: Path,
+    threads: int | None = None,
+):
+    """An object with the Pipeline's ``sample`` for the backend ``name``."""
+    if name == "reference":
+        return pipeline
+    if name.startswith("compile"):
+        mode = name.removeprefix("compile").removeprefix("-") or None
+        return Pipeline(torch.compile(pipeline.network, mode=mode), pipeline.diffusion)
+    if name.startswith("engine"):
+        graphs = False if name == "engine-eager" else None
+        executor = "torch" if name == "engine-torch" else None
+        return Engine(
+            pipeline, dtype=dtype, cuda_graph=graphs, threads=threads, cpu_executor=executor
+        )
+    if name == "onnxruntime":
+        return OnnxBackend(pipeline, device, workdir)
+    if name == "diffusers":
+        return DiffusersBackend(pipeline, device)
+    raise ValueError(f"unknown backend {name!r}; known: {', '.join(BACKENDS)}")
+
+
+def thread_plan(sampler, batch: int, pipeline: Pipeline) -> str:
+    """How a CPU backend used the cores."""
+    if isinstance(sampler, Engine):
+        plan = sampler.thread_plan((batch, *pipeline.image_shape())).describe()
+        return f"{sampler.executor()[0]}: {plan}"
+    if isinstance(sampler, OnnxBackend):
+        return "ONNX Runtime's own thread pool (its defaults)"
+    return f"{torch.get_num_threads()} PyTorch threads"

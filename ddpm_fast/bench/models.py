@@ -1,0 +1,95 @@
+"""The bench's model zoo: named configurations with seeded random weights (time does not depend
+on them), the embedded default model, or a checkpoint.
+
+The seed's CIFAR-10 U-Net (denoising-diffusion-pytorch 1.x, dim 64, dim_mults 1, 2, 4, 8: 35.7M
+parameters) at 32 x 32, 64 x 64 and 128 x 128; ``ddpm-cifar10``, the DDPM paper's CIFAR-10 network
+as diffusers' UNet2DModel (google/ddpm-cifar10-32's config and scheduler, 35.7M parameters);
+``dd2-cifar10``, a denoising-diffusion-pytorch 2.x Unet of the same widths.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from .. import load
+from ..models import dd_pytorch_v1, dd_pytorch_v2, diffusers_unet2d
+from ..pipeline import DiffusionConfig, Pipeline
+
+# google/ddpm-cifar10-32 (the DDPM paper's CIFAR-10 model as diffusers converted it): its unet's
+# config.json and its scheduler_config.json, less bookkeeping fields.
+DDPM_CIFAR10_UNET = {
+    "_class_name": "UNet2DModel",
+    "sample_size": 32,
+    "in_channels": 3,
+    "out_channels": 3,
+    "act_fn": "silu",
+    "attention_head_dim": None,
+    "block_out_channels": [128, 256, 256, 256],
+    "center_input_sample": False,
+    "down_block_types": ["DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"],
+    "up_block_types": ["UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"],
+    "downsample_padding": 0,
+    "flip_sin_to_cos": False,
+    "freq_shift": 1,
+    "layers_per_block": 2,
+    "mid_block_scale_factor": 1,
+    "norm_eps": 1e-06,
+    "norm_num_groups": 32,
+    "time_embedding_type": "positional",
+}
+DDPM_CIFAR10_SCHEDULER = {
+    "_class_name": "DDPMScheduler",
+    "beta_end": 0.02,
+    "beta_schedule": "linear",
+    "beta_start": 0.0001,
+    "clip_sample": True,
+    "num_train_timesteps": 1000,
+    "trained_betas": None,
+    "variance_type": "fixed_large",
+}
+
+
+def _dd1_cifar10(size: int) -> Pipeline:
+    network = dd_pytorch_v1.Unet(dd_pytorch_v1.UnetConfig(dim=64, dim_mults=(1, 2, 4, 8)))
+    return Pipeline(network, DiffusionConfig(image_size=size), source=f"cifar10 ({size} px)")
+
+
+def _ddpm_cifar10() -> Pipeline:
+    from ..diffusers_folder import schedule_from_scheduler
+
+    config = diffusers_unet2d.UnetConfig.from_diffusers(DDPM_CIFAR10_UNET)
+    diffusion, _ = schedule_from_scheduler("ddpm-cifar10", DDPM_CIFAR10_SCHEDULER)
+    diffusion = dataclasses.replace(diffusion, image_size=DDPM_CIFAR10_UNET["sample_size"])
+    source = "ddpm-cifar10 (google/ddpm-cifar10-32's architecture, random weights)"
+    return Pipeline(diffusers_unet2d.Unet(config), diffusion, source=source)
+
+
+def _dd2_cifar10() -> Pipeline:
+    # Unet(dim=64, dim_mults=(1, 2, 4, 8), flash_attn=False): full attention at the last stage
+    # (2.x's default); GaussianDiffusion's defaults (sigmoid schedule, pred_v) at 32 px.
+    network = dd_pytorch_v2.Unet(dd_pytorch_v2.UnetConfig(dim=64, dim_mults=(1, 2, 4, 8)))
+    return Pipeline(network, DiffusionConfig(image_size=32), source="dd2-cifar10 (32 px)")
+
+
+# name -> (what it is, its pipeline). Weights are random (seed 0): time does not depend on them.
+MODELS = {
+    "cifar10": ("the seed's 1.x CIFAR-10 U-Net, 32 px", lambda: _dd1_cifar10(32)),
+    "cifar10-64": ("the same at 64 px", lambda: _dd1_cifar10(64)),
+    "cifar10-128": ("the same at 128 px", lambda: _dd1_cifar10(128)),
+    "ddpm-cifar10": ("google/ddpm-cifar10-32's UNet2DModel and scheduler", _ddpm_cifar10),
+    "dd2-cifar10": ("a denoising-diffusion-pytorch 2.x Unet, dim 64, 32 px", _dd2_cifar10),
+}
+
+
+def model_pipeline(model: str) -> Pipeline:
+    """A named configuration of ``MODELS`` (random weights, seed 0, the same every call),
+    "default" (the embedded model) or a checkpoint path."""
+    if model == "default":
+        return load()
+    if model in MODELS:
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            return MODELS[model][1]()
+    return load(model)
