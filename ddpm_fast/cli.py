@@ -139,8 +139,8 @@ def _threads_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--cpu-executor",
         choices=CPU_EXECUTORS,
-        help="what runs the engine's fp32 step on the CPU: onnxruntime (the engine's step "
-        "exported once into the cache folder) or torch; auto: onnxruntime where installed "
+        help="what runs the engine's fp32 step on the CPU: onnxruntime (the engine's executor "
+        "file, exported once into the cache folder) or torch; auto: onnxruntime where installed "
         "(default: $DDPM_FAST_CPU_EXECUTOR, else auto)",
     )
 
@@ -568,7 +568,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="ddpm-fast: %(message)s")
-    # The engine says so when it exports its CPU step file (seconds, once per model).
+    # The engine says so when it exports its CPU executor file (seconds, once per model).
     logging.getLogger("ddpm_fast.engine").setLevel(logging.INFO)
     args = parse_arguments(argv)
     try:

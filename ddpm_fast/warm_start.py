@@ -1,19 +1,19 @@
 """The CLI's warm start: ``ddpm-fast sample`` run again with the same model and chain, without
 importing torch.
 
-On the CPU an fp32 chain runs on ONNX Runtime: the engine's step file, exported once into the
+On the CPU an fp32 chain runs on ONNX Runtime: the engine's executor file, exported once into the
 cache, fed each step's rows of the chain's tables (``engine.table_chain``). Everything the
 chain needs beside the file is small: those tables, computed with torch from the network, and
 what the output records of the run. So a ``sample`` that ran that way records them
 (``record``), and the next ``sample`` with the same key finds the record before importing
-torch (``WarmStart.find``: importing torch is 1.5 to 2.5 s of the ~3 s start-up of the default
-model on a 2-core machine) and runs the same loop (``TableChain``), noise, sessions and thread
-plans as the engine, with NumPy: the same bits, from start-up in a few tenths of a second.
+torch (``WarmStart.find``: importing torch is most of the default model's start-up) and runs
+the same loop (``TableChain``), noise, sessions and thread plans as the engine, with NumPy: the
+same bits.
 
 The key is everything a record's content depends on: the checkpoint file's sha256 (the
 embedded default's asset), every ``sample`` option but those the warm start applies itself
 (number, seed, batch size, threads, output), the executor environment variable, ddpm-fast's
-source digest and torch's version (which computed the tables). A record whose step file has left
+source digest and torch's version (which computed the tables). A record whose executor file has left
 the cache, or that does not read, is not used: the full path runs and records again. Records
 are written atomically. ``DDPM_FAST_WARM_START=0`` turns warm starts off.
 """
@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .engine.table_chain import ChainTables, TableChain, open_session
+from .engine.table_chain import ChainTables, TableChain, executor_session
 from .engine.threads import MAX_THREADS, plan_threads, run_planned
 from .errors import NonFiniteError
 from .export.philox import keyed_noise
@@ -46,9 +46,9 @@ from .version import source_digest
 log = logging.getLogger("ddpm_fast.warm_start")
 
 ENV = "DDPM_FAST_WARM_START"
-FORMAT = "warm-start-1"  # bump when a record's content or meaning changes
+FORMAT = "warm-start-2"  # bump when a record's content or meaning changes
 FOLDER = "warm-starts"
-MAX_RECORDS = 16  # the most recently used are kept (the default model's record is 4 MB)
+MAX_RECORDS = 16  # the most recently used are kept
 # sample's options that the warm start applies itself, or that name the output: not in the key.
 APPLIED = ("num", "seed", "batch_size", "threads", "out", "keep_shards", "run", "command")
 
@@ -102,19 +102,19 @@ def _paths(key: str) -> tuple[Path, Path]:
 
 def record(key: str, engine, spec, run: dict) -> None:
     """After a ``sample`` on the CPU: keep what a warm start of ``key`` needs, where its chain
-    (``spec``) ran on ONNX Runtime from a step file in the cache. ``run``: what the output
+    (``spec``) ran on ONNX Runtime from an executor file in the cache. ``run``: what the output
     recorded, but the seed. Best effort: a cache that cannot be written only logs."""
     chain = engine.ort_chain(spec)
     if chain is None:
         return
     shape = list(engine.image_shape())
-    step_file = chain.step_file(tuple(shape[1:]))
-    if cache_dir().resolve() not in step_file.resolve().parents:
+    executor_file = chain.executor_file(tuple(shape[1:]))
+    if cache_dir().resolve() not in executor_file.resolve().parents:
         return  # exported into a private folder (the cache is not writable): gone at exit
     meta, tables = _paths(key)
     entry = {
         "format": FORMAT,
-        "step_file": str(step_file),
+        "executor_file": str(executor_file),
         "image_shape": shape,
         "auto_normalize": engine.diffusion.auto_normalize,
         "run": run,
@@ -138,7 +138,7 @@ class WarmStart:
     """A recorded chain, run as the engine would run it (its thread plans, ``TableChain``)."""
 
     def __init__(self, entry: dict, tables: ChainTables):
-        self.step_file = Path(entry["step_file"])
+        self.executor_file = Path(entry["executor_file"])
         self.image_shape = tuple(entry["image_shape"])
         self.auto_normalize = bool(entry["auto_normalize"])
         self.run_identity = entry["run"]
@@ -155,7 +155,7 @@ class WarmStart:
         meta, tables = _paths(key)
         try:
             entry = json.loads(meta.read_text())
-            if entry.get("format") != FORMAT or not Path(entry["step_file"]).is_file():
+            if entry.get("format") != FORMAT or not Path(entry["executor_file"]).is_file():
                 return None
             found = cls(entry, ChainTables.load(tables))
         except FileNotFoundError:
@@ -164,14 +164,14 @@ class WarmStart:
             log.info("ignoring the warm start record %s: %s", meta, error)
             return None
         mark_used(meta)
-        mark_used(found.step_file)  # the engine's file, which its cache prunes too
+        mark_used(found.executor_file)  # the engine's file, which its cache prunes too
         return found
 
     def _session(self, shape: tuple[int, ...], threads: int):
         key = (shape[0], threads)
         with self._lock:
             if key not in self._sessions:
-                self._sessions[key] = open_session(self.step_file, threads, shape[0])
+                self._sessions[key] = executor_session(self.executor_file, threads, shape[0])
             return self._sessions[key]
 
     def _run(self, x: np.ndarray, seed: int, indices: range, threads, on_step) -> np.ndarray:

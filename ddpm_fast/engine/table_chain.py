@@ -1,6 +1,6 @@
-"""A chain of the engine's ONNX Runtime step file, run with NumPy: no torch.
+"""A chain of the engine's ONNX Runtime executor file, run with NumPy: no torch.
 
-The step file (``engine.onnx_executor``) takes each step's time row and coefficient row as
+The executor file (``engine.onnx_executor``) takes each step's time row and coefficient row as
 inputs, so a chain is the file plus its tables (``ChainTables``). ``TableChain`` runs it: the
 engine's CPU chains (``OrtChain`` builds the tables with torch, then runs here) and the CLI's
 warm start (``ddpm_fast.warm_start``, which loads the tables from its cache and never imports
@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..export.onnx_sampler import CPU, open_session
 from ..export.philox import step_noise
 from . import winograd
 
@@ -24,7 +25,7 @@ INPUTS = ("x_t", "time_row", "coef_row", "adds_noise", "noise")  # then x0_prev,
 
 
 def input_names(carries_x0_prev: bool, self_condition: bool) -> list[str]:
-    """The step file's inputs, in order."""
+    """The executor file's inputs, in order."""
     names = list(INPUTS)
     if carries_x0_prev:
         names.append("x0_prev")
@@ -35,7 +36,7 @@ def input_names(carries_x0_prev: bool, self_condition: bool) -> list[str]:
 
 @dataclass
 class ChainTables:
-    """One chain's rows, as the step file reads them: ``time_rows`` [steps, D] float32 (every
+    """One chain's rows, as the executor file reads them: ``time_rows`` [steps, D] float32 (every
     block's time projection), ``coeffs`` [steps, len(samplers.ROW)] float32, ``noise_on``
     [steps] bool (which steps add noise), and which of the optional inputs it feeds."""
 
@@ -80,28 +81,17 @@ class ChainTables:
         return tables
 
 
-def open_session(path: Path, threads: int, batch: int, *, direct: bool = False):
-    """A CPU session of a step file on ``threads`` intra-op threads, its batch axis fixed to
-    ``batch`` (ONNX Runtime then folds the graph's shape arithmetic away: a sixth of the digits
-    model's step at batch 1); from the file's Winograd form where the batch is large enough for
-    it (``winograd.session_file``), unless ``direct``."""
-    import onnxruntime as ort
-
-    if not direct:
-        path = winograd.session_file(path, batch)
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.add_free_dimension_override_by_name("batch", batch)
-    options.log_severity_level = 3
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+def executor_session(path: Path, threads: int, batch: int):
+    """A CPU session of the executor file ``path`` on ``threads`` intra-op threads, its batch
+    axis fixed to ``batch``; from the file's Winograd form where the batch is large enough for it
+    (``winograd.session_file``)."""
+    return open_session(winograd.session_file(path, batch), [CPU], threads=threads, batch=batch)
 
 
 class TableChain:
     """``tables`` run on the sessions that ``session(shape, threads)`` gives (one per input shape
     and thread count). ``invariant``: where the answers of ``thread_invariant`` are kept (the
-    owner's, per step file)."""
+    owner's, per executor file)."""
 
     def __init__(
         self,
