@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 from . import load
 from .errors import ConfigError, DdpmFastError
+from .machine import StaleEntry
 from .options import (
     BETA_SCHEDULES,
     CPU_EXECUTORS,
@@ -198,9 +199,12 @@ def cmd_sample(args: argparse.Namespace) -> int:
     key = warm_key(args)
     warm = WarmStart.find(key)
     if warm is not None:  # the same model and chain ran before: no torch needed
-        warm.sample_to(output, args, say=_say)
-        print(f"wrote {args.num} images to {output.path}")
-        return 0
+        try:
+            warm.sample_to(output, args, say=_say)
+            print(f"wrote {args.num} images to {output.path}")
+            return 0
+        except StaleEntry as why:  # its executor file changed since find(): the full path
+            _say(f"{why}; running the full path")  # resumes what the warm start wrote
     from . import distributed
     from .engine import Engine
 

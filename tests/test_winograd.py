@@ -18,7 +18,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from ddpm_fast.engine import Engine, winograd
 from ddpm_fast.engine import onnx_executor as ox
-from ddpm_fast.engine.table_chain import executor_session
+from ddpm_fast.engine.table_chain import SEAL_SUFFIX, executor_session, write_seal
 
 from .families import random_pipeline
 
@@ -170,17 +170,20 @@ def test_the_rule_chooses_without_a_given_one(tmp_path, monkeypatch):
 
 def test_sessions_open_the_winograd_form_from_the_batch_it_pays_at(tmp_path, monkeypatch):
     source = tmp_path / "executor-k.onnx"
+    form = winograd.variant_path(source)
     onnx.save(conv_model(8, 8, 4), str(source))
-    assert winograd.session_file(source, 8) == source  # no variant: the file itself
-    monkeypatch.setattr(winograd, "worth_it", ALWAYS)
-    winograd.write_variant(source, winograd.variant_path(source))
-    assert winograd.session_file(source, winograd.MIN_BATCH - 1) == source
-    assert winograd.session_file(source, winograd.MIN_BATCH) == winograd.variant_path(source)
+    write_seal(source, "k", (4, 4), ["x"])
     opened = []
-    monkeypatch.setattr(ort, "InferenceSession", lambda path, *a, **k: opened.append(path))
-    executor_session(source, 1, 1)
-    executor_session(source, 1, winograd.MIN_BATCH)
-    assert opened == [str(source), str(winograd.variant_path(source))]
+    monkeypatch.setattr(ort, "InferenceSession", lambda content, *a, **k: opened.append(content))
+    executor_session(source, "k", 1, 8)  # no form: the file itself
+    monkeypatch.setattr(winograd, "worth_it", ALWAYS)
+    winograd.write_variant(source, form)
+    executor_session(source, "k", 1, 8)  # a form the seal does not name: not opened
+    write_seal(source, "k", (4, 4), ["x"])
+    executor_session(source, "k", 1, winograd.MIN_BATCH - 1)
+    executor_session(source, "k", 1, winograd.MIN_BATCH)
+    direct, winograd_form = source.read_bytes(), form.read_bytes()
+    assert opened == [direct, direct, direct, winograd_form]  # the bytes checked, given whole
 
 
 def eligible_convolutions(path) -> int:
@@ -236,7 +239,7 @@ def test_a_pruned_executor_file_takes_its_winograd_form_along(tmp_path, monkeypa
     (kept,) = cache.glob("*.onnx")
     assert kept != first
     assert sorted(p.name for p in cache.iterdir()) == sorted(
-        [kept.name, winograd.variant_path(kept).name]
+        [kept.name, winograd.variant_path(kept).name, kept.with_suffix(SEAL_SUFFIX).name]
     )
 
 

@@ -34,7 +34,6 @@ import os
 import shutil
 import tempfile
 import threading
-import warnings
 from collections import OrderedDict
 from pathlib import Path
 
@@ -43,8 +42,9 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
+from ..export.format import OnnxFileError
 from ..folding import fold_weights, time_conditioning
-from ..machine import cache_dir, mark_used, prune_cache
+from ..machine import StaleEntry, cache_dir, mark_used, prune_cache, writable_folder
 from ..models import family_of
 from ..options import CPU_EXECUTORS, EXECUTOR_ENV
 from ..samplers import ROW, SamplerSpec, StepTables
@@ -52,7 +52,16 @@ from ..version import __version__, source_digest
 from . import winograd
 from .coefficients import coefficient_table
 from .families import mapping
-from .table_chain import ChainTables, TableChain, executor_session, input_names
+from .table_chain import (
+    SEAL_SUFFIX,
+    ChainTables,
+    TableChain,
+    executor_session,
+    input_names,
+    read_seal,
+    seal_path,
+    write_seal,
+)
 
 log = logging.getLogger("ddpm_fast.engine")
 
@@ -155,9 +164,10 @@ def onnx_network(pipeline) -> nn.Module:
 
 
 def export_executor_file(
-    pipeline, spec: SamplerSpec, learned: bool, image_hw: tuple[int, int], path: Path
+    pipeline, spec: SamplerSpec, learned: bool, image_hw: tuple[int, int], path: Path, key: str
 ) -> None:
-    """Write the step graph for images of ``image_hw`` to ``path`` (atomically)."""
+    """Write the step graph for images of ``image_hw`` to ``path`` (atomically), its Winograd form
+    beside it, and last their seal for ``key`` (``table_chain.write_seal``)."""
     from ..export.exporter import StepUpdate, trace_to_onnx
 
     update = StepUpdate(pipeline, spec, learned, network=onnx_network(pipeline)).eval()
@@ -176,67 +186,97 @@ def export_executor_file(
     rows = ("time_row", "coef_row", "adds_noise")
     batched = [n for n in (*names, "x_prev", "x0") if n not in rows]
     path.parent.mkdir(parents=True, exist_ok=True)
+    seal_path(path).unlink(missing_ok=True)  # unsealed while its files change
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         outputs = ["x_prev", "x0"]
         trace_to_onnx(_TableStep(update), tuple(inputs), tmp, names, outputs, batched, OPSET)
-        # The Winograd form first: an executor file in place always has its companion, if any.
         winograd.write_variant(tmp, winograd.variant_path(path))
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+    write_seal(path, key, image_hw, names)
 
 
 class ExecutorSessions:
-    """An engine's executor files and their ONNX Runtime sessions, shared by all its chains: a chain
-    of another sampler or length reads the same file (its time and coefficient rows are inputs),
-    so it opens no session of its own (seconds for a large model) and holds no second packed
-    copy of the weights. A session is keyed by its file, thread count and batch
-    size; the ``MAX_SESSIONS`` most recently used are kept."""
+    """An engine's executor files and their ONNX Runtime sessions, shared by all its chains: a
+    chain of another sampler or length reads the same file (its time and coefficient rows are
+    inputs), so it opens no session of its own (seconds for a large model) and holds no second
+    packed copy of the weights. A session is keyed by its file, thread count and batch size; the
+    ``MAX_SESSIONS`` most recently used are kept. A file in the cache is used only where its seal
+    names its key and its bytes are the sealed ones (``table_chain.executor_session``); any other
+    is exported again, with one warning line."""
 
     def __init__(self, engine):
         self._engine = engine
         self._paths: dict[tuple, Path] = {}
+        self._keys: dict[Path, str] = {}  # each file's cache key, which its seal must name
         self._sessions: OrderedDict[tuple, object] = OrderedDict()  # least recently used first
         self.invariant: dict[tuple, dict] = {}  # TableChain.thread_invariant's, per file
         self._lock = threading.RLock()  # path() inside session(): both take it
 
     def path(self, spec: SamplerSpec, learned: bool, image_hw: tuple[int, int]) -> Path:
         """The executor file for chains like ``spec`` on images of ``image_hw``, exported if the
-        cache has none."""
+        cache has none, or none sealed for its key."""
         key = (image_hw, learned, spec.carries_x0_prev)
         with self._lock:
             if key not in self._paths:
                 self._paths[key] = self._export_or_find(spec, learned, image_hw)
             return self._paths[key]
 
+    def key(self, path: Path) -> str:
+        """The cache key that the executor file ``path`` (one of ``path``'s) is sealed for."""
+        return self._keys[path]
+
     def _export_or_find(self, spec: SamplerSpec, learned: bool, image_hw: tuple[int, int]) -> Path:
-        name = file_key(self._engine, image_hw, learned, spec.carries_x0_prev)
-        path = cache_dir() / EXECUTOR_FOLDER / f"executor-{name}.onnx"
-        if path.is_file():
-            mark_used(path)
-            return path
-        log.info("exporting the engine's CPU executor file to %s (once per model and size)", path)
+        key = file_key(self._engine, image_hw, learned, spec.carries_x0_prev)
+        path = cache_dir() / EXECUTOR_FOLDER / f"executor-{key}.onnx"
         try:
-            export_executor_file(self._engine, spec, learned, image_hw, path)
-            prune_cache(
-                path.parent,
-                "executor-*.onnx",
-                MAX_EXECUTOR_FILES,
-                (winograd.SUFFIX,),
-                MAX_EXECUTOR_BYTES,
-            )
-        except OSError as error:  # a cache folder that cannot be written
-            path = _private_folder() / path.name
-            warnings.warn(
-                f"cannot write the engine's executor file into {cache_dir()} "
-                f"({error.strerror or error}); exported for this process into "
-                f"{path.parent} (set DDPM_FAST_CACHE_DIR to keep it)",
-                RuntimeWarning,
-                stacklevel=4,
-            )
-            export_executor_file(self._engine, spec, learned, image_hw, path)
+            read_seal(path, key)  # the bytes are checked where a session reads them
+        except StaleEntry as why:
+            if path.exists() or seal_path(path).exists():
+                log.warning("%s; exporting it again", why)
+                path = self._export(spec, learned, image_hw, path, key)
+            else:
+                path = self._export(spec, learned, image_hw, path, key, say=True)
+        else:
+            mark_used(path)
+        self._keys[path] = key
         return path
+
+    def _export(
+        self, spec, learned: bool, image_hw: tuple[int, int], path: Path, key: str, say=False
+    ) -> Path:
+        """Export the file of ``key`` to ``path``, or where the cache cannot be written into a
+        folder of this process (one warning line); the path written."""
+        error = writable_folder(path.parent)
+        if error is None:
+            if say:
+                log.info(
+                    "exporting the engine's CPU executor file to %s (once per model and size)", path
+                )
+            try:
+                export_executor_file(self._engine, spec, learned, image_hw, path, key)
+                prune_cache(
+                    path.parent,
+                    "executor-*.onnx",
+                    MAX_EXECUTOR_FILES,
+                    (winograd.SUFFIX, SEAL_SUFFIX),
+                    MAX_EXECUTOR_BYTES,
+                )
+                return path
+            except OSError as failed:  # a disk that fills, a folder made read-only meanwhile
+                error = failed
+        private = _private_folder() / path.name
+        log.warning(
+            "cannot write the engine's executor file into %s (%s); exporting it for this "
+            "process into %s (set DDPM_FAST_CACHE_DIR to keep it)",
+            cache_dir(),
+            error.strerror or error,
+            private.parent,
+        )
+        export_executor_file(self._engine, spec, learned, image_hw, private, key)
+        return private
 
     def session(self, spec: SamplerSpec, learned: bool, shape: tuple[int, ...], threads: int):
         """The session with ``threads`` intra-op threads for inputs of ``shape``. The file's
@@ -245,18 +285,21 @@ class ExecutorSessions:
         image_hw, batch = tuple(shape[2:]), shape[0]
         with self._lock:  # the batch split's parts ask at once: one export, one session
             path = self.path(spec, learned, image_hw)
-            key = (path, threads, batch)
-            if key not in self._sessions:
+            if (path, threads, batch) not in self._sessions:
+                key = self.key(path)
                 try:
-                    self._sessions[key] = executor_session(path, threads, batch)
-                except Exception as error:  # a damaged cache entry: export it again, once
-                    log.warning("%s does not load (%s); exporting it again", path, error)
-                    export_executor_file(self._engine, spec, learned, image_hw, path)
-                    self._sessions[key] = executor_session(path, threads, batch)
+                    session = executor_session(path, key, threads, batch)
+                except (StaleEntry, OnnxFileError) as why:  # damaged or replaced: once more
+                    log.warning("%s; exporting it again", why)
+                    path = self._export(spec, learned, image_hw, path, key)
+                    self._paths[(image_hw, learned, spec.carries_x0_prev)] = path
+                    self._keys[path] = key
+                    session = executor_session(path, key, threads, batch)
+                self._sessions[(path, threads, batch)] = session
                 while len(self._sessions) > MAX_SESSIONS:
                     self._sessions.popitem(last=False)
-            self._sessions.move_to_end(key)
-            return self._sessions[key]
+            self._sessions.move_to_end((path, threads, batch))
+            return self._sessions[(path, threads, batch)]
 
 
 class OrtChain:

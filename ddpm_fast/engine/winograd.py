@@ -12,7 +12,8 @@ convolutions and of whole steps (benchmarks/winograd_step.py) are in benchmarks/
 
 So ``worth_it`` chooses by shape (a rule, never a timing: the same bits on every run), and the
 rewritten graph is a second file beside the executor file (``variant_path``), which sessions of
-``MIN_BATCH`` images or more open (``session_file``). It is written only where the chosen
+``MIN_BATCH`` images or more open (``table_chain.executor_bytes``, where the file's seal
+names a form). It is written only where the chosen
 convolutions hold ``MIN_SHARE`` of the file's convolution work or more: a model whose work is
 mostly on large images would gain nothing from a form and pay for a second large file. Both files
 are the same function: the transforms' coefficients are 0, +-1 and +-1/2, so fp32 stays close to
@@ -61,13 +62,6 @@ def worth_it(c_in: int, c_out: int, height: int, width: int) -> bool:
 def variant_path(path: Path) -> Path:
     """Where the Winograd form of the executor file ``path`` is kept."""
     return path.with_suffix(SUFFIX)
-
-
-def session_file(path: Path, batch: int) -> Path:
-    """The file a session of ``batch`` images opens: the Winograd form where there is one and
-    the batch is large enough for it."""
-    variant = variant_path(path)
-    return variant if batch >= MIN_BATCH and variant.is_file() else path
 
 
 def write_variant(source: Path, target: Path, worth: Worth | None = None) -> int:
