@@ -1,9 +1,10 @@
-"""The engine's CPU step with and without its Winograd convolutions, interleaved in one process.
+"""The engine's CPU executor file with and without its Winograd convolutions, interleaved in
+one process.
 
     python benchmarks/winograd_step.py cifar10 --batch 1 2 8 --rounds 7
     python benchmarks/winograd_step.py cifar10 --batch 2 8 --parts 2   # the split of 4 and 16
 
-Exports the engine's step file for the model (or finds it in the cache) with its Winograd form
+Exports the engine's executor file for the model (or finds it in the cache) with its Winograd form
 (``ddpm_fast.engine.winograd``), then times a session of each on one thread, as each part of the
 engine's batch split runs (``--parts``: that many side by side, as the split runs them),
 alternating round by round on the same inputs (the first step of a
@@ -22,7 +23,7 @@ import numpy as np
 
 from ddpm_fast.bench import model_pipeline
 from ddpm_fast.engine import Engine, winograd
-from ddpm_fast.engine.table_chain import open_session
+from ddpm_fast.export.onnx_sampler import CPU, open_session
 
 
 def step_feeds(chain, batch: int, image_shape) -> dict:
@@ -59,10 +60,10 @@ def main() -> None:
     args = parser.parse_args()
     pipeline = model_pipeline(args.model)
     engine = Engine(pipeline, cpu_executor="onnxruntime")
-    engine.sample(1, sampler="ddim", steps=2)  # exports the step file, if the cache has none
+    engine.sample(1, sampler="ddim", steps=2)  # exports the executor file, if the cache has none
     spec = engine.sampler_spec("ddim", 2)
     chain = engine.ort_chain(spec)
-    path = chain.step_file(tuple(pipeline.image_shape()[1:]))
+    path = chain.executor_file(tuple(pipeline.image_shape()[1:]))
     variant = winograd.variant_path(path)
     if not variant.is_file():
         print(f"{path.name}: no convolution of this model is worth the Winograd form")
@@ -73,8 +74,8 @@ def main() -> None:
     print("|---|---|---|---|---|")
     for batch in args.batch:
         forms = [
-            [open_session(path, 1, batch, direct=True) for _ in range(args.parts)],
-            [open_session(variant, 1, batch) for _ in range(args.parts)],
+            [open_session(path, [CPU], threads=1, batch=batch) for _ in range(args.parts)],
+            [open_session(variant, [CPU], threads=1, batch=batch) for _ in range(args.parts)],
         ]
         feeds = step_feeds(chain, batch, pipeline.image_shape())
         outputs = [form[0].run(None, feeds) for form in forms]

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 from . import load
 from .errors import ConfigError, DdpmFastError
+from .machine import StaleEntry
 from .options import (
     BETA_SCHEDULES,
     CPU_EXECUTORS,
@@ -139,8 +140,8 @@ def _threads_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--cpu-executor",
         choices=CPU_EXECUTORS,
-        help="what runs the engine's fp32 step on the CPU: onnxruntime (the engine's step "
-        "exported once into the cache folder) or torch; auto: onnxruntime where installed "
+        help="what runs the engine's fp32 step on the CPU: onnxruntime (the engine's executor "
+        "file, exported once into the cache folder) or torch; auto: onnxruntime where installed "
         "(default: $DDPM_FAST_CPU_EXECUTOR, else auto)",
     )
 
@@ -198,9 +199,12 @@ def cmd_sample(args: argparse.Namespace) -> int:
     key = warm_key(args)
     warm = WarmStart.find(key)
     if warm is not None:  # the same model and chain ran before: no torch needed
-        warm.sample_to(output, args, say=_say)
-        print(f"wrote {args.num} images to {output.path}")
-        return 0
+        try:
+            warm.sample_to(output, args, say=_say)
+            print(f"wrote {args.num} images to {output.path}")
+            return 0
+        except StaleEntry as why:  # its executor file changed since find(): the full path
+            _say(f"{why}; running the full path")  # resumes what the warm start wrote
     from . import distributed
     from .engine import Engine
 
@@ -568,7 +572,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="ddpm-fast: %(message)s")
-    # The engine says so when it exports its CPU step file (seconds, once per model).
+    # The engine says so when it exports its CPU executor file (seconds, once per model).
     logging.getLogger("ddpm_fast.engine").setLevel(logging.INFO)
     args = parse_arguments(argv)
     try:

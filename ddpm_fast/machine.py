@@ -1,11 +1,15 @@
-"""What machine this is, for results files and for keys of what was measured on it."""
+"""What machine this is, for results files and for keys of what was measured on it; where its
+cache folder is, and the checks that make a cache entry trusted only for the bytes it was made
+with."""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import platform
+import tempfile
 from pathlib import Path
 
 log = logging.getLogger("ddpm_fast.cache")
@@ -32,6 +36,51 @@ def cache_dir() -> Path:
         return Path(os.environ[CACHE_ENV])
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "ddpm-fast"
+
+
+class StaleEntry(Exception):
+    """A cache entry that is not verifiably the one its key names (missing, damaged, replaced or
+    made for another key): the message says which file and why, in one line."""
+
+
+def sha256_of(content: bytes) -> str:
+    """The SHA-256 of ``content``, as hex."""
+    return hashlib.sha256(content).hexdigest()
+
+
+def read_checked(path: Path, sha256: str) -> bytes:
+    """The bytes of ``path``, read once; StaleEntry unless their SHA-256 is ``sha256`` (so that
+    what was checked is what the caller uses)."""
+    try:
+        content = path.read_bytes()
+    except OSError as error:
+        raise StaleEntry(f"{path} does not read ({error.strerror or error})") from None
+    if sha256_of(content) != sha256:
+        raise StaleEntry(f"{path} is not the file its cache entry recorded ({len(content)} bytes)")
+    return content
+
+
+def write_atomically(path: Path, content: bytes) -> None:
+    """Write ``content`` to ``path`` through a temporary name, so no reader sees half of it."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_bytes(content)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def writable_folder(folder: Path) -> OSError | None:
+    """None where a file can be created in ``folder`` (made if missing), else the error: tried,
+    not guessed from permission bits, which do not stop root."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".probe-")
+    except OSError as error:
+        return error
+    os.close(fd)
+    os.unlink(probe)
+    return None
 
 
 def mark_used(path: Path) -> None:

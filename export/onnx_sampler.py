@@ -106,21 +106,38 @@ def _first_line(err: Exception) -> str:
     return text.splitlines()[0] if text else type(err).__name__
 
 
-def open_session(path: str | os.PathLike, providers: Sequence | None = None):
+def open_session(
+    path: str | os.PathLike,
+    providers: Sequence | None = None,
+    *,
+    threads: int | None = None,
+    batch: int | None = None,
+    content: bytes | None = None,
+):
     """An onnxruntime InferenceSession for ``path`` (quiet logs; providers as given, else
-    :func:`default_providers`); OnnxFileError for a file it cannot load."""
+    :func:`default_providers`); OnnxFileError for a file it cannot load. ``threads``: that many
+    intra-op threads and one inter-op (the engine's thread plans); ``batch``: the graph's
+    "batch" axis fixed to it, so ONNX Runtime folds the shape arithmetic away; ``content``: the
+    file's bytes, read (and checked) by the caller, which the session is made of (``path`` then
+    only names it)."""
     ort = _onnxruntime()
     path = Path(path)
-    if not path.is_file():
+    if content is None and not path.is_file():
         raise OnnxFileError(f"{path}: no such file" if not path.exists() else f"{path}: not a file")
     options = ort.SessionOptions()
     options.log_severity_level = SESSION_LOG_SEVERITY
+    if threads is not None:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    if batch is not None:
+        options.add_free_dimension_override_by_name("batch", batch)
     requested = list(providers) if providers is not None else default_providers()
     wanted = [p if isinstance(p, str) else p[0] for p in requested]
     if CUDA in wanted:
         _preload_cuda_libraries(ort)
     try:
-        session = ort.InferenceSession(str(path), options, providers=requested)
+        source = str(path) if content is None else content
+        session = ort.InferenceSession(source, options, providers=requested)
     except Exception as err:  # onnxruntime raises its own exception types
         if type(err).__name__ == "NotImplemented":
             raise  # an op without a kernel on these providers: the caller decides

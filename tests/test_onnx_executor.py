@@ -1,9 +1,10 @@
 """The engine's ONNX Runtime executor on the CPU (ddpm_fast.engine.onnx_executor): its chains are
-the reference's for every family and sampler, under every thread plan; its step file is cached
+the reference's for every family and sampler, under every thread plan; its executor file is cached
 safely; without onnxruntime the engine says so or falls back."""
 
 from __future__ import annotations
 
+import logging
 import os
 
 import pytest
@@ -36,7 +37,7 @@ def default_pipeline():
 def cache(tmp_path, monkeypatch):
     """A cache folder of this test only: each test sees its own exports."""
     monkeypatch.setenv("DDPM_FAST_CACHE_DIR", str(tmp_path / "cache"))
-    return tmp_path / "cache" / "onnx-steps"
+    return tmp_path / "cache" / "executor-files"
 
 
 @pytest.fixture
@@ -83,7 +84,7 @@ def assert_block(got: torch.Tensor, want: torch.Tensor) -> None:
 
 
 def test_the_onnx_form_of_each_block_is_the_reference_block():
-    """The blocks as the step file runs them, on random inputs (a mean that is not zero, gains
+    """The blocks as the executor file runs them, on random inputs (a mean that is not zero, gains
     that are not one), within fp32's per-op tolerance of the reference block: 1.x's and 2.x's
     attentions at two image sizes (2.x's with their memory slots, full and linear), both
     versions' norm blocks without time scale/shift."""
@@ -136,7 +137,7 @@ def test_the_onnx_form_is_the_reference_network(name):
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
 
 
-def test_a_one_x_step_file_holds_the_onnx_form(cache):
+def test_a_one_x_executor_file_holds_the_onnx_form(cache):
     """The swaps reach the file: two fused LayerNormalizations per stage and one in the middle,
     no Einsum (the reference's attention) and no Transpose of the downsampling's unshuffle."""
     import onnx
@@ -194,7 +195,7 @@ def test_sessions_fix_the_batch_and_the_least_recently_used_go(
     for batch in (1, 2, 3, 1):
         got = engine.sample(batch, batch_size=batch, **kwargs)
         assert_reference(got, default_pipeline.sample(batch, batch_size=batch, **kwargs))
-    sessions = engine.step_sessions()._sessions
+    sessions = engine.executor_sessions()._sessions
     batches = [key[2] for key in sessions]
     assert batches == [3, 1]
     session = sessions[next(iter(sessions))]
@@ -202,13 +203,15 @@ def test_sessions_fix_the_batch_and_the_least_recently_used_go(
 
 
 def test_the_chains_of_an_engine_share_its_sessions(default_pipeline, cache, monkeypatch):
-    """Another sampler or chain length reads the same step file: it opens no session of its
+    """Another sampler or chain length reads the same executor file: it opens no session of its
     own (nor a second thread check), and its images are still the reference's."""
     engine = Engine(default_pipeline, threads=1, cpu_executor="onnxruntime")
     engine.sample(2, sampler="ddim", steps=3, seed=5)
     opened = []
-    real_open = ox.open_session
-    monkeypatch.setattr(ox, "open_session", lambda *args: opened.append(args) or real_open(*args))
+    real_open = ox.executor_session
+    monkeypatch.setattr(
+        ox, "executor_session", lambda *args: opened.append(args) or real_open(*args)
+    )
     for chain in (dict(sampler="ddpm", steps=4), dict(sampler="ddim", steps=5, eta=0.5)):
         got = engine.sample(2, seed=5, **chain)
         assert_reference(got, default_pipeline.sample(2, seed=5, **chain))
@@ -217,26 +220,26 @@ def test_the_chains_of_an_engine_share_its_sessions(default_pipeline, cache, mon
     assert len(opened) == 1
 
 
-def test_the_step_file_is_exported_once_and_reused(default_pipeline, cache, monkeypatch):
+def test_the_executor_file_is_exported_once_and_reused(default_pipeline, cache, monkeypatch):
     kwargs = dict(sampler="ddim", steps=4, seed=1)
     first = Engine(default_pipeline, cpu_executor="onnxruntime").sample(2, **kwargs)
-    files = list(cache.glob("*"))
-    assert len(files) == 1 and files[0].suffix == ".onnx"  # no temporary file left
+    files = sorted(cache.glob("*"))  # no temporary file left: the file and its seal
+    assert [p.suffix for p in files] == [".json", ".onnx"] and files[0].stem == files[1].stem
 
     def no_export(*args):
         raise AssertionError("exported again")
 
-    monkeypatch.setattr(ox, "export_step_file", no_export)
+    monkeypatch.setattr(ox, "export_executor_file", no_export)
     # A new engine, and another chain of the same model: the same file serves both.
     again = Engine(default_pipeline, cpu_executor="onnxruntime")
     assert torch.equal(again.sample(2, **kwargs), first)
     again.sample(2, sampler="ddpm", steps=3, seed=1)
 
 
-def test_only_the_most_recently_used_step_files_are_kept(default_pipeline, cache, monkeypatch):
+def test_only_the_most_recently_used_executor_files_are_kept(default_pipeline, cache, monkeypatch):
     """A new version or an edited checkout exports new files: the old ones are pruned, and an
     engine whose file was pruned exports it again."""
-    monkeypatch.setattr(ox, "MAX_STEP_FILES", 1)
+    monkeypatch.setattr(ox, "MAX_EXECUTOR_FILES", 1)
     ddim = dict(sampler="ddim", steps=3, seed=2)
     first = Engine(default_pipeline, cpu_executor="onnxruntime")
     images = first.sample(2, **ddim)
@@ -251,10 +254,10 @@ def test_only_the_most_recently_used_step_files_are_kept(default_pipeline, cache
     assert torch.equal(first.sample(3, **ddim)[:2], images)  # a new session: its file is back
 
 
-def test_step_files_beyond_the_byte_budget_are_pruned(default_pipeline, cache, monkeypatch):
+def test_executor_files_beyond_the_byte_budget_are_pruned(default_pipeline, cache, monkeypatch):
     """Larger models' files fill the disk long before eight are kept: a byte budget prunes the
     older ones, never the file just exported."""
-    monkeypatch.setattr(ox, "MAX_STEP_BYTES", 1)  # below any file's size
+    monkeypatch.setattr(ox, "MAX_EXECUTOR_BYTES", 1)  # below any file's size
     Engine(default_pipeline, cpu_executor="onnxruntime").sample(2, sampler="ddim", steps=3)
     (ddim_file,) = cache.glob("*.onnx")
     Engine(default_pipeline, cpu_executor="onnxruntime").sample(2, sampler="dpm++2m", steps=3)
@@ -311,15 +314,16 @@ def test_a_damaged_file_is_exported_again(default_pipeline, cache, caplog):
 
 
 def test_a_cache_folder_that_cannot_be_written_exports_for_this_process(
-    default_pipeline, tmp_path, monkeypatch
+    default_pipeline, tmp_path, monkeypatch, caplog
 ):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
     monkeypatch.setenv("DDPM_FAST_CACHE_DIR", str(blocker / "cache"))
     kwargs = dict(sampler="ddim", steps=4, seed=2)
-    with pytest.warns(RuntimeWarning, match="cannot write the engine's step file into"):
-        got = Engine(default_pipeline, cpu_executor="onnxruntime").sample(2, **kwargs)
+    got = Engine(default_pipeline, cpu_executor="onnxruntime").sample(2, **kwargs)
     assert_reference(got, default_pipeline.sample(2, **kwargs))
+    (line,) = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert line.startswith("cannot write the engine's executor file into")
 
 
 def test_the_thread_check_compares_sessions(default_pipeline, cache):
@@ -396,7 +400,7 @@ def test_the_cli_samples_on_onnxruntime_and_says_when_it_exports(
     args = ["sample", "--cpu-executor", "onnxruntime", "--steps", "5", "--num", "4"]
     assert main([*args, "--out", str(out), "--seed", "9"]) == 0
     assert out.is_file() and list(cache.glob("*.onnx"))
-    assert "exporting the engine's CPU step to" in caplog.text  # the CLI shows engine INFO
+    assert "exporting the engine's CPU executor file to" in caplog.text  # the CLI shows engine INFO
     caplog.clear()
     assert main([*args, "--out", str(out), "--seed", "9"]) == 0
     assert "exporting" not in caplog.text  # found in the cache

@@ -137,17 +137,17 @@ def test_the_environment_can_turn_it_off(warm, monkeypatch):
     assert key_of(*FAST, "--out", "x.png") is None
 
 
-def test_a_damaged_record_or_a_missing_step_file_runs_the_full_path(warm, tmp_path):
+def test_a_damaged_record_or_a_missing_executor_file_runs_the_full_path(warm, tmp_path):
     argv = ["--num", 2, *FAST]
     sample(*argv, "--out", tmp_path / "a.npz")
     (record,) = (warm / warm_start.FOLDER).glob("*.json")
     record.write_text("{not json")
     assert sample_in_new_process(*argv, "--out", tmp_path / "b.npz")  # full path: torch
     assert json.loads(record.read_text())["format"] == warm_start.FORMAT  # recorded again
-    (step_file,) = (warm / "onnx-steps").glob("*.onnx")
-    step_file.unlink()
+    (executor_file,) = (warm / "executor-files").glob("*.onnx")
+    executor_file.unlink()
     assert sample_in_new_process(*argv, "--out", tmp_path / "c.npz")
-    assert step_file.exists()
+    assert executor_file.exists()
     tables = record.with_suffix(".npz")
     tables.write_bytes(b"")
     assert warm_start.WarmStart.find(record.stem) is None

@@ -1,4 +1,4 @@
-"""Winograd F(2x2, 3x3) in the engine's step file (ddpm_fast.engine.winograd): the rewritten
+"""Winograd F(2x2, 3x3) in the engine's executor file (ddpm_fast.engine.winograd): the rewritten
 convolutions are the convolutions (fp32's per-op tolerance, against float64), only those the
 rule chooses are rewritten, sessions of a batch large enough open the rewritten file, and an
 engine chain on it is the reference chain."""
@@ -18,7 +18,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from ddpm_fast.engine import Engine, winograd
 from ddpm_fast.engine import onnx_executor as ox
-from ddpm_fast.engine.table_chain import open_session
+from ddpm_fast.engine.table_chain import SEAL_SUFFIX, executor_session, write_seal
 
 from .families import random_pipeline
 
@@ -157,10 +157,10 @@ def test_a_form_is_written_only_where_the_chosen_convolutions_hold_enough_of_the
 
 
 def test_the_rule_chooses_without_a_given_one(tmp_path, monkeypatch):
-    source = tmp_path / "step-k.onnx"
+    source = tmp_path / "executor-k.onnx"
     onnx.save(conv_model(8, 8, 4), str(source))
     target = winograd.variant_path(source)
-    assert target.name == "step-k.winograd"
+    assert target.name == "executor-k.winograd"
     assert winograd.write_variant(source, target) == 0 and not target.exists()
     monkeypatch.setattr(winograd, "worth_it", ALWAYS)
     assert winograd.write_variant(source, target) == 1 and target.is_file()
@@ -169,18 +169,21 @@ def test_the_rule_chooses_without_a_given_one(tmp_path, monkeypatch):
 
 
 def test_sessions_open_the_winograd_form_from_the_batch_it_pays_at(tmp_path, monkeypatch):
-    source = tmp_path / "step-k.onnx"
+    source = tmp_path / "executor-k.onnx"
+    form = winograd.variant_path(source)
     onnx.save(conv_model(8, 8, 4), str(source))
-    assert winograd.session_file(source, 8) == source  # no variant: the file itself
-    monkeypatch.setattr(winograd, "worth_it", ALWAYS)
-    winograd.write_variant(source, winograd.variant_path(source))
-    assert winograd.session_file(source, winograd.MIN_BATCH - 1) == source
-    assert winograd.session_file(source, winograd.MIN_BATCH) == winograd.variant_path(source)
+    write_seal(source, "k", (4, 4), ["x"])
     opened = []
-    monkeypatch.setattr(ort, "InferenceSession", lambda path, *a, **k: opened.append(path))
-    open_session(source, 1, 1)
-    open_session(source, 1, winograd.MIN_BATCH)
-    assert opened == [str(source), str(winograd.variant_path(source))]
+    monkeypatch.setattr(ort, "InferenceSession", lambda content, *a, **k: opened.append(content))
+    executor_session(source, "k", 1, 8)  # no form: the file itself
+    monkeypatch.setattr(winograd, "worth_it", ALWAYS)
+    winograd.write_variant(source, form)
+    executor_session(source, "k", 1, 8)  # a form the seal does not name: not opened
+    write_seal(source, "k", (4, 4), ["x"])
+    executor_session(source, "k", 1, winograd.MIN_BATCH - 1)
+    executor_session(source, "k", 1, winograd.MIN_BATCH)
+    direct, winograd_form = source.read_bytes(), form.read_bytes()
+    assert opened == [direct, direct, direct, winograd_form]  # the bytes checked, given whole
 
 
 def eligible_convolutions(path) -> int:
@@ -214,7 +217,7 @@ def test_an_engine_chain_on_the_winograd_form_is_the_reference(case, tmp_path, m
     kwargs = dict(sampler="ddim", steps=5, seed=3)
     engine = Engine(pipeline, cpu_executor="onnxruntime")
     got = engine.sample(3, batch_size=3, **kwargs)
-    (variant,) = (tmp_path / "cache" / "onnx-steps").glob(f"*{winograd.SUFFIX}")
+    (variant,) = (tmp_path / "cache" / "executor-files").glob(f"*{winograd.SUFFIX}")
     direct = variant.with_suffix(".onnx")
     assert winograd.rewritten(variant) == eligible_convolutions(direct) >= 4
     want = pipeline.sample(3, **kwargs)
@@ -222,13 +225,13 @@ def test_an_engine_chain_on_the_winograd_form_is_the_reference(case, tmp_path, m
     torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
 
 
-def test_a_pruned_step_file_takes_its_winograd_form_along(tmp_path, monkeypatch):
+def test_a_pruned_executor_file_takes_its_winograd_form_along(tmp_path, monkeypatch):
     monkeypatch.setenv("DDPM_FAST_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setattr(ox, "MAX_STEP_FILES", 1)
+    monkeypatch.setattr(ox, "MAX_EXECUTOR_FILES", 1)
     monkeypatch.setattr(winograd, "worth_it", ALWAYS)  # every file has a form
     pipeline = random_pipeline("v1-selfcond-learned-var", steps=50)
     Engine(pipeline, cpu_executor="onnxruntime").sample(2, sampler="ddim", steps=2)
-    cache = tmp_path / "cache" / "onnx-steps"
+    cache = tmp_path / "cache" / "executor-files"
     (first,) = cache.glob("*.onnx")
     assert winograd.variant_path(first).is_file()
     # DPM-Solver++ carries x0_prev: another file, and the older one goes with its form.
@@ -236,7 +239,7 @@ def test_a_pruned_step_file_takes_its_winograd_form_along(tmp_path, monkeypatch)
     (kept,) = cache.glob("*.onnx")
     assert kept != first
     assert sorted(p.name for p in cache.iterdir()) == sorted(
-        [kept.name, winograd.variant_path(kept).name]
+        [kept.name, winograd.variant_path(kept).name, kept.with_suffix(SEAL_SUFFIX).name]
     )
 
 

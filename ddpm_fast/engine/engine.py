@@ -30,7 +30,7 @@ from .coefficients import coefficient_table
 from .cpu_conv import use_cpu_convolutions
 from .graph import CapturedStep, new_graph_pool
 from .network import FastUnet
-from .onnx_executor import OrtChain, StepSessions, check_executor, resolve_executor
+from .onnx_executor import ExecutorSessions, OrtChain, check_executor, resolve_executor
 from .threads import (
     MAX_THREADS,
     ThreadGovernor,
@@ -203,7 +203,7 @@ class Engine(Pipeline):
             self.executor()  # a ConfigError now, not at the first chain, where it cannot run
         self._flops_per_sample: dict[tuple[int, ...], int] = {}
         self._chains: dict[tuple, PreparedChain | OrtChain] = {}
-        self._step_sessions: StepSessions | None = None
+        self._executor_sessions: ExecutorSessions | None = None
         self._graph_pool = None
         self._warned = False
 
@@ -241,11 +241,11 @@ class Engine(Pipeline):
         chain = self._chains.get((spec, "cpu"))
         return chain if isinstance(chain, OrtChain) else None
 
-    def step_sessions(self) -> StepSessions:
+    def executor_sessions(self) -> ExecutorSessions:
         """The ONNX Runtime sessions that every CPU chain of this engine shares."""
-        if self._step_sessions is None:
-            self._step_sessions = StepSessions(self)
-        return self._step_sessions
+        if self._executor_sessions is None:
+            self._executor_sessions = ExecutorSessions(self)
+        return self._executor_sessions
 
     def executor(self) -> tuple[str, str]:
         """What runs this engine's chains on the CPU ("onnxruntime" or "torch"), and why."""

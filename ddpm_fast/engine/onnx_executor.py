@@ -1,22 +1,21 @@
 """ONNX Runtime as the engine's executor on the CPU.
 
-On the CPU the engine's own PyTorch step pays Python and dispatch costs on each of its ~280 ops
-per step. ONNX Runtime runs the same step, network and update rule, as one graph. On a 2-core
-EPYC it took 2.6 ms per step for the digits model at batch 1 against the PyTorch path's 13.8
-ms, and the CIFAR-10 U-Net at batch 1 took 49 ms against 63. So where onnxruntime is installed,
-an fp32 chain on the CPU runs there (``cpu_executor="auto"``). The engine still owns the rest:
-its thread plan (one session per thread count; the batch split runs one-thread sessions side by
-side), its noise (the Philox stream of every path, drawn with NumPy: ``table_chain``, which also
-runs the loop) and the chain's tables.
+On the CPU the engine's own PyTorch step pays Python and dispatch costs on each of its few hundred
+ops per step; ONNX Runtime runs the same step, network and update rule, as one graph, and was
+measured faster than it (benchmarks/results/cpu-executor-*). So where onnxruntime is installed,
+an fp32 chain on the CPU runs there (``cpu_executor="auto"``). The engine still owns the rest: its
+thread plan (one session per thread count; the batch split runs one-thread sessions side by side),
+its noise (the Philox stream of every path, drawn with NumPy: ``table_chain``, which also runs the
+loop) and the chain's tables.
 
-The file is ``export.exporter.StepUpdate``: the folded network and ``samplers.rule``'s update,
-with the step's time row (every block's time projection, a row of the chain's table, so the time
-MLPs stay out of the graph) and coefficient row as inputs, so one file serves every chain
-(sampler, steps, eta) of a model at one image size. Where the family's engine mapping has an
-``onnx_form`` (1.x and 2.x), its blocks are swapped for forms ONNX Runtime runs faster, the same
-function: attention on the token view, norms as fused ops or convs (together 1.16x on the
-CIFAR-10 U-Net's step at batch 1, 1.28x on the digits model's). Beside the file the export
-writes its Winograd form, which sessions of larger batches open (``winograd``).
+What runs is the engine's *executor file* (never to be confused with the deployment step file of
+``ddpm-fast export --what step``): ``export.exporter.StepUpdate``, the folded network and
+``samplers.rule``'s update, with the step's time row (every block's time projection, a row of the
+chain's table, so the time MLPs stay out of the graph) and coefficient row as inputs, so one file
+serves every chain (sampler, steps, eta) of a model at one image size. Where the family's engine
+mapping has an ``onnx_form`` (1.x and 2.x), its blocks are swapped for forms ONNX Runtime runs
+faster, the same function: attention on the token view, norms as fused ops or convs. Beside the
+file the export writes its Winograd form, which sessions of larger batches open (``winograd``).
 
 The file is exported once and kept in the cache folder under a key of everything it depends on
 (the weights' hash, the config, the image size, the inputs it takes, the ddpm-fast, torch and
@@ -35,7 +34,6 @@ import os
 import shutil
 import tempfile
 import threading
-import warnings
 from collections import OrderedDict
 from pathlib import Path
 
@@ -44,8 +42,9 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
+from ..export.format import OnnxFileError
 from ..folding import fold_weights, time_conditioning
-from ..machine import cache_dir, mark_used, prune_cache
+from ..machine import StaleEntry, cache_dir, mark_used, prune_cache, writable_folder
 from ..models import family_of
 from ..options import CPU_EXECUTORS, EXECUTOR_ENV
 from ..samplers import ROW, SamplerSpec, StepTables
@@ -53,20 +52,29 @@ from ..version import __version__, source_digest
 from . import winograd
 from .coefficients import coefficient_table
 from .families import mapping
-from .table_chain import ChainTables, TableChain, input_names, open_session
+from .table_chain import (
+    SEAL_SUFFIX,
+    ChainTables,
+    TableChain,
+    executor_session,
+    input_names,
+    read_seal,
+    seal_path,
+    write_seal,
+)
 
 log = logging.getLogger("ddpm_fast.engine")
 
 OPSET = 17
 MAX_SESSIONS = 6  # per engine: each holds its own packed copy of the weights
-STEP_FOLDER = "onnx-steps"
-# Step files kept in the cache, the most recently used: a new version or an edited checkout
+EXECUTOR_FOLDER = "executor-files"
+# Executor files kept in the cache, the most recently used: a new version or an edited checkout
 # exports new ones (the CIFAR-10 U-Net's is 134 MB), so old ones must go.
-MAX_STEP_FILES = 8
+MAX_EXECUTOR_FILES = 8
 # and no more bytes than this, Winograd forms counted: a CIFAR-10 U-Net's pair is 347 MB, and
 # a larger model's would fill the disk at 8 files. The most recent file is always kept.
-MAX_STEP_BYTES = 2 << 30
-FILE_FORMAT = "row-step-3"  # bump when the graph's inputs or outputs change
+MAX_EXECUTOR_BYTES = 2 << 30
+FILE_FORMAT = "executor-file-4"  # bump when the graph's inputs or outputs change
 INSTALL_HINT = "pip install 'ddpm-fast[onnx]'"
 
 
@@ -114,7 +122,7 @@ def resolve_executor(requested: str, dtype: torch.dtype) -> tuple[str, str]:
 class _TableStep(nn.Module):
     """The exported graph: ``StepUpdate.update``, fed the step's time row (every block's time
     projection, a row of the chain's table) and coefficient row, so the time MLPs stay out of
-    the graph (3% of the CIFAR-10 U-Net's step at batch 1)."""
+    the graph."""
 
     def __init__(self, update: nn.Module):
         super().__init__()
@@ -125,7 +133,7 @@ class _TableStep(nn.Module):
 
 
 def file_key(pipeline, image_hw: tuple[int, int], learned: bool, carries_x0_prev: bool) -> str:
-    """The cache key of a step file: everything the graph depends on."""
+    """The cache key of an executor file: everything the graph depends on."""
     import onnx
 
     identity = pipeline.identity()
@@ -155,10 +163,11 @@ def onnx_network(pipeline) -> nn.Module:
     return network
 
 
-def export_step_file(
-    pipeline, spec: SamplerSpec, learned: bool, image_hw: tuple[int, int], path: Path
+def export_executor_file(
+    pipeline, spec: SamplerSpec, learned: bool, image_hw: tuple[int, int], path: Path, key: str
 ) -> None:
-    """Write the step graph for images of ``image_hw`` to ``path`` (atomically)."""
+    """Write the step graph for images of ``image_hw`` to ``path`` (atomically), its Winograd form
+    beside it, and last their seal for ``key`` (``table_chain.write_seal``)."""
     from ..export.exporter import StepUpdate, trace_to_onnx
 
     update = StepUpdate(pipeline, spec, learned, network=onnx_network(pipeline)).eval()
@@ -177,88 +186,125 @@ def export_step_file(
     rows = ("time_row", "coef_row", "adds_noise")
     batched = [n for n in (*names, "x_prev", "x0") if n not in rows]
     path.parent.mkdir(parents=True, exist_ok=True)
+    seal_path(path).unlink(missing_ok=True)  # unsealed while its files change
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         outputs = ["x_prev", "x0"]
         trace_to_onnx(_TableStep(update), tuple(inputs), tmp, names, outputs, batched, OPSET)
-        # The Winograd form first: a step file in place always has its companion, if any.
         winograd.write_variant(tmp, winograd.variant_path(path))
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+    write_seal(path, key, image_hw, names)
 
 
-class StepSessions:
-    """An engine's step files and their ONNX Runtime sessions, shared by all its chains: a chain
-    of another sampler or length reads the same file (its time and coefficient rows are inputs),
-    so it opens no session of its own (0.6 to 0.8 s each for the CIFAR-10 U-Net) and holds no
-    second packed copy of the weights. A session is keyed by its file, thread count and batch
-    size; the ``MAX_SESSIONS`` most recently used are kept."""
+class ExecutorSessions:
+    """An engine's executor files and their ONNX Runtime sessions, shared by all its chains: a
+    chain of another sampler or length reads the same file (its time and coefficient rows are
+    inputs), so it opens no session of its own (seconds for a large model) and holds no second
+    packed copy of the weights. A session is keyed by its file, thread count and batch size; the
+    ``MAX_SESSIONS`` most recently used are kept. A file in the cache is used only where its seal
+    names its key and its bytes are the sealed ones (``table_chain.executor_session``); any other
+    is exported again, with one warning line."""
 
     def __init__(self, engine):
         self._engine = engine
         self._paths: dict[tuple, Path] = {}
+        self._keys: dict[Path, str] = {}  # each file's cache key, which its seal must name
         self._sessions: OrderedDict[tuple, object] = OrderedDict()  # least recently used first
         self.invariant: dict[tuple, dict] = {}  # TableChain.thread_invariant's, per file
         self._lock = threading.RLock()  # path() inside session(): both take it
 
     def path(self, spec: SamplerSpec, learned: bool, image_hw: tuple[int, int]) -> Path:
-        """The step file for chains like ``spec`` on images of ``image_hw``, exported if the
-        cache has none."""
+        """The executor file for chains like ``spec`` on images of ``image_hw``, exported if the
+        cache has none, or none sealed for its key."""
         key = (image_hw, learned, spec.carries_x0_prev)
         with self._lock:
             if key not in self._paths:
                 self._paths[key] = self._export_or_find(spec, learned, image_hw)
             return self._paths[key]
 
+    def key(self, path: Path) -> str:
+        """The cache key that the executor file ``path`` (one of ``path``'s) is sealed for."""
+        return self._keys[path]
+
     def _export_or_find(self, spec: SamplerSpec, learned: bool, image_hw: tuple[int, int]) -> Path:
-        name = file_key(self._engine, image_hw, learned, spec.carries_x0_prev)
-        path = cache_dir() / STEP_FOLDER / f"step-{name}.onnx"
-        if path.is_file():
-            mark_used(path)
-            return path
-        log.info("exporting the engine's CPU step to %s (once per model and size)", path)
+        key = file_key(self._engine, image_hw, learned, spec.carries_x0_prev)
+        path = cache_dir() / EXECUTOR_FOLDER / f"executor-{key}.onnx"
         try:
-            export_step_file(self._engine, spec, learned, image_hw, path)
-            prune_cache(
-                path.parent, "step-*.onnx", MAX_STEP_FILES, (winograd.SUFFIX,), MAX_STEP_BYTES
-            )
-        except OSError as error:  # a cache folder that cannot be written
-            path = _private_folder() / path.name
-            warnings.warn(
-                f"cannot write the engine's step file into {cache_dir()} "
-                f"({error.strerror or error}); exported for this process into "
-                f"{path.parent} (set DDPM_FAST_CACHE_DIR to keep it)",
-                RuntimeWarning,
-                stacklevel=4,
-            )
-            export_step_file(self._engine, spec, learned, image_hw, path)
+            read_seal(path, key)  # the bytes are checked where a session reads them
+        except StaleEntry as why:
+            if path.exists() or seal_path(path).exists():
+                log.warning("%s; exporting it again", why)
+                path = self._export(spec, learned, image_hw, path, key)
+            else:
+                path = self._export(spec, learned, image_hw, path, key, say=True)
+        else:
+            mark_used(path)
+        self._keys[path] = key
         return path
+
+    def _export(
+        self, spec, learned: bool, image_hw: tuple[int, int], path: Path, key: str, say=False
+    ) -> Path:
+        """Export the file of ``key`` to ``path``, or where the cache cannot be written into a
+        folder of this process (one warning line); the path written."""
+        error = writable_folder(path.parent)
+        if error is None:
+            if say:
+                log.info(
+                    "exporting the engine's CPU executor file to %s (once per model and size)", path
+                )
+            try:
+                export_executor_file(self._engine, spec, learned, image_hw, path, key)
+                prune_cache(
+                    path.parent,
+                    "executor-*.onnx",
+                    MAX_EXECUTOR_FILES,
+                    (winograd.SUFFIX, SEAL_SUFFIX),
+                    MAX_EXECUTOR_BYTES,
+                )
+                return path
+            except OSError as failed:  # a disk that fills, a folder made read-only meanwhile
+                error = failed
+        private = _private_folder() / path.name
+        log.warning(
+            "cannot write the engine's executor file into %s (%s); exporting it for this "
+            "process into %s (set DDPM_FAST_CACHE_DIR to keep it)",
+            cache_dir(),
+            error.strerror or error,
+            private.parent,
+        )
+        export_executor_file(self._engine, spec, learned, image_hw, private, key)
+        return private
 
     def session(self, spec: SamplerSpec, learned: bool, shape: tuple[int, ...], threads: int):
         """The session with ``threads`` intra-op threads for inputs of ``shape``. The file's
         batch axis is fixed to ``shape[0]`` in each session, so ONNX Runtime folds the graph's
-        shape arithmetic away (a sixth of the digits model's step at batch 1)."""
+        shape arithmetic away."""
         image_hw, batch = tuple(shape[2:]), shape[0]
         with self._lock:  # the batch split's parts ask at once: one export, one session
             path = self.path(spec, learned, image_hw)
-            key = (path, threads, batch)
-            if key not in self._sessions:
+            if (path, threads, batch) not in self._sessions:
+                key = self.key(path)
                 try:
-                    self._sessions[key] = open_session(path, threads, batch)
-                except Exception as error:  # a damaged cache entry: export it again, once
-                    log.warning("%s does not load (%s); exporting it again", path, error)
-                    export_step_file(self._engine, spec, learned, image_hw, path)
-                    self._sessions[key] = open_session(path, threads, batch)
+                    session = executor_session(path, key, threads, batch)
+                except (StaleEntry, OnnxFileError) as why:  # damaged or replaced: once more
+                    log.warning("%s; exporting it again", why)
+                    path = self._export(spec, learned, image_hw, path, key)
+                    self._paths[(image_hw, learned, spec.carries_x0_prev)] = path
+                    self._keys[path] = key
+                    session = executor_session(path, key, threads, batch)
+                self._sessions[(path, threads, batch)] = session
                 while len(self._sessions) > MAX_SESSIONS:
                     self._sessions.popitem(last=False)
-            self._sessions.move_to_end(key)
-            return self._sessions[key]
+            self._sessions.move_to_end((path, threads, batch))
+            return self._sessions[(path, threads, batch)]
 
 
 class OrtChain:
     """One chain (sampler spec) of an engine on ONNX Runtime: the chain's tables built with
-    torch (``ChainTables``), run by ``table_chain.TableChain`` on the engine's ``StepSessions``.
+    torch (``ChainTables``), run by ``table_chain.TableChain`` on the engine's ``ExecutorSessions``.
     It runs under the thread plan that PyTorch's thread count carries: the plan sets that count
     (``torch_threads``, the batch split's one thread per part, the governor's switches), and
     each step runs on the session with that many intra-op threads."""
@@ -282,7 +328,7 @@ class OrtChain:
             carries_x0_prev=spec.carries_x0_prev,
             self_condition=engine.config.self_condition,
         )
-        self.sessions: StepSessions = engine.step_sessions()
+        self.sessions: ExecutorSessions = engine.executor_sessions()
         self._spec = spec
         self.chain = TableChain(
             self.tables,
@@ -296,13 +342,13 @@ class OrtChain:
         """The engine's session with ``threads`` intra-op threads for inputs of ``shape``."""
         return self.sessions.session(self._spec, self.learned, shape, threads)
 
-    def step_file(self, image_hw: tuple[int, int]) -> Path:
-        """The step file this chain runs on images of ``image_hw``."""
+    def executor_file(self, image_hw: tuple[int, int]) -> Path:
+        """The executor file this chain runs on images of ``image_hw``."""
         return self.sessions.path(self._spec, self.learned, image_hw)
 
     def thread_invariant(self, shape: tuple[int, ...], threads: int) -> bool:
         """Whether the session on ``threads`` threads gives the same bits as on one, for this
-        input shape (checked once per step file with random inputs)."""
+        input shape (checked once per executor file with random inputs)."""
         return self.chain.thread_invariant(shape, threads)
 
     def run_eager(self, x, keys, seed: int, indices: range, on_step) -> torch.Tensor:
@@ -315,6 +361,6 @@ class OrtChain:
 
 def _private_folder() -> Path:
     """A folder of this process only, removed at exit."""
-    folder = Path(tempfile.mkdtemp(prefix="ddpm-fast-steps-"))
+    folder = Path(tempfile.mkdtemp(prefix="ddpm-fast-executor-"))
     atexit.register(shutil.rmtree, folder, ignore_errors=True)
     return folder

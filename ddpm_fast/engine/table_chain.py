@@ -1,30 +1,43 @@
-"""A chain of the engine's ONNX Runtime step file, run with NumPy: no torch.
+"""A chain of the engine's ONNX Runtime executor file, run with NumPy: no torch.
 
-The step file (``engine.onnx_executor``) takes each step's time row and coefficient row as
+The executor file (``engine.onnx_executor``) takes each step's time row and coefficient row as
 inputs, so a chain is the file plus its tables (``ChainTables``). ``TableChain`` runs it: the
 engine's CPU chains (``OrtChain`` builds the tables with torch, then runs here) and the CLI's
 warm start (``ddpm_fast.warm_start``, which loads the tables from its cache and never imports
 torch) share this loop, its noise (``export.philox.step_noise``) and its sessions' options, so
 both give the same bits.
+
+Both also share the check that makes a cached executor file trusted: beside ``executor-KEY.onnx``
+its export writes a seal, ``executor-KEY.json``, naming the key the file was made for, its image
+size and inputs, and the SHA-256 of the bytes of the file and of its Winograd form
+(``write_seal``). A session reads the file's bytes once, checks them against the seal and gives
+ONNX Runtime those bytes (``executor_session``): what was checked is what runs. A file that is
+not verifiably the one its key names is ``StaleEntry``, which the engine answers by exporting it
+again and the warm start by running the full path.
 """
 
 from __future__ import annotations
 
-import os
+import io
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from ..export.onnx_sampler import CPU, open_session
 from ..export.philox import step_noise
+from ..machine import StaleEntry, read_checked, sha256_of, write_atomically
 from . import winograd
 
 INPUTS = ("x_t", "time_row", "coef_row", "adds_noise", "noise")  # then x0_prev, x_self_cond
+SEAL_FORMAT = "executor-seal-1"
+SEAL_SUFFIX = ".json"  # beside executor-KEY.onnx: executor-KEY.json (pruned with it)
 
 
 def input_names(carries_x0_prev: bool, self_condition: bool) -> list[str]:
-    """The step file's inputs, in order."""
+    """The executor file's inputs, in order."""
     names = list(INPUTS)
     if carries_x0_prev:
         names.append("x0_prev")
@@ -35,7 +48,7 @@ def input_names(carries_x0_prev: bool, self_condition: bool) -> list[str]:
 
 @dataclass
 class ChainTables:
-    """One chain's rows, as the step file reads them: ``time_rows`` [steps, D] float32 (every
+    """One chain's rows, as the executor file reads them: ``time_rows`` [steps, D] float32 (every
     block's time projection), ``coeffs`` [steps, len(samplers.ROW)] float32, ``noise_on``
     [steps] bool (which steps add noise), and which of the optional inputs it feeds."""
 
@@ -49,26 +62,26 @@ class ChainTables:
     def steps(self) -> int:
         return len(self.coeffs)
 
-    def save(self, path: Path) -> None:
-        """Write the tables to ``path`` (.npz), atomically."""
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        try:
-            with open(tmp, "wb") as f:
-                np.savez(
-                    f,
-                    time_rows=self.time_rows,
-                    coeffs=self.coeffs,
-                    noise_on=self.noise_on,
-                    flags=np.array([self.carries_x0_prev, self.self_condition]),
-                )
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+    def save(self, path: Path) -> str:
+        """Write the tables to ``path`` (.npz), atomically; the SHA-256 of the bytes written."""
+        buffer = io.BytesIO()
+        np.savez(
+            buffer,
+            time_rows=self.time_rows,
+            coeffs=self.coeffs,
+            noise_on=self.noise_on,
+            flags=np.array([self.carries_x0_prev, self.self_condition]),
+        )
+        content = buffer.getvalue()
+        write_atomically(path, content)
+        return sha256_of(content)
 
     @classmethod
-    def load(cls, path: Path) -> ChainTables:
-        """The tables ``save`` wrote (an error of NumPy or the OS for a file that is not)."""
-        with np.load(path, allow_pickle=False) as data:
+    def load(cls, path: Path, sha256: str | None = None) -> ChainTables:
+        """The tables ``save`` wrote (an error of NumPy or the OS for a file that is not); where
+        ``sha256`` is given, StaleEntry unless the file's bytes are those ``save`` wrote."""
+        content = path.read_bytes() if sha256 is None else read_checked(path, sha256)
+        with np.load(io.BytesIO(content), allow_pickle=False) as data:
             tables = cls(
                 np.ascontiguousarray(data["time_rows"], dtype=np.float32),
                 np.ascontiguousarray(data["coeffs"], dtype=np.float32),
@@ -80,28 +93,79 @@ class ChainTables:
         return tables
 
 
-def open_session(path: Path, threads: int, batch: int, *, direct: bool = False):
-    """A CPU session of a step file on ``threads`` intra-op threads, its batch axis fixed to
-    ``batch`` (ONNX Runtime then folds the graph's shape arithmetic away: a sixth of the digits
-    model's step at batch 1); from the file's Winograd form where the batch is large enough for
-    it (``winograd.session_file``), unless ``direct``."""
-    import onnxruntime as ort
+def seal_path(path: Path) -> Path:
+    """Where the seal of the executor file ``path`` is kept."""
+    return path.with_suffix(SEAL_SUFFIX)
 
-    if not direct:
-        path = winograd.session_file(path, batch)
 
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.add_free_dimension_override_by_name("batch", batch)
-    options.log_severity_level = 3
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+def write_seal(path: Path, key: str, image_hw: tuple[int, int], inputs: list[str]) -> None:
+    """Seal the executor file ``path`` (and its Winograd form, where there is one) as the file of
+    ``key``: the SHA-256 of each file's bytes, with the image size and inputs it was made for.
+    Written last, atomically: a file whose seal is in place is complete."""
+    files = [path, winograd.variant_path(path)]
+    seal = {
+        "format": SEAL_FORMAT,
+        "key": key,
+        "image_hw": list(image_hw),
+        "inputs": list(inputs),
+        "files": {f.name: sha256_of(f.read_bytes()) for f in files if f.is_file()},
+    }
+    write_atomically(seal_path(path), json.dumps(seal, indent=1).encode())
+
+
+def read_seal(path: Path, key: str) -> dict:
+    """The seal of the executor file ``path``; StaleEntry unless it is one, made for ``key``."""
+    where = seal_path(path)
+    try:
+        seal = json.loads(where.read_bytes())
+    except OSError as error:
+        raise StaleEntry(f"{path} has no seal ({error.strerror or error})") from None
+    except ValueError:
+        raise StaleEntry(f"{where} is not a seal") from None
+    if not isinstance(seal, dict) or seal.get("format") != SEAL_FORMAT:
+        raise StaleEntry(f"{where} is not a seal of this version")
+    files = seal.get("files")
+    if not isinstance(files, dict) or not all(isinstance(v, str) for v in files.values()):
+        raise StaleEntry(f"{where} is not a seal")
+    if seal.get("key") != key or path.name not in files:
+        raise StaleEntry(f"{where} seals another file than {path.name}")
+    missing = [name for name in files if not path.with_name(name).is_file()]
+    if missing:
+        raise StaleEntry(f"{path.with_name(missing[0])} is missing")
+    return seal
+
+
+def executor_bytes(path: Path, seal: dict, batch: int) -> tuple[Path, bytes]:
+    """The file a session of ``batch`` images opens, the Winograd form where the seal names one
+    and the batch is large enough for it (``winograd.MIN_BATCH``), and its bytes, checked against
+    the seal (StaleEntry where they differ)."""
+    form = winograd.variant_path(path)
+    if batch >= winograd.MIN_BATCH and form.name in seal["files"]:
+        path = form
+    return path, read_checked(path, seal["files"][path.name])
+
+
+def check_executor_file(path: Path, key: str) -> dict:
+    """The seal of ``path`` after checking every file it names (a warm start's check before it
+    commits to the file); StaleEntry for the first that fails."""
+    seal = read_seal(path, key)
+    for name, sha256 in seal["files"].items():
+        read_checked(path.with_name(name), sha256)
+    return seal
+
+
+def executor_session(path: Path, key: str, threads: int, batch: int):
+    """A CPU session of the executor file ``path`` sealed for ``key`` (StaleEntry where it is not
+    verifiably that file) on ``threads`` intra-op threads, its batch axis fixed to ``batch``;
+    from the file's Winograd form where the batch is large enough for it."""
+    source, content = executor_bytes(path, read_seal(path, key), batch)
+    return open_session(source, [CPU], threads=threads, batch=batch, content=content)
 
 
 class TableChain:
     """``tables`` run on the sessions that ``session(shape, threads)`` gives (one per input shape
     and thread count). ``invariant``: where the answers of ``thread_invariant`` are kept (the
-    owner's, per step file)."""
+    owner's, per executor file)."""
 
     def __init__(
         self,

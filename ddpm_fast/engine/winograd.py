@@ -1,34 +1,23 @@
-"""Winograd F(2x2, 3x3) convolutions in the engine's CPU step file, where they are faster.
+"""Winograd F(2x2, 3x3) convolutions in the engine's CPU executor file, where they are faster.
 
 ONNX Runtime's CPU convolution is direct: 36 multiply-adds per input channel for each 2x2 block
 of output. Winograd's F(2x2, 3x3) (Lavin and Gray, 2015) needs 16: the input's overlapping 4x4
 tiles are transformed (B^T d B, additions only), multiplied with the transformed weights
 (G g G^T, computed once here) in 16 matrix products over the channels, and transformed back
-(A^T m A). Written in ONNX ops (a 16-kernel convolution for the input transform, two transposes,
-two MatMuls), one thread of a 2-core EPYC at batch 8 measured, against ONNX Runtime's Conv:
-
-- 4x4 images: 1.87x with 768 input channels, 1.50x with 512; 1.00x with 256, 0.84x 256 to 256,
-  0.99x 512 to 256;
-- 8x8 images: 1.12 to 1.14x with 256 to 512 channels, 1.14x 256 to 256, 1.20x 384 to 256, 1.43x
-  512 to 512; 0.75x with 128;
-- 16x16 with 128 channels 0.82x, 32x32 with 64 0.58x (the transforms are memory traffic);
-- batch 2: 1.0 to 1.2x; batch 1: 0.63x (the transformed weights, 16/9 the size, stream from
-  memory for a single image).
-
-The CIFAR-10 U-Net's whole step (13 of its convolutions rewritten; benchmarks/winograd_step.py),
-one session on one thread: 0.89x at batch 1, 1.01x at 2, 1.04 to 1.12x at 4, 1.10 to 1.14x at 8;
-two side by side, as the engine's batch split runs them (``--parts 2``, two runs): 0.89 to
-0.91x at batch 1, 1.04 to 1.05x at 2, 1.07 to 1.13x at 4, 1.11 to 1.16x at 8. The 2.x U-Net
-(``dd2-cifar10``, 13 rewritten), side by side: 0.90x at 1, 1.01x at 2, 1.11x at 4, 1.08x at 8.
+(A^T m A), written in ONNX ops (a 16-kernel convolution for the input transform, two transposes,
+two MatMuls). Against ONNX Runtime's Conv it wins on small images with many channels and loses
+on large images with few (the transforms are memory traffic) and at batch 1 (the transformed
+weights, 16/9 the size, stream from memory for a single image): the measurements of single
+convolutions and of whole steps (benchmarks/winograd_step.py) are in benchmarks/results/.
 
 So ``worth_it`` chooses by shape (a rule, never a timing: the same bits on every run), and the
-rewritten graph is a second file beside the step file (``variant_path``), which sessions of
-``MIN_BATCH`` images or more open (``session_file``). It is written only where the chosen
-convolutions hold ``MIN_SHARE`` of the file's convolution work or more: 36% in the 1.x and 2.x
-CIFAR-10 U-Nets, 10% in diffusers' ddpm-cifar10 (most of its work at 32x32 and 16x16), whose
-form measured 0.97 to 1.01x and would cost a 168 MB file. Both files are the same function: the
-transforms' coefficients are 0, +-1 and +-1/2, so fp32 stays close to the direct convolution
-(9e-7 relative against 4e-7 with 768 channels; tests/test_winograd.py holds it to 1e-5).
+rewritten graph is a second file beside the executor file (``variant_path``), which sessions of
+``MIN_BATCH`` images or more open (``table_chain.executor_bytes``, where the file's seal
+names a form). It is written only where the chosen
+convolutions hold ``MIN_SHARE`` of the file's convolution work or more: a model whose work is
+mostly on large images would gain nothing from a form and pay for a second large file. Both files
+are the same function: the transforms' coefficients are 0, +-1 and +-1/2, so fp32 stays close to
+the direct convolution (tests/test_winograd.py holds it to 1e-5 relative).
 """
 
 from __future__ import annotations
@@ -42,7 +31,7 @@ import numpy as np
 
 MIN_BATCH = 2
 MIN_SHARE = 0.25  # of the multiply-adds of the file's convolutions
-SUFFIX = ".winograd"  # beside step-KEY.onnx: step-KEY.winograd (pruned with it)
+SUFFIX = ".winograd"  # beside executor-KEY.onnx: executor-KEY.winograd (pruned with it)
 
 B_T = np.array([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]], np.float64)
 G = np.array([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]], np.float64)
@@ -60,7 +49,7 @@ Worth = Callable[[int, int, int, int], bool]
 
 def worth_it(c_in: int, c_out: int, height: int, width: int) -> bool:
     """Whether a 3x3 convolution of ``c_in`` to ``c_out`` channels on ``height`` x ``width``
-    images runs faster as Winograd (the measurements above, with a margin)."""
+    images runs faster as Winograd (the measurements in benchmarks/results/, with a margin)."""
     if height % 2 or width % 2:
         return False
     if height * width <= 16:
@@ -71,15 +60,8 @@ def worth_it(c_in: int, c_out: int, height: int, width: int) -> bool:
 
 
 def variant_path(path: Path) -> Path:
-    """Where the Winograd form of the step file ``path`` is kept."""
+    """Where the Winograd form of the executor file ``path`` is kept."""
     return path.with_suffix(SUFFIX)
-
-
-def session_file(path: Path, batch: int) -> Path:
-    """The file a session of ``batch`` images opens: the Winograd form where there is one and
-    the batch is large enough for it."""
-    variant = variant_path(path)
-    return variant if batch >= MIN_BATCH and variant.is_file() else path
 
 
 def write_variant(source: Path, target: Path, worth: Worth | None = None) -> int:
@@ -148,7 +130,7 @@ def rewritten(path: Path) -> int:
 def _inferred_shapes(model) -> dict[str, list[int]]:
     """Every value's shape, by ONNX's shape inference with data propagation (the sizes that
     Reshapes compute), run on a copy whose float weights are inputs of their shapes: the same
-    answer without serializing the weights (0.8 s of the CIFAR-10 U-Net's 134 MB). In the copy,
+    answer without serializing the weights (seconds for a large model). In the copy,
     small values computed from constants alone are constants (``_folded``): the pads of a
     ``torch.nn.functional.pad`` export, through which inference cannot see otherwise."""
     from onnx import ModelProto, TensorProto, helper, shape_inference
