@@ -22,10 +22,10 @@ import numpy as np
 
 from ..errors import ConfigError
 from ..images import chain_to_images
-from ..options import check_int, resolve_batch_size
+from ..options import check_int, check_seed, resolve_batch_size
 from ..samplers import rule
 from .format import HISTORY_INPUT, SELF_COND_INPUT, OnnxFileError, OnnxModelInfo, parse_metadata
-from .philox import check_seed, keyed_noise, step_noise
+from .philox import keyed_noise, step_noise
 
 logger = logging.getLogger(__name__)
 
