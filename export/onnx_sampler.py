@@ -25,6 +25,7 @@ from ..images import chain_to_images
 from ..options import check_int, check_seed, resolve_batch_size
 from ..samplers import rule
 from .format import HISTORY_INPUT, SELF_COND_INPUT, OnnxFileError, OnnxModelInfo, parse_metadata
+from .format import first_line as _first_line  # open_session's name for it, until its rewrite
 from .philox import keyed_noise, step_noise
 
 logger = logging.getLogger(__name__)
@@ -99,11 +100,6 @@ def providers_for_device(device: str | None) -> list | None:
     if not cuda_device_visible():
         raise ConfigError(f"device {device!r} asked for, but no CUDA device is visible here")
     return [cuda_provider(int(index or 0)), CPU]
-
-
-def _first_line(err: Exception) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
 
 
 def open_session(path: str | os.PathLike, providers: Sequence | None = None):
