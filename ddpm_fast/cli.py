@@ -168,7 +168,7 @@ def _batch_size(text: str) -> int | str:
 
 def _sampling_options(args: argparse.Namespace, pipeline: Pipeline) -> dict:
     """Keyword arguments of Pipeline.sample_batches, checked before any work is done."""
-    from .noise import check_seed
+    from .options import check_seed
     from .pipeline import resolve_device
 
     sampler, eta = _chain(args, pipeline)
@@ -259,7 +259,7 @@ _MODEL_FLAGS = {
 def _sample_onnx(args: argparse.Namespace, output: Output) -> int:
     """``sample --onnx FILE``: the same outputs from an ONNX file, by ONNX Runtime (no torch)."""
     from .export.onnx_sampler import OnnxSampler, providers_for_device
-    from .export.philox import check_seed
+    from .options import check_seed
 
     if args.checkpoint is not None:
         raise ConfigError("give a checkpoint or --onnx FILE, not both")

@@ -37,6 +37,7 @@ from pathlib import Path
 
 import torch
 
+from .checkpoint_files import build_network, read_safetensors, read_torch
 from .errors import CheckpointError, ConfigError
 from .models import diffusers_unet2d
 from .pipeline import DiffusionConfig, Pipeline, override_diffusion
@@ -110,8 +111,6 @@ def _read_json(path: Path) -> dict:
 
 def read_unet_weights(folder: Path) -> dict[str, torch.Tensor]:
     """The state_dict of a UNet folder: .safetensors, else .bin (weights_only)."""
-    from .checkpoints import _read_safetensors, _read_torch  # the checkpoint readers
-
     for index in folder.glob("diffusion_pytorch_model*.index.json"):
         raise CheckpointError(f"{index}: sharded weights are not supported; merge the shards")
     for name in WEIGHTS:
@@ -119,8 +118,8 @@ def read_unet_weights(folder: Path) -> dict[str, torch.Tensor]:
         if not path.is_file():
             continue
         if name.endswith(".safetensors"):
-            return _read_safetensors(path)[0]
-        state = _read_torch(path)
+            return read_safetensors(path)[0]
+        state = read_torch(path)
         if not isinstance(state, dict) or not all(
             isinstance(v, torch.Tensor) for v in state.values()
         ):
@@ -261,8 +260,6 @@ def load_folder(path: Path, unet_options: dict, options: dict) -> Pipeline:
         config = family.infer_config(weights, unet_config=unet_config)
     except ConfigError as err:
         raise CheckpointError(f"{unet_dir / 'config.json'}: {err}") from None
-    from .checkpoints import build_network
-
     network = build_network(unet_dir, family, config, weights)
 
     if scheduler is None:

@@ -45,6 +45,14 @@ def check_int(name: str, value, *, minimum: int | None = None, maximum: int | No
     return value
 
 
+def check_seed(seed) -> int:
+    """``seed`` as an int if it is an integer (Python or NumPy, not bool) in [0, 2**32): the low
+    32 bits of the Philox key (``ddpm_fast.noise_stream``), else a ConfigError."""
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2**32:
+        raise ConfigError(f"seed must be an integer in [0, 2**32), got {_shown(seed)}")
+    return int(seed)
+
+
 def check_real(name: str, value, *, minimum: float | None = None) -> float:
     """``value`` as a finite float (an int or float, not bool) at least ``minimum``, else a
     ConfigError naming ``name``."""

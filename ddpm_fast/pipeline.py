@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from .errors import ConfigError, NonFiniteError
 from .images import chain_to_images
-from .noise import check_seed, keyed_noise
+from .noise import keyed_noise
 from .options import (
     DEFAULT_BATCH_SIZE,
     MAX_IMAGE_SIZE,
@@ -26,6 +26,7 @@ from .options import (
     check_choice,
     check_int,
     check_real,
+    check_seed,
     resolve_batch_size,
 )
 from .output import Group, Output, write_samples

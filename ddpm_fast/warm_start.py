@@ -260,8 +260,7 @@ class WarmStart:
         self, output: Output, args: argparse.Namespace, say: Callable[[str], None]
     ) -> None:
         """``sample``'s outputs, as ``Pipeline.sample_to`` writes them."""
-        from .export.philox import check_seed
-        from .options import resolve_batch_size
+        from .options import check_seed, resolve_batch_size
 
         seed = check_seed(check_int("seed", args.seed))
         threads = args.threads

@@ -49,6 +49,13 @@ HISTORY_INPUT = "x0_prev"
 TABLE_NAMES = ("timesteps", *TABLE)
 
 
+def first_line(err: Exception) -> str:
+    """The first line of ``err``'s message (its type's name if it has none): what a one-line
+    OnnxFileError quotes of onnx's and onnxruntime's multi-line errors."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
 class OnnxFileError(DdpmFastError):
     """An ONNX file that cannot be read, is not one ddpm-fast wrote, or does not fit the request."""
 

@@ -22,10 +22,17 @@ import numpy as np
 
 from ..errors import ConfigError
 from ..images import chain_to_images
-from ..options import check_int, resolve_batch_size
+from ..options import check_int, check_seed, resolve_batch_size
 from ..samplers import rule
-from .format import HISTORY_INPUT, SELF_COND_INPUT, OnnxFileError, OnnxModelInfo, parse_metadata
-from .philox import check_seed, keyed_noise, step_noise
+from .format import (
+    HISTORY_INPUT,
+    SELF_COND_INPUT,
+    OnnxFileError,
+    OnnxModelInfo,
+    first_line,
+    parse_metadata,
+)
+from .philox import keyed_noise, step_noise
 
 logger = logging.getLogger(__name__)
 
@@ -101,11 +108,6 @@ def providers_for_device(device: str | None) -> list | None:
     return [cuda_provider(int(index or 0)), CPU]
 
 
-def _first_line(err: Exception) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
-
-
 def open_session(
     path: str | os.PathLike,
     providers: Sequence | None = None,
@@ -141,7 +143,7 @@ def open_session(
     except Exception as err:  # onnxruntime raises its own exception types
         if type(err).__name__ == "NotImplemented":
             raise  # an op without a kernel on these providers: the caller decides
-        raise OnnxFileError(f"{path}: onnxruntime cannot load it ({_first_line(err)})") from None
+        raise OnnxFileError(f"{path}: onnxruntime cannot load it ({first_line(err)})") from None
     if CUDA in wanted and CUDA not in session.get_providers():
         logger.warning(
             "%s: the CUDA provider could not start (this onnxruntime is built for CUDA %s, with "

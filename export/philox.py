@@ -1,10 +1,11 @@
-"""``ddpm_fast.noise.keyed_noise`` in NumPy: the same Philox stream, without torch.
+"""The Philox noise stream in NumPy, without torch: the NumPy front-end of
+:mod:`ddpm_fast.noise_stream`, what ``OnnxSampler``, the engine's ONNX Runtime chains and the CLI's
+warm start draw.
 
 Noise element e of sample i at chain step s (0 = x_T) is Triton's ``tl.randn(key, offset)`` with
-key = (i << 32) | seed and offset = s * (C * H * W) + e: Philox4x32-10 on the counter
-(offset, 0, 0, 0) with the key split (lo, hi), the first two words mapped to floats in [0, 1) and
-through Box-Muller (cos branch), in float32. The 32-bit words are held in uint64 arrays, where the
-product of two 32-bit words fits exactly; they equal ``ddpm_fast.noise``'s bit for bit (tested).
+key = (i << 32) | seed and offset = s * (C * H * W) + e (the stream, its rounds and Box-Muller
+are written once in ``noise_stream``). Here the 32-bit words are uint64 arrays, where the product
+of two 32-bit words fits exactly; they equal ``ddpm_fast.noise``'s bit for bit (tested).
 """
 
 from __future__ import annotations
@@ -13,24 +14,56 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from ..errors import ConfigError
+from .. import noise_stream as stream
+from ..noise_stream import MASK32
 
-PHILOX_KEY_A = np.uint64(0x9E3779B9)
-PHILOX_KEY_B = np.uint64(0xBB67AE85)
-PHILOX_ROUND_A = np.uint64(0xD2511F53)
-PHILOX_ROUND_B = np.uint64(0xCD9E8D57)
-N_ROUNDS = 10
-MASK32 = 0xFFFFFFFF
-MAX_OFFSET = 2**31  # the kernels index with int32
+# Re-exported only until warm_start and cli import it from options (after the merge).
+
 NOISE_BLOCK_STEPS = 50
 NOISE_BLOCK_VALUES = 2**22  # 16 MiB of float32 per draw
 
-_MASK = np.uint64(MASK32)
 _SHIFT = np.uint64(32)
-_UNIFORM_SCALE = np.float32(4.6566127342e-10)
-_MIN_UNIFORM = np.float32(1.0e-7)
-_TWO_PI = np.float32(6.283185307179586)
-_MINUS_TWO = np.float32(-2.0)
+_MASK = np.uint64(MASK32)
+_UNIFORM_SCALE = np.float32(stream.UNIFORM_SCALE)
+_MIN_UNIFORM = np.float32(stream.MIN_UNIFORM)
+
+
+class NumpyOps:
+    """:class:`~ddpm_fast.noise_stream.ArrayOps` for uint32 words held in uint64 arrays."""
+
+    @staticmethod
+    def mulhilo(a: int, x):
+        """(hi, lo) of ``a * x``: the product is < 2**64, exact in uint64 (or a Python int)."""
+        if isinstance(x, int):
+            p = a * x
+            return p >> 32, p & MASK32
+        p = x * np.uint64(a)
+        return p >> _SHIFT, p & _MASK
+
+    @staticmethod
+    def uniform(words: np.ndarray) -> np.ndarray:
+        signed = words.astype(np.uint32).view(np.int32)
+        folded = np.where(signed < 0, ~signed, signed)
+        return folded.astype(np.float32) * _UNIFORM_SCALE
+
+    @staticmethod
+    def clamp_min(x: np.ndarray, low: float) -> np.ndarray:
+        return np.maximum(x, np.float32(low), out=x)
+
+    @staticmethod
+    def log(x: np.ndarray) -> np.ndarray:
+        return np.log(x, out=x)
+
+    @staticmethod
+    def sqrt(x: np.ndarray) -> np.ndarray:
+        return np.sqrt(x, out=x)
+
+    @staticmethod
+    def cos(x: np.ndarray) -> np.ndarray:
+        return np.cos(x, out=x)
+
+
+NUMPY = NumpyOps()
 
 
 def philox4x32(
@@ -40,52 +73,26 @@ def philox4x32(
     c3: np.ndarray,
     k0: np.ndarray,
     k1: np.ndarray,
-    n_rounds: int = N_ROUNDS,
+    n_rounds: int = stream.N_ROUNDS,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Philox4x32 on uint32 words held in uint64 arrays (which broadcast together)."""
-    for _ in range(n_rounds):
-        prod_b = c2 * PHILOX_ROUND_B  # < 2**64: exact
-        prod_a = c0 * PHILOX_ROUND_A
-        c0, c1, c2, c3 = (
-            (prod_b >> _SHIFT) ^ c1 ^ k0,
-            prod_b & _MASK,
-            (prod_a >> _SHIFT) ^ c3 ^ k1,
-            prod_a & _MASK,
-        )
-        k0 = (k0 + PHILOX_KEY_A) & _MASK
-        k1 = (k1 + PHILOX_KEY_B) & _MASK
-    return c0, c1, c2, c3
+    return stream.philox4x32(c0, c1, c2, c3, k0, k1, NUMPY, n_rounds)
 
 
 def randint4x(key: np.ndarray, offset: np.ndarray) -> tuple[np.ndarray, ...]:
     """``tl.randint4x(key, offset)``: 64-bit keys and 32-bit offsets (uint64 arrays that
     broadcast together) -> four arrays of uint32 words (in uint64)."""
-    zero = np.zeros_like(offset)
-    return philox4x32(offset & _MASK, zero, zero, zero, key & _MASK, key >> _SHIFT)
+    return stream.randint4x(key, offset, NUMPY)
 
 
 def uint_to_uniform_float(words: np.ndarray) -> np.ndarray:
-    """Triton's map of a uint32 word to a float32 in [0, 1): read as int32, fold the negative
-    half with bitwise not, scale."""
-    signed = words.astype(np.uint32).view(np.int32)
-    folded = np.where(signed < 0, ~signed, signed)
-    return folded.astype(np.float32) * _UNIFORM_SCALE
+    """Triton's map of a uint32 word (in uint64) to a float32 in [0, 1)."""
+    return NUMPY.uniform(words)
 
 
 def triton_randn(key: np.ndarray, offset: np.ndarray) -> np.ndarray:
     """``tl.randn(key, offset)``: float32 standard normals, one per (broadcast) offset."""
-    i1, i2, _, _ = randint4x(key, offset)
-    u1 = np.maximum(uint_to_uniform_float(i1), _MIN_UNIFORM)
-    u2 = uint_to_uniform_float(i2)
-    r = np.sqrt(_MINUS_TWO * np.log(u1))
-    return r * np.cos(_TWO_PI * u2)
-
-
-def check_seed(seed: int) -> int:
-    """Seeds are the low 32 bits of the Philox key."""
-    if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or not 0 <= seed <= MASK32:
-        raise ConfigError(f"seed must be an integer in [0, 2**32), got {seed!r}")
-    return int(seed)
+    return stream.triton_randn(key, offset, NUMPY)
 
 
 def keyed_noise(
@@ -103,19 +110,12 @@ def keyed_noise_steps(
     [len(sample_indices), count, *shape] (float32): entry [:, j] is ``keyed_noise`` of step
     ``first_step + j`` (the steps' counters are consecutive). ``ddpm_fast.noise``'s without
     torch."""
-    seed = check_seed(seed)
     numel = int(np.prod(shape, dtype=np.int64))
-    if (first_step + count) * numel > MAX_OFFSET:
-        raise ConfigError(
-            f"{first_step + count} steps of {numel} noise values per sample exceed the 2**31 "
-            "counters of the Philox stream; use fewer steps or smaller images"
-        )
-    indices = np.asarray(list(sample_indices), dtype=np.int64)
-    if indices.size and (indices.min() < 0 or indices.max() > MASK32):
-        raise ConfigError("sample indices must lie in [0, 2**32)")
-    keys = ((indices.astype(np.uint64) << _SHIFT) | np.uint64(seed)).reshape(-1, 1)
-    offsets = np.uint64(first_step * numel) + np.arange(count * numel, dtype=np.uint64)
-    noise = triton_randn(keys, offsets.reshape(1, -1))
+    indices = list(sample_indices)
+    seed, start, stop = stream.check_draw(seed, indices, first_step, count, numel)
+    column = np.array(indices, dtype=np.uint64).reshape(-1, 1)
+    offsets = np.arange(start, stop, dtype=np.uint64).reshape(1, -1)
+    noise = stream.keyed_normals(seed, column, offsets, NUMPY)
     return noise.reshape(len(indices), count, *shape)
 
 

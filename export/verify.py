@@ -27,9 +27,16 @@ import torch
 
 from ..pipeline import LEFT_OUT_AT_DEFAULT, DiffusionConfig, Pipeline
 from ..samplers import SamplerSpec, StepTables, denoise_step, step_tables
-from .exporter import graph_module, require_onnx
-from .format import HISTORY_INPUT, SELF_COND_INPUT, OnnxFileError, OnnxModelInfo, parse_metadata
-from .onnx_sampler import _first_line, open_session, read_info
+from .format import (
+    HISTORY_INPUT,
+    SELF_COND_INPUT,
+    OnnxFileError,
+    OnnxModelInfo,
+    first_line,
+    parse_metadata,
+)
+from .graph import graph_module, require_onnx
+from .onnx_sampler import open_session, read_info
 
 TOLERANCE = {"fp32": 1e-4, "fp16": 1e-2}
 BATCH_SIZES = (1, 3)
@@ -130,13 +137,13 @@ def load_onnx_info(path: str | os.PathLike) -> OnnxModelInfo:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as err:  # protobuf's DecodeError and friends
         raise OnnxFileError(
-            f"{path}: not a readable ONNX file, truncated or not ONNX ({_first_line(err)})"
+            f"{path}: not a readable ONNX file, truncated or not ONNX ({first_line(err)})"
         ) from None
     info = parse_metadata({p.key: p.value for p in model.metadata_props}, str(path))
     try:
         onnx.checker.check_model(str(path), full_check=True)
     except Exception as err:
-        raise OnnxFileError(f"{path}: fails the ONNX checker ({_first_line(err)})") from None
+        raise OnnxFileError(f"{path}: fails the ONNX checker ({first_line(err)})") from None
     return info
 
 
@@ -263,7 +270,7 @@ def verify_onnx(
         if type(err).__name__ != "NotImplemented":
             raise
         if info.dtype == "fp32":
-            raise OnnxFileError(f"{path}: onnxruntime cannot run it ({_first_line(err)})") from None
+            raise OnnxFileError(f"{path}: onnxruntime cannot run it ({first_line(err)})") from None
         used = providers if providers is not None else "the default providers"
         return VerifyReport(
             path, info, [], skipped=f"no provider with {info.dtype} kernels in {used}"

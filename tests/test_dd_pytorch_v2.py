@@ -396,7 +396,7 @@ def test_the_engine_kernels_are_the_reference(monkeypatch):
 def test_the_unet_graph_of_the_exporter_is_the_reference():
     """What ``ddpm-fast export --what unet`` traces (the family's time_conditioning and
     forward_conditioned), run in PyTorch."""
-    from ddpm_fast.export.exporter import UnetGraph
+    from ddpm_fast.export.graph import UnetGraph
 
     case = network_fixtures()["full_attn_self_cond"]
     network = library_unet("full_attn_self_cond")

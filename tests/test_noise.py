@@ -161,3 +161,26 @@ def test_a_block_past_the_stream_is_a_config_error():
     keyed_noise_steps(0, [0], last - 2, 2, (4, 64, 64))  # ends exactly at the limit
     with pytest.raises(ConfigError, match="exceed the 2\\*\\*31 counters"):
         keyed_noise_steps(0, [0], last - 2, 3, (4, 64, 64))
+
+
+def test_one_check_seed_for_both_front_ends():
+    """options.check_seed: NumPy integers are seeds (the same noise as the int), bools are not,
+    in the torch and the NumPy front-end alike."""
+    import numpy as np
+
+    from ddpm_fast.export import philox
+    from ddpm_fast.options import check_seed
+
+    assert check_seed(np.uint32(2**32 - 1)) == 2**32 - 1 and type(check_seed(np.int64(3))) is int
+    for seed in (np.int64(7), np.uint32(7)):
+        assert torch.equal(keyed_noise(seed, [0, 3], 2, (4,)), keyed_noise(7, [0, 3], 2, (4,)))
+        np.testing.assert_array_equal(
+            philox.keyed_noise(seed, [0, 3], 2, (4,)), philox.keyed_noise(7, [0, 3], 2, (4,))
+        )
+    for draw in (keyed_noise, philox.keyed_noise):
+        with pytest.raises(ConfigError, match="seed must be"):
+            draw(True, [0], 0, (2,))
+        with pytest.raises(ConfigError, match="seed must be"):
+            draw(np.int64(2**32), [0], 0, (2,))
+    with pytest.raises(ConfigError, match="seed must be"):
+        philox_keys(-1, [0])

@@ -9,7 +9,7 @@ its noise (the Philox stream of every path, drawn with NumPy: ``table_chain``, w
 loop) and the chain's tables.
 
 What runs is the engine's *executor file* (never to be confused with the deployment step file of
-``ddpm-fast export --what step``): ``export.exporter.StepUpdate``, the folded network and
+``ddpm-fast export --what step``): ``export.graph.StepUpdate``, the folded network and
 ``samplers.rule``'s update, with the step's time row (every block's time projection, a row of the
 chain's table, so the time MLPs stay out of the graph) and coefficient row as inputs, so one file
 serves every chain (sampler, steps, eta) of a model at one image size. Where the family's engine
@@ -168,7 +168,7 @@ def export_executor_file(
 ) -> None:
     """Write the step graph for images of ``image_hw`` to ``path`` (atomically), its Winograd form
     beside it, and last their seal for ``key`` (``table_chain.write_seal``)."""
-    from ..export.exporter import StepUpdate, trace_to_onnx
+    from ..export.graph import StepUpdate, trace_to_onnx
 
     update = StepUpdate(pipeline, spec, learned, network=onnx_network(pipeline)).eval()
     generator = torch.Generator().manual_seed(0)
