@@ -3,11 +3,11 @@
 # to wall (start-up included) on a quiet machine and beside N busy processes (a Python loop
 # spinning a core each), for the engine with its plan (on ONNX Runtime where installed: a warm
 # start, which imports no torch), the same without the warm start (DDPM_FAST_WARM_START=0: torch
-# loads the model, the step file comes from the cache), the engine pinned to every core, the
+# loads the model, the executor file comes from the cache), the engine pinned to every core, the
 # engine on its PyTorch executor, and ONNX Runtime running an exported step file by itself
 # (`sample --onnx`). Each case runs REPEATS times, interleaved; the median is reported, and each
 # case's image files are compared with its first (same bytes whatever the load), and the engine's
-# with and without the warm start with each other. The engine's step file is exported into a
+# with and without the warm start with each other. The engine's executor file is exported into a
 # fresh cache folder by a first, separately timed run (the cold start, which records the warm
 # start); the timed runs find both there.
 #
@@ -69,7 +69,7 @@ cmp -s "$work/engine-0-1.png" "$work/cold.png" || warm_same=no
     echo "- command: \`benchmarks/sample_under_load.sh $busy $repeats\` (wall time with start-up, median of $repeats, interleaved)"
     echo "- each case's image files byte-identical to its first, quiet and loaded: $same"
     echo "- the engine's images the same bytes with and without the warm start, and as the cold run's: $warm_same"
-    echo "- the engine's first run, exporting its step file into an empty cache (cold start): $(printf '%.1f' "$cold") s"
+    echo "- the engine's first run, exporting its executor file into an empty cache (cold start): $(printf '%.1f' "$cold") s"
     echo
     echo "| | quiet s | with $busy busy process(es) s | loaded/quiet |"
     echo "|---|---|---|---|"

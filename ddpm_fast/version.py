@@ -8,7 +8,7 @@ __version__ = "0.1.0"
 @functools.cache
 def source_digest() -> str:
     """The sha256 of the Python files of ddpm_fast and its export package. Caches of what the
-    code computes (the engine's step files, the CLI's warm starts) are keyed by it: the version
+    code computes (the engine's executor files, the CLI's warm starts) are keyed by it: the version
     alone would not change in a checkout being worked on, or in a patched install."""
     from . import export
 

@@ -382,7 +382,7 @@ def test_a_spaced_chain_is_diffusers(tmp_path, name):
 )
 def test_a_spaced_chain_through_the_engine_is_diffusers(tmp_path, name, executor):
     """The engine's prepared chain on either CPU executor (the fast network, coefficient table
-    and fused step; the exported row-fed step file) fed the fixture's noise, step by step."""
+    and fused step; the row-fed executor file) fed the fixture's noise, step by step."""
     from ddpm_fast.engine import Engine
     from ddpm_fast.engine.engine import ChainState
 

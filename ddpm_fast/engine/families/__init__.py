@@ -8,7 +8,7 @@ ddpm_fast.models for the contract):
   conditioning tables before they are laid side by side (e.g. a conv bias added to the time bias
   that follows it), so that it costs nothing per step;
 - optionally ``onnx_form(folded)``: swap in place the blocks of the folded network that ONNX
-  Runtime runs faster in another form (the engine's CPU step file is traced from it), and with
+  Runtime runs faster in another form (the engine's CPU executor file is traced from it), and with
   it ``onnx_time_rows(reference, conditioning) -> conditioning`` where those blocks read their
   time rows in another form.
 
