@@ -38,7 +38,7 @@ def reference(sampler: str, auto_normalize: bool) -> torch.Tensor:
 
 
 @cache
-def engine(sampler: str, auto_normalize: bool, executor: str) -> Engine:
+def engine(auto_normalize: bool, executor: str) -> Engine:
     return Engine(pipeline(auto_normalize), cpu_executor=executor)
 
 
@@ -80,7 +80,7 @@ def test_every_path_gives_the_references_images(sampler, auto_normalize, path, t
     expected = reference(sampler, auto_normalize)
     chain = dict(sampler=sampler, steps=STEPS, seed=SEED)
     if path.startswith("engine-"):
-        run = engine(sampler, auto_normalize, path.removeprefix("engine-"))
+        run = engine(auto_normalize, path.removeprefix("engine-"))
         images = run.sample(NUM, **chain)
     elif path == "onnx-sampler":
         from ddpm_fast.export import OnnxSampler, export_onnx
@@ -93,7 +93,7 @@ def test_every_path_gives_the_references_images(sampler, auto_normalize, path, t
     else:
         from ddpm_fast.warm_start import WarmStart, record
 
-        run = engine(sampler, auto_normalize, "onnxruntime")
+        run = engine(auto_normalize, "onnxruntime")
         run.sample(NUM, **chain)  # the chain ran on ONNX Runtime: there is a step file to record
         spec = run.sampler_spec(sampler, STEPS)
         key = f"output-range-{sampler}-{auto_normalize}"
