@@ -16,12 +16,14 @@ import numpy as np
 
 
 def chain_to_images(x, auto_normalize: bool = True):
-    """A chain's final x (in [-1, 1]) as images in [0, 1], for torch tensors and NumPy arrays
-    alike: (x + 1) / 2, or with ``auto_normalize`` False (a model trained on data in [0, 1], as
-    denoising-diffusion-pytorch's ``GaussianDiffusion(auto_normalize=False)``) x itself, clamped
-    to [0, 1]."""
+    """A chain's final x as images in [0, 1], for torch tensors and NumPy arrays alike:
+    (x + 1) / 2, or with ``auto_normalize`` False (a model trained on data in [0, 1], as
+    denoising-diffusion-pytorch's ``GaussianDiffusion(auto_normalize=False)``) x itself; clamped
+    to [0, 1] either way, as every diffusers pipeline ends (``(image / 2 + 0.5).clamp(0, 1)``):
+    a chain that does not clip x0 (diffusers' DPM-Solver, ``clip_x0=False``) can leave [-1, 1].
+    The one place that decides the output range, for every path."""
     if auto_normalize:
-        return (x + 1) * 0.5
+        x = (x + 1) * 0.5
     return x.clip(0, 1)
 
 

@@ -37,12 +37,12 @@ def pipelines() -> tuple[Pipeline, Pipeline]:
 
 def test_the_mapping_on_tensors_and_arrays():
     x = torch.tensor([-1.5, -1.0, -0.25, 0.0, 0.375, 1.0, 1.25])
-    assert torch.equal(chain_to_images(x), (x + 1) / 2)
+    assert torch.equal(chain_to_images(x), ((x + 1) / 2).clamp(0, 1))  # -1.5 and 1.25 clamped
     assert torch.equal(chain_to_images(x, auto_normalize=False), x.clamp(0, 1))
     a = x.numpy()
     on, off = chain_to_images(a), chain_to_images(a, auto_normalize=False)
     assert on.dtype == off.dtype == np.float32
-    np.testing.assert_array_equal(on, (a + 1) / 2)
+    np.testing.assert_array_equal(on, np.clip((a + 1) / 2, 0, 1))
     np.testing.assert_array_equal(off, np.clip(a, 0, 1))
 
 

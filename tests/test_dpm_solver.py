@@ -3,6 +3,7 @@ sigmas and chains (fixtures made by tests/fixtures/make_dpm_solver.py, around a 
 both sides run: tests/fixtures/gaussian_denoiser.py)."""
 
 import json
+import re
 from functools import cache
 from pathlib import Path
 
@@ -10,6 +11,9 @@ import numpy as np
 import pytest
 import torch
 
+import ddpm_fast
+from ddpm_fast.cli import main
+from ddpm_fast.engine import Engine
 from ddpm_fast.errors import ConfigError
 from ddpm_fast.samplers import SamplerSpec, chain_tables, sample_loop
 from ddpm_fast.samplers.dpm_solver import timesteps_and_sigmas
@@ -114,3 +118,89 @@ def test_the_final_step_returns_x0_and_the_first_has_no_history():
 def test_bad_specs_are_config_errors(kwargs, field):
     with pytest.raises(ConfigError, match=field):
         SamplerSpec(**kwargs)
+
+
+def forbid_the_network(pipeline):
+    """A hook that fails the test if anything evaluates the network."""
+
+    def called(*args):
+        raise AssertionError("the network ran before the chain was refused")
+
+    return pipeline.network.register_forward_pre_hook(called)
+
+
+@pytest.mark.parametrize("spacing", ["linspace", "leading"])
+@pytest.mark.parametrize("name", ["dpm++2m", "dpm++2m-sde"])
+def test_a_chain_that_repeats_a_timestep_is_refused_up_front(name, spacing, tmp_path):
+    # steps + 1 points over the schedule's T timesteps: at steps = T one repeats (leading: all),
+    # h = 0 and DPM-Solver divides by it; diffusers 0.42.1 gives NaN there too.
+    pipeline = ddpm_fast.load()
+    total = pipeline.schedule.num_timesteps
+    message = (
+        rf"sampler {re.escape(name)} with {total} steps and timestep_spacing '{spacing}' visits "
+        rf"timestep \d+ twice .* use at most {total - 1} steps, timestep_spacing 'trailing', "
+        rf"or sampler {re.escape(name)}-karras$"
+    )
+    chain = dict(sampler=name, steps=total, timestep_spacing=spacing)
+    engine = Engine(pipeline, cpu_executor="torch")
+    hook = forbid_the_network(pipeline)
+    try:
+        for run in (
+            lambda: pipeline.sample(1, **chain),
+            lambda: engine.sample(1, **chain),
+            lambda: pipeline.sample_to(tmp_path / "x.png", 1, **chain),
+            lambda: engine.sample_to(tmp_path / "x.npz", 1, **chain),
+        ):
+            with pytest.raises(ConfigError, match=message):
+                run()
+    finally:
+        hook.remove()
+    assert not engine._chains  # nothing prepared, nothing folded
+    assert not list(tmp_path.iterdir())  # nothing written
+    # What the message offers instead runs: finite columns, every step a falling sigma.
+    abar = pipeline.schedule.alphas_cumprod
+    for spec in (
+        SamplerSpec(name, total - 1, timestep_spacing=spacing),
+        SamplerSpec(name, total, timestep_spacing="trailing"),
+        SamplerSpec(f"{name}-karras", total, timestep_spacing=spacing),
+    ):
+        assert (np.diff(timesteps_and_sigmas(abar.double().numpy(), spec)[1]) < 0).all()
+        rows = chain_tables(abar, spec).rows("pred_noise")
+        assert all(torch.isfinite(torch.as_tensor(v)).all() for v in rows.values()), spec
+
+
+@pytest.mark.parametrize("spacing", ["linspace", "leading"])
+def test_the_cli_refuses_it_in_one_line_before_sampling(spacing, tmp_path, capsys):
+    out = tmp_path / "x.png"
+    argv = ["sample", "--sampler", "dpm++2m", "--steps", "1000", "--timestep-spacing", spacing]
+    assert main([*argv, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"ddpm-fast: error: sampler dpm++2m with 1000 steps and "
+                          f"timestep_spacing '{spacing}' visits timestep")  # fmt: skip
+    assert err.count("\n") == 1 and "Warning" not in err
+    assert not list(tmp_path.iterdir())
+
+
+def test_every_solver_chain_on_the_default_schedule_falls_or_is_refused():
+    # Every steps count of each spacing: the sigmas fall at every step, or the chain is a
+    # ConfigError; on the default schedule only steps = T of linspace and leading are refused
+    # (and trailing's counts whose float step overshoots, for every sampler: test_samplers).
+    abar = ddpm_fast.load().schedule.alphas_cumprod.double().numpy()
+    total = len(abar)
+    for name in ("dpm++2m", "dpm++2m-sde"):
+        for spacing in ("library", "linspace", "leading", "trailing"):
+            refused = []
+            for steps in range(1, total + 1):
+                spec = SamplerSpec(name, steps, timestep_spacing=spacing)
+                try:
+                    with np.errstate(all="raise"):
+                        _, sigmas = timesteps_and_sigmas(abar, spec)
+                except ConfigError as error:
+                    assert "\n" not in str(error)
+                    refused.append(steps)
+                    continue
+                assert (np.diff(sigmas) < 0).all(), (name, spacing, steps)
+            if spacing in ("linspace", "leading"):
+                assert refused == [total], (name, spacing)
+            elif spacing == "library":
+                assert refused == [], (name, spacing)

@@ -3,12 +3,15 @@ ddim_sample (fixtures made with its own noise, which the tests replay)."""
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
 import ddpm_fast
 from ddpm_fast.errors import ConfigError
-from ddpm_fast.samplers import SamplerSpec, sample_loop, step_tables
+from ddpm_fast.samplers import OBJECTIVES, SAMPLERS, SPACINGS, SamplerSpec, sample_loop, step_tables
+from ddpm_fast.samplers.spacing import spaced_timesteps
+from ddpm_fast.schedule import Schedule, ScheduleConfig
 
 from .helpers import chain_fixtures, network_fixtures, rel_error, unstored_options
 
@@ -131,3 +134,47 @@ def test_bad_sampling_arguments_are_config_errors(kwargs, message):
 def test_zero_images_is_a_config_error():
     with pytest.raises(ConfigError, match="number of images must be at least 1"):
         ddpm_fast.load().sample(0)
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_every_chain_of_a_short_schedule_is_finite_or_refused(sampler):
+    # Every steps count of each spacing, for every objective: finite columns, distinct timesteps
+    # (no zero-length step), or a one-line ConfigError when the chain is built.
+    schedule = Schedule(ScheduleConfig("linear", 100))
+    total = schedule.num_timesteps
+    refused = {}
+    for spacing in SPACINGS:
+        for steps in range(1, total + 1):
+            spec = SamplerSpec(sampler, steps, timestep_spacing=spacing)
+            try:
+                with np.errstate(all="ignore"):  # a NaN must show in the columns, not warn
+                    tables = step_tables(schedule, spec)
+                    rows = [tables.columns()] + [tables.rows(o) for o in OBJECTIVES]
+            except ConfigError as error:
+                assert "\n" not in str(error)
+                refused.setdefault(spacing, []).append(steps)
+                continue
+            for objective, columns in zip(("table", *OBJECTIVES), rows, strict=True):
+                for name, column in columns.items():
+                    finite = torch.isfinite(torch.as_tensor(column)).all()
+                    assert finite, (sampler, spacing, steps, objective, name)
+            t = tables.timesteps.tolist()
+            assert len(set(t)) == len(t) or sampler.endswith("-karras"), (spacing, steps)
+    solver = sampler.startswith("dpm++") and not sampler.endswith("-karras")
+    assert refused.get("linspace", []) == refused.get("leading", []) == ([total] if solver else [])
+    assert "library" not in refused
+    # Karras' sigmas do not depend on the spacing.
+    overshoot = [n for n in range(1, total + 1) if len(np.arange(total, 0, -total / n)) != n]
+    assert overshoot  # 29, 31, 58, 62 and 97 at T = 100
+    assert refused.get("trailing", []) == ([] if sampler.endswith("-karras") else overshoot)
+
+
+def test_a_trailing_count_whose_float_step_overshoots_says_what_runs():
+    # diffusers' arange(1000, 0, -1000 / 61) has 62 points, the last timestep -1.
+    message = (
+        r"timestep_spacing 'trailing' with 61 steps gives 62 timesteps on the schedule's 1000 "
+        r".* reaches timestep -1, .*; use 60 or 62 steps, or another spacing$"
+    )
+    with pytest.raises(ConfigError, match=message):
+        ddpm_fast.load().sample(1, sampler="ddim", steps=61, timestep_spacing="trailing")
+    assert len(spaced_timesteps(1000, 62, "trailing")) == 62

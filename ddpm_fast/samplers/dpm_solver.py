@@ -16,8 +16,11 @@ history yet), and so is the last, which lands on sigma = 0: x_next = x0.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 
+from ..errors import ConfigError
 from .rule import Chain
 from .spacing import clip_columns, spaced_timesteps
 
@@ -53,7 +56,14 @@ def sigma_to_t(sigma: np.ndarray, log_sigmas: np.ndarray) -> np.ndarray:
 
 def timesteps_and_sigmas(alphas_cumprod: np.ndarray, spec) -> tuple[np.ndarray, np.ndarray]:
     """The visited timesteps and the sigmas of the steps, with the final 0 appended (float32
-    values, as diffusers keeps them)."""
+    values, as diffusers keeps them). A chain with a zero-length step (a sigma that does not
+    fall) is a ConfigError: the solver divides by its h = 0 (``check_steps_fall``)."""
+    t, sigmas = _timesteps_and_sigmas(alphas_cumprod, spec)
+    check_steps_fall(alphas_cumprod, spec, t, sigmas)
+    return t, sigmas
+
+
+def _timesteps_and_sigmas(alphas_cumprod: np.ndarray, spec) -> tuple[np.ndarray, np.ndarray]:
     total = len(alphas_cumprod)
     # A zero terminal SNR schedule's abar_T = 0 is 2**-24 for DPM-Solver, as diffusers sets it
     # (a finite first sigma).
@@ -69,6 +79,48 @@ def timesteps_and_sigmas(alphas_cumprod: np.ndarray, spec) -> tuple[np.ndarray, 
         chosen = np.interp(t, np.arange(total), sigmas)
     sigmas = np.append(chosen, 0.0).astype(np.float32).astype(np.float64)
     return t, sigmas
+
+
+def _falls(sigmas: np.ndarray) -> bool:
+    return bool((np.diff(sigmas) < 0).all())
+
+
+def check_steps_fall(alphas_cumprod: np.ndarray, spec, t: np.ndarray, sigmas: np.ndarray) -> None:
+    """ConfigError where two steps share a sigma: h = 0, and r = h_prev / h divides by it (NaN
+    from the next step on). linspace and leading spacing space steps + 1 points over the
+    schedule's timesteps, so ``steps`` equal to its length repeats one (leading: all of them).
+    diffusers 0.42.1 keeps the duplicates (its set_timesteps removes none) and gives NaN too, so
+    there is no chain of its to match: refused, with what runs instead."""
+    if _falls(sigmas):
+        return
+    k = int(np.flatnonzero(np.diff(sigmas) >= 0)[0])
+    instead = []
+    shorter = (replace(spec, steps=n) for n in range(spec.steps - 1, 0, -1))
+    fewer = next((s for s in shorter if _runs(alphas_cumprod, s)), None)
+    if fewer is not None:
+        instead.append(f"at most {fewer.steps} steps")
+    karras = spec.kind.endswith("-karras")  # its sigmas do not depend on the spacing
+    trailing = replace(spec, timestep_spacing="trailing")
+    if not karras and spec.timestep_spacing != "trailing" and _runs(alphas_cumprod, trailing):
+        instead.append("timestep_spacing 'trailing'")
+    if not karras and _runs(alphas_cumprod, replace(spec, kind=f"{spec.kind}-karras")):
+        instead.append(f"sampler {spec.kind}-karras")
+    if len(instead) > 1:
+        instead[-1] = f"or {instead[-1]}"
+    raise ConfigError(
+        f"sampler {spec.kind} with {spec.steps} steps and timestep_spacing "
+        f"{spec.timestep_spacing!r} visits timestep {t[k]} twice on the schedule's "
+        f"{len(alphas_cumprod)} timesteps (a zero-length step: DPM-Solver divides by zero); "
+        f"use {', '.join(instead) or 'another chain'}"
+    )
+
+
+def _runs(alphas_cumprod: np.ndarray, spec) -> bool:
+    """Whether ``spec``'s chain has no zero-length step."""
+    try:
+        return _falls(_timesteps_and_sigmas(alphas_cumprod, spec)[1])
+    except ConfigError:
+        return False
 
 
 def chain(alphas_cumprod: np.ndarray, spec) -> Chain:

@@ -36,7 +36,9 @@ def spaced_timesteps(
         ratio = total // points
         t = (np.arange(0, points) * ratio).round()[::-1][:steps].astype(np.int64) + steps_offset
     elif spacing == "trailing":
-        t = np.arange(total, 0, -total / steps).round().astype(np.int64) - 1
+        t = _trailing(total, steps)
+        if len(t) != steps:
+            raise ConfigError(_trailing_overshoot(total, steps, t))
     else:
         raise ConfigError(f"unknown timestep_spacing {spacing!r}; known: {', '.join(SPACINGS)}")
     if len(t) != steps or t.min() < 0 or t.max() >= total:
@@ -45,6 +47,30 @@ def spaced_timesteps(
             f"[0, {total}) for {steps} steps"
         )
     return t
+
+
+def _trailing(total: int, steps: int) -> np.ndarray:
+    return np.arange(total, 0, -total / steps).round().astype(np.int64) - 1
+
+
+def _trailing_overshoot(total: int, steps: int, t: np.ndarray) -> str:
+    """Why diffusers' trailing spacing cannot run ``steps`` steps, and the nearest counts that
+    can: ``steps`` float steps of total / steps can fall short of total, so arange makes one
+    point more, timestep -1 (diffusers runs that extra step, on abar[-1]: the noisiest)."""
+
+    def runs(n: int) -> bool:
+        return len(_trailing(total, n)) == n
+
+    near = [
+        next((n for n in range(steps - 1, 0, -1) if runs(n)), None),
+        next((n for n in range(steps + 1, total + 1) if runs(n)), None),
+    ]
+    near = " or ".join(str(n) for n in near if n is not None)
+    return (
+        f"timestep_spacing 'trailing' with {steps} steps gives {len(t)} timesteps on the "
+        f"schedule's {total} (the float step {total}/{steps} reaches timestep {t[-1]}, as in "
+        f"diffusers, which runs that extra step); use {near} steps, or another spacing"
+    )
 
 
 def x0_columns(abar: np.ndarray) -> dict[str, np.ndarray]:
