@@ -23,13 +23,11 @@ from .options import (
     DEFAULT_BATCH_SIZE,
     ENGINE_DTYPES,
     OBJECTIVES,
-    SAMPLERS,
     VARIANCES,
-    check_chain,
     resolve_batch_size,
 )
 from .output import Output, check_writable_file, file_sha256, write_samples
-from .samplers import SPACINGS, sampler_module
+from .samplers import SAMPLERS, SPACINGS, check_chain, sampler_module
 from .version import __version__
 
 GRID_IMAGES = 64  # images in the grid `quality --grid` writes

@@ -8,7 +8,6 @@ import math
 import numbers
 
 from .errors import ConfigError
-from .samplers.registry import SAMPLERS, sampler_module
 
 OBJECTIVES = ("pred_noise", "pred_x0", "pred_v")
 # What runs the engine's fp32 step on the CPU (ddpm_fast.engine.onnx_executor).
@@ -78,16 +77,6 @@ def resolve_batch_size(num: int, batch_size: int | None) -> int:
     if batch_size is None:
         return min(num, DEFAULT_BATCH_SIZE)
     return check_int("batch_size", batch_size, minimum=1)
-
-
-def check_chain(sampler, eta) -> tuple[str, float]:
-    """(sampler, eta) checked: a known sampler, a finite eta >= 0, and eta only for a sampler
-    that uses it (DDIM)."""
-    sampler = check_choice("sampler", sampler, SAMPLERS)
-    eta = check_real("eta", eta, minimum=0.0)
-    if eta and not sampler_module(sampler).USES_ETA:
-        raise ConfigError(f"eta applies to the ddim sampler only, not {sampler}")
-    return sampler, eta
 
 
 def _shown(value) -> str:

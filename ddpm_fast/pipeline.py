@@ -20,9 +20,7 @@ from .options import (
     DEFAULT_BATCH_SIZE,
     MAX_IMAGE_SIZE,
     OBJECTIVES,
-    SAMPLERS,
     VARIANCES,
-    check_chain,
     check_choice,
     check_int,
     check_real,
@@ -30,7 +28,15 @@ from .options import (
     resolve_batch_size,
 )
 from .output import Group, Output, write_samples
-from .samplers import SPACINGS, SamplerSpec, StepTables, sample_loop, step_tables
+from .samplers import (
+    SAMPLERS,
+    SPACINGS,
+    SamplerSpec,
+    StepTables,
+    check_chain,
+    sample_loop,
+    step_tables,
+)
 from .schedule import Schedule, ScheduleConfig
 
 __all__ = ["DEFAULT_BATCH_SIZE", "DiffusionConfig", "Pipeline", "resolve_batch_size"]

@@ -27,8 +27,8 @@ from dataclasses import dataclass
 from itertools import pairwise
 
 from ..errors import DdpmFastError
-from ..options import MAX_IMAGE_SIZE, MAX_TIMESTEPS, OBJECTIVES, SAMPLERS, VARIANCES
-from ..samplers import SPACINGS, TABLE, sampler_module
+from ..options import MAX_IMAGE_SIZE, MAX_TIMESTEPS, OBJECTIVES, VARIANCES
+from ..samplers import SAMPLERS, SPACINGS, TABLE, sampler_module
 
 FORMAT_KEY = "ddpm_fast_onnx_format"
 # 2: the rule's columns (x0_prev, x0_max, noise_on), timestep_spacing; 3: eps_x0_max (DDIM's eps

@@ -19,9 +19,6 @@ part of the path, as it is at import time. What an ``__init__`` exposes lazily (
 own ancestor packages (``from .. import load``) is no edge either: that ``__init__`` is already
 being imported whenever the module is. Every strongly connected set of modules larger than one
 fails the test.
-
-``TO_BE_FIXED_BY_THE_MERGE`` lists the cases in files other engineers were editing when this test
-was written; it is emptied once their branches are merged.
 """
 
 from __future__ import annotations
@@ -31,15 +28,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 FOLDERS = {"ddpm_fast": "ddpm_fast", "kernels": "ddpm_fast.kernels", "export": "ddpm_fast.export"}
-
-# (importing module, what it uses): a private name "module._name", or a cycle-closing edge
-# "module -> module". To be fixed by the merge; then this set is empty.
-TO_BE_FIXED_BY_THE_MERGE: set[tuple[str, str]] = {
-    # options -> samplers (its __init__ imports rule, spacing) -> rule -> options (rule.py's
-    # function-level OBJECTIVES) and spacing -> schedule -> options: check_chain and the SAMPLERS
-    # list move to samplers/registry.py, so that options imports no sampler module.
-    ("ddpm_fast.options", "ddpm_fast.options -> ddpm_fast.samplers"),
-}
 
 
 def module_files() -> dict[str, Path]:
@@ -180,45 +168,25 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     return found
 
 
-def allowed_graph() -> dict[str, set[str]]:
-    """The graph less the edges the allow-list names."""
-    return {
-        a: {b for b in targets if (a, f"{a} -> {b}") not in TO_BE_FIXED_BY_THE_MERGE}
-        for a, targets in GRAPH.items()
-    }
-
-
 def test_the_folders_are_all_found():
     assert {"ddpm_fast.noise", "ddpm_fast.kernels", "ddpm_fast.export.philox"} <= set(MODULES)
     assert len(MODULES) > 50
 
 
 def test_no_private_name_is_used_across_modules():
-    found = sorted(
-        (module, used)
-        for module, used_names in PRIVATE.items()
-        for used in used_names
-        if (module, used) not in TO_BE_FIXED_BY_THE_MERGE
-    )
+    found = sorted((module, used) for module, used_names in PRIVATE.items() for used in used_names)
     assert found == [], "make these names public where they are defined:\n" + "\n".join(
         f"{MODULES[m].relative_to(ROOT)} uses {u}" for m, u in found
     )
 
 
 def test_there_is_no_import_cycle():
-    found = cycles(allowed_graph())
+    found = cycles(GRAPH)
     lines = []
     for members in found:
         inside = [f"{a} -> {b}" for a in members for b in sorted(GRAPH[a]) if b in members]
         lines.append("; ".join(inside))
     assert found == [], "import cycles (their edges):\n" + "\n".join(lines)
-
-
-def test_the_allow_list_names_only_what_is_still_there():
-    """An entry fixed elsewhere must leave the list, or the list would hide a new case."""
-    cycle_edges = {(a, f"{a} -> {b}") for a, targets in GRAPH.items() for b in targets}
-    used = {(m, u) for m, names in PRIVATE.items() for u in names}
-    assert cycle_edges | used >= TO_BE_FIXED_BY_THE_MERGE
 
 
 def test_the_checks_find_what_they_are_for():

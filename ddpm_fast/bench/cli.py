@@ -13,8 +13,8 @@ import torch
 
 from ..engine import DTYPES
 from ..errors import ConfigError
-from ..options import SAMPLERS
 from ..pipeline import Pipeline
+from ..samplers import SAMPLERS
 from .backends import BACKENDS, make_backend, thread_plan
 from .diffusers_backend import check_diffusers_model, ddpm_scheduler_config, import_diffusers
 from .measure import (

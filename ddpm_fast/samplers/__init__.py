@@ -9,7 +9,7 @@ names load on first use.
 from __future__ import annotations
 
 from ..lazy import lazy_getattr
-from .registry import SAMPLERS, sampler_module
+from .registry import SAMPLERS, check_chain, sampler_module
 from .rule import ROW, TABLE, Chain
 from .spacing import SPACINGS
 
@@ -29,4 +29,4 @@ _LAZY = {
 __getattr__ = lazy_getattr(__name__, _LAZY)
 
 
-__all__ = ["ROW", "SAMPLERS", "SPACINGS", "TABLE", "Chain", "sampler_module", *_LAZY]
+__all__ = ["ROW", "SAMPLERS", "SPACINGS", "TABLE", "Chain", "check_chain", "sampler_module", *_LAZY]

@@ -16,6 +16,7 @@ import sys
 from types import ModuleType
 
 from ..errors import ConfigError
+from ..options import check_choice, check_real
 
 INFRASTRUCTURE = ("reference", "registry", "rule", "spacing", "spec")
 
@@ -44,3 +45,13 @@ def sampler_module(name) -> ModuleType:
     if not isinstance(name, str) or name not in MODULES:
         raise ConfigError(f"unknown sampler {name!r}; known: {', '.join(SAMPLERS)}")
     return MODULES[name]
+
+
+def check_chain(sampler, eta) -> tuple[str, float]:
+    """(sampler, eta) checked: a known sampler, a finite eta >= 0, and eta only for a sampler
+    that uses it (DDIM)."""
+    sampler = check_choice("sampler", sampler, SAMPLERS)
+    eta = check_real("eta", eta, minimum=0.0)
+    if eta and not sampler_module(sampler).USES_ETA:
+        raise ConfigError(f"eta applies to the ddim sampler only, not {sampler}")
+    return sampler, eta

@@ -27,6 +27,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from ..errors import ConfigError
+from ..options import OBJECTIVES
 
 # The columns a sampler computes, float64, one value per chain step.
 TABLE = (
@@ -87,8 +88,6 @@ def row_columns(table: Mapping, objective: str) -> dict:
         zero = 0.0 * table["x0_from_xt"]
         a, b = zero, zero - 1.0
     else:
-        from ..options import OBJECTIVES  # options imports this package: not at the top
-
         raise ConfigError(f"unknown objective {objective!r}; known: {', '.join(OBJECTIVES)}")
     return {"a": a, "b": b} | {name: table[name] for name in ROW[2:]}
 
