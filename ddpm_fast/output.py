@@ -64,8 +64,8 @@ class Group:
     # The smallest of the ranks' values (a batch size every rank's device takes).
     smallest: Callable[[int], int] = field(default=lambda value: value, compare=False)
     # Seconds a finished rank waits while no other rank finishes a batch (at least: see
-    # write_samples), and that a barrier waits for the ranks.
-    timeout: float = 600.0
+    # write_samples); None: it does not wait for their files (the caller runs the ranks).
+    timeout: float | None = None
 
 
 class RankLostError(DdpmFastError):
@@ -369,7 +369,7 @@ def write_samples(
     it, as one rank of ``group``: the whole of ``ddpm-fast sample`` after the model is loaded.
     ``progress(n)`` is told the images finished by all ranks after each batch of this one.
 
-    Under several ranks, a rank done with its batches waits for the others' batches to appear,
+    Under torchrun, a rank done with its batches waits for the others' batches to appear,
     for as long as some rank finishes one at least every ``group.timeout`` seconds (or 3 times
     this rank's slowest batch, if longer); past that it names the ranks that stopped."""
     output.start(run, batch, group)
@@ -381,7 +381,7 @@ def write_samples(
         elif left < num:
             say(f"resuming: {left} of {num} images still to draw")
     slowest = _draw_batches(output, todo, num, batch, draw, progress)
-    if group.world > 1:
+    if group.world > 1 and group.timeout is not None:
         _await_ranks(output, num, batch, group, slowest)
     group.barrier()
     if group.rank == 0 and output.sharded:
@@ -424,10 +424,11 @@ def _await_ranks(output: Output, num: int, batch: int, group: Group, slowest: fl
     """Wait until every batch of the grid is on disk, while some rank keeps finishing batches:
     a barrier alone would wait for a dead rank as long as for a slow one."""
     limit = max(group.timeout, 3 * slowest)
-    batches = batch_grid(num, batch)
+    missing = list(enumerate(batch_grid(num, batch)))
     done, changed = -1, time.monotonic()
     while True:
-        missing = [(j, b) for j, b in enumerate(batches) if not output._present(b)]
+        # Only what was missing is looked at again (a folder of 50k PNGs on a network disk).
+        missing = [(j, b) for j, b in missing if not output._present(b)]
         if not missing:
             return
         if len(missing) != done:
