@@ -314,6 +314,11 @@ class Output:
                 for index, image in zip(indices, array, strict=True):
                     _save_png(image_path(self.path, index), image)
         except OSError as err:
+            if self.sharded and not self.store.is_dir() and self.path.exists():
+                raise OutputError(
+                    f"{self.store}: removed while this run wrote to it, and {self.path.name} is "
+                    "there: another process finished the same output (the same command twice?)"
+                ) from None
             kept = sum(1 for _ in _done_names(self.store)) if self.store.is_dir() else 0
             things = "shards" if self.sharded else "images"
             raise OutputError(
