@@ -11,9 +11,18 @@ PNGs.
 - The folder, or the sidecar, holds ``run.json``: what the run is (the model's weights hash and
   config, sampler, steps, eta, seed, image shape, backend, dtype, device type; for shards also
   the batch size). A rerun with anything different is refused, so outputs never mix two runs.
+- Nothing on disk counts unchecked. A shard is the .npy of its batch followed by the SHA-256 of
+  (the run's key: the manifest's contents; its index range; its bytes); on resume, and again as
+  the file is assembled, a shard of another shape, dtype, run or index, cut short or altered
+  does not count: it is drawn again (its batch is deterministic) with one warning line. A PNG
+  of a folder counts when it decodes whole at the run's size and mode. The .npz header is the
+  run's shape, never a shard's.
 - Several processes (``torchrun``) share one output: batch j of the run's batch grid belongs to
-  rank j mod N, each rank writes its own PNGs or shards, rank 0 assembles the file after a
-  barrier; the bytes are those of a single-process run.
+  rank j mod N, each rank writes its own PNGs or shards, rank 0 checks every shard and assembles
+  the file after a barrier; the bytes are those of a single-process run. A rank that stops is
+  named (RankLostError) instead of being waited for forever.
+- Temporary files carry the writer's pid and a random tag, and the manifest is created with a
+  hard link (never replaced), so two ranks or two runs of one command do not collide.
 - Write failures (a full disk, a read-only target) are one OutputError that says what was kept.
 
 NumPy and Pillow only: ``sample --onnx`` uses it where torch is not installed.
