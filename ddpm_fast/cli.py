@@ -10,7 +10,9 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -568,11 +570,40 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised where the process is so that every ``finally`` runs (temporary files
+    removed) before it exits 143; a BaseException, as KeyboardInterrupt, so nothing catches it."""
+
+
+def _raise_terminated(signum: int, frame) -> None:
+    raise Terminated
+
+
+def _on_sigterm(handler):
+    """Install ``handler`` for SIGTERM (main thread only); the handler it replaces."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, handler)
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="ddpm-fast: %(message)s")
     # The engine says so when it exports its CPU executor file (seconds, once per model).
     logging.getLogger("ddpm_fast.engine").setLevel(logging.INFO)
     args = parse_arguments(argv)
+    # SIGTERM's default action ends Python at once, leaving temporary files behind.
+    previous = _on_sigterm(_raise_terminated)
+    try:
+        return _run(args)
+    except Terminated:
+        print("ddpm-fast: terminated", file=sys.stderr)
+        return 143
+    finally:
+        if previous is not None:
+            _on_sigterm(previous)
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         return args.run(args)
     except DdpmFastError as err:

@@ -178,3 +178,42 @@ def test_two_ranks_share_the_batches(tmp_path):
     assert names == ["000000.png", "000001.png", "000004.png", "000005.png"]
     pipeline.sample_to(out, 7, steps=3, sampler="ddim", batch_size=2, group=Group(1, 2))
     assert len(list(out.glob("*.png"))) == 7
+
+
+def start_rank(rank: int, world: int, port: int, argv: list, cwd: Path, env: dict):
+    """One rank as torchrun starts it (its environment), but with no agent over it: on several
+    machines nothing kills the other ranks when one dies."""
+    env = dict(
+        env, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
+        LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+    )  # fmt: skip
+    command = [sys.executable, "-m", "ddpm_fast", *map(str, argv)]
+    return subprocess.Popen(command, cwd=cwd, env=env, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.slow
+def test_a_rank_killed_mid_run_is_named_and_a_rerun_resumes(single, tmp_path):
+    """SIGKILL rank 1 of 2 once a shard is written: rank 0 stops within the barrier timeout
+    with one line naming rank 1; torchrun with 3 ranks then resumes to one process's bytes."""
+    argv = ["sample", "--num", 7, "--batch-size", 2, *CHAIN, "--out", "x.npz"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", DDPM_FAST_BARRIER_TIMEOUT="5")
+    port = random.randint(20000, 60000)
+    ranks = [start_rank(r, 2, port, argv, tmp_path, env) for r in range(2)]
+    shards = tmp_path / "x.npz.shards"
+    deadline = time.monotonic() + 300
+    while not list(shards.glob("*.npy")) and ranks[0].poll() is None:
+        assert time.monotonic() < deadline, "no shard written in 300 s"
+        time.sleep(0.02)
+    ranks[1].kill()
+    ranks[1].communicate()
+    try:
+        _, err = ranks[0].communicate(timeout=240)  # 3 x its slowest batch, at least 5 s
+    finally:
+        ranks[0].kill()
+    lines = [line.rsplit("\r", 1)[-1] for line in err.split("\n")]
+    lines = [line for line in lines if line and not line.startswith("sampling")]
+    assert ranks[0].returncode == 2, err
+    assert len(lines) == 1 and "rank 1 finished no batch in" in lines[0], err
+    assert not (tmp_path / "x.npz").exists()
+    torchrun(3, *argv, cwd=tmp_path)
+    assert (tmp_path / "x.npz").read_bytes() == single["x.npz"]
