@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from .atomic import temporary_name
 from .checkpoint_files import build_network, file_kind, listing, read_safetensors, read_torch
 from .diffusers_folder import is_diffusers_folder, load_folder
 from .errors import CheckpointError, ConfigError
@@ -357,7 +358,7 @@ def save_pipeline(pipeline: Pipeline, path: str | os.PathLike) -> Path:
         "ddpm_fast_version": __version__,
     }
     tensors = {k: v.detach().cpu().contiguous() for k, v in pipeline.network.state_dict().items()}
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = temporary_name(path)
     try:
         save_file(tensors, str(tmp), metadata=metadata)
         os.replace(tmp, path)

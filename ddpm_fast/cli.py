@@ -69,8 +69,8 @@ def _model_arguments(parser: argparse.ArgumentParser, *, checkpoint_required: bo
     group.add_argument(
         "--auto-normalize",
         action=argparse.BooleanOptionalAction,
-        help="images are (x + 1) / 2 of the chain's x (the default); --no-auto-normalize: x "
-        "itself clamped to [0, 1], for a model trained on data in [0, 1]",
+        help="images are (x + 1) / 2 of the chain's x, clamped to [0, 1] (the default); "
+        "--no-auto-normalize: x itself clamped, for a model trained on data in [0, 1]",
     )
     group.add_argument("--channels", type=_positive_int)
     group.add_argument("--resnet-block-groups", type=_positive_int)
@@ -398,8 +398,8 @@ def cmd_info(args: argparse.Namespace) -> int:
         + (f", {_shown_kwargs(schedule['kwargs'])}" if schedule["kwargs"] else ""),
         f"objective:   {diffusion['objective']}",
         f"variance:    {diffusion['variance']}",
-        f"images:      {'(x + 1) / 2' if auto_normalize else 'x clamped to [0, 1]'}"
-        f" of the chain's x (auto_normalize {str(auto_normalize).lower()})",
+        f"images:      {'(x + 1) / 2' if auto_normalize else 'x'} of the chain's x, clamped to"
+        f" [0, 1] (auto_normalize {str(auto_normalize).lower()})",
         f"chains:      {_chain_defaults(pipeline)}",
         f"image size:  {diffusion['image_size'] or 'not stored (pass --image-size)'}",
     ]

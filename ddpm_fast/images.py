@@ -8,11 +8,11 @@ imports nothing, so OnnxSampler needs no Pillow for it."""
 from __future__ import annotations
 
 import math
-import os
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+
+from .atomic import write_atomically
 
 
 def chain_to_images(x, auto_normalize: bool = True):
@@ -32,18 +32,6 @@ def to_uint8(images: np.ndarray) -> np.ndarray:
     (float32 x * 255 + 0.5, clamped, truncated)."""
     array = np.asarray(images, dtype=np.float32) * np.float32(255) + np.float32(0.5)
     return np.clip(array, 0, 255).astype(np.uint8).transpose(0, 2, 3, 1)
-
-
-def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
-    """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it to ``path``."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:  # on disk before the rename makes it the file
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _pil(array: np.ndarray):

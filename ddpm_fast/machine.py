@@ -60,16 +60,6 @@ def read_checked(path: Path, sha256: str) -> bytes:
     return content
 
 
-def write_atomically(path: Path, content: bytes) -> None:
-    """Write ``content`` to ``path`` through a temporary name, so no reader sees half of it."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_bytes(content)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def writable_folder(folder: Path) -> OSError | None:
     """None where a file can be created in ``folder`` (made if missing), else the error: tried,
     not guessed from permission bits, which do not stop root."""

@@ -37,7 +37,6 @@ import logging
 import math
 import os
 import re
-import secrets
 import shutil
 import tempfile
 import time
@@ -48,6 +47,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .atomic import temporary_name, write_atomically
 from .errors import DdpmFastError, NonFiniteError, OutputError
 from .images import grid, image_path, to_uint8
 
@@ -318,7 +318,7 @@ class Output:
                 np.save(npy, array)
                 data = npy.getvalue()
                 data += SHARD_MAGIC + self._digest(indices, data)
-                _write_atomically(self._shard(indices), lambda tmp: tmp.write_bytes(data))
+                write_atomically(self._shard(indices), lambda tmp: tmp.write_bytes(data))
             else:
                 for index, image in zip(indices, array, strict=True):
                     _save_png(image_path(self.path, index), image)
@@ -355,7 +355,7 @@ class Output:
         try:
             if self.kind == "npz":
                 shape = (num, *self._hwc) if self._hwc else None
-                _write_atomically(self.path, lambda tmp: _save_npz(tmp, batches, shard, shape))
+                write_atomically(self.path, lambda tmp: _save_npz(tmp, batches, shard, shape))
             else:
                 _save_png(self.path, grid(np.concatenate([shard(b) for b in batches])))
         except OSError as err:
@@ -484,27 +484,10 @@ def _no_folder(path: Path) -> None:
     raise BadPart("was an empty folder (removed)")
 
 
-def _tmp_name(path: Path) -> Path:
-    """A temporary name beside ``path`` that no other process picks (two runs, two ranks)."""
-    return path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
-
-
-def _write_atomically(path: Path, write: Callable[[Path], None]) -> None:
-    """Call ``write(tmp)`` on a temporary file of this process, then rename it to ``path``."""
-    tmp = _tmp_name(path)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:  # on disk before the rename makes it the file
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _create_exclusively(path: Path, text: str) -> bool:
     """Write ``path`` whole unless it exists (a hard link never replaces a file); False if
     another process made it first."""
-    tmp = _tmp_name(path)
+    tmp = temporary_name(path)
     try:
         tmp.write_text(text)
         with open(tmp, "rb+") as f:
@@ -527,7 +510,7 @@ def _save_png(path: Path, array: np.ndarray) -> None:
     from PIL import Image
 
     image = Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array)
-    _write_atomically(path, lambda tmp: image.save(tmp, format="PNG"))
+    write_atomically(path, lambda tmp: image.save(tmp, format="PNG"))
 
 
 def _save_npz(

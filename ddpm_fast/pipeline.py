@@ -54,7 +54,7 @@ class DiffusionConfig:
     objective: str = "pred_v"
     variance: str = "fixed_small"
     # auto_normalize: images are (x + 1) / 2 of the chain's x (True, the libraries' default), or
-    # x itself clamped to [0, 1] (False: trained on data in [0, 1]); see images.chain_to_images.
+    # x itself (False: trained on data in [0, 1]), clamped to [0, 1]; see images.chain_to_images.
     auto_normalize: bool = True
     # The chain defaults of the model's own scheduler (a diffusers scheduler_config.json); the
     # defaults are denoising-diffusion-pytorch's. ``to_dict`` leaves these and auto_normalize out

@@ -36,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .atomic import write_atomically
 from .engine.table_chain import (
     ChainTables,
     TableChain,
@@ -47,7 +48,7 @@ from .engine.threads import MAX_THREADS, plan_threads, run_planned
 from .errors import NonFiniteError
 from .export.philox import keyed_noise
 from .images import chain_to_images
-from .machine import StaleEntry, cache_dir, mark_used, prune_cache, sha256_of, write_atomically
+from .machine import StaleEntry, cache_dir, mark_used, prune_cache, sha256_of
 from .options import EXECUTOR_ENV, check_int
 from .output import Output, file_sha256, write_samples
 from .version import source_digest

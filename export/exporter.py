@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..atomic import temporary_name
 from ..errors import ConfigError
 from ..pipeline import Pipeline
 from ..samplers import SamplerSpec, StepTables, step_tables
@@ -157,7 +158,7 @@ def export_onnx(
         raise ConfigError(f"{path}: is a directory")
     if not path.parent.is_dir():
         raise ConfigError(f"{path}: cannot write there ({path.parent} is not a folder)")
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = temporary_name(path)
     try:
         with torch.no_grad():
             _torch_export(

@@ -99,11 +99,12 @@ def test_a_library_file_notes_it_assumed_and_an_option_sets_it(tmp_path):
 def test_the_cli_sets_and_shows_it(capsys, tmp_path):
     assert main(["info", str(V2_FILE), "--image-size", "8"]) == 0
     out = capsys.readouterr().out
-    assert "images:      (x + 1) / 2 of the chain's x (auto_normalize true)" in out
+    images = "images:      (x + 1) / 2 of the chain's x, clamped to [0, 1] (auto_normalize true)"
+    assert images in out
     assert "auto_normalize=True assumed" in out
     assert main(["info", str(V2_FILE), "--image-size", "8", "--no-auto-normalize"]) == 0
     out = capsys.readouterr().out
-    assert "x clamped to [0, 1] of the chain's x (auto_normalize false)" in out
+    assert "images:      x of the chain's x, clamped to [0, 1] (auto_normalize false)" in out
     assert "assumed (images" not in out
     onnx = tmp_path / "x.onnx"
     onnx.write_bytes(b"not read")

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..atomic import temporary_name
 from ..machine import cache_dir, cpu_model
 
 log = logging.getLogger("ddpm_fast.engine")
@@ -66,7 +67,7 @@ class ConvChoices:
             table = self._read()
             if shape_key not in table:
                 table[shape_key] = measure()
-                tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+                tmp = temporary_name(self.path)
                 tmp.write_text(json.dumps({"machine": self.key, "choices": table}, indent=1))
                 os.replace(tmp, self.path)
             return table[shape_key]

@@ -41,6 +41,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..atomic import temporary_name
 from ..errors import ConfigError
 from ..export.format import OnnxFileError
 from ..folding import fold_weights, time_conditioning
@@ -187,7 +188,7 @@ def export_executor_file(
     batched = [n for n in (*names, "x_prev", "x0") if n not in rows]
     path.parent.mkdir(parents=True, exist_ok=True)
     seal_path(path).unlink(missing_ok=True)  # unsealed while its files change
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = temporary_name(path)
     try:
         outputs = ["x_prev", "x0"]
         trace_to_onnx(_TableStep(update), tuple(inputs), tmp, names, outputs, batched, OPSET)

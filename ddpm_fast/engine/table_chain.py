@@ -26,9 +26,10 @@ from pathlib import Path
 
 import numpy as np
 
+from ..atomic import write_atomically
 from ..export.onnx_sampler import CPU, open_session
 from ..export.philox import step_noise
-from ..machine import StaleEntry, read_checked, sha256_of, write_atomically
+from ..machine import StaleEntry, read_checked, sha256_of
 from . import winograd
 
 INPUTS = ("x_t", "time_row", "coef_row", "adds_noise", "noise")  # then x0_prev, x_self_cond

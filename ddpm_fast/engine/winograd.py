@@ -29,6 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..atomic import temporary_name
+
 MIN_BATCH = 2
 MIN_SHARE = 0.25  # of the multiply-adds of the file's convolutions
 SUFFIX = ".winograd"  # beside executor-KEY.onnx: executor-KEY.winograd (pruned with it)
@@ -75,7 +77,7 @@ def write_variant(source: Path, target: Path, worth: Worth | None = None) -> int
     if not count:
         target.unlink(missing_ok=True)
         return 0
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    tmp = temporary_name(target)
     try:
         onnx.save(model, str(tmp))
         os.replace(tmp, target)

@@ -1,0 +1,34 @@
+"""Files written whole or not at all: every file ddpm-fast writes (images, shards, .npz,
+manifests, checkpoints, ONNX and cache files) goes to a temporary name beside its target, is
+flushed to disk and renamed into place, so a crash or a full disk never leaves half a file. The
+temporary name is this process's own (pid and a random part), so two runs or two ranks writing
+the same target never write into each other's temporary. Standard library only: the torch-free
+paths (``sample --onnx``, the warm start) write through it too."""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Callable
+from pathlib import Path
+
+
+def temporary_name(path: Path) -> Path:
+    """A hidden temporary name beside ``path`` that no other process picks."""
+    return path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+
+
+def write_atomically(path: Path, content: bytes | Callable[[Path], None]) -> None:
+    """Write ``content`` (bytes, or a function that writes the file it is given) to ``path``
+    through a temporary name, flushed to disk before the rename makes it the file."""
+    tmp = temporary_name(path)
+    try:
+        if callable(content):
+            content(tmp)
+        else:
+            tmp.write_bytes(content)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
