@@ -148,8 +148,8 @@ class NoiseBlocks:
 
 def step_noise(seed: int, indices: range, shape: tuple[int, ...], steps: int) -> NoiseBlocks:
     """A chain's noise for the samples ``indices`` of images ``shape``, drawn with NumPy in
-    blocks of steps (one draw costs about 0.25 ms whatever its size, a tenth of the digits
-    model's step at batch 1): what every chain that runs on ONNX Runtime feeds its steps."""
+    blocks of steps (each draw has a fixed cost whatever its size, so one draw serves many
+    steps): what every chain that runs on ONNX Runtime feeds its steps."""
 
     def draw(first_step: int, count: int) -> np.ndarray:
         block = keyed_noise_steps(seed, indices, first_step, count, shape)

@@ -3,7 +3,7 @@ whichever is faster for the input shape, measured once at the first call with th
 
 ``F.conv2d`` re-lays the weight out for oneDNN at every call, or takes its native path for small
 inputs (batch 1 at the U-Net's 4 x 4 and 8 x 8 stages); a weight packed once for the shape runs
-those up to 3x faster. At large spatial sizes with few channels the packed path can be slower,
+those several times faster. At large spatial sizes with few channels the packed path can be slower,
 hence the measurement rather than a rule. Both compute the same convolution (the summation order
 differs: a few fp32 ulps). Anything but a float32 CPU input runs ``F.conv2d``.
 

@@ -2,9 +2,9 @@
 share them.
 
 PyTorch runs each op's parallel region on every OpenMP thread and waits for the last one. When
-another process holds a core, every region waits for a thread the scheduler has parked: on a
-2-core machine with one busy process beside it, the default digits sample took 3.9x its quiet
-time, the seed CIFAR-10 U-Net 2.8x. Two plans avoid that wait:
+another process holds a core, every region waits for a thread the scheduler has parked, so one
+busy process beside a chain can make it several times slower (figures: docs/benchmarks.md,
+"Under load"). Two plans avoid that wait:
 
 - **split** (large networks: at least ``SPLIT_MIN_FLOPS`` per sample and step): the batch is cut
   into one part per core, and each part runs its whole chain single-threaded in its own Python

@@ -25,7 +25,7 @@ class RmsBlock(nn.Module):
     conv of x * x with one output channel (ONNX Runtime's blocked-layout conv, not a strided
     reduction), and its gain g * sqrt(C) and the time scale/shift as one multiply-add,
     ``x_hat * A + B`` with ``A = g * sqrt(C) * (1 + scale)`` and ``B = shift`` carried by the
-    time rows (``onnx_time_rows``). On the dd2-cifar10 U-Net's 32x32 block: 0.94 -> 0.76 ms."""
+    time rows (``onnx_time_rows``)."""
 
     def __init__(self, block: ref.Block):
         super().__init__()
