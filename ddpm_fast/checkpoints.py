@@ -23,10 +23,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from .atomic import temporary_name
 from .checkpoint_files import build_network, file_kind, listing, read_safetensors, read_torch
 from .diffusers_folder import is_diffusers_folder, load_folder
 from .errors import CheckpointError, ConfigError
+from .files import temporary_name
 from .models import FAMILIES, detect, family
 from .pipeline import DiffusionConfig, Pipeline, override_diffusion
 from .samplers import OBJECTIVES

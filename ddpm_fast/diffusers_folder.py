@@ -39,6 +39,7 @@ import torch
 
 from .checkpoint_files import build_network, read_safetensors, read_torch
 from .errors import CheckpointError, ConfigError
+from .files import read_regular_file
 from .models import diffusers_unet2d
 from .pipeline import DiffusionConfig, Pipeline, override_diffusion
 from .samplers import SPACINGS
@@ -99,7 +100,7 @@ def _has_unet(path: Path) -> bool:
 
 def _read_json(path: Path) -> dict:
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(read_regular_file(path))
     except OSError as err:
         raise CheckpointError(f"{path}: cannot read ({err.strerror or err})") from None
     except ValueError as err:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .atomic import write_atomically
+from .files import write_atomically
 
 
 def chain_to_images(x, auto_normalize: bool = True):

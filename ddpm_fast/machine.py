@@ -12,6 +12,8 @@ import platform
 import tempfile
 from pathlib import Path
 
+from .files import read_regular_file
+
 log = logging.getLogger("ddpm_fast.cache")
 
 
@@ -52,7 +54,7 @@ def read_checked(path: Path, sha256: str) -> bytes:
     """The bytes of ``path``, read once; StaleEntry unless their SHA-256 is ``sha256`` (so that
     what was checked is what the caller uses)."""
     try:
-        content = path.read_bytes()
+        content = read_regular_file(path)
     except OSError as error:
         raise StaleEntry(f"{path} does not read ({error.strerror or error})") from None
     if sha256_of(content) != sha256:

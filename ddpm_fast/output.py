@@ -47,8 +47,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .atomic import temporary_name, write_atomically
 from .errors import DdpmFastError, NonFiniteError, OutputError
+from .files import read_regular_file, temporary_name, write_atomically
 from .images import grid, image_path, to_uint8
 
 log = logging.getLogger(__name__)
@@ -228,7 +228,7 @@ class Output:
         path = self._shard(batch)
         _no_folder(path)
         try:
-            data = path.read_bytes()
+            data = read_regular_file(path)
         except FileNotFoundError:
             raise BadPart("missing") from None
         except OSError as err:
@@ -267,7 +267,7 @@ class Output:
             if not path.exists():
                 raise BadPart("missing")
             try:
-                with Image.open(path) as image:
+                with Image.open(io.BytesIO(read_regular_file(path))) as image:
                     image.load()  # decodes it all: a cut file fails here
                     size, held = image.size, image.mode
             except (OSError, ValueError, SyntaxError) as err:
@@ -543,7 +543,7 @@ def _done_names(folder: Path) -> Iterator[Path]:
 
 def _check_same_run(manifest: Path, wanted: dict) -> None:
     try:
-        held = json.loads(manifest.read_text())
+        held = json.loads(read_regular_file(manifest))
     except (OSError, ValueError) as err:
         raise OutputError(f"{manifest}: unreadable ({err}); write to a new place") from None
     if not isinstance(held, dict):

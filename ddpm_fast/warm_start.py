@@ -36,7 +36,6 @@ from pathlib import Path
 
 import numpy as np
 
-from .atomic import write_atomically
 from .engine.table_chain import (
     ChainTables,
     TableChain,
@@ -47,6 +46,7 @@ from .engine.table_chain import (
 from .engine.threads import MAX_THREADS, plan_threads, run_planned
 from .errors import NonFiniteError
 from .export.philox import keyed_noise
+from .files import read_regular_file, write_atomically
 from .images import chain_to_images
 from .machine import StaleEntry, cache_dir, mark_used, prune_cache, sha256_of
 from .options import EXECUTOR_ENV, check_int
@@ -177,7 +177,7 @@ class WarmStart:
             return None
         meta, tables_path = _paths(key)
         try:
-            text = meta.read_bytes()
+            text = read_regular_file(meta)
         except OSError:  # none yet, or a cache that is not a folder
             return None
         try:

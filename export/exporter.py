@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..atomic import temporary_name
 from ..errors import ConfigError
+from ..files import temporary_name
 from ..pipeline import Pipeline
 from ..samplers import SamplerSpec, StepTables, step_tables
 from ..version import __version__

@@ -264,3 +264,30 @@ def test_a_cache_path_that_is_a_file_says_so_in_one_line(made, tmp_path):
     assert len(lines) == 1, lines
     assert lines[0].startswith("ddpm-fast: cannot write the engine's") and str(blocker) in lines[0]
     assert_default_images(made, out.read_bytes())
+
+
+FIFO_IN_PLACE_OF = {
+    "executor file": "executor-files/*.onnx",
+    "seal": "executor-files/*.json",
+    "record": "warm-starts/*.json",
+    "record tables": "warm-starts/*.npz",
+}
+
+
+@pytest.mark.parametrize("entry", FIFO_IN_PLACE_OF)
+def test_a_fifo_in_the_cache_is_not_read_forever(made, cache, tmp_path, entry):
+    """A FIFO where a cache file belongs: an open for reading would wait for a writer forever."""
+    (path,) = cache.glob(FIFO_IN_PLACE_OF[entry])
+    path.unlink()
+    os.mkfifo(path)
+    env = {**os.environ, "DDPM_FAST_CACHE_DIR": str(cache), "DDPM_FAST_CPU_EXECUTOR": "onnxruntime"}
+    env.pop("DDPM_FAST_WARM_START", None)
+    out = tmp_path / "o.npz"
+    code = "import sys; from ddpm_fast.cli import main; sys.exit(main(sys.argv[1:]))"
+    result = subprocess.run(
+        [sys.executable, "-c", code, "sample", *SAMPLE, "--out", str(out)],
+        capture_output=True, text=True, env=env, check=False, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert len(stderr_lines(result.stderr)) <= 1, stderr_lines(result.stderr)
+    assert_default_images(made, out.read_bytes())

@@ -150,7 +150,7 @@ def test_impossible_targets_are_refused_before_sampling(
 def disk_full_after(monkeypatch, writes: int) -> None:
     """Every file ddpm-fast writes is flushed with fsync before its rename: after ``writes``
     of them, fsync fails as on a full disk (ENOSPC), with the temporary file half written."""
-    import ddpm_fast.atomic
+    import ddpm_fast.files
 
     count = {"n": 0}
     fsync = os.fsync
@@ -162,7 +162,7 @@ def disk_full_after(monkeypatch, writes: int) -> None:
             raise OSError(errno.ENOSPC, "No space left on device")
         fsync(fd)
 
-    monkeypatch.setattr(ddpm_fast.atomic.os, "fsync", full)
+    monkeypatch.setattr(ddpm_fast.files.os, "fsync", full)
 
 
 @pytest.mark.parametrize("name", ["x.png", "x.npz"])

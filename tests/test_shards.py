@@ -85,6 +85,9 @@ def damage(case: str, shard: Path, made: dict) -> None:
     elif case == "folder":
         shard.unlink()
         shard.mkdir()
+    elif case == "fifo":  # an open for reading would wait for a writer forever
+        shard.unlink()
+        os.mkfifo(shard)
     else:
         raise AssertionError(case)
 
@@ -100,6 +103,7 @@ CASES = [
     ("100 bytes", "not a whole .npy file (100 bytes)"),
     ("0 bytes", "not a whole .npy file (0 bytes)"),
     ("folder", "was an empty folder"),
+    ("fifo", "unreadable (not a regular file)"),
 ]
 
 

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..atomic import temporary_name
+from ..files import read_regular_file, temporary_name
 from ..machine import cache_dir, cpu_model
 
 log = logging.getLogger("ddpm_fast.engine")
@@ -74,7 +74,7 @@ class ConvChoices:
 
     def _read(self) -> dict[str, str]:
         try:
-            stored = json.loads(self.path.read_text())
+            stored = json.loads(read_regular_file(self.path))
         except (OSError, ValueError):
             return {}
         if not isinstance(stored, dict) or stored.get("machine") != self.key:

@@ -41,9 +41,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..atomic import temporary_name
 from ..errors import ConfigError
 from ..export.format import OnnxFileError
+from ..files import temporary_name
 from ..folding import fold_weights, time_conditioning
 from ..machine import StaleEntry, cache_dir, mark_used, prune_cache, writable_folder
 from ..models import family_of

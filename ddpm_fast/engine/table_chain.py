@@ -26,9 +26,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..atomic import write_atomically
 from ..export.onnx_sampler import CPU, open_session
 from ..export.philox import step_noise
+from ..files import read_regular_file, write_atomically
 from ..machine import StaleEntry, read_checked, sha256_of
 from . import winograd
 
@@ -81,7 +81,7 @@ class ChainTables:
     def load(cls, path: Path, sha256: str | None = None) -> ChainTables:
         """The tables ``save`` wrote (an error of NumPy or the OS for a file that is not); where
         ``sha256`` is given, StaleEntry unless the file's bytes are those ``save`` wrote."""
-        content = path.read_bytes() if sha256 is None else read_checked(path, sha256)
+        content = read_regular_file(path) if sha256 is None else read_checked(path, sha256)
         with np.load(io.BytesIO(content), allow_pickle=False) as data:
             tables = cls(
                 np.ascontiguousarray(data["time_rows"], dtype=np.float32),
@@ -118,7 +118,7 @@ def read_seal(path: Path, key: str) -> dict:
     """The seal of the executor file ``path``; StaleEntry unless it is one, made for ``key``."""
     where = seal_path(path)
     try:
-        seal = json.loads(where.read_bytes())
+        seal = json.loads(read_regular_file(where))
     except OSError as error:
         raise StaleEntry(f"{path} has no seal ({error.strerror or error})") from None
     except ValueError:

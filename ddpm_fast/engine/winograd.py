@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..atomic import temporary_name
+from ..files import temporary_name
 
 MIN_BATCH = 2
 MIN_SHARE = 0.25  # of the multiply-adds of the file's convolutions
