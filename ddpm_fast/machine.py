@@ -9,6 +9,7 @@ import hashlib
 import logging
 import os
 import platform
+import stat
 import tempfile
 from pathlib import Path
 
@@ -60,6 +61,43 @@ def read_checked(path: Path, sha256: str) -> bytes:
     if sha256_of(content) != sha256:
         raise StaleEntry(f"{path} is not the file its cache entry recorded ({len(content)} bytes)")
     return content
+
+
+# Files whose bytes this process has hashed, by identity: a file is hashed once per process
+# (an engine opens a session per thread count and batch size, and the warm start checks its file
+# before its sessions open it). The identity holds the inode change time, which every write and
+# every metadata change sets and which no call can set back.
+_VERIFIED: dict[tuple, str] = {}
+
+
+def file_identity(path: Path) -> tuple:
+    """(path, device, inode, size, mtime, ctime) of the regular file ``path``; StaleEntry where
+    it is none."""
+    try:
+        st = os.stat(path)
+    except OSError as error:
+        raise StaleEntry(f"{path} does not read ({error.strerror or error})") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise StaleEntry(f"{path} is not a regular file")
+    return (str(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def check_file(path: Path, sha256: str) -> tuple:
+    """StaleEntry unless the bytes of ``path`` hash to ``sha256`` (hashed once per process and
+    version of the file); its identity, which a caller that then opens the file by path compares
+    again afterwards (``same_file``), so that what was checked is what was opened."""
+    identity = file_identity(path)
+    if _VERIFIED.get(identity) != sha256:
+        read_checked(path, sha256)
+        same_file(path, identity, "while it was read")
+        _VERIFIED[identity] = sha256
+    return identity
+
+
+def same_file(path: Path, identity: tuple, when: str) -> None:
+    """StaleEntry where ``path`` is no longer the file of ``identity`` (replaced or written)."""
+    if file_identity(path) != identity:
+        raise StaleEntry(f"{path} changed {when}")
 
 
 def writable_folder(folder: Path) -> OSError | None:

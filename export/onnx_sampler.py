@@ -114,17 +114,14 @@ def open_session(
     *,
     threads: int | None = None,
     batch: int | None = None,
-    content: bytes | None = None,
 ):
     """An onnxruntime InferenceSession for ``path`` (quiet logs; providers as given, else
     :func:`default_providers`); OnnxFileError for a file it cannot load. ``threads``: that many
     intra-op threads and one inter-op (the engine's thread plans); ``batch``: the graph's
-    "batch" axis fixed to it, so ONNX Runtime folds the shape arithmetic away; ``content``: the
-    file's bytes, read (and checked) by the caller, which the session is made of (``path`` then
-    only names it)."""
+    "batch" axis fixed to it, so ONNX Runtime folds the shape arithmetic away."""
     ort = _onnxruntime()
     path = Path(path)
-    if content is None and not path.is_file():
+    if not path.is_file():
         raise OnnxFileError(f"{path}: no such file" if not path.exists() else f"{path}: not a file")
     options = ort.SessionOptions()
     options.log_severity_level = SESSION_LOG_SEVERITY
@@ -138,8 +135,7 @@ def open_session(
     if CUDA in wanted:
         _preload_cuda_libraries(ort)
     try:
-        source = str(path) if content is None else content
-        session = ort.InferenceSession(source, options, providers=requested)
+        session = ort.InferenceSession(str(path), options, providers=requested)
     except Exception as err:  # onnxruntime raises its own exception types
         if type(err).__name__ == "NotImplemented":
             raise  # an op without a kernel on these providers: the caller decides

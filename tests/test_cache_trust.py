@@ -291,3 +291,41 @@ def test_a_fifo_in_the_cache_is_not_read_forever(made, cache, tmp_path, entry):
     assert result.returncode == 0, result.stderr
     assert len(stderr_lines(result.stderr)) <= 1, stderr_lines(result.stderr)
     assert_default_images(made, out.read_bytes())
+
+
+def test_a_file_is_hashed_once_per_process_and_version(tmp_path, monkeypatch):
+    """A session per thread count and batch size: one hash of each file, until it changes."""
+    from ddpm_fast import machine
+
+    path = tmp_path / "f"
+    path.write_bytes(b"cached bytes")
+    sha = machine.sha256_of(b"cached bytes")
+    hashed = []
+    monkeypatch.setattr(machine, "read_checked", lambda p, s: hashed.append(p))
+    for _ in range(3):
+        machine.check_file(path, sha)
+    assert len(hashed) == 1
+    os.utime(path, ns=(0, path.stat().st_mtime_ns))  # metadata changed: the inode change time too
+    machine.check_file(path, sha)
+    assert len(hashed) == 2
+
+
+def test_a_file_replaced_while_its_session_opens_is_not_used(tmp_path, monkeypatch):
+    """What was checked is what was opened: a file replaced between the check and the open."""
+    import onnxruntime as ort
+
+    from ddpm_fast.engine.table_chain import executor_session, write_seal
+    from ddpm_fast.machine import StaleEntry
+
+    path = tmp_path / "executor-k.onnx"
+    path.write_bytes(b"the sealed bytes")
+    write_seal(path, "k", (8, 8), ["x"])
+
+    def replaced_on_open(name, *args, **kwargs):
+        other = tmp_path / "other"
+        other.write_bytes(b"the sealed bytes")  # the same bytes, another file
+        os.replace(other, name)
+
+    monkeypatch.setattr(ort, "InferenceSession", replaced_on_open)
+    with pytest.raises(StaleEntry, match="changed while its session opened"):
+        executor_session(path, "k", 1, 1)

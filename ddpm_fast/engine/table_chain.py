@@ -10,8 +10,10 @@ both give the same bits.
 Both also share the check that makes a cached executor file trusted: beside ``executor-KEY.onnx``
 its export writes a seal, ``executor-KEY.json``, naming the key the file was made for, its image
 size and inputs, and the SHA-256 of the bytes of the file and of its Winograd form
-(``write_seal``). A session reads the file's bytes once, checks them against the seal and gives
-ONNX Runtime those bytes (``executor_session``): what was checked is what runs. A file that is
+(``write_seal``). Before a session opens a file, its bytes are hashed and checked against the
+seal (once per process and version of the file: ``machine.check_file``), and the file's identity
+(inode, size, modification and inode change times) is compared again once the session has
+opened it by path (``executor_session``): what was checked is what runs. A file that is
 not verifiably the one its key names is ``StaleEntry``, which the engine answers by exporting it
 again and the warm start by running the full path.
 """
@@ -29,7 +31,7 @@ import numpy as np
 from ..export.onnx_sampler import CPU, open_session
 from ..export.philox import step_noise
 from ..files import read_regular_file, write_atomically
-from ..machine import StaleEntry, read_checked, sha256_of
+from ..machine import StaleEntry, check_file, read_checked, same_file, sha256_of
 from . import winograd
 
 INPUTS = ("x_t", "time_row", "coef_row", "adds_noise", "noise")  # then x0_prev, x_self_cond
@@ -136,14 +138,13 @@ def read_seal(path: Path, key: str) -> dict:
     return seal
 
 
-def executor_bytes(path: Path, seal: dict, batch: int) -> tuple[Path, bytes]:
-    """The file a session of ``batch`` images opens, the Winograd form where the seal names one
-    and the batch is large enough for it (``winograd.MIN_BATCH``), and its bytes, checked against
-    the seal (StaleEntry where they differ)."""
+def session_file(path: Path, seal: dict, batch: int) -> Path:
+    """The file a session of ``batch`` images opens: the Winograd form where the seal names one
+    and the batch is large enough for it (``winograd.MIN_BATCH``), else the file itself."""
     form = winograd.variant_path(path)
     if batch >= winograd.MIN_BATCH and form.name in seal["files"]:
-        path = form
-    return path, read_checked(path, seal["files"][path.name])
+        return form
+    return path
 
 
 def check_executor_file(path: Path, key: str) -> dict:
@@ -151,7 +152,7 @@ def check_executor_file(path: Path, key: str) -> dict:
     commits to the file); StaleEntry for the first that fails."""
     seal = read_seal(path, key)
     for name, sha256 in seal["files"].items():
-        read_checked(path.with_name(name), sha256)
+        check_file(path.with_name(name), sha256)
     return seal
 
 
@@ -159,8 +160,12 @@ def executor_session(path: Path, key: str, threads: int, batch: int):
     """A CPU session of the executor file ``path`` sealed for ``key`` (StaleEntry where it is not
     verifiably that file) on ``threads`` intra-op threads, its batch axis fixed to ``batch``;
     from the file's Winograd form where the batch is large enough for it."""
-    source, content = executor_bytes(path, read_seal(path, key), batch)
-    return open_session(source, [CPU], threads=threads, batch=batch, content=content)
+    seal = read_seal(path, key)
+    source = session_file(path, seal, batch)
+    identity = check_file(source, seal["files"][source.name])
+    session = open_session(source, [CPU], threads=threads, batch=batch)
+    same_file(source, identity, "while its session opened")
+    return session
 
 
 class TableChain:

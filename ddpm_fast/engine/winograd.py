@@ -12,7 +12,7 @@ convolutions and of whole steps (benchmarks/winograd_step.py) are in benchmarks/
 
 So ``worth_it`` chooses by shape (a rule, never a timing: the same bits on every run), and the
 rewritten graph is a second file beside the executor file (``variant_path``), which sessions of
-``MIN_BATCH`` images or more open (``table_chain.executor_bytes``, where the file's seal
+``MIN_BATCH`` images or more open (``table_chain.session_file``, where the file's seal
 names a form). It is written only where the chosen
 convolutions hold ``MIN_SHARE`` of the file's convolution work or more: a model whose work is
 mostly on large images would gain nothing from a form and pay for a second large file. Both files
