@@ -1,0 +1,500 @@
+"""OpenAI's ADM U-Net: guided-diffusion's and improved-diffusion's ``UNetModel``, as a plain
+PyTorch reference (written from openai/guided-diffusion and openai/improved-diffusion, MIT).
+
+Module and parameter names are the libraries' (``input_blocks.1.0.in_layers.0.weight``, ...), so
+a released ``model.state_dict()`` file (``256x256_diffusion_uncond.pt``, ``lsun_bedroom.pt``,
+``cifar10_uncond_50M_500K.pt``) loads with strict key matching; the math is the libraries' line
+for line: ResBlock (GroupNorm32, SiLU, conv; the time embedding's projection added, or with
+``use_scale_shift_norm`` GroupNorm32 then ``* (1 + scale) + shift``; SiLU, conv; + skip), with
+``resblock_updown`` ResBlocks that resample inside, AttentionBlock (GroupNorm32, a 1x1 qkv conv,
+QKVAttention or QKVAttentionLegacy, a 1x1 out conv, + residual), sinusoidal timestep features
+(cos first) through a two-layer MLP, and a class embedding added to it for class-conditional
+models.
+
+improved-diffusion's network is guided-diffusion's with the legacy attention order, heads by
+count, integer channel multipliers and no resblock_updown; one reference reads both
+(``UnetConfig.library`` says whose defaults a file was read with). ``timestep_scale`` is the
+libraries' ``rescale_timesteps`` (1000 / diffusion_steps, else 1): the network multiplies the
+integer timestep it is given by it, so every consumer passes the original timesteps.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import CheckpointError, ConfigError
+from ..options import check_int, check_real
+
+FAMILY = "adm"
+LIBRARIES = ("guided-diffusion", "improved-diffusion")
+NORM_GROUPS = 32  # the libraries' normalization(): GroupNorm32(32, channels)
+
+
+@dataclass
+class UnetConfig:
+    """guided-diffusion's ``UNetModel`` arguments (its defaults), as a dataclass.
+
+    ``attention_ds`` holds the downsample rates with attention (UNetModel's
+    ``attention_resolutions`` argument); the libraries' *flag* of that name is in pixels
+    (``image_size // rate``)."""
+
+    in_channels: int = 3
+    model_channels: int = 128
+    out_channels: int = 3
+    num_res_blocks: int = 2
+    attention_ds: tuple[int, ...] = (2, 4)
+    channel_mult: tuple[float, ...] = (1, 2, 4, 8)
+    conv_resample: bool = True
+    num_classes: int | None = None
+    num_heads: int = 1
+    num_head_channels: int = -1
+    num_heads_upsample: int = -1
+    use_scale_shift_norm: bool = False
+    resblock_updown: bool = False
+    use_new_attention_order: bool = False
+    timestep_scale: float = 1.0
+    library: str = "guided-diffusion"
+    family: str = field(default=FAMILY, init=False)
+
+    def __post_init__(self) -> None:
+        for name in ("in_channels", "model_channels", "out_channels", "num_res_blocks"):
+            setattr(self, name, check_int(name, getattr(self, name), minimum=1))
+        if self.num_classes is not None:
+            self.num_classes = check_int("num_classes", self.num_classes, minimum=1)
+        self.num_heads = check_int("num_heads", self.num_heads, minimum=1)
+        for name in ("num_head_channels", "num_heads_upsample"):
+            value = check_int(name, getattr(self, name), minimum=-1)
+            if value == 0:
+                raise ConfigError(f"{name} must be -1 (unset) or positive, got 0")
+            setattr(self, name, value)
+        for name in ("conv_resample", "use_scale_shift_norm", "resblock_updown",
+                     "use_new_attention_order"):  # fmt: skip
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if not isinstance(self.channel_mult, list | tuple) or not self.channel_mult:
+            raise ConfigError(f"channel_mult must be a list of numbers, got {self.channel_mult!r}")
+        mults = tuple(check_real("channel_mult", m, minimum=0.0) for m in self.channel_mult)
+        self.channel_mult = tuple(int(m) if float(m).is_integer() else m for m in mults)
+        for m in self.channel_mult:
+            width = int(m * self.model_channels)
+            if width < 1 or width % NORM_GROUPS:
+                raise ConfigError(
+                    f"channel_mult {m} x model_channels {self.model_channels} = {width} channels: "
+                    f"the libraries' GroupNorm32 needs a positive multiple of {NORM_GROUPS}"
+                )
+        if not isinstance(self.attention_ds, list | tuple):
+            raise ConfigError(f"attention_ds must be a list of rates, got {self.attention_ds!r}")
+        self.attention_ds = tuple(
+            sorted({check_int("attention_ds", d, minimum=1) for d in self.attention_ds})
+        )
+        self.timestep_scale = check_real("timestep_scale", self.timestep_scale, minimum=0.0)
+        if self.library not in LIBRARIES:
+            raise ConfigError(f"library must be one of {', '.join(LIBRARIES)}, got {self.library!r}")
+        for width in self.attention_widths():
+            heads_of(width, self.num_heads, self.num_head_channels)
+            heads_of(width, self.upsample_heads, self.num_head_channels)
+
+    @property
+    def upsample_heads(self) -> int:
+        return self.num_heads if self.num_heads_upsample == -1 else self.num_heads_upsample
+
+    def attention_widths(self) -> list[int]:
+        """The channel count of every attention block (the middle one included)."""
+        widths = [self.width(level) for level in range(len(self.channel_mult))
+                  if 2**level in self.attention_ds]  # fmt: skip
+        return [*widths, self.width(len(self.channel_mult) - 1)]
+
+    def width(self, level: int) -> int:
+        return int(self.channel_mult[level] * self.model_channels)
+
+    @property
+    def channels(self) -> int:
+        return self.in_channels
+
+    @property
+    def self_condition(self) -> bool:
+        return False
+
+    @property
+    def output_channels(self) -> int:
+        return self.out_channels
+
+    @property
+    def downsample_factor(self) -> int:
+        return 2 ** (len(self.channel_mult) - 1)
+
+    @property
+    def time_dim(self) -> int:
+        return self.model_channels * 4
+
+    def to_dict(self) -> dict:
+        """The fields, plus ``channels`` and ``self_condition`` (derived: readers of ddpm-fast's
+        files look for them in every family's config)."""
+        d = asdict(self)
+        d["attention_ds"] = list(d["attention_ds"])
+        d["channel_mult"] = list(d["channel_mult"])
+        return {**d, "channels": self.channels, "self_condition": self.self_condition}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> UnetConfig:
+        d = {k: v for k, v in d.items() if k not in ("family", "channels", "self_condition")}
+        unknown = sorted(set(d) - {f.name for f in cls.__dataclass_fields__.values() if f.init})
+        if unknown:
+            raise ConfigError(f"unknown {FAMILY} config field(s): {', '.join(unknown)}")
+        return cls(**d)
+
+
+def heads_of(channels: int, num_heads: int, num_head_channels: int) -> int:
+    """AttentionBlock's head count: ``channels // num_head_channels`` where that is set, else
+    ``num_heads``; ConfigError where the heads do not divide the channels."""
+    if num_head_channels != -1:
+        if channels % num_head_channels:
+            raise ConfigError(
+                f"num_head_channels={num_head_channels} does not divide an attention block's "
+                f"{channels} channels"
+            )
+        return channels // num_head_channels
+    if channels % num_heads:
+        raise ConfigError(f"num_heads={num_heads} does not divide an attention block's "
+                          f"{channels} channels")  # fmt: skip
+    return num_heads
+
+
+# building blocks
+
+
+class GroupNorm32(nn.GroupNorm):
+    """The libraries' GroupNorm: computed in float32, returned in the input's dtype."""
+
+    def forward(self, x):
+        return super().forward(x.float()).type(x.dtype)
+
+
+def normalization(channels: int) -> GroupNorm32:
+    return GroupNorm32(NORM_GROUPS, channels)
+
+
+def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: int = 10000) -> torch.Tensor:
+    """The libraries' sinusoidal features: [cos, sin] of t * exp(-log(max_period) * i / half)."""
+    half = dim // 2
+    freqs = torch.exp(
+        -math.log(max_period) * torch.arange(start=0, end=half, dtype=torch.float32) / half
+    ).to(device=timesteps.device)
+    args = timesteps[:, None].float() * freqs[None]
+    embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        embedding = torch.cat([embedding, torch.zeros_like(embedding[:, :1])], dim=-1)
+    return embedding
+
+
+class TimestepEmbedSequential(nn.Sequential):
+    """A sequence whose ResBlocks also take the block's conditioning (``cond``: its
+    ``emb_layers`` output, computed by ``Unet.time_conditioning``)."""
+
+    def forward(self, x, cond: dict[str, torch.Tensor], prefix: str):
+        for i, layer in enumerate(self):
+            x = layer(x, cond[f"{prefix}.{i}"]) if isinstance(layer, ResBlock) else layer(x)
+        return x
+
+
+class Upsample(nn.Module):
+    def __init__(self, channels: int, use_conv: bool, out_channels: int | None = None):
+        super().__init__()
+        self.channels = channels
+        self.use_conv = use_conv
+        if use_conv:
+            self.conv = nn.Conv2d(channels, out_channels or channels, 3, padding=1)
+
+    def forward(self, x):
+        x = F.interpolate(x, scale_factor=2, mode="nearest")
+        return self.conv(x) if self.use_conv else x
+
+
+class Downsample(nn.Module):
+    def __init__(self, channels: int, use_conv: bool, out_channels: int | None = None):
+        super().__init__()
+        self.channels = channels
+        self.use_conv = use_conv
+        if use_conv:
+            self.op = nn.Conv2d(channels, out_channels or channels, 3, stride=2, padding=1)
+        else:
+            self.op = nn.AvgPool2d(kernel_size=2, stride=2)
+
+    def forward(self, x):
+        return self.op(x)
+
+
+class ResBlock(nn.Module):
+    """``forward(x, cond)``: ``cond`` is ``emb_layers(emb)`` [B or 1, C or 2C], computed once per
+    timestep (and label) by ``Unet.time_conditioning`` (the libraries compute it here)."""
+
+    def __init__(self, channels: int, emb_channels: int, out_channels: int | None = None,
+                 use_scale_shift_norm: bool = False, up: bool = False,
+                 down: bool = False):  # fmt: skip
+        super().__init__()
+        self.channels = channels
+        self.out_channels = out_channels or channels
+        self.use_scale_shift_norm = use_scale_shift_norm
+        self.in_layers = nn.Sequential(
+            normalization(channels), nn.SiLU(), nn.Conv2d(channels, self.out_channels, 3, padding=1)
+        )
+        self.updown = up or down
+        if up:
+            self.h_upd, self.x_upd = Upsample(channels, False), Upsample(channels, False)
+        elif down:
+            self.h_upd, self.x_upd = Downsample(channels, False), Downsample(channels, False)
+        else:
+            self.h_upd = self.x_upd = nn.Identity()
+        self.emb_layers = nn.Sequential(
+            nn.SiLU(),
+            nn.Linear(emb_channels, 2 * self.out_channels if use_scale_shift_norm
+                      else self.out_channels),
+        )  # fmt: skip
+        self.out_layers = nn.Sequential(
+            normalization(self.out_channels),
+            nn.SiLU(),
+            nn.Dropout(p=0.0),
+            nn.Conv2d(self.out_channels, self.out_channels, 3, padding=1),
+        )
+        if self.out_channels == channels:
+            self.skip_connection = nn.Identity()
+        else:  # the libraries' use_conv=False: a 1x1 conv
+            self.skip_connection = nn.Conv2d(channels, self.out_channels, 1)
+
+    def project(self, emb: torch.Tensor) -> torch.Tensor:
+        return self.emb_layers(emb)
+
+    def forward(self, x, cond):
+        if self.updown:
+            in_rest, in_conv = self.in_layers[:-1], self.in_layers[-1]
+            h = in_rest(x)
+            h = self.h_upd(h)
+            x = self.x_upd(x)
+            h = in_conv(h)
+        else:
+            h = self.in_layers(x)
+        emb_out = cond.type(h.dtype)[:, :, None, None]
+        if self.use_scale_shift_norm:
+            out_norm, out_rest = self.out_layers[0], self.out_layers[1:]
+            scale, shift = torch.chunk(emb_out, 2, dim=1)
+            h = out_norm(h) * (1 + scale) + shift
+            h = out_rest(h)
+        else:
+            h = self.out_layers(h + emb_out)
+        return self.skip_connection(x) + h
+
+
+class QKVAttentionLegacy(nn.Module):
+    """Heads split before q, k, v (improved-diffusion's order): qkv [N, H * 3 * C, T]."""
+
+    def __init__(self, n_heads: int):
+        super().__init__()
+        self.n_heads = n_heads
+
+    def forward(self, qkv):
+        bs, width, length = qkv.shape
+        ch = width // (3 * self.n_heads)
+        q, k, v = qkv.reshape(bs * self.n_heads, ch * 3, length).split(ch, dim=1)
+        scale = 1 / math.sqrt(math.sqrt(ch))
+        weight = torch.einsum("bct,bcs->bts", q * scale, k * scale)
+        weight = torch.softmax(weight.float(), dim=-1).type(weight.dtype)
+        a = torch.einsum("bts,bcs->bct", weight, v)
+        return a.reshape(bs, -1, length)
+
+
+class QKVAttention(nn.Module):
+    """q, k, v split before heads (guided-diffusion's ``use_new_attention_order``)."""
+
+    def __init__(self, n_heads: int):
+        super().__init__()
+        self.n_heads = n_heads
+
+    def forward(self, qkv):
+        bs, width, length = qkv.shape
+        ch = width // (3 * self.n_heads)
+        q, k, v = qkv.chunk(3, dim=1)
+        scale = 1 / math.sqrt(math.sqrt(ch))
+        weight = torch.einsum(
+            "bct,bcs->bts",
+            (q * scale).view(bs * self.n_heads, ch, length),
+            (k * scale).view(bs * self.n_heads, ch, length),
+        )
+        weight = torch.softmax(weight.float(), dim=-1).type(weight.dtype)
+        a = torch.einsum("bts,bcs->bct", weight, v.reshape(bs * self.n_heads, ch, length))
+        return a.reshape(bs, -1, length)
+
+
+class AttentionBlock(nn.Module):
+    def __init__(self, channels: int, num_heads: int, num_head_channels: int,
+                 use_new_attention_order: bool):  # fmt: skip
+        super().__init__()
+        self.channels = channels
+        self.num_heads = heads_of(channels, num_heads, num_head_channels)
+        self.norm = normalization(channels)
+        self.qkv = nn.Conv1d(channels, channels * 3, 1)
+        order = QKVAttention if use_new_attention_order else QKVAttentionLegacy
+        self.attention = order(self.num_heads)
+        self.proj_out = nn.Conv1d(channels, channels, 1)
+
+    def forward(self, x):
+        b, c, *spatial = x.shape
+        x = x.reshape(b, c, -1)
+        qkv = self.qkv(self.norm(x))
+        h = self.proj_out(self.attention(qkv))
+        return (x + h).reshape(b, c, *spatial)
+
+
+class Unet(nn.Module):
+    """``forward(x, timesteps, x_self_cond=None, class_labels=None)``: x [B, C, H, W], timesteps
+    [B] (the original integer timesteps), class_labels [B] for a class-conditional network."""
+
+    def __init__(self, config: UnetConfig):
+        super().__init__()
+        self.config = config
+        self.channels = config.in_channels
+        self.self_condition = False
+        c = config
+        mc, emb_dim = c.model_channels, c.time_dim
+        self.time_embed = nn.Sequential(nn.Linear(mc, emb_dim), nn.SiLU(),
+                                        nn.Linear(emb_dim, emb_dim))  # fmt: skip
+        if c.num_classes is not None:
+            self.label_emb = nn.Embedding(c.num_classes, emb_dim)
+
+        def resblock(ch, out=None, up=False, down=False):
+            return ResBlock(ch, emb_dim, out, c.use_scale_shift_norm, up=up, down=down)
+
+        def attention(ch, heads):
+            return AttentionBlock(ch, heads, c.num_head_channels, c.use_new_attention_order)
+
+        ch = input_ch = c.width(0)
+        self.input_blocks = nn.ModuleList(
+            [TimestepEmbedSequential(nn.Conv2d(c.in_channels, ch, 3, padding=1))]
+        )
+        input_block_chans = [ch]
+        ds = 1
+        for level in range(len(c.channel_mult)):
+            for _ in range(c.num_res_blocks):
+                layers = [resblock(ch, c.width(level))]
+                ch = c.width(level)
+                if ds in c.attention_ds:
+                    layers.append(attention(ch, c.num_heads))
+                self.input_blocks.append(TimestepEmbedSequential(*layers))
+                input_block_chans.append(ch)
+            if level != len(c.channel_mult) - 1:
+                down = (resblock(ch, ch, down=True) if c.resblock_updown
+                        else Downsample(ch, c.conv_resample, ch))  # fmt: skip
+                self.input_blocks.append(TimestepEmbedSequential(down))
+                input_block_chans.append(ch)
+                ds *= 2
+        self.middle_block = TimestepEmbedSequential(
+            resblock(ch), attention(ch, c.num_heads), resblock(ch)
+        )
+        self.output_blocks = nn.ModuleList()
+        for level in reversed(range(len(c.channel_mult))):
+            for i in range(c.num_res_blocks + 1):
+                layers = [resblock(ch + input_block_chans.pop(), c.width(level))]
+                ch = c.width(level)
+                if ds in c.attention_ds:
+                    layers.append(attention(ch, c.upsample_heads))
+                if level and i == c.num_res_blocks:
+                    layers.append(resblock(ch, ch, up=True) if c.resblock_updown
+                                  else Upsample(ch, c.conv_resample, ch))  # fmt: skip
+                    ds //= 2
+                self.output_blocks.append(TimestepEmbedSequential(*layers))
+        self.out = nn.Sequential(
+            normalization(ch), nn.SiLU(), nn.Conv2d(input_ch, c.out_channels, 3, padding=1)
+        )
+
+    @property
+    def class_conditional(self) -> bool:
+        return self.config.num_classes is not None
+
+    def time_embedding(self, timesteps: torch.Tensor) -> torch.Tensor:
+        """``time_embed`` of the sinusoidal features of ``timesteps * timestep_scale``."""
+        t = timesteps
+        if self.config.timestep_scale != 1.0:
+            t = t.float() * self.config.timestep_scale
+        return self.time_embed(timestep_embedding(t, self.config.model_channels)).float()
+
+    def label_embedding(self, class_labels: torch.Tensor) -> torch.Tensor:
+        if not self.class_conditional:
+            raise ValueError("an unconditional ADM network takes no class labels")
+        return self.label_emb(class_labels).float()
+
+    def conditioning_from_embedding(self, emb: torch.Tensor) -> dict[str, torch.Tensor]:
+        """{ResBlock name: its ``emb_layers(emb)``}, in module order."""
+        return {
+            name: m.project(emb).float()
+            for name, m in self.named_modules()
+            if isinstance(m, ResBlock)
+        }
+
+    def time_conditioning(
+        self, timesteps: torch.Tensor, class_labels: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        emb = self.time_embedding(timesteps)
+        if self.class_conditional:
+            if class_labels is None:
+                raise ValueError("a class-conditional ADM network needs class labels")
+            emb = emb + self.label_embedding(class_labels)
+        elif class_labels is not None:
+            raise ValueError("an unconditional ADM network takes no class labels")
+        return self.conditioning_from_embedding(emb)
+
+    def forward(self, x, timesteps, x_self_cond=None, class_labels=None):
+        timesteps = torch.as_tensor(timesteps, device=x.device)
+        if timesteps.ndim == 0:
+            timesteps = timesteps[None]
+        timesteps = timesteps * torch.ones(x.shape[0], dtype=timesteps.dtype, device=x.device)
+        if class_labels is not None:
+            class_labels = torch.as_tensor(class_labels, device=x.device)
+        cond = self.time_conditioning(timesteps, class_labels)
+        return self.forward_conditioned(x, cond, x_self_cond)
+
+    def forward_conditioned(self, x, cond: dict[str, torch.Tensor], x_self_cond=None):
+        """The forward given ``cond = time_conditioning(timesteps[, class_labels])``."""
+        hs = []
+        h = x
+        for i, module in enumerate(self.input_blocks):
+            h = module(h, cond, f"input_blocks.{i}")
+            hs.append(h)
+        h = self.middle_block(h, cond, "middle_block")
+        for i, module in enumerate(self.output_blocks):
+            h = torch.cat([h, hs.pop()], dim=1)
+            h = module(h, cond, f"output_blocks.{i}")
+        return self.out(h)
+
+
+# the family contract (see ddpm_fast.models)
+
+HALF_PRECISION_FP32 = (nn.GroupNorm,)
+OPTIONS: tuple[str, ...] = ()
+UNSTORED_DEFAULTS: dict = {}
+
+
+def matches(weights: dict[str, torch.Tensor]) -> bool:
+    """A UNetModel state_dict: the time MLP, the first input conv and the output conv."""
+    return (
+        "time_embed.0.weight" in weights
+        and "input_blocks.0.0.weight" in weights
+        and "out.2.weight" in weights
+    )
+
+
+def remap_keys(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The libraries' keys are this reference's: nothing to rename."""
+    return weights
+
+
+def infer_config(weights: dict[str, torch.Tensor], **options) -> UnetConfig:
+    """The config the weights fix, ``options`` (the libraries' flag names) settling the rest."""
+    raise CheckpointError("reading ADM files is not built yet")
+
+
+def fold(network: Unet) -> None:
+    """Nothing to fold: every weight is used as stored."""
