@@ -94,7 +94,8 @@ class UnetConfig:
         )
         self.timestep_scale = check_real("timestep_scale", self.timestep_scale, minimum=0.0)
         if self.library not in LIBRARIES:
-            raise ConfigError(f"library must be one of {', '.join(LIBRARIES)}, got {self.library!r}")
+            known = ", ".join(LIBRARIES)
+            raise ConfigError(f"library must be one of {known}, got {self.library!r}")
         for width in self.attention_widths():
             heads_of(width, self.num_heads, self.num_head_channels)
             heads_of(width, self.upsample_heads, self.num_head_channels)
