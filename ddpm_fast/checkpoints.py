@@ -257,6 +257,16 @@ def _pipeline_from_library(ckpt: Checkpoint, unet_options: dict, options: dict) 
     if why:
         raise CheckpointError(f"{ckpt.path}: looks like {FORMAT_NAMES[ckpt.format]}, but {why}")
     network = build_network(ckpt.path, fam, config, weights)
+    own_diffusion = getattr(fam, "library_diffusion", None)
+    if own_diffusion is not None:  # a family whose files come with their library's own flags
+        if ckpt.format != "unet":
+            raise CheckpointError(f"{ckpt.path}: a {fam.FAMILY} network in a {ckpt.format} file")
+        try:
+            fields_, notes = own_diffusion(weights, config, unet_options, options)
+            diffusion = DiffusionConfig(**fields_)
+        except ConfigError as err:
+            raise CheckpointError(f"{ckpt.path}: {err}") from None
+        return Pipeline(network, diffusion, source=str(ckpt.path), notes=(*notes, *ckpt.notes))
 
     notes = [f"read as {FORMAT_NAMES[ckpt.format]} ({fam.FAMILY})", *ckpt.notes]
     assumed = [f"{k}={v}" for k, v in fam.UNSTORED_DEFAULTS.items() if k not in unet_options]

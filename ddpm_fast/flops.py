@@ -23,9 +23,19 @@ def forward_flops(network: nn.Module, image_shape: tuple[int, ...], batch: int =
         x = torch.zeros(shape, device="meta")
         t = torch.zeros(batch, dtype=torch.long, device="meta")
         with FlopCounterMode(display=False) as counter:
-            torch.func.functional_call(network, tensors, (x, t))
+            torch.func.functional_call(network, tensors, (x, t), _labels(network, batch, "meta"))
     except (NotImplementedError, RuntimeError):  # an op without a meta kernel
         network = copy.deepcopy(network).cpu()
         with FlopCounterMode(display=False) as counter:
-            network(torch.zeros(shape), torch.zeros(batch, dtype=torch.long))
+            network(
+                torch.zeros(shape), torch.zeros(batch, dtype=torch.long),
+                **_labels(network, batch, "cpu"),
+            )  # fmt: skip
     return counter.get_total_flops()
+
+
+def _labels(network: nn.Module, batch: int, device: str) -> dict:
+    """A class-conditional network's label argument (class 0 for every image), else none."""
+    if getattr(network.config, "num_classes", None) is None:
+        return {}
+    return {"class_labels": torch.zeros(batch, dtype=torch.long, device=device)}

@@ -5,7 +5,8 @@
   reference recomputes at every forward);
 - ``time_conditioning``: every quantity of the forward that depends on the timestep alone (each
   block's time projection) for a list of timesteps, so that a sampler that knows its timesteps
-  never runs the time MLPs again.
+  never runs the time MLPs again; for a class-conditional network, ``time_embeddings`` and
+  ``class_embeddings``, the two parts its conditioning is made from.
 
 Both ask the network's family (``ddpm_fast.models``); the engine and the ONNX exporter start
 from them.
@@ -31,10 +32,31 @@ def fold_weights(network: nn.Module) -> nn.Module:
 
 
 @torch.no_grad()
-def time_conditioning(network: nn.Module, timesteps: torch.Tensor) -> dict[str, torch.Tensor]:
+def time_conditioning(
+    network: nn.Module, timesteps: torch.Tensor, class_labels: torch.Tensor | None = None
+) -> dict[str, torch.Tensor]:
     """For timesteps [n]: {name: [n, d]}, the network's ``time_conditioning`` (float32, computed
-    as the reference computes it for a batch at time t)."""
+    as the reference computes it for a batch at time t); ``class_labels`` [n] for a
+    class-conditional network (ignored for others)."""
     family_of(network)  # a TypeError for anything but a registered family's network
     device = next(network.parameters()).device
     t = torch.as_tensor(timesteps, device=device)
-    return {name: c.float() for name, c in network.time_conditioning(t).items()}
+    labels = {}
+    if network.config.num_classes is not None:
+        labels = {"class_labels": torch.as_tensor(class_labels, device=device)}
+    return {name: c.float() for name, c in network.time_conditioning(t, **labels).items()}
+
+
+@torch.no_grad()
+def time_embeddings(network: nn.Module, timesteps: torch.Tensor) -> torch.Tensor:
+    """A class-conditional network's time embedding at each of ``timesteps``: [n, E] float32."""
+    device = next(network.parameters()).device
+    return network.time_embedding(torch.as_tensor(timesteps, device=device)).float().contiguous()
+
+
+@torch.no_grad()
+def class_embeddings(network: nn.Module) -> torch.Tensor:
+    """A class-conditional network's label embedding of every class: [K, E] float32."""
+    device = next(network.parameters()).device
+    labels = torch.arange(network.config.num_classes, device=device)
+    return network.label_embedding(labels).float().contiguous()

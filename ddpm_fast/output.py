@@ -336,9 +336,12 @@ class Output:
                 "resumes from them"
             ) from None
 
-    def finish(self, num: int, batch: int, *, keep_shards: bool = False) -> None:
+    def finish(
+        self, num: int, batch: int, *, keep_shards: bool = False, labels: list[int] | None = None
+    ) -> None:
         """Assemble the file from its shards (rank 0, after every rank is done), atomically,
-        each shard checked again as it is read; then remove the shards unless ``keep_shards``."""
+        each shard checked again as it is read; then remove the shards unless ``keep_shards``.
+        An .npz also gets ``labels`` as ``label_ids`` (int64 [num])."""
         if not self.sharded:
             return
         batches = batch_grid(num, batch)
@@ -355,7 +358,9 @@ class Output:
         try:
             if self.kind == "npz":
                 shape = (num, *self._hwc) if self._hwc else None
-                write_atomically(self.path, lambda tmp: _save_npz(tmp, batches, shard, shape))
+                write_atomically(
+                    self.path, lambda tmp: _save_npz(tmp, batches, shard, shape, labels)
+                )
             else:
                 _save_png(self.path, grid(np.concatenate([shard(b) for b in batches])))
         except OSError as err:
@@ -378,9 +383,11 @@ def write_samples(
     keep_shards: bool = False,
     say: Callable[[str], None] = lambda message: None,
     progress: Callable[[int], None] | None = None,
+    labels: list[int] | None = None,
 ) -> None:
     """Draw what ``output`` lacks of ``num`` images (``draw``, in batches of ``batch``) and write
     it, as one rank of ``group``: the whole of ``ddpm-fast sample`` after the model is loaded.
+    ``labels``: the class labels of the ``num`` images, written beside them (``label_ids``).
     ``progress(n)`` is told the images finished by all ranks after each batch of this one.
 
     Under torchrun, a rank done with its batches waits for the others' batches to appear,
@@ -403,7 +410,7 @@ def write_samples(
         # since; any that does not count is drawn again here (its batch is deterministic).
         redo = output.pending(num, batch)
         _draw_batches(output, redo, num, batch, draw, None)
-        output.finish(num, batch, keep_shards=keep_shards)
+        output.finish(num, batch, keep_shards=keep_shards, labels=labels)
 
 
 def _draw_batches(
@@ -518,10 +525,12 @@ def _save_npz(
     batches: list[range],
     shard: Callable[[range], np.ndarray],
     shape: tuple[int, ...] | None,
+    labels: list[int] | None = None,
 ) -> None:
     """``arr_0`` = the shards in order, streamed (50k images need not fit in memory twice),
     stored uncompressed as np.savez does, with fixed zip timestamps. The header is the run's
-    shape, never a shard's: each shard was checked to hold its batch of that shape."""
+    shape, never a shard's: each shard was checked to hold its batch of that shape. ``labels``
+    become ``label_ids`` (int64), as guided-diffusion's samples carry them (its ``arr_1``)."""
     if shape is None:  # a run without image_shape: the first (checked) shard's
         shape = (batches[-1].stop, *shard(batches[0]).shape[1:])
     header = {"descr": np.dtype(np.uint8).str, "fortran_order": False, "shape": shape}
@@ -533,6 +542,13 @@ def _save_npz(
         np.lib.format.write_array_header_1_0(f, header)
         for b in batches:
             f.write(shard(b).tobytes())
+    if labels is not None:
+        entry = zipfile.ZipInfo("label_ids.npy", date_time=ZIP_DATE)
+        with (
+            zipfile.ZipFile(path, "a", zipfile.ZIP_STORED) as archive,
+            archive.open(entry, "w") as f,
+        ):
+            np.save(f, np.asarray(labels, dtype=np.int64))
 
 
 def _done_names(folder: Path) -> Iterator[Path]:

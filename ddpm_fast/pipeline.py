@@ -13,6 +13,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .class_labels import check_labels, labels_for
 from .errors import ConfigError, NonFiniteError
 from .images import chain_to_images
 from .noise import keyed_noise
@@ -37,6 +38,7 @@ from .samplers import (
     sample_loop,
     step_tables,
 )
+from .samplers.spacing import model_spacing, parse_respacing
 from .schedule import Schedule, ScheduleConfig
 
 __all__ = ["DEFAULT_BATCH_SIZE", "DiffusionConfig", "Pipeline", "resolve_batch_size"]
@@ -244,6 +246,11 @@ class Pipeline:
         return self.network.config
 
     @property
+    def num_classes(self) -> int | None:
+        """The number of classes of a class-conditional network, else None."""
+        return self.network.config.num_classes
+
+    @property
     def device(self) -> torch.device:
         return next(self.network.parameters()).device
 
@@ -256,15 +263,33 @@ class Pipeline:
         steps: int | None = None,
         eta: float = 0.0,
         timestep_spacing: str | None = None,
+        timestep_respacing: str | None = None,
     ):
         """The chain ``sample`` runs for these arguments: the sampler defaults to the model's
         (``diffusion.sampler``, else ddpm), steps to the schedule's, ``timestep_spacing`` to the
-        model's, else the sampler's; offset, clipping and DDIM's eps are the model's."""
+        model's (``samplers.spacing.model_spacing``), else the sampler's; offset, clipping and
+        DDIM's eps are the model's. ``timestep_respacing``: OpenAI's libraries' string ("250",
+        "ddim25", "10,15,20"), which sets steps and spacing (an error where those are also
+        given and differ)."""
         d = self.diffusion
         if sampler is None:
             sampler = d.sampler or "ddpm"
         sampler, eta = check_chain(sampler, eta)
         total = self.schedule.num_timesteps
+        sections: tuple[int, ...] = ()
+        if timestep_respacing is not None:
+            n, spacing, sections = parse_respacing(timestep_respacing, total)
+            implied = (("steps", steps, n), ("timestep_spacing", timestep_spacing, spacing))
+            for name, given, value in implied:
+                if given is not None and given != value:
+                    raise ConfigError(
+                        f"timestep_respacing {timestep_respacing!r} means {name} {value}, "
+                        f"but {name} {given!r} is given too"
+                    )
+            steps, timestep_spacing = n, spacing
+            sections = sections if len(sections) > 1 else ()
+        if timestep_spacing is None:
+            timestep_spacing = model_spacing(sampler, d.timestep_spacing)
         if steps is None:
             steps = total
         steps = check_int("steps", steps, minimum=1)
@@ -278,11 +303,12 @@ class Pipeline:
             steps=steps,
             eta=eta,
             variance=variance,
-            timestep_spacing=d.timestep_spacing if timestep_spacing is None else timestep_spacing,
+            timestep_spacing=timestep_spacing,
             steps_offset=d.steps_offset,
             clip_x0=d.clip_x0,
             clip_range=d.clip_range,
             eps_from_clipped_x0=d.eps_from_clipped_x0,
+            section_counts=sections,
         )
 
     def image_shape(self) -> tuple[int, int, int]:
@@ -306,6 +332,8 @@ class Pipeline:
         sampler: str | None = None,
         eta: float = 0.0,
         timestep_spacing: str | None = None,
+        timestep_respacing: str | None = None,
+        class_labels=None,
         seed: int = 0,
         batch_size: int | None = None,
         initial_noise: torch.Tensor | None = None,
@@ -319,7 +347,8 @@ class Pipeline:
         # Sample indices are the high 32 bits of the Philox key.
         start_index = check_int("start_index", start_index, minimum=0, maximum=2**32 - num)
         seed = check_seed(check_int("seed", seed))
-        spec = self.sampler_spec(sampler, steps, eta, timestep_spacing)
+        spec = self.sampler_spec(sampler, steps, eta, timestep_spacing, timestep_respacing)
+        labels = check_labels(class_labels, num, self.num_classes, self.source or "this model")
         device = resolve_device(device, self.device)
         if initial_noise is not None:
             shape = check_initial_noise(initial_noise, num, self.config.channels)
@@ -349,9 +378,13 @@ class Pipeline:
                     x = initial_noise[rows.start : rows.stop].to(device, torch.float32)
                 else:
                     x = chain._initial_noise(seed, indices, shape, device)
+                batch_labels = labels_for(labels, seed, indices, rows.start, self.num_classes)
+                if batch_labels is not None:
+                    batch_labels = torch.tensor(batch_labels, dtype=torch.int64, device=device)
                 x = chain._run_chain(
-                    x, tables, spec, seed=seed, indices=indices, on_step=lambda k: bar.update()
-                )
+                    x, tables, spec, seed=seed, indices=indices, on_step=lambda k: bar.update(),
+                    class_labels=batch_labels,
+                )  # fmt: skip
                 check_finite(x, indices)
                 yield indices, chain_to_images(x, self.diffusion.auto_normalize)
 
@@ -383,6 +416,8 @@ class Pipeline:
             "eta": spec.eta,
             "timestep_spacing": spec.timestep_spacing,
             "image_shape": list(self.image_shape()),
+            # OpenAI's multi-section respacing ("10,15,20"); absent for every other chain.
+            **({"section_counts": list(spec.section_counts)} if spec.section_counts else {}),
         }
 
     def auto_batch_size(self, num: int, device: torch.device | str | None = None) -> int:
@@ -399,7 +434,10 @@ class Pipeline:
         base = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
         with torch.no_grad():
-            chain.network(x, t, torch.zeros_like(x) if self.config.self_condition else None)
+            labels = {} if self.num_classes is None else {"class_labels": t}
+            chain.network(
+                x, t, torch.zeros_like(x) if self.config.self_condition else None, **labels
+            )
         per_image = max(1, (torch.cuda.max_memory_allocated(device) - base) // trial)
         free = torch.cuda.mem_get_info(device)[0]
         return max(1, min(num, 1024, int(0.8 * free // per_image)))
@@ -413,6 +451,8 @@ class Pipeline:
         sampler: str | None = None,
         eta: float = 0.0,
         timestep_spacing: str | None = None,
+        timestep_respacing: str | None = None,
+        class_labels=None,
         seed: int = 0,
         batch_size: int | str | None = None,
         device: torch.device | str | None = None,
@@ -430,7 +470,8 @@ class Pipeline:
 
         output = Output(path)
         num = check_int("the number of images", num, minimum=1)
-        spec = self.sampler_spec(sampler, steps, eta, timestep_spacing)
+        spec = self.sampler_spec(sampler, steps, eta, timestep_spacing, timestep_respacing)
+        given = check_labels(class_labels, num, self.num_classes, self.source or "this model")
         # A chain it cannot run (diffusers' last-step noise, epsilon at abar = 0) fails here,
         # before anything is written.
         step_tables(self.schedule, spec).rows(self.diffusion.objective)
@@ -441,6 +482,12 @@ class Pipeline:
             batch_size = group.smallest(self.auto_batch_size(num, device))
         batch_size = resolve_batch_size(num, batch_size)
         run = {**self.run_identity(spec, device), "seed": seed}
+        # The labels are part of the run (a resume with others is refused): the given list, or
+        # drawn from the seed per sample index (the same for any num, so a run can grow).
+        labels = None
+        if self.num_classes is not None:
+            run["class_labels"] = given if given is not None else "drawn from the seed"
+            labels = labels_for(given, seed, range(num), 0, self.num_classes)
         options = dict(
             steps=spec.steps,
             sampler=spec.kind,
@@ -448,6 +495,9 @@ class Pipeline:
             timestep_spacing=spec.timestep_spacing,
             seed=seed,
         )
+        if spec.section_counts:
+            options["timestep_respacing"] = ",".join(map(str, spec.section_counts))
+            del options["steps"], options["timestep_spacing"]
         single = group.world == 1
         # One process: sample_batches' bar in steps. Several: rank 0's bar in images, all ranks.
         shared_bar = progress and not single and group.rank == 0
@@ -456,7 +506,8 @@ class Pipeline:
         def draw(count: int, start: int):
             batches = self.sample_batches(
                 count, start_index=start, batch_size=batch_size, device=device,
-                progress=progress and single, **options,
+                progress=progress and single,
+                class_labels=None if given is None else given[start : start + count], **options,
             )  # fmt: skip
             for indices, images in batches:
                 yield indices, images.float().cpu().numpy()
@@ -467,7 +518,7 @@ class Pipeline:
         with bar:
             write_samples(
                 output, run, num, batch_size, draw, group=group, keep_shards=keep_shards,
-                say=say, progress=advance if shared_bar else None,
+                say=say, progress=advance if shared_bar else None, labels=labels,
             )  # fmt: skip
         return output
 
@@ -497,17 +548,20 @@ class Pipeline:
         seed: int,
         indices: range,
         on_step: Callable[[int], None],
+        class_labels: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The reverse chain of one batch from x_T (on the device it runs on) to x_0: the
-        reference loop. ``ddpm_fast.engine.Engine`` runs the same chain its own way."""
+        reference loop; ``class_labels`` [batch] int64 on that device for a class-conditional
+        network. ``ddpm_fast.engine.Engine`` runs the same chain its own way."""
 
         def noise(step: int, batch_shape: tuple[int, ...]) -> torch.Tensor:
             return keyed_noise(seed, indices, step, batch_shape[1:], device=x.device)
 
         objective = self.diffusion.objective
         return sample_loop(
-            self.network, x, tables, spec, objective, noise, on_step=lambda k, x: on_step(k)
-        )
+            self.network, x, tables, spec, objective, noise, on_step=lambda k, x: on_step(k),
+            class_labels=class_labels,
+        )  # fmt: skip
 
     def sample(
         self,
@@ -517,6 +571,8 @@ class Pipeline:
         sampler: str | None = None,
         eta: float = 0.0,
         timestep_spacing: str | None = None,
+        timestep_respacing: str | None = None,
+        class_labels=None,
         seed: int = 0,
         batch_size: int | None = None,
         initial_noise: torch.Tensor | None = None,
@@ -529,7 +585,10 @@ class Pipeline:
         ``steps`` defaults to the schedule's length; ``sampler`` is one of
         ``ddpm_fast.samplers.SAMPLERS`` ("ddpm", "ddim" with ``eta``, "dpm++2m", ...; None: the
         model's default, ``diffusion.sampler``, else ddpm), ``timestep_spacing`` one of
-        ``ddpm_fast.samplers.SPACINGS`` (None: the model's, else the sampler's);
+        ``ddpm_fast.samplers.SPACINGS`` (None: the model's, else the sampler's), or
+        ``timestep_respacing`` as OpenAI's libraries spell it ("250", "ddim25", "10,15,20");
+        ``class_labels`` (class-conditional models): one int for every image or one per image
+        (None: drawn per sample index from the seed, so image i keeps its label in any batch);
         ``batch_size`` defaults to up to 64; ``initial_noise`` [num, C, H, W] replaces the Philox
         x_T; image i uses the noise of sample ``start_index + i``, so it is the same image for a
         given seed whatever the batch size; ``progress`` shows a tqdm bar.
@@ -540,6 +599,8 @@ class Pipeline:
             sampler=sampler,
             eta=eta,
             timestep_spacing=timestep_spacing,
+            timestep_respacing=timestep_respacing,
+            class_labels=class_labels,
             seed=seed,
             batch_size=batch_size,
             initial_noise=initial_noise,

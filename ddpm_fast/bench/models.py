@@ -4,7 +4,10 @@ on them), the embedded default model, or a checkpoint.
 The seed's CIFAR-10 U-Net (denoising-diffusion-pytorch 1.x, dim 64, dim_mults 1, 2, 4, 8: 35.7M
 parameters) at 32 x 32, 64 x 64 and 128 x 128; ``ddpm-cifar10``, the DDPM paper's CIFAR-10 network
 as diffusers' UNet2DModel (google/ddpm-cifar10-32's config and scheduler, 35.7M parameters);
-``dd2-cifar10``, a denoising-diffusion-pytorch 2.x Unet of the same widths.
+``dd2-cifar10``, a denoising-diffusion-pytorch 2.x Unet of the same widths; OpenAI's ADM U-Nets as
+their READMEs' flags build them: ``adm-cifar10`` (improved-diffusion's CIFAR-10 model),
+``adm-imagenet64`` (guided-diffusion's class-conditional 64 x 64 model) and ``adm-256`` (its
+256 x 256 unconditional model, the prior of image-restoration work: for the GPU).
 """
 
 from __future__ import annotations
@@ -14,8 +17,9 @@ import dataclasses
 import torch
 
 from .. import load
-from ..models import dd_pytorch_v1, dd_pytorch_v2, diffusers_unet2d
+from ..models import adm, dd_pytorch_v1, dd_pytorch_v2, diffusers_unet2d
 from ..pipeline import DiffusionConfig, Pipeline
+from ..schedule import ScheduleConfig
 
 # google/ddpm-cifar10-32 (the DDPM paper's CIFAR-10 model as diffusers converted it): its unet's
 # config.json and its scheduler_config.json, less bookkeeping fields.
@@ -73,6 +77,51 @@ def _dd2_cifar10() -> Pipeline:
     return Pipeline(network, DiffusionConfig(image_size=32), source="dd2-cifar10 (32 px)")
 
 
+# The ADM models' UNetModel arguments, from their READMEs' MODEL_FLAGS (attention_ds is
+# image_size // attention_resolutions; channel_mult the scripts' default for the image size).
+ADM_MODELS = {
+    # improved-diffusion: --image_size 32 --num_channels 128 --num_res_blocks 3 --learn_sigma True
+    # --diffusion_steps 4000 --noise_schedule cosine (num_heads 4, attention at 16 and 8 px,
+    # scale-shift norm and rescaled timesteps: the script's defaults).
+    "adm-cifar10": (
+        32, ("cosine", 4000),
+        dict(model_channels=128, out_channels=6, num_res_blocks=3, attention_ds=(2, 4),
+             channel_mult=(1, 2, 2, 2), num_heads=4, use_scale_shift_norm=True,
+             timestep_scale=1000 / 4000, library="improved-diffusion"),
+    ),
+    # guided-diffusion's 64x64_diffusion.pt: --attention_resolutions 32,16,8 --class_cond True
+    # --diffusion_steps 1000 --image_size 64 --learn_sigma True --noise_schedule cosine
+    # --num_channels 192 --num_head_channels 64 --num_res_blocks 3 --resblock_updown True
+    # --use_new_attention_order True --use_scale_shift_norm True
+    "adm-imagenet64": (
+        64, ("cosine", 1000),
+        dict(model_channels=192, out_channels=6, num_res_blocks=3, attention_ds=(2, 4, 8),
+             channel_mult=(1, 2, 3, 4), num_classes=1000, num_head_channels=64,
+             resblock_updown=True, use_new_attention_order=True, use_scale_shift_norm=True),
+    ),
+    # guided-diffusion's 256x256_diffusion_uncond.pt: --attention_resolutions 32,16,8
+    # --class_cond False --diffusion_steps 1000 --image_size 256 --learn_sigma True
+    # --noise_schedule linear --num_channels 256 --num_head_channels 64 --num_res_blocks 2
+    # --resblock_updown True --use_scale_shift_norm True
+    "adm-256": (
+        256, ("linear", 1000),
+        dict(model_channels=256, out_channels=6, num_res_blocks=2, attention_ds=(8, 16, 32),
+             channel_mult=(1, 1, 2, 2, 4, 4), num_head_channels=64, resblock_updown=True,
+             use_scale_shift_norm=True),
+    ),
+}  # fmt: skip
+
+
+def _adm(name: str) -> Pipeline:
+    size, (schedule, steps), fields = ADM_MODELS[name]
+    network = adm.Unet(adm.UnetConfig(**fields))
+    diffusion = DiffusionConfig(
+        image_size=size, schedule=ScheduleConfig(schedule, steps), objective="pred_noise",
+        variance="learned_range",
+    )  # fmt: skip
+    return Pipeline(network, diffusion, source=f"{name} ({size} px, random weights)")
+
+
 # name -> (what it is, its pipeline). Weights are random (seed 0): time does not depend on them.
 MODELS = {
     "cifar10": ("the seed's 1.x CIFAR-10 U-Net, 32 px", lambda: _dd1_cifar10(32)),
@@ -80,6 +129,12 @@ MODELS = {
     "cifar10-128": ("the same at 128 px", lambda: _dd1_cifar10(128)),
     "ddpm-cifar10": ("google/ddpm-cifar10-32's UNet2DModel and scheduler", _ddpm_cifar10),
     "dd2-cifar10": ("a denoising-diffusion-pytorch 2.x Unet, dim 64, 32 px", _dd2_cifar10),
+    "adm-cifar10": ("improved-diffusion's CIFAR-10 UNetModel, 32 px", lambda: _adm("adm-cifar10")),
+    "adm-imagenet64": (
+        "guided-diffusion's class-conditional ImageNet 64x64 UNetModel",
+        lambda: _adm("adm-imagenet64"),
+    ),
+    "adm-256": ("guided-diffusion's unconditional 256x256 UNetModel", lambda: _adm("adm-256")),
 }
 
 

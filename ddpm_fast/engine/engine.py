@@ -66,12 +66,13 @@ def cast_convolutions(network: torch.nn.Module, dtype: torch.dtype) -> None:
 class ChainState:
     """The device buffers one step reads and writes: the chain's state x and the clipped x0
     (fp32: the self-conditioning input and the multistep solvers' x0_prev of the next step),
-    the step index, the noise keys."""
+    the step index, the noise keys, and a class-conditional network's labels."""
 
     x: torch.Tensor
     x0: torch.Tensor
     step: torch.Tensor
     keys: torch.Tensor
+    labels: torch.Tensor
 
     @classmethod
     def empty(cls, shape: tuple[int, ...], device: torch.device) -> ChainState:
@@ -80,13 +81,18 @@ class ChainState:
             x0=torch.zeros(shape, device=device),
             step=torch.zeros(1, dtype=torch.int64, device=device),
             keys=torch.zeros(shape[0], dtype=torch.int64, device=device),
+            labels=torch.zeros(shape[0], dtype=torch.int64, device=device),
         )
 
-    def reset(self, x_t: torch.Tensor, keys: torch.Tensor) -> None:
+    def reset(
+        self, x_t: torch.Tensor, keys: torch.Tensor, labels: torch.Tensor | None = None
+    ) -> None:
         self.x.copy_(x_t)
         self.x0.zero_()
         self.step.zero_()
         self.keys.copy_(keys)
+        if labels is not None:
+            self.labels.copy_(labels)
 
 
 class PreparedChain:
@@ -124,10 +130,11 @@ class PreparedChain:
             x = self.network_input(torch.randn(shape, generator=generator).to(self.device))
             step = torch.zeros(1, dtype=torch.int64, device=self.device)
             x_self_cond = torch.zeros_like(x) if self.network.self_condition else None
+            labels = self.labels_input(torch.zeros(shape[0], dtype=torch.int64, device=self.device))
             outputs = []
             for count in (threads, 1):
                 with torch_threads(count):
-                    outputs.append(self.network(x, step, x_self_cond))
+                    outputs.append(self.network(x, step, x_self_cond, **labels))
             self._invariant[key] = torch.equal(*outputs)
         return self._invariant[key]
 
@@ -135,21 +142,26 @@ class PreparedChain:
         memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
         return x.to(self.dtype, memory_format=memory_format)
 
+    def labels_input(self, labels: torch.Tensor) -> dict:
+        """The network's class-label argument: {} for an unconditional network."""
+        return {"class_labels": labels} if self.network.class_conditional else {}
+
     def step(self, state: ChainState, z: torch.Tensor | None = None) -> None:
         """One denoising step on ``state``, in place; ``z`` is the noise where the kernel does
         not draw it (the PyTorch path)."""
         self_cond = self.network_input(state.x0) if self.network.self_condition else None
-        out = self.network(self.network_input(state.x), state.step, self_cond)
+        labels = self.labels_input(state.labels)
+        out = self.network(self.network_input(state.x), state.step, self_cond, **labels)
         sampler_step(
             out, state.x, self.coeffs, state.step, state.keys, x0_prev=state.x0, z=z,
             learned=self.learned, out=(state.x, state.x0),
         )  # fmt: skip
         state.step.add_(1)
 
-    def run_eager(self, x, keys, seed: int, indices: range, on_step) -> torch.Tensor:
+    def run_eager(self, x, keys, seed: int, indices: range, on_step, labels=None) -> torch.Tensor:
         """The chain from x_T = ``x``, step by step without a graph."""
         state = ChainState.empty(tuple(x.shape), x.device)
-        state.reset(x, keys)
+        state.reset(x, keys, labels)
         # The kernel draws z itself; the PyTorch path is given it.
         kernel_draws = draws_noise(x)
         z = None if kernel_draws else torch.zeros_like(x)
@@ -249,6 +261,13 @@ class Engine(Pipeline):
 
     def executor(self) -> tuple[str, str]:
         """What runs this engine's chains on the CPU ("onnxruntime" or "torch"), and why."""
+        if self.num_classes is not None:  # the executor file takes no labels (yet)
+            if self.cpu_executor == "onnxruntime":
+                raise ConfigError(
+                    "cpu_executor 'onnxruntime' does not run class-conditional models; use "
+                    "'torch' or 'auto'"
+                )
+            return "torch", "class-conditional models run on PyTorch on the CPU"
         return resolve_executor(self.cpu_executor, self.dtype)
 
     def _initial_noise(
@@ -270,18 +289,20 @@ class Engine(Pipeline):
         seed: int,
         indices: range,
         on_step: Callable[[int], None],
+        class_labels: torch.Tensor | None = None,
     ) -> torch.Tensor:
         chain = self.prepare(tables, spec, x.device)
         keys = philox_keys(seed, indices, device=x.device)
+        labels = class_labels
         with _exact_fp32(self.dtype, x.device):
             if not self._uses_graphs(x.device):  # raises for cuda_graph=True off CUDA
                 if x.device.type == "cpu":
-                    return self._run_on_cpu(chain, x, keys, seed, indices, on_step)
-                return chain.run_eager(x, keys, seed, indices, on_step)
+                    return self._run_on_cpu(chain, x, keys, seed, indices, on_step, labels)
+                return chain.run_eager(x, keys, seed, indices, on_step, labels)
             captured = self._captured(chain, tuple(x.shape))
             if captured is None:
-                return chain.run_eager(x, keys, seed, indices, on_step)
-            captured.state.reset(x, keys)
+                return chain.run_eager(x, keys, seed, indices, on_step, labels)
+            captured.state.reset(x, keys, labels)
             for k in range(chain.steps):
                 captured.replay()
                 on_step(k + 1)
@@ -310,14 +331,15 @@ class Engine(Pipeline):
             split_min_flops=0 if on_ort else None,
         )
 
-    def _run_on_cpu(self, chain, x, keys, seed, indices, on_step) -> torch.Tensor:
+    def _run_on_cpu(self, chain, x, keys, seed, indices, on_step, labels=None) -> torch.Tensor:
         """The eager chain on the CPU, under the thread plan for this batch (``run_planned``).
         The chains read their thread count from PyTorch's, which the plan sets."""
         plan = self._cpu_plan(chain, tuple(x.shape))
 
         def run(rows: slice, threads, rows_on_step) -> torch.Tensor:
             part = range(indices.start + rows.start, indices.start + rows.stop)
-            return chain.run_eager(x[rows], keys[rows], seed, part, rows_on_step)
+            part_labels = None if labels is None else labels[rows]
+            return chain.run_eager(x[rows], keys[rows], seed, part, rows_on_step, part_labels)
 
         with torch_threads(plan.threads):
             return run_planned(plan, run, tuple(x.shape), on_step, chain.governors)

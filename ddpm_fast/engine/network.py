@@ -4,7 +4,13 @@ conditioning precomputed for the chain's timesteps, and its modules swapped for 
 is an int64 device tensor, so the forward needs no host value and captures in a CUDA graph.
 
 Shared here: the folding and the one table of every block's time conditioning at every chain
-timestep (``[steps, D]``, one gather a step for the whole network). How a family's modules map
+timestep (``[steps, D]``, one gather a step for the whole network). A class-conditional network's
+conditioning depends on the label through a nonlinearity (the libraries add the label embedding
+to the time embedding before each block's SiLU and projection), so it cannot be tabulated per
+timestep: its chain holds the time embedding of every timestep [steps, E] and the label
+embedding of every class [K, E], and each step gathers the two, adds them and runs the blocks'
+projections (``conditioning_from_embedding`` of the folded reference): rows per sample [B, D],
+still with no host value (the labels are a device tensor). How a family's modules map
 onto the shared fast modules (:mod:`ddpm_fast.engine.modules`) is its own file under
 :mod:`ddpm_fast.engine.families`.
 
@@ -18,7 +24,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..folding import fold_weights, time_conditioning
+from ..folding import class_embeddings, fold_weights, time_conditioning, time_embeddings
 from ..kernels.group_norm import runs_kernel
 from ..models import family_of
 from .families import mapping
@@ -43,17 +49,43 @@ class FastUnet(nn.Module):
         if bias_in_norm is None:
             bias_in_norm = runs_kernel(torch.empty(0, device=timesteps.device))
         folded = fold_weights(reference)
-        tables = time_conditioning(reference, timesteps)
+        self.class_conditional = reference.config.num_classes is not None
+        # A class-conditional network's tables give only the layout (names and widths).
+        some = timesteps[:1] if self.class_conditional else timesteps
+        tables = time_conditioning(reference, some, class_labels=self.first_labels(some))
         if hasattr(fast, "time_tables"):
+            if self.class_conditional:  # the hook's constants, added to every step's rows
+                zero = {name: torch.zeros_like(t) for name, t in tables.items()}
+                offsets = fast.time_tables(folded, zero)
+                self.register_buffer("row_offset", torch.cat(list(offsets.values()), dim=1))
             tables = fast.time_tables(folded, tables)
-        # Every block's conditioning side by side: [steps, sum of widths].
-        self.register_buffer("time_table", torch.cat(list(tables.values()), dim=1).contiguous())
         slices, start = {}, 0
         for name, table in tables.items():
             slices[name], start = (start, table.shape[1]), start + table.shape[1]
+        if self.class_conditional:
+            self.register_buffer("time_table", time_embeddings(reference, timesteps))
+            self.register_buffer("label_table", class_embeddings(reference))
+            if not hasattr(self, "row_offset"):
+                self.register_buffer("row_offset", torch.zeros(1, start, device=timesteps.device))
+            self.conditioner = folded  # its projections run per step; build keeps their weights
+        else:
+            # Every block's conditioning side by side: [steps, sum of widths].
+            table = torch.cat(list(tables.values()), dim=1).contiguous()
+            self.register_buffer("time_table", table)
         self.body = fast.build(folded, slices, bias_in_norm)
         self.eval().requires_grad_(False)
 
-    def forward(self, x, step, x_self_cond=None):
-        t = self.time_table.index_select(0, step)  # [1, D], on the device
-        return self.body(x, t, x_self_cond)
+    @staticmethod
+    def first_labels(timesteps: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(len(timesteps), dtype=torch.long, device=timesteps.device)
+
+    def time_rows(self, step: torch.Tensor, class_labels: torch.Tensor | None) -> torch.Tensor:
+        """Every block's conditioning at chain step ``step``: [1, D], or [B, D] per label."""
+        if not self.class_conditional:
+            return self.time_table.index_select(0, step)  # [1, D], on the device
+        emb = self.time_table.index_select(0, step) + self.label_table.index_select(0, class_labels)
+        rows = self.conditioner.conditioning_from_embedding(emb)
+        return torch.cat(list(rows.values()), dim=1) + self.row_offset
+
+    def forward(self, x, step, x_self_cond=None, class_labels=None):
+        return self.body(x, self.time_rows(step, class_labels), x_self_cond)

@@ -352,9 +352,12 @@ class OrtChain:
         input shape (checked once per executor file with random inputs)."""
         return self.chain.thread_invariant(shape, threads)
 
-    def run_eager(self, x, keys, seed: int, indices: range, on_step) -> torch.Tensor:
+    def run_eager(self, x, keys, seed: int, indices: range, on_step, labels=None) -> torch.Tensor:
         """The chain from x_T = ``x`` (the engine draws it with NumPy for these chains, see
-        ``Engine._initial_noise``); ``keys`` is unused (the noise is keyed by seed and indices)."""
+        ``Engine._initial_noise``); ``keys`` is unused (the noise is keyed by seed and indices).
+        ``labels`` is None: class-conditional models never run here (``Engine.executor``)."""
+        if labels is not None:
+            raise ValueError("the executor file takes no class labels")
         state = x.detach().cpu().numpy()
         x_0 = self.chain.run(state, seed, indices, torch.get_num_threads, on_step)
         return torch.from_numpy(x_0)

@@ -12,7 +12,8 @@ The module contract of ``ddpm_fast.models.<family>`` (see :class:`Family`):
     The family's name ("dd-pytorch-v1"), stored in every config and file ddpm-fast writes.
 ``UnetConfig``
     A dataclass: the network's constructor arguments. It has ``family`` (a non-init field equal to
-    ``FAMILY``), ``channels``, ``self_condition``, the properties ``output_channels`` and
+    ``FAMILY``), ``channels``, ``self_condition``, ``num_classes`` (None, or the class count of a
+    class-conditional network), the properties ``output_channels`` and
     ``downsample_factor``, and ``to_dict()`` / ``from_dict(d)`` that round-trip through JSON.
 ``Unet``
     The reference network, ``Unet(config)``, whose state_dict keys are the library's (so the
@@ -28,6 +29,14 @@ The module contract of ``ddpm_fast.models.<family>`` (see :class:`Family`):
       ``forward_conditioned(x, time_conditioning(t), x_self_cond)``.
 
     ``network.config`` is its UnetConfig; ``network.channels`` and ``network.self_condition``.
+
+    A class-conditional network (``num_classes`` set) takes ``class_labels`` [n] (int64):
+    ``forward(x, t, x_self_cond=None, class_labels=None)`` and ``time_conditioning(t,
+    class_labels)`` (rows per sample), and splits the conditioning for the engine, which
+    tabulates the time part per chain step and gathers the label part per sample:
+    ``time_embedding(t) -> [n, E]``, ``label_embedding(class_labels) -> [n, E]`` and
+    ``conditioning_from_embedding(emb) -> {name: [n, d]}``, with ``time_conditioning(t, y) ==
+    conditioning_from_embedding(time_embedding(t) + label_embedding(y))``.
 ``OPTIONS``
     The names of the network options a user may give (CLI/``load``) where the file cannot tell
     them; ``UNSTORED_DEFAULTS`` the values assumed for those when not given (``info`` lists them).
@@ -48,6 +57,12 @@ The module contract of ``ddpm_fast.models.<family>`` (see :class:`Family`):
 ``HALF_PRECISION_FP32``
     A tuple of the module classes (norms) that a half-precision graph computes in float32 with
     the fp32 reference's epsilon.
+``library_diffusion(weights, config, unet_options, options) -> (fields, notes)`` (optional)
+    For a family whose files are bare state_dicts read with their library's own flags (ADM):
+    the DiffusionConfig fields (schedule, objective, variance, chain defaults) from those flags
+    (``unet_options``: the family's OPTIONS given) and the generic ``options``, and the notes
+    that ``info`` shows (every assumed value). Absent: the denoising-diffusion-pytorch reading
+    (schedule from the stored buffers, objective from the library version).
 ``gaussian_diffusion_refuses(config) -> str | None`` (optional; absent: never)
     Why the library's GaussianDiffusion would not hold this network (so a GaussianDiffusion
     state_dict or Trainer checkpoint holding it came from another class), or None. The loader
@@ -79,7 +94,7 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError
-from . import dd_pytorch_v1, dd_pytorch_v2, diffusers_unet2d
+from . import adm, dd_pytorch_v1, dd_pytorch_v2, diffusers_unet2d
 
 
 class Family(Protocol):
@@ -100,7 +115,7 @@ class Family(Protocol):
 
 
 FAMILIES: dict[str, ModuleType] = {
-    m.FAMILY: m for m in (dd_pytorch_v1, dd_pytorch_v2, diffusers_unet2d)
+    m.FAMILY: m for m in (dd_pytorch_v1, dd_pytorch_v2, diffusers_unet2d, adm)
 }
 
 
@@ -147,6 +162,7 @@ def detect(weights: dict[str, torch.Tensor], where: str) -> ModuleType:
 __all__ = [
     "FAMILIES",
     "Family",
+    "adm",
     "dd_pytorch_v1",
     "dd_pytorch_v2",
     "detect",

@@ -474,17 +474,36 @@ class Unet(nn.Module):
 # the family contract (see ddpm_fast.models)
 
 HALF_PRECISION_FP32 = (nn.GroupNorm,)
-OPTIONS: tuple[str, ...] = ()
-UNSTORED_DEFAULTS: dict = {}
+# The libraries' flags that say what the weights cannot (they settle the config), those the
+# weights fix (accepted, checked against them), the diffusion's (``library_diffusion``) and the
+# training-only ones (accepted and noted: they do not change sampling).
+NETWORK_FLAGS = ("num_heads", "num_head_channels", "num_heads_upsample",
+                 "use_new_attention_order", "rescale_timesteps", "library")  # fmt: skip
+WEIGHT_FLAGS = ("num_channels", "num_res_blocks", "channel_mult", "attention_resolutions",
+                "class_cond", "learn_sigma", "use_scale_shift_norm", "resblock_updown")  # fmt: skip
+DIFFUSION_FLAGS = ("noise_schedule", "diffusion_steps", "sigma_small", "predict_xstart")
+TRAINING_FLAGS = ("use_fp16", "dropout", "use_checkpoint", "use_kl", "rescale_learned_sigmas",
+                  "lr", "batch_size", "microbatch", "weight_decay", "ema_rate",
+                  "lr_anneal_steps", "log_interval", "save_interval", "schedule_sampler",
+                  "fp16_scale_growth", "resume_checkpoint", "data_dir", "num_samples",
+                  "use_ddim", "clip_denoised", "model_path")  # fmt: skip
+OPTIONS: tuple[str, ...] = NETWORK_FLAGS + WEIGHT_FLAGS + DIFFUSION_FLAGS + TRAINING_FLAGS
+UNSTORED_DEFAULTS: dict = {}  # which values are assumed depends on the library: see notes()
+# The scripts' defaults (script_util.model_and_diffusion_defaults) where a flag is not given.
+LIBRARY_DEFAULTS = {
+    "guided-diffusion": {"num_heads": 4, "num_head_channels": -1, "num_heads_upsample": -1,
+                         "use_new_attention_order": False, "rescale_timesteps": False},
+    "improved-diffusion": {"num_heads": 4, "num_head_channels": -1, "num_heads_upsample": -1,
+                           "use_new_attention_order": False, "rescale_timesteps": True},
+}  # fmt: skip
+GUIDED_ONLY = ("num_head_channels", "use_new_attention_order", "resblock_updown")
 
 
 def matches(weights: dict[str, torch.Tensor]) -> bool:
-    """A UNetModel state_dict: the time MLP, the first input conv and the output conv."""
-    return (
-        "time_embed.0.weight" in weights
-        and "input_blocks.0.0.weight" in weights
-        and "out.2.weight" in weights
-    )
+    """A UNetModel state_dict (the time MLP, the first input conv), or guided-diffusion's
+    classifier (EncoderUNetModel: the same start, no output blocks), which ``infer_config``
+    refuses by name."""
+    return "time_embed.0.weight" in weights and "input_blocks.0.0.weight" in weights
 
 
 def remap_keys(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -492,9 +511,228 @@ def remap_keys(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return weights
 
 
+def _blocks(weights: dict, prefix: str) -> int:
+    """How many ``prefix.N`` blocks hold weights (the highest N + 1)."""
+    found = [int(k.split(".")[1]) for k in weights if k.startswith(f"{prefix}.")]
+    return max(found) + 1 if found else 0
+
+
+def _library(weights_say: dict, options: dict) -> tuple[str, bool]:
+    """(library, assumed): guided-diffusion where a file or flag uses what only it has."""
+    if "library" in options:
+        if options["library"] not in LIBRARIES:
+            known = ", ".join(LIBRARIES)
+            raise ConfigError(f"library must be one of {known}, got {options['library']!r}")
+        return options["library"], False
+    guided = weights_say["resblock_updown"] or any(
+        not float(m).is_integer() for m in weights_say["channel_mult"]
+    )
+    given = [f for f in ("num_head_channels", "use_new_attention_order") if f in options]
+    if (
+        guided
+        or (given and options.get("num_head_channels", -1) != -1)
+        or options.get("use_new_attention_order")
+    ):
+        return "guided-diffusion", False
+    return "improved-diffusion", True
+
+
+def _shape_fields(weights: dict[str, torch.Tensor]) -> list[dict]:
+    """The configs' fields that the weight shapes fix: one candidate per count of res blocks
+    the block count allows (the caller keeps the one whose layout fits every key)."""
+    mc = weights["time_embed.0.weight"].shape[1]
+    n_out = _blocks(weights, "output_blocks")
+    first = weights["input_blocks.0.0.weight"]
+    candidates = []
+    for nrb in range(1, n_out):
+        if n_out % (nrb + 1):
+            continue
+        levels = n_out // (nrb + 1)
+        starts = [1 + level * (nrb + 1) for level in range(levels)]
+        try:
+            widths = [weights[f"input_blocks.{i}.0.in_layers.2.weight"].shape[0] for i in starts]
+        except KeyError:
+            continue
+        down = f"input_blocks.{starts[0] + nrb}.0" if levels > 1 else None
+        updown = down is not None and f"{down}.in_layers.0.weight" in weights
+        emb = weights["input_blocks.1.0.emb_layers.1.weight"].shape[0]
+        candidates.append(dict(
+            in_channels=first.shape[1],
+            model_channels=mc,
+            out_channels=weights["out.2.weight"].shape[0],
+            num_res_blocks=nrb,
+            attention_ds=tuple(2**level for level, i in enumerate(starts)
+                               if f"input_blocks.{i}.1.qkv.weight" in weights),
+            channel_mult=tuple(w // mc if w % mc == 0 else w / mc for w in widths),
+            num_classes=weights["label_emb.weight"].shape[0] if "label_emb.weight" in weights
+            else None,
+            use_scale_shift_norm=emb == 2 * widths[0],
+            resblock_updown=updown,
+            conv_resample=updown or down is None or f"{down}.op.weight" in weights,
+        ))  # fmt: skip
+    return candidates
+
+
+def _fits(config: UnetConfig, weights: dict[str, torch.Tensor]) -> bool:
+    with torch.device("meta"):
+        skeleton = Unet(config)
+    expected = {k: v.shape for k, v in skeleton.state_dict().items()}
+    return expected == {k: v.shape for k, v in weights.items()}
+
+
 def infer_config(weights: dict[str, torch.Tensor], **options) -> UnetConfig:
-    """The config the weights fix, ``options`` (the libraries' flag names) settling the rest."""
-    raise CheckpointError("reading ADM files is not built yet")
+    """The config the weights fix, ``options`` (the libraries' flag names) settling the rest:
+    num_heads, num_head_channels, num_heads_upsample, use_new_attention_order,
+    rescale_timesteps with diffusion_steps, library; flags the weights fix are checked against
+    them (a ConfigError naming both)."""
+    if "out.2.weight" not in weights or not _blocks(weights, "output_blocks"):
+        raise CheckpointError(
+            "a guided-diffusion classifier (EncoderUNetModel), not a diffusion model: classifier "
+            "guidance is not supported yet"
+        )
+    candidates = _shape_fields(weights)
+    if not candidates:
+        raise CheckpointError("an ADM UNetModel whose blocks do not follow the libraries' layout")
+    say = candidates[0]
+    image = say["out_channels"] // 2 if say["out_channels"] % 2 == 0 else say["out_channels"]
+    if say["in_channels"] > say["out_channels"] or say["in_channels"] == 2 * image != 2:
+        raise CheckpointError(
+            f"a super-resolution UNetModel (SuperResModel: its first conv takes "
+            f"{say['in_channels']} channels, the image and the upsampled low-resolution image); "
+            "not supported"
+        )
+    library, _ = _library(say, options)
+    given = {k: v for k, v in options.items() if k in NETWORK_FLAGS}
+    flags = {**LIBRARY_DEFAULTS[library], **given}
+    scale = 1.0
+    if flags["rescale_timesteps"]:
+        steps = check_int("diffusion_steps", options.get("diffusion_steps", 1000), minimum=1)
+        scale = 1000.0 / steps
+    network = dict(
+        num_heads=flags["num_heads"], num_head_channels=flags["num_head_channels"],
+        num_heads_upsample=flags["num_heads_upsample"],
+        use_new_attention_order=flags["use_new_attention_order"], timestep_scale=scale,
+        library=library,
+    )  # fmt: skip
+    fitting = []
+    for fields_ in candidates:
+        try:
+            config = UnetConfig(**fields_, **network)
+        except ConfigError:
+            if len(candidates) == 1:
+                raise
+            continue
+        if _fits(config, weights):
+            fitting.append(config)
+    if len(fitting) != 1:
+        # One error naming the keys: build the first candidate and let strict loading say.
+        return UnetConfig(**candidates[0], **network)
+    config = fitting[0]
+    _check_weight_flags(config, options)
+    return config
+
+
+def _flag_channel_mult(value) -> tuple:
+    if isinstance(value, str):
+        return tuple(float(m) for m in value.split(",") if m.strip())
+    return tuple(float(m) for m in value)
+
+
+def _check_weight_flags(config: UnetConfig, options: dict) -> None:
+    """ConfigError where a flag the weights fix says otherwise, naming both."""
+    weights_say = {
+        "num_channels": config.model_channels,
+        "num_res_blocks": config.num_res_blocks,
+        "class_cond": config.num_classes is not None,
+        "learn_sigma": config.out_channels == 2 * config.in_channels,
+        "use_scale_shift_norm": config.use_scale_shift_norm,
+        "resblock_updown": config.resblock_updown,
+    }
+    for flag, value in weights_say.items():
+        if flag in options and options[flag] != value:
+            raise ConfigError(
+                f"--{flag} {options[flag]} contradicts the weights, which say {value}"
+            )
+    if "channel_mult" in options and options["channel_mult"] not in ("", None):
+        given = _flag_channel_mult(options["channel_mult"])
+        if given != tuple(float(m) for m in config.channel_mult):
+            mult = ",".join(str(m) for m in config.channel_mult)
+            raise ConfigError(
+                f"--channel_mult {options['channel_mult']} contradicts the weights, which say "
+                f"{mult}"
+            )
+
+
+def attention_resolutions(config: UnetConfig, image_size: int) -> str:
+    """The libraries' ``attention_resolutions`` flag of ``config`` at ``image_size`` (pixels)."""
+    return ",".join(str(image_size // d) for d in sorted(config.attention_ds, reverse=True))
+
+
+def check_attention_flag(config: UnetConfig, flag: str, image_size: int) -> None:
+    """ConfigError where the ``attention_resolutions`` flag (pixels) contradicts the weights."""
+    try:
+        given = {image_size // int(r) for r in str(flag).split(",") if r.strip()}
+    except ValueError:
+        raise ConfigError(f"--attention_resolutions {flag!r} is not a list of sizes") from None
+    if given != set(config.attention_ds):
+        raise ConfigError(
+            f"--attention_resolutions {flag} contradicts the weights, which have attention at "
+            f"{attention_resolutions(config, image_size)} for image_size {image_size}"
+        )
+
+
+def library_diffusion(weights: dict, config: UnetConfig, unet_options: dict, options: dict):
+    """(DiffusionConfig fields, notes) of a file read with the libraries' flags: noise_schedule
+    over diffusion_steps, learn_sigma -> learned_range, sigma_small -> fixed_small else
+    fixed_large, predict_xstart -> pred_x0 else pred_noise, x0 clipped, OpenAI's respacing."""
+    from ..schedule import ScheduleConfig
+
+    notes = [f"read as an OpenAI ADM UNetModel state_dict ({config.library})"]
+    given = dict(unet_options)
+    library, assumed_library = _library(
+        {"resblock_updown": config.resblock_updown, "channel_mult": config.channel_mult}, given
+    )
+    if assumed_library:
+        notes.append(
+            "improved-diffusion's defaults assumed (the weights use nothing only guided-diffusion "
+            "has); --library guided-diffusion for its defaults"
+        )
+    assumed = [f"{k}={v}" for k, v in LIBRARY_DEFAULTS[library].items() if k not in given]
+    schedule = given.get("noise_schedule", options.get("beta_schedule"))
+    steps = given.get("diffusion_steps", options.get("timesteps"))
+    if schedule is None:
+        assumed.append("noise_schedule=linear")
+    if steps is None:
+        assumed.append("diffusion_steps=1000")
+    if assumed:
+        notes.append(f"{', '.join(assumed)} assumed: the file cannot store them")
+    if schedule not in (None, "linear", "cosine"):
+        raise ConfigError(f"noise_schedule must be linear or cosine, got {schedule!r}")
+    steps = check_int("diffusion_steps", 1000 if steps is None else steps, minimum=1)
+    if "image_size" in options and "attention_resolutions" in given:
+        check_attention_flag(config, given["attention_resolutions"], options["image_size"])
+    training = sorted(k for k in given if k in TRAINING_FLAGS)
+    if training:
+        notes.append(f"{', '.join(training)}: training-only, sampling is the same")
+    halves = sorted({str(v.dtype).removeprefix("torch.") for v in weights.values()
+                     if v.dtype in (torch.float16, torch.bfloat16)})  # fmt: skip
+    if halves:
+        notes.append(f"{'/'.join(halves)} weights (use_fp16) read as float32")
+    learned = config.out_channels == 2 * config.in_channels
+    variance = "learned_range" if learned else (
+        "fixed_small" if given.get("sigma_small") else "fixed_large"
+    )  # fmt: skip
+    fields_ = dict(
+        image_size=options.get("image_size"),
+        schedule=ScheduleConfig(schedule or "linear", steps),
+        objective=options.get("objective", "pred_x0" if given.get("predict_xstart") else
+                              "pred_noise"),
+        variance=options.get("variance", variance),
+        auto_normalize=options.get("auto_normalize", True),
+        timestep_spacing="sections",
+        clip_x0=True,
+    )  # fmt: skip
+    return fields_, notes
 
 
 def fold(network: Unet) -> None:

@@ -90,6 +90,11 @@ class ConfigShape:
         return [default(self.init_dim, self.dim), *(self.dim * m for m in self.dim_mults)]
 
     @property
+    def num_classes(self) -> None:
+        """Neither version is class-conditional."""
+        return None
+
+    @property
     def output_channels(self) -> int:
         return default(self.out_dim, self.channels * (2 if self.learned_variance else 1))
 

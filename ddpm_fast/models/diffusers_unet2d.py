@@ -134,6 +134,11 @@ class UnetConfig:
         return False
 
     @property
+    def num_classes(self) -> None:
+        """Class embeddings (num_class_embeds) are not read yet: never class-conditional."""
+        return None
+
+    @property
     def output_channels(self) -> int:
         return self.out_channels
 

@@ -2,9 +2,9 @@
 c_x0 = sqrt(abar_next), c_eps = sqrt(1 - abar_next - sigma^2),
 sigma = eta sqrt((1 - abar_t / abar_next)(1 - abar_next) / (1 - abar_t)); a step that lands past
 t = 0 (abar_next = 1, diffusers' set_alpha_to_one) returns x0. abar_next is the next visited
-timestep's for the library spacing, and t - num_timesteps // steps for diffusers' spacings
-(``spacing.diffusers_previous``). eps is re-derived from the clipped x0 or is the network's own
-(``spec.eps_from_clipped_x0``: the column ``eps_x0_max``).
+timestep's for the library's and OpenAI's spacings, and t - num_timesteps // steps for diffusers'
+spacings (``spacing.diffusers_previous``). eps is re-derived from the clipped x0 or is the
+network's own (``spec.eps_from_clipped_x0``: the column ``eps_x0_max``).
 """
 
 from __future__ import annotations
@@ -28,7 +28,10 @@ def noise_steps(name: str, steps: int, eta: float) -> str:
 
 def chain(alphas_cumprod: np.ndarray, spec) -> Chain:
     total = len(alphas_cumprod)
-    t = spaced_timesteps(total, spec.steps, spec.timestep_spacing, spec.steps_offset)
+    t = spaced_timesteps(
+        total, spec.steps, spec.timestep_spacing, spec.steps_offset,
+        section_counts=spec.section_counts,
+    )  # fmt: skip
     landing = diffusers_previous(t, total, spec.steps, spec.timestep_spacing)
     last = landing < 0
     a_t = alphas_cumprod[t]

@@ -16,7 +16,7 @@ import numpy as np
 
 from ..errors import ConfigError
 from .rule import Chain
-from .spacing import clip_columns, next_timesteps, spaced_timesteps, x0_columns
+from .spacing import NEXT_VISITED, clip_columns, next_timesteps, spaced_timesteps, x0_columns
 
 NAMES = ("ddpm",)
 DEFAULT_SPACING = "library"
@@ -32,8 +32,11 @@ def noise_steps(name: str, steps: int, eta: float) -> str:
 
 def chain(alphas_cumprod: np.ndarray, spec) -> Chain:
     total = len(alphas_cumprod)
-    t = spaced_timesteps(total, spec.steps, spec.timestep_spacing, spec.steps_offset)
-    if spec.timestep_spacing != "library" and t[-1] > 0 and spec.variance != "fixed_small":
+    t = spaced_timesteps(
+        total, spec.steps, spec.timestep_spacing, spec.steps_offset,
+        section_counts=spec.section_counts,
+    )  # fmt: skip
+    if spec.timestep_spacing not in NEXT_VISITED and t[-1] > 0 and spec.variance != "fixed_small":
         raise ConfigError(
             f"timestep_spacing {spec.timestep_spacing!r} (steps_offset {spec.steps_offset}) ends "
             f"the {spec.steps}-step chain at timestep {t[-1]}, where diffusers' DDPMScheduler adds "

@@ -117,8 +117,10 @@ def sample_loop(
     objective: str,
     noise_fn: NoiseFn,
     on_step: Callable[[int, torch.Tensor], None] | None = None,
+    class_labels: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Run the reverse chain from x_T; returns x_0 in [-1, 1] (the network's data range).
+    ``class_labels`` [batch] go to a class-conditional network at every step.
 
     Self-conditioning networks get the previous step's clipped x0 (zeros at the first step), as
     do the multistep solvers. ``on_step(k, x)`` is called after each step k = 1 .. n with its
@@ -128,7 +130,8 @@ def sample_loop(
     x0 = None
     for k in range(len(tables)):
         t = torch.full((x.shape[0],), int(tables.timesteps[k]), device=x.device, dtype=torch.long)
-        model_output = network(x, t, x0 if self_condition else None)
+        labels = {} if class_labels is None else {"class_labels": class_labels}
+        model_output = network(x, t, x0 if self_condition else None, **labels)
         noise = noise_fn(k + 1, tuple(x.shape)) if tables.adds_noise(k) else None
         x, x0 = denoise_step(model_output, x, tables, k, spec, objective, noise, x0)
         if on_step is not None:

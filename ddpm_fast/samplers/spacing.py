@@ -6,6 +6,12 @@
   ``steps_offset`` added to ``leading``. ``solver=True`` gives DPMSolverMultistepScheduler's
   variants, which space steps + 1 points and drop the last (t = 0 is replaced by the final sigma);
   otherwise DDIMScheduler's.
+- ``sections`` and ``ddim-stride``: OpenAI's guided-diffusion and improved-diffusion
+  (``space_timesteps``): the schedule cut into equal sections, each strided to its count (one
+  section of ``steps`` by default; ``section_counts`` (10, 15, 20) as their "10,15,20"), and the
+  DDIM paper's integer stride (their "ddimN"). The libraries' ``timestep_respacing`` strings are
+  read by :func:`parse_respacing`; a model read from their files defaults to ``sections``, which
+  DDIM runs as ``ddim-stride``, as their scripts do (:func:`model_spacing`).
 """
 
 from __future__ import annotations
@@ -15,18 +21,103 @@ import numpy as np
 from ..errors import ConfigError
 from .rule import FLOAT32_MAX, ZERO_SNR_SCALE
 
-SPACINGS = ("library", "linspace", "leading", "trailing")
+SPACINGS = ("library", "linspace", "leading", "trailing", "sections", "ddim-stride")
+# The spacings whose step lands on the next visited timestep (SpacedDiffusion's respaced chain);
+# diffusers' land on t - num_timesteps // steps.
+NEXT_VISITED = ("library", "sections", "ddim-stride")
+OPENAI_SPACINGS = ("sections", "ddim-stride")
+
+
+def model_spacing(sampler: str, spacing: str | None) -> str | None:
+    """The spacing a chain of ``sampler`` takes from a model whose default is ``spacing``: a
+    model respaced as OpenAI's scripts respace it ("sections") runs DDIM with their "ddimN"
+    stride and the solvers on their own default spacing; any other model's spacing as it is."""
+    if spacing != "sections" or sampler == "ddpm":
+        return spacing
+    return "ddim-stride" if sampler == "ddim" else None
+
+
+def parse_respacing(respacing: str, total: int) -> tuple[int, str, tuple[int, ...]]:
+    """(steps, spacing, section_counts) of the libraries' ``timestep_respacing`` string: "250"
+    (one section), "10,15,20" (three), "ddim25" (the DDIM stride), "" (every step)."""
+    if not isinstance(respacing, str):
+        raise ConfigError(f"timestep_respacing must be a string such as '250' or 'ddim25', got "
+                          f"{respacing!r}")  # fmt: skip
+    text = respacing.strip()
+    if not text:
+        return total, "sections", (total,)
+    try:
+        if text.startswith("ddim"):
+            steps = int(text[len("ddim") :])
+            return steps, "ddim-stride", (steps,)
+        counts = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise ConfigError(
+            f"timestep_respacing {respacing!r} is not a count ('250'), a list of section counts "
+            "('10,15,20') or 'ddimN'"
+        ) from None
+    if any(c < 1 for c in counts):
+        raise ConfigError(f"timestep_respacing {respacing!r}: every section count must be >= 1")
+    return sum(counts), "sections", counts
+
+
+def space_timesteps(total: int, section_counts: tuple[int, ...]) -> np.ndarray:
+    """The libraries' ``space_timesteps(total, section_counts)``, increasing."""
+    size_per, extra = divmod(total, len(section_counts))
+    start, taken = 0, []
+    for i, count in enumerate(section_counts):
+        size = size_per + (1 if i < extra else 0)
+        if size < count:
+            raise ConfigError(
+                f"cannot divide a section of {size} timesteps into {count} steps "
+                f"(timestep_respacing {','.join(map(str, section_counts))} on {total})"
+            )
+        stride = 1 if count <= 1 else (size - 1) / (count - 1)
+        position = 0.0  # accumulated as the libraries do, so that every rounding is theirs
+        for _ in range(count):
+            taken.append(start + round(position))
+            position += stride
+        start += size
+    return np.array(sorted(set(taken)), dtype=np.int64)
+
+
+def ddim_stride(total: int, steps: int) -> np.ndarray:
+    """The libraries' "ddimN": range(0, total, i) for the smallest integer stride i that gives
+    ``steps`` timesteps; ConfigError naming the nearest counts that one gives."""
+    for i in range(1, total):
+        if len(range(0, total, i)) == steps:
+            return np.arange(0, total, i, dtype=np.int64)
+    counts = sorted({len(range(0, total, i)) for i in range(1, total)})
+    below = max((c for c in counts if c < steps), default=None)
+    above = min((c for c in counts if c > steps), default=None)
+    near = " or ".join(str(c) for c in (below, above) if c is not None)
+    raise ConfigError(
+        f"no integer stride gives exactly {steps} DDIM steps on {total} timesteps "
+        f"(timestep_respacing ddim{steps}); {near} do"
+    )
 
 
 def spaced_timesteps(
-    num_timesteps: int, steps: int, spacing: str, steps_offset: int = 0, *, solver: bool = False
+    num_timesteps: int,
+    steps: int,
+    spacing: str,
+    steps_offset: int = 0,
+    *,
+    solver: bool = False,
+    section_counts: tuple[int, ...] = (),
 ) -> np.ndarray:
     """The visited timesteps, int64, in sampling order (decreasing)."""
     total = num_timesteps
     if not 1 <= steps <= total:
         raise ConfigError(f"steps must be between 1 and the schedule's {total}, got {steps}")
+    if solver and spacing in OPENAI_SPACINGS:
+        raise ConfigError(f"timestep_spacing {spacing!r} is for the ddpm and ddim samplers")
     points = steps + 1 if solver else steps
-    if spacing == "library":
+    if spacing == "sections":
+        t = space_timesteps(total, section_counts or (steps,))[::-1].copy()
+    elif spacing == "ddim-stride":
+        t = ddim_stride(total, steps)[::-1].copy()
+    elif spacing == "library":
         from ..schedule import sampling_timesteps
 
         t = np.array([pair[0] for pair in sampling_timesteps(total, steps)], dtype=np.int64)
@@ -108,6 +199,6 @@ def diffusers_previous(t: np.ndarray, num_timesteps: int, steps: int, spacing: s
     spacing, and for diffusers' spacings t - num_timesteps // steps, as DDIMScheduler.step has it
     (which is not the next visited timestep for linspace, or trailing when steps does not divide
     num_timesteps)."""
-    if spacing == "library":
+    if spacing in NEXT_VISITED:
         return next_timesteps(t)
     return np.maximum(t - num_timesteps // steps, -1).astype(np.int64)

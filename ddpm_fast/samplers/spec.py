@@ -17,7 +17,8 @@ class SamplerSpec:
     ``steps_offset`` (leading spacing), whether x0 is clipped to [-clip_range, clip_range] (the
     denoising-diffusion-pytorch models' samplers all clip to [-1, 1]; diffusers' DPM-Solver does
     not), and whether DDIM's eps is re-derived from the clipped x0 (denoising-diffusion-pytorch)
-    or is the network's own (diffusers, from the unclipped x0)."""
+    or is the network's own (diffusers, from the unclipped x0), and the section counts of
+    OpenAI's respacing (``spacing.parse_respacing``)."""
 
     kind: str = "ddpm"
     steps: int = 1000
@@ -28,6 +29,7 @@ class SamplerSpec:
     clip_x0: bool = True
     clip_range: float = 1.0
     eps_from_clipped_x0: bool = True
+    section_counts: tuple[int, ...] = ()  # the "sections" spacing's counts (): one of steps
 
     def __post_init__(self) -> None:
         module = sampler_module(self.kind)
@@ -45,6 +47,13 @@ class SamplerSpec:
         for name in ("clip_x0", "eps_from_clipped_x0"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        counts = self.section_counts
+        if not isinstance(counts, tuple) or not all(isinstance(c, int) for c in counts):
+            raise ConfigError(f"section_counts must be a tuple of ints, got {counts!r}")
+        if counts and (spacing != "sections" or sum(counts) != self.steps):
+            raise ConfigError(
+                f"section_counts {counts} need timestep_spacing 'sections' and steps = their sum"
+            )
         clip_range = check_real("clip_range", self.clip_range, minimum=0.0)
         if not clip_range > 0:
             raise ConfigError(f"clip_range must be positive, got {self.clip_range!r}")

@@ -6,7 +6,8 @@ ddpm_fast.models for the contract):
   conditioning in the time row;
 - optionally ``time_tables(folded, tables) -> tables``: the family's own change to the per-step
   conditioning tables before they are laid side by side (e.g. a conv bias added to the time bias
-  that follows it), so that it costs nothing per step;
+  that follows it), so that it costs nothing per step; it adds a constant row per block (the
+  engine adds the same constants to a class-conditional network's per-step rows);
 - optionally ``onnx_form(folded)``: swap in place the blocks of the folded network that ONNX
   Runtime runs faster in another form (the engine's CPU executor file is traced from it), and with
   it ``onnx_time_rows(reference, conditioning) -> conditioning`` where those blocks read their
@@ -23,10 +24,10 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from . import dd_pytorch_v1, dd_pytorch_v2, diffusers_unet2d
+from . import adm, dd_pytorch_v1, dd_pytorch_v2, diffusers_unet2d
 
 MAPPINGS: dict[str, ModuleType] = {
-    m.ref.FAMILY: m for m in (dd_pytorch_v1, dd_pytorch_v2, diffusers_unet2d)
+    m.ref.FAMILY: m for m in (dd_pytorch_v1, dd_pytorch_v2, diffusers_unet2d, adm)
 }
 
 
