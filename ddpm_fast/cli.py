@@ -75,6 +75,23 @@ def _model_arguments(parser: argparse.ArgumentParser, *, checkpoint_required: bo
     group.add_argument("--channels", type=_positive_int)
     group.add_argument("--resnet-block-groups", type=_positive_int)
     group.add_argument("--attn-heads", type=_positive_int)
+    adm = parser.add_argument_group(
+        "OpenAI's ADM models (guided-diffusion, improved-diffusion): their flags"
+    )
+    adm.add_argument(
+        "--model-flags",
+        metavar="FLAGS",
+        help="the libraries' MODEL_FLAGS (and DIFFUSION_FLAGS, SAMPLE_FLAGS) string as their "
+        "READMEs give it: '--attention_resolutions 32,16,8 --class_cond True ...'",
+    )
+    adm.add_argument("--noise-schedule", choices=["linear", "cosine"])
+    adm.add_argument("--diffusion-steps", type=_positive_int)
+    adm.add_argument("--num-heads", type=_positive_int)
+    adm.add_argument("--num-head-channels", type=int)
+    adm.add_argument("--num-heads-upsample", type=int)
+    for flag in ("use-new-attention-order", "rescale-timesteps", "sigma-small", "predict-xstart"):
+        adm.add_argument(f"--{flag}", action=argparse.BooleanOptionalAction)
+    adm.add_argument("--library", choices=["guided-diffusion", "improved-diffusion"])
     group.add_argument(
         "--online",
         action="store_true",
@@ -92,6 +109,12 @@ def _chain_arguments(parser: argparse.ArgumentParser) -> None:
         "dpm++2m variant), else ddpm",
     )
     parser.add_argument("--eta", type=float, help="DDIM's eta (default 0: deterministic)")
+    parser.add_argument(
+        "--timestep-respacing",
+        metavar="STR",
+        help="OpenAI's libraries' respacing: 250 (even sections), 10,15,20 (sections), ddim25 "
+        "(the DDIM stride); sets --steps and --timestep-spacing",
+    )
     parser.add_argument(
         "--timestep-spacing",
         choices=SPACINGS,
@@ -125,6 +148,12 @@ def _sampling_arguments(parser: argparse.ArgumentParser, *, default_num: int) ->
     _chain_arguments(parser)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cpu)")
+    parser.add_argument(
+        "--class-labels",
+        metavar="LABELS",
+        help="a class-conditional model's labels: 207 (every image) or 1,2,3 (one per image; "
+        "their count must be --num); default: drawn per image from --seed",
+    )
 
 
 SAMPLE_NUM = 16  # images `ddpm-fast sample` draws by default
@@ -146,6 +175,39 @@ def _threads_argument(parser: argparse.ArgumentParser) -> None:
     )
 
 
+# The ADM flags given one by one (dest = the libraries' flag name).
+_ADM_OPTIONS = ("noise_schedule", "diffusion_steps", "num_heads", "num_head_channels",
+                "num_heads_upsample", "use_new_attention_order", "rescale_timesteps",
+                "sigma_small", "predict_xstart", "library")  # fmt: skip
+
+
+def _model_flags(args: argparse.Namespace) -> dict:
+    """``--model-flags`` parsed, with the options given one by one: a flag given twice with two
+    values is a ConfigError. Its sampling flags (timestep_respacing, use_ddim) become the
+    sampling options where those are not given."""
+    from .models.adm import parse_model_flags
+
+    flags = parse_model_flags(args.model_flags) if getattr(args, "model_flags", None) else {}
+    for name in (*_ADM_OPTIONS, "image_size"):
+        given = getattr(args, name, None)
+        if given is None:
+            continue
+        if name in flags and flags[name] != given:
+            cli = "--" + name.replace("_", "-")
+            raise ConfigError(f"{cli} {given} and --model-flags' --{name} {flags[name]} differ")
+        flags[name] = given
+    for name, cli in (("timestep_respacing", "--timestep-respacing"),):
+        if name in flags and hasattr(args, name):
+            if getattr(args, name) is not None and getattr(args, name) != flags[name]:
+                raise ConfigError(f"{cli} and --model-flags' --{name} differ")
+            setattr(args, name, flags[name])
+    if flags.get("use_ddim") and hasattr(args, "sampler"):
+        if args.sampler not in (None, "ddim"):
+            raise ConfigError(f"--sampler {args.sampler} and --model-flags' --use_ddim True differ")
+        args.sampler = "ddim"
+    return flags
+
+
 def _load(args: argparse.Namespace) -> Pipeline:
     options = {
         "image_size": args.image_size,
@@ -159,6 +221,9 @@ def _load(args: argparse.Namespace) -> Pipeline:
         "attn_heads": args.attn_heads,
     }
     options = {k: v for k, v in options.items() if v is not None}
+    flags = _model_flags(args)
+    # Sampling flags of a pasted string are not the model's (taken by _model_flags).
+    options.update({k: v for k, v in flags.items() if k != "timestep_respacing"})
     return load(args.checkpoint, use_ema=not args.online, **options)
 
 
@@ -168,17 +233,23 @@ def _batch_size(text: str) -> int | str:
 
 def _sampling_options(args: argparse.Namespace, pipeline: Pipeline) -> dict:
     """Keyword arguments of Pipeline.sample_batches, checked before any work is done."""
+    from .class_labels import check_labels, parse_labels
     from .options import check_seed
     from .pipeline import resolve_device
 
     sampler, eta = _chain(args, pipeline)
-    spec = pipeline.sampler_spec(sampler, args.steps, eta, args.timestep_spacing)
+    respacing = getattr(args, "timestep_respacing", None)
+    spec = pipeline.sampler_spec(sampler, args.steps, eta, args.timestep_spacing, respacing)
     pipeline.image_shape()
     device = resolve_device(args.device, pipeline.device)
     batch_size = args.batch_size
     if batch_size != "auto":  # "auto" is measured on each rank's own device, later
         batch_size = resolve_batch_size(args.num, batch_size)
-    return dict(
+    labels = getattr(args, "class_labels", None)
+    if labels is not None:
+        labels = parse_labels(labels)
+        check_labels(labels, args.num, pipeline.num_classes, pipeline.source or "the model")
+    options = dict(
         steps=spec.steps,
         sampler=sampler,
         eta=eta,
@@ -188,6 +259,12 @@ def _sampling_options(args: argparse.Namespace, pipeline: Pipeline) -> dict:
         device=device,
         progress=True,
     )
+    if spec.section_counts:  # OpenAI's multi-section respacing: steps and spacing follow
+        options["timestep_respacing"] = respacing
+        del options["steps"], options["timestep_spacing"]
+    if labels is not None:
+        options["class_labels"] = labels
+    return options
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
@@ -233,8 +310,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
         distributed.leave()
     if key is not None and group.world == 1 and not args.reference:
         spec = pipeline.sampler_spec(
-            options["sampler"], options["steps"], options["eta"], options["timestep_spacing"]
-        )
+            options["sampler"], options.get("steps"), options["eta"],
+            options.get("timestep_spacing"), options.get("timestep_respacing"),
+        )  # fmt: skip
         record(key, pipeline, spec, pipeline.run_identity(spec, options["device"]))
     if group.rank == 0:
         print(f"wrote {args.num} images to {output.path}")
@@ -253,6 +331,8 @@ _MODEL_FLAGS = {
     "resnet_block_groups": "--resnet-block-groups",
     "attn_heads": "--attn-heads",
     "online": "--online",
+    "model_flags": "--model-flags",
+    **{name: "--" + name.replace("_", "-") for name in _ADM_OPTIONS},
 }
 
 
@@ -275,6 +355,10 @@ def _sample_onnx(args: argparse.Namespace, output: Output) -> int:
     flag = next((flag for flag, given in engine_flags if given), None)
     if flag is not None:
         raise ConfigError(f"{flag} does not apply to --onnx (ONNX Runtime runs the file)")
+    if getattr(args, "class_labels", None) is not None:
+        raise ConfigError("--class-labels does not apply to --onnx (ONNX files take no labels)")
+    if getattr(args, "timestep_respacing", None) is not None:
+        raise ConfigError("--timestep-respacing does not apply to --onnx (the file fixes it)")
     if args.eta is not None:
         _chain(args)  # a bad --eta is the same error as without --onnx
     check_seed(args.seed)
@@ -403,6 +487,11 @@ def cmd_info(args: argparse.Namespace) -> int:
         f"chains:      {_chain_defaults(pipeline)}",
         f"image size:  {diffusion['image_size'] or 'not stored (pass --image-size)'}",
     ]
+    if pipeline.num_classes is not None:
+        lines.append(
+            f"classes:     {pipeline.num_classes} (class-conditional: --class-labels, else "
+            "labels drawn per image from the seed)"
+        )
     lines += [f"note:        {note}" for note in info["notes"]]
     lines.append(f"cpu threads: {info['cpu_threads']}")
     print("\n".join(lines))
@@ -413,6 +502,8 @@ def _chain_defaults(pipeline: Pipeline) -> str:
     """How the model's chains run when nothing else is asked for."""
     d = pipeline.diffusion
     spacing = d.timestep_spacing or "the sampler's spacing"
+    if spacing == "sections":
+        spacing = "OpenAI's respacing (even sections; DDIM: ddim-stride)"
     if d.steps_offset:
         spacing += f" (steps_offset {d.steps_offset})"
     clip = f"x0 clipped to [-{d.clip_range:g}, {d.clip_range:g}]" if d.clip_x0 else "x0 not clipped"

@@ -148,6 +148,11 @@ def export_onnx(
         raise ConfigError(f"unknown dtype {dtype!r}; known: {', '.join(DTYPES)}")
     if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= MAX_OPSET:
         raise ConfigError(f"opset must be an integer in [{MIN_OPSET}, {MAX_OPSET}], got {opset!r}")
+    if pipeline.num_classes is not None:
+        raise ConfigError(
+            f"{pipeline.source or 'this model'} is class-conditional: ONNX files take no class "
+            "labels yet"
+        )
     spec = pipeline.sampler_spec(sampler, steps, eta, timestep_spacing)
     pipeline.image_shape()  # the image size is needed: H and W are fixed in the graph
     tables = step_tables(pipeline.schedule, spec)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from ddpm_fast.models import FAMILIES, dd_pytorch_v1, dd_pytorch_v2, diffusers_unet2d
+from ddpm_fast.models import FAMILIES, adm, dd_pytorch_v1, dd_pytorch_v2, diffusers_unet2d
 from ddpm_fast.pipeline import DiffusionConfig, Pipeline
 from ddpm_fast.schedule import ScheduleConfig
 
@@ -44,6 +44,26 @@ CONFIGS = {
             mid_block_scale_factor=1.5,
         ),
     },
+    # GroupNorm32 (the libraries' fixed 32 groups) needs widths that are multiples of 32.
+    adm.FAMILY: {
+        "adm-scale-shift-updown-heads": adm.UnetConfig(
+            model_channels=32, out_channels=6, num_res_blocks=1, attention_ds=(2,),
+            channel_mult=(1, 2), num_head_channels=16, use_new_attention_order=True,
+            resblock_updown=True, use_scale_shift_norm=True,
+        ),
+        "adm-legacy-time-bias": adm.UnetConfig(
+            model_channels=32, num_res_blocks=1, attention_ds=(1, 2), channel_mult=(1, 2),
+            num_heads=2, library="improved-diffusion", timestep_scale=0.25,
+        ),
+    },
+}  # fmt: skip
+# Class-conditional networks: the tests of class labels through every path take them.
+CLASS_CONDITIONAL_CONFIGS = {
+    "adm-class-conditional": (adm.FAMILY, adm.UnetConfig(
+        model_channels=32, out_channels=6, num_res_blocks=1, attention_ds=(2,),
+        channel_mult=(1, 2), num_classes=5, num_head_channels=16, resblock_updown=True,
+        use_scale_shift_norm=True,
+    )),
 }  # fmt: skip
 CASES = {
     name: (family, config) for family, cases in CONFIGS.items() for name, config in cases.items()
@@ -54,7 +74,7 @@ POSITIVE_TIMES = {"unet2d-fourier-scale-shift"}
 
 def random_network(name: str, seed: int = 0) -> torch.nn.Module:
     """The case's network with every parameter random (norm gains near 1), in eval mode."""
-    family, config = CASES[name]
+    family, config = CASES[name] if name in CASES else CLASS_CONDITIONAL_CONFIGS[name]
     torch.manual_seed(seed)
     network = FAMILIES[family].Unet(config).eval()
     with torch.no_grad():

@@ -43,6 +43,8 @@ from .threads import (
 # Prepared chains an engine keeps (each a folded network copy with its time tables and graphs).
 MAX_CHAINS = 2
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# An ONNX file is one protobuf (2 GB at most); the executor file holds the weights inside it.
+MAX_EXECUTOR_WEIGHT_BYTES = 2**31 - 2**27
 
 
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -268,6 +270,13 @@ class Engine(Pipeline):
                     "'torch' or 'auto'"
                 )
             return "torch", "class-conditional models run on PyTorch on the CPU"
+        if 4 * self.num_parameters() > MAX_EXECUTOR_WEIGHT_BYTES:
+            if self.cpu_executor == "onnxruntime":
+                raise ConfigError(
+                    "cpu_executor 'onnxruntime': this network's fp32 weights exceed the 2 GB of "
+                    "one ONNX file; use 'torch' or 'auto'"
+                )
+            return "torch", "its fp32 weights exceed the 2 GB of one ONNX file"
         return resolve_executor(self.cpu_executor, self.dtype)
 
     def _initial_noise(

@@ -499,6 +499,55 @@ LIBRARY_DEFAULTS = {
 GUIDED_ONLY = ("num_head_channels", "use_new_attention_order", "resblock_updown")
 
 
+# The libraries' flag types (script_util's argparse: str2bool for booleans).
+BOOL_FLAGS = ("class_cond", "learn_sigma", "use_scale_shift_norm", "resblock_updown",
+              "use_new_attention_order", "rescale_timesteps", "sigma_small", "predict_xstart",
+              "use_fp16", "use_checkpoint", "use_kl", "rescale_learned_sigmas", "use_ddim",
+              "clip_denoised")  # fmt: skip
+INT_FLAGS = ("image_size", "num_channels", "num_res_blocks", "num_heads", "num_head_channels",
+             "num_heads_upsample", "diffusion_steps", "batch_size", "num_samples", "microbatch",
+             "lr_anneal_steps", "log_interval", "save_interval")  # fmt: skip
+FLOAT_FLAGS = ("dropout", "lr", "weight_decay", "fp16_scale_growth")
+STRING_FLAGS = ("attention_resolutions", "channel_mult", "noise_schedule", "timestep_respacing",
+                "schedule_sampler", "ema_rate", "resume_checkpoint", "data_dir", "model_path",
+                "library")  # fmt: skip
+
+
+def parse_model_flags(text: str) -> dict:
+    """The libraries' MODEL_FLAGS (and DIFFUSION_FLAGS, SAMPLE_FLAGS) string, pasted as it is:
+    ``--attention_resolutions 32,16,8 --class_cond True ...`` -> {flag: value}."""
+    words = text.split()
+    if len(words) % 2:
+        raise ConfigError(f"model flags come in pairs (--flag value): {text!r}")
+    flags = {}
+    for name, value in zip(words[::2], words[1::2], strict=True):
+        key = name.removeprefix("--")
+        if not name.startswith("--") or key in flags:
+            raise ConfigError(f"model flags: {name!r} is not a new --flag")
+        try:
+            if key in BOOL_FLAGS:
+                flags[key] = _str2bool(value)
+            elif key in INT_FLAGS:
+                flags[key] = int(value)
+            elif key in FLOAT_FLAGS:
+                flags[key] = float(value)
+            elif key in STRING_FLAGS:
+                flags[key] = value
+            else:
+                raise ConfigError(f"model flags: --{key} is not a flag of the ADM libraries")
+        except ValueError:
+            raise ConfigError(f"model flags: --{key} {value!r} is not a valid value") from None
+    return flags
+
+
+def _str2bool(value: str) -> bool:
+    if value.lower() in ("yes", "true", "t", "y", "1"):
+        return True
+    if value.lower() in ("no", "false", "f", "n", "0"):
+        return False
+    raise ValueError(value)
+
+
 def matches(weights: dict[str, torch.Tensor]) -> bool:
     """A UNetModel state_dict (the time MLP, the first input conv), or guided-diffusion's
     classifier (EncoderUNetModel: the same start, no output blocks), which ``infer_config``
