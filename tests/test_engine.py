@@ -157,10 +157,31 @@ def gpu_step_launches(
     step = torch.zeros(1, dtype=torch.int64)
     coeffs = torch.zeros(1, sampler_step.NUM_COEFFICIENTS)
     keys = torch.zeros(batch, dtype=torch.int64)
+    labels = {"class_labels": keys} if network.class_conditional else {}
     with torch.no_grad(), counter:
-        out = network(x, step)
+        out = network(x, step, **labels)
         sampler_step.sampler_step(out, x, coeffs, step, keys, out=(x, x0))
     return counter.ops
+
+
+@pytest.mark.parametrize("model", ["adm-cifar10", "adm-imagenet64"])
+def test_launches_per_step_of_the_adm_models(model, monkeypatch):
+    """OpenAI's ADM U-Nets (ddpm_fast.bench's), one fp32 step at batch 1 as on a GPU: every
+    GroupNorm one fused kernel; a class-conditional model gathers its time and label embeddings
+    and runs the blocks' projections in the step. Prints the counts (pytest -s)."""
+    from ddpm_fast.bench import model_pipeline
+    from ddpm_fast.bench.models import ADM_MODELS
+
+    pipeline = model_pipeline(model)
+    fast = FastUnet(pipeline.network, torch.arange(0, 1000, 100), bias_in_norm=True)
+    size = ADM_MODELS[model][0]
+    launches = gpu_step_launches(fast, monkeypatch, size=size)
+    norms = sum(isinstance(m, torch.nn.GroupNorm) for m in pipeline.network.modules())
+    triton = sum(n for op, n in launches.items() if op.startswith("triton"))
+    print(f"launches per step, {model} fp32 batch 1: {launches.total()} ({triton} Triton "
+          f"kernels): {dict(launches)}")  # fmt: skip
+    assert launches["triton group_norm_fused_kernel"] == norms
+    assert launches["index_select"] == (2 if pipeline.num_classes else 1)
 
 
 def test_a_step_launches_fewer_kernels(monkeypatch):

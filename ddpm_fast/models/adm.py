@@ -524,6 +524,8 @@ def parse_model_flags(text: str) -> dict:
         key = name.removeprefix("--")
         if not name.startswith("--") or key in flags:
             raise ConfigError(f"model flags: {name!r} is not a new --flag")
+        if key not in (*BOOL_FLAGS, *INT_FLAGS, *FLOAT_FLAGS, *STRING_FLAGS):
+            raise ConfigError(f"model flags: --{key} is not a flag of the ADM libraries")
         try:
             if key in BOOL_FLAGS:
                 flags[key] = _str2bool(value)
@@ -531,10 +533,8 @@ def parse_model_flags(text: str) -> dict:
                 flags[key] = int(value)
             elif key in FLOAT_FLAGS:
                 flags[key] = float(value)
-            elif key in STRING_FLAGS:
-                flags[key] = value
             else:
-                raise ConfigError(f"model flags: --{key} is not a flag of the ADM libraries")
+                flags[key] = value
         except ValueError:
             raise ConfigError(f"model flags: --{key} {value!r} is not a valid value") from None
     return flags
