@@ -176,11 +176,11 @@ else  # the dry run: the embedded 8 x 8 model, few steps, small batches
 fi
 sampler=("$PYTHON" benchmarks/sampler.py "$MODEL" --device "$DEVICE" --out "$OUT")
 
-# Limits and graces (s). Full: 30 (preflight) + (70+5) + (100+5) + (50+10) + (40+5) + (55+5)
-# + 2 x (25+5) (the two models) + (25+5, onnxruntime-gpu only) + (20+5, two GPUs only) + (40+5)
-# = 535 s at most; 480 s on one GPU without onnxruntime-gpu (the lent H200: those two stages
-# skip); --quick: 30 + (70+5) + (35+5) + (20+10) = 175 s. The two models' stages take one batch
-# (1) and 100 steps: their cells are the engine's new mappings (cold Triton compiles for their
+# Limits and graces (s). Full: 30 (preflight) + (70+5) + (80+5) + (40+10) + (30+5) + (45+5)
+# + 2 x (25+5) (the two models) + 2 x (25+5) (the two ADM models) + (25+5, onnxruntime-gpu only)
+# + (20+5, two GPUs only) + (30+5) = 535 s at most; 480 s on one GPU without onnxruntime-gpu (the
+# lent H200: those two stages skip); --quick: 30 + (70+5) + (35+5) + (20+10) = 175 s. The two
+# models' stages take one batch (1) and 100 steps: their cells are the engine's new mappings (cold Triton compiles for their
 # shapes and dtypes) and a reference of the same size as the headline's; a stage cut keeps the
 # cells it saved (the engine's first).
 # gpu-tests: 57 tests = 51 compiled-kernel cases + 6 engine tests. Counted from the tests, the
@@ -189,12 +189,13 @@ sampler=("$PYTHON" benchmarks/sampler.py "$MODEL" --device "$DEVICE" --out "$OUT
 # that share a dtype, constexprs and int specialisations share one, so the distinct count is lower
 # (it depends on the GPU's launch plans). One sm_90 compile took ~0.74 s on a loaded 2-core CPU
 # (12 kernels of tests/kernels/compile_kernels.py, triton 3.6): 100 s holds ~130 of them, and the
-# engine's own kernels are already compiled by the headline. --quick keeps what passes in 35 s.
+# engine's own kernels are already compiled by the headline; 80 s since the ADM stages (2026-12-07).
+# --quick keeps what passes in 35 s.
 if [[ $QUICK == 1 ]]; then
     GPU_TESTS=35 KERNELS=20
     export DDPM_FAST_BENCH_QUICK=1
 else
-    GPU_TESTS=100 KERNELS=50
+    GPU_TESTS=80 KERNELS=40
 fi
 
 stage sampler-headline 70 5 "$OUT/sampler-headline.txt" "${sampler[@]}" \
@@ -258,11 +259,11 @@ print(f"== {cases} kernel cases over {len(rows)} shapes; every one in {out / 'ke
 PY
 
 if [[ $QUICK == 0 ]]; then
-    stage sampler-steps 40 5 "$OUT/sampler-steps.txt" "${sampler[@]}" \
+    stage sampler-steps 30 5 "$OUT/sampler-steps.txt" "${sampler[@]}" \
         --name sampler-steps --batch 1 "$BIG_BATCH" --steps "$STEPS" --repeats 3 \
         --dtype bf16 fp32 --backends reference engine engine-eager
 
-    stage sampler-compile 55 5 "$OUT/sampler-compile.txt" "${sampler[@]}" \
+    stage sampler-compile 45 5 "$OUT/sampler-compile.txt" "${sampler[@]}" \
         --name sampler-compile --batch 1 "$BIG_BATCH" --steps "$STEPS" --repeats 2 \
         --dtype fp32 --backends reference engine compile-reduce-overhead
 
@@ -284,6 +285,21 @@ if [[ $QUICK == 0 ]]; then
             "$model" --device "$DEVICE" --out "$OUT" --name "sampler-$model" --batch 1 \
             --steps "$STEPS" --repeats 2 --dtype "${model_dtypes[@]}" \
             --backends "${model_backends[@]}"
+    done
+
+    # OpenAI's ADM U-Nets: guided-diffusion's class-conditional ImageNet 64x64 and unconditional
+    # 256x256 models (random weights), 20 steps at batch 1 and 16; the engine and the reference
+    # (torch.compile of these networks does not fit the stage). The dry run: adm-cifar10, 1 step.
+    if [[ $DEVICE == cuda ]]; then
+        adm_models=(adm-imagenet64 adm-256) adm_batches=(1 16) adm_steps=20
+    else
+        adm_models=(adm-cifar10) adm_batches=(1) adm_steps=1
+    fi
+    for model in "${adm_models[@]}"; do
+        stage "sampler-$model" 25 5 "$OUT/sampler-$model.txt" "$PYTHON" benchmarks/sampler.py \
+            "$model" --device "$DEVICE" --out "$OUT" --name "sampler-$model" \
+            --batch "${adm_batches[@]}" --steps "$adm_steps" --repeats 1 \
+            --dtype "${model_dtypes[@]}" --backends engine reference
     done
 
     if [[ $ort_cuda == 1 ]]; then
@@ -308,7 +324,7 @@ if [[ $QUICK == 0 ]]; then
             | tee -a "$OUT/stages.txt"
     fi
 
-    stage sampler-autotune 40 5 "$OUT/sampler-autotune.txt" "${sampler[@]}" \
+    stage sampler-autotune 30 5 "$OUT/sampler-autotune.txt" "${sampler[@]}" \
         --name sampler-autotune --batch 1 --steps "$STEPS" --repeats 2 \
         --backends reference compile-max-autotune
 fi
@@ -317,7 +333,8 @@ echo
 echo "== results in $OUT ($mode, $((SECONDS - started)) s)"
 cat "$OUT/stages.txt"
 for table in sampler-headline sampler-steps sampler-compile sampler-ddpm-cifar10 \
-    sampler-dd2-cifar10 sampler-onnx sampler-torchrun sampler-autotune; do
+    sampler-dd2-cifar10 sampler-adm-imagenet64 sampler-adm-256 sampler-adm-cifar10 sampler-onnx \
+    sampler-torchrun sampler-autotune; do
     if [[ -f "$OUT/$table.md" ]]; then
         echo "-- $table"
         grep '^|' "$OUT/$table.md"

@@ -87,18 +87,22 @@ def test_whole_chains_are_the_librarys(key):
 
 
 @pytest.mark.parametrize(
-    "key",
+    "key, executor",
     [
-        "guided_cond-ddpm-25-eta0.0",
-        "guided_uncond-ddpm-25-eta0.0",
-        "guided_xstart-ddpm-4,3,5-eta0.0",
+        ("guided_cond-ddpm-25-eta0.0", "auto"),  # class labels: the PyTorch step
+        ("guided_cond-ddim-ddim10-eta0.5", "auto"),
+        ("guided_uncond-ddpm-25-eta0.0", "onnxruntime"),
+        ("guided_xstart-ddpm-4,3,5-eta0.0", "onnxruntime"),
+        ("improved_cifar-ddpm-50-eta0.0", "torch"),
     ],
 )
-def test_engine_chains_are_the_librarys(key):
+def test_engine_chains_are_the_librarys(key, executor):
     """The engine: the class-conditional model on its PyTorch step (labels per sample), the
-    unconditional ones on the CPU executor (ONNX Runtime) where it is installed."""
+    unconditional ones on the CPU executor (ONNX Runtime) and on the PyTorch step."""
+    if executor == "onnxruntime":
+        pytest.importorskip("onnxruntime")
     case = CHAINS[key]
-    engine = Engine(load(case["model"]))
+    engine = Engine(load(case["model"]), cpu_executor=executor)
     images = engine.sample(len(case["final"]), **_chain_options(case))
     assert (images - case["final"]).abs().max() <= 1e-4
 
