@@ -355,8 +355,6 @@ def _sample_onnx(args: argparse.Namespace, output: Output) -> int:
     flag = next((flag for flag, given in engine_flags if given), None)
     if flag is not None:
         raise ConfigError(f"{flag} does not apply to --onnx (ONNX Runtime runs the file)")
-    if getattr(args, "class_labels", None) is not None:
-        raise ConfigError("--class-labels does not apply to --onnx (ONNX files take no labels)")
     if getattr(args, "timestep_respacing", None) is not None:
         raise ConfigError("--timestep-respacing does not apply to --onnx (the file fixes it)")
     if args.eta is not None:
@@ -382,12 +380,24 @@ def _sample_onnx(args: argparse.Namespace, output: Output) -> int:
         "image_shape": list(info.image_shape),
     }  # fmt: skip
 
+    from .class_labels import check_labels, labels_for, parse_labels
+
+    given = args.class_labels if args.class_labels is None else parse_labels(args.class_labels)
+    given = check_labels(given, args.num, info.num_classes, str(args.onnx))
+    labels = None
+    if info.num_classes is not None:  # as Pipeline.sample_to records them
+        run["class_labels"] = given if given is not None else "drawn from the seed"
+        labels = labels_for(given, args.seed, range(args.num), 0, info.num_classes)
+
     def draw(num: int, start: int):
         return sampler.sample_batches(
-            num, seed=args.seed, batch_size=batch, start_index=start, progress=True
-        )
+            num, seed=args.seed, batch_size=batch, start_index=start, progress=True,
+            class_labels=None if given is None else given[start : start + num],
+        )  # fmt: skip
 
-    write_samples(output, run, args.num, batch, draw, keep_shards=args.keep_shards, say=_say)
+    write_samples(
+        output, run, args.num, batch, draw, keep_shards=args.keep_shards, say=_say, labels=labels
+    )
     print(f"wrote {args.num} images to {output.path}")
     return 0
 

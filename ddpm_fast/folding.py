@@ -42,8 +42,9 @@ def time_conditioning(
     device = next(network.parameters()).device
     t = torch.as_tensor(timesteps, device=device)
     labels = {}
-    if network.config.num_classes is not None:
-        labels = {"class_labels": torch.as_tensor(class_labels, device=device)}
+    if network.config.num_classes is not None:  # class 0 where none are given (a layout)
+        given = torch.zeros(len(t), dtype=torch.long) if class_labels is None else class_labels
+        labels = {"class_labels": torch.as_tensor(given, device=device)}
     return {name: c.float() for name, c in network.time_conditioning(t, **labels).items()}
 
 

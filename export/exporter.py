@@ -28,6 +28,7 @@ from .format import (
     FORMAT_KEY,
     FORMAT_VERSION,
     HISTORY_INPUT,
+    LABELS_INPUT,
     SELF_COND_INPUT,
     STEP_INPUTS,
     STEP_OUTPUTS,
@@ -61,17 +62,27 @@ def _example_inputs(
             inputs = (*inputs, torch.rand(shape, generator=g) * 2 - 1)
     if pipeline.config.self_condition:
         inputs = (*inputs, torch.rand(shape, generator=g) * 2 - 1)
+    if pipeline.num_classes is not None:
+        inputs = (*inputs, torch.arange(batch, dtype=torch.int64) % pipeline.num_classes)
     return inputs
 
 
 def _torch_export(
-    module: nn.Module, inputs: tuple, path: Path, what: str, opset: int, sc: bool, history: bool
+    module: nn.Module,
+    inputs: tuple,
+    path: Path,
+    what: str,
+    opset: int,
+    sc: bool,
+    history: bool,
+    labels: bool = False,
 ):
     """A ``unet`` or ``step`` file's graph: its inputs and outputs named as the format says."""
     names = UNET_INPUTS if what == "unet" else STEP_INPUTS
     if what == "step" and history:
         names = (*names, HISTORY_INPUT)
     names = (*names, SELF_COND_INPUT) if sc else names
+    names = (*names, LABELS_INPUT) if labels else names
     outputs = UNET_OUTPUTS if what == "unet" else STEP_OUTPUTS
     batched = [n for n in (*names, *outputs) if n != "step"]  # a unet file's t is per sample
     trace_to_onnx(module, inputs, path, names, outputs, batched, opset)
@@ -148,11 +159,6 @@ def export_onnx(
         raise ConfigError(f"unknown dtype {dtype!r}; known: {', '.join(DTYPES)}")
     if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= MAX_OPSET:
         raise ConfigError(f"opset must be an integer in [{MIN_OPSET}, {MAX_OPSET}], got {opset!r}")
-    if pipeline.num_classes is not None:
-        raise ConfigError(
-            f"{pipeline.source or 'this model'} is class-conditional: ONNX files take no class "
-            "labels yet"
-        )
     spec = pipeline.sampler_spec(sampler, steps, eta, timestep_spacing)
     pipeline.image_shape()  # the image size is needed: H and W are fixed in the graph
     tables = step_tables(pipeline.schedule, spec)
@@ -174,6 +180,7 @@ def export_onnx(
                 opset,
                 pipeline.config.self_condition,
                 spec.carries_x0_prev,
+                pipeline.num_classes is not None,
             )
         model = onnx.load(str(tmp))
         model.producer_name = "ddpm-fast"

@@ -16,6 +16,10 @@ Two kinds of file (metadata ``what``):
   next step's ``x0_prev``), both [B, C, H, W] float32. ``x_prev`` of the last step is the
   sample, in [-1, 1].
 
+A class-conditional network's files (its config's ``num_classes`` set) take one input more, last:
+``class_labels`` [B] int64, each in [0, num_classes); the graph computes the label embedding and
+every block's conditioning from it.
+
 Inputs and outputs are float32 for fp16 files too: the graph casts at its edges.
 """
 
@@ -44,6 +48,7 @@ STEP_INPUTS = ("x_t", "step", "noise")
 STEP_OUTPUTS = ("x_prev", "x0")
 SELF_COND_INPUT = "x_self_cond"
 HISTORY_INPUT = "x0_prev"
+LABELS_INPUT = "class_labels"
 
 # The per-step coefficients a unet file carries (float64, as ``ddpm_fast.samplers.StepTables``).
 TABLE_NAMES = ("timesteps", *TABLE)
@@ -95,6 +100,11 @@ class OnnxModelInfo:
         return bool(self.config.get("self_condition", False))
 
     @property
+    def num_classes(self) -> int | None:
+        """The classes of a class-conditional network, else None."""
+        return self.config.get("num_classes")
+
+    @property
     def image_shape(self) -> tuple[int, int, int]:
         return (self.channels, self.image_size, self.image_size)
 
@@ -117,7 +127,8 @@ class OnnxModelInfo:
             names = UNET_INPUTS
         else:
             names = (*STEP_INPUTS, HISTORY_INPUT) if self.carries_x0_prev else STEP_INPUTS
-        return (*names, SELF_COND_INPUT) if self.self_condition else names
+        names = (*names, SELF_COND_INPUT) if self.self_condition else names
+        return (*names, LABELS_INPUT) if self.num_classes is not None else names
 
     @property
     def output_names(self) -> tuple[str, ...]:

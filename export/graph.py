@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from ..folding import fold_weights, time_conditioning
+from ..folding import fold_weights, time_conditioning, time_embeddings
 from ..models import family_of
 from ..pipeline import Pipeline
 from ..samplers import ROW, SamplerSpec, StepTables, rule
@@ -86,11 +86,17 @@ class UnetGraph(nn.Module):
         self.time = fold_weights(pipeline.network).to("cpu", torch.float32)
         self.network = to_half(copy.deepcopy(self.time)) if dtype == "fp16" else self.time
         self.dtype = TORCH_DTYPES[dtype]
+        self.self_condition = pipeline.config.self_condition
+        self.class_conditional = pipeline.num_classes is not None
 
-    def forward(self, x, t, x_self_cond=None):
+    def forward(self, x, t, *extra):
+        """``extra``: x_self_cond (self-conditioning networks), then class_labels
+        (class-conditional ones), as the file's inputs are ordered."""
+        x_self_cond = extra[0] if self.self_condition else None
+        labels = {"class_labels": extra[-1]} if self.class_conditional else {}
         if x_self_cond is not None:
             x_self_cond = x_self_cond.to(self.dtype)
-        cond = _cast(self.time.time_conditioning(t), self.dtype)
+        cond = _cast(self.time.time_conditioning(t, **labels), self.dtype)
         return self.network.forward_conditioned(x.to(self.dtype), cond, x_self_cond).float()
 
 
@@ -166,9 +172,22 @@ class StepGraph(StepUpdate):
         self, pipeline: Pipeline, tables: StepTables, spec: SamplerSpec, dtype: str = "fp32"
     ):
         network = fold_weights(pipeline.network).to("cpu", torch.float32)
-        conditioning = time_conditioning(network, tables.timesteps)  # before any cast to fp16
+        self_condition = pipeline.config.self_condition
+        class_conditional = pipeline.num_classes is not None
+        if class_conditional:
+            # The conditioning depends on the label through a SiLU: the table holds the time
+            # embedding per step, and the graph adds the label's and runs the projections (in
+            # float32, on a copy kept out of any cast to fp16).
+            table = time_embeddings(network, tables.timesteps)
+            conditioner = copy.deepcopy(network)
+        else:
+            conditioning = time_conditioning(network, tables.timesteps)  # before any fp16 cast
+            table = torch.cat(list(conditioning.values()), dim=1)
         super().__init__(pipeline, spec, tables.learned, dtype, network)
-        self.register_buffer("time_table", torch.cat(list(conditioning.values()), dim=1))
+        self.self_condition, self.class_conditional = self_condition, class_conditional
+        if class_conditional:
+            self.conditioner = conditioner
+        self.register_buffer("time_table", table)
         rows = tables.rows(pipeline.diffusion.objective)
         table = torch.stack([rows[name].to(torch.float64) for name in ROW], dim=1).float()
         self.register_buffer("table", table)
@@ -176,10 +195,16 @@ class StepGraph(StepUpdate):
         self.register_buffer("adds_noise", torch.tensor(adds_noise, dtype=torch.bool))
 
     def forward(self, x_t, step, noise, *history):
+        """``history``: x0_prev (the multistep solvers), x_self_cond (self-conditioning), then
+        class_labels (class-conditional networks), as the file's inputs are ordered."""
         k = step.reshape(1)
-        return self.update(
-            x_t, self.time_table[k], self.table[k], self.adds_noise[k], noise, *history
-        )
+        row = self.time_table[k]
+        if self.class_conditional:
+            *history, labels = history
+            emb = row + self.conditioner.label_embedding(labels)
+            rows = self.conditioner.conditioning_from_embedding(emb)
+            row = torch.cat(list(rows.values()), dim=1)  # [B, D]: per sample
+        return self.update(x_t, row, self.table[k], self.adds_noise[k], noise, *history)
 
 
 def graph_module(

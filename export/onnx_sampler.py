@@ -20,12 +20,14 @@ from pathlib import Path
 
 import numpy as np
 
+from ..class_labels import check_labels, labels_for
 from ..errors import ConfigError
 from ..images import chain_to_images
 from ..options import check_int, check_seed, resolve_batch_size
 from ..samplers import rule
 from .format import (
     HISTORY_INPUT,
+    LABELS_INPUT,
     SELF_COND_INPUT,
     OnnxFileError,
     OnnxModelInfo,
@@ -199,7 +201,7 @@ def _check_graph_shapes(session, info: OnnxModelInfo, path) -> None:
     problems = []
     for kind, args in (("input", session.get_inputs()), ("output", session.get_outputs())):
         for arg in args:
-            if arg.name in ("t", "step"):
+            if arg.name in ("t", "step", LABELS_INPUT):
                 continue
             allowed = ((c, 2 * c) if arg.name == "model_output" else (c,), (h,), (w,))
             dims = list(arg.shape)
@@ -317,9 +319,14 @@ class OnnxSampler:
     # one step
 
     def network(
-        self, x: np.ndarray, t: np.ndarray, x_self_cond: np.ndarray | None = None
+        self,
+        x: np.ndarray,
+        t: np.ndarray,
+        x_self_cond: np.ndarray | None = None,
+        class_labels: np.ndarray | None = None,
     ) -> np.ndarray:
-        """unet files: the network's output for x [B, C, H, W] float32 and timesteps t [B]."""
+        """unet files: the network's output for x [B, C, H, W] float32 and timesteps t [B]
+        (and a class-conditional network's labels [B])."""
         if self.info.what != "unet":
             raise ConfigError(f"{self.path} is a step file; network() needs a unet file")
         x = _check_array("x", x, (None, *self.image_shape))
@@ -334,7 +341,17 @@ class OnnxSampler:
             feed[SELF_COND_INPUT] = self._self_cond(x_self_cond, x.shape[0])
         elif x_self_cond is not None:
             raise ConfigError("x_self_cond given, but the network is not self-conditioning")
+        feed |= self._labels_feed(class_labels, x.shape[0])
         return self.session.run(None, feed)[0]
+
+    def _labels_feed(self, class_labels, batch: int) -> dict:
+        """The ``class_labels`` input of a class-conditional file, checked; {} otherwise."""
+        labels = check_labels(class_labels, batch, self.info.num_classes, str(self.path))
+        if self.info.num_classes is None:
+            return {}
+        if labels is None:
+            raise ConfigError(f"{self.path} is class-conditional: pass class_labels [B]")
+        return {LABELS_INPUT: np.asarray(labels, dtype=np.int64)}
 
     def step(
         self,
@@ -343,8 +360,10 @@ class OnnxSampler:
         noise: np.ndarray | None = None,
         x_self_cond: np.ndarray | None = None,
         x0_prev: np.ndarray | None = None,
+        class_labels=None,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """One reverse step k (0 .. steps - 1) from x_t [B, C, H, W] float32: (x_prev, x0).
+        """One reverse step k (0 .. steps - 1) from x_t [B, C, H, W] float32: (x_prev, x0);
+        ``class_labels`` [B] for a class-conditional file.
 
         ``noise`` [B, C, H, W] float32 is needed where the step adds noise
         (``info.adds_noise(k)``); ``x_self_cond`` (self-conditioning networks) and ``x0_prev``
@@ -364,7 +383,8 @@ class OnnxSampler:
         elif x_self_cond is not None:
             raise ConfigError("x_self_cond given, but the network is not self-conditioning")
         x0_prev = self._self_cond(x0_prev, batch) if x0_prev is not None else np.zeros_like(x_t)
-        return self._step(x_t, int(k), noise, x_self_cond, x0_prev)
+        labels = self._labels_feed(class_labels, batch)
+        return self._step(x_t, int(k), noise, x_self_cond, x0_prev, labels)
 
     def _self_cond(self, x_self_cond: np.ndarray | None, batch: int) -> np.ndarray:
         if x_self_cond is None:
@@ -378,6 +398,7 @@ class OnnxSampler:
         noise: np.ndarray,
         x_self_cond: np.ndarray | None,
         x0_prev: np.ndarray,
+        labels: dict,
     ) -> tuple[np.ndarray, np.ndarray]:
         if self.info.what == "step":
             feed = {"x_t": x_t, "step": np.array([k], np.int64), "noise": noise}
@@ -385,10 +406,10 @@ class OnnxSampler:
                 feed[HISTORY_INPUT] = x0_prev
             if x_self_cond is not None:
                 feed[SELF_COND_INPUT] = x_self_cond
-            x_prev, x0 = self.session.run(None, feed)
+            x_prev, x0 = self.session.run(None, feed | labels)
             return x_prev, x0
         t = np.full((x_t.shape[0],), int(self._tables["timesteps"][k]), np.int64)
-        feed = {"x": x_t, "t": t}
+        feed = {"x": x_t, "t": t} | labels
         if x_self_cond is not None:
             feed[SELF_COND_INPUT] = x_self_cond
         model_output = self.session.run(None, feed)[0]
@@ -433,14 +454,18 @@ class OnnxSampler:
         steps: int | None = None,
         eta: float | None = None,
         initial_noise: np.ndarray | None = None,
+        class_labels=None,
         progress: bool = False,
     ) -> Iterator[tuple[range, np.ndarray]]:
-        """Yield (sample indices, images NCHW float32 in [0, 1]) one batch at a time."""
+        """Yield (sample indices, images NCHW float32 in [0, 1]) one batch at a time.
+        ``class_labels`` as ``Pipeline.sample``'s (None: drawn per sample index from the seed,
+        the same labels as every other path)."""
         num = check_int("the number of images", num, minimum=1)
         batch_size = resolve_batch_size(num, batch_size)
         start_index = check_int("start_index", start_index, minimum=0, maximum=2**32 - num)
         seed = check_seed(check_int("seed", seed))
         self.check_chain(sampler, steps, eta)
+        given = check_labels(class_labels, num, self.info.num_classes, str(self.path))
         shape = self.image_shape
         if initial_noise is not None:
             initial_noise = _check_array("initial_noise", initial_noise, (num, *shape))
@@ -457,14 +482,19 @@ class OnnxSampler:
                 silent = np.zeros_like(x)  # fed where a step adds no noise (and reads none)
                 x0 = silent  # the previous step's x0: zeros at the first
                 noise_blocks = step_noise(seed, indices, shape, self.steps)
+                batch_labels = labels_for(given, seed, indices, rows.start, self.info.num_classes)
+                labels = {} if batch_labels is None else {
+                    LABELS_INPUT: np.asarray(batch_labels, dtype=np.int64)
+                }  # fmt: skip
                 for k in range(self.steps):
                     noise = noise_blocks.of_step(k) if self.info.adds_noise(k) else silent
-                    x, x0 = self._step(x, k, noise, x0 if self.info.self_condition else None, x0)
+                    self_cond = x0 if self.info.self_condition else None
+                    x, x0 = self._step(x, k, noise, self_cond, x0, labels)
                     bar.update()
                 yield indices, chain_to_images(x, self.info.diffusion.get("auto_normalize", True))
 
     def sample(self, num: int, **options) -> np.ndarray:
         """Draw ``num`` images as an NCHW float32 array in [0, 1]; options as
         :meth:`sample_batches` (seed, batch_size, start_index, sampler, steps, eta,
-        initial_noise, progress)."""
+        initial_noise, class_labels, progress)."""
         return np.concatenate([images for _, images in self.sample_batches(num, **options)])

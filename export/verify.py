@@ -29,6 +29,7 @@ from ..pipeline import LEFT_OUT_AT_DEFAULT, DiffusionConfig, Pipeline
 from ..samplers import SamplerSpec, StepTables, denoise_step, step_tables
 from .format import (
     HISTORY_INPUT,
+    LABELS_INPUT,
     SELF_COND_INPUT,
     OnnxFileError,
     OnnxModelInfo,
@@ -297,20 +298,27 @@ def verify_onnx(
             )
             t_vec = torch.full((batch,), t, dtype=torch.int64)
             feed = {SELF_COND_INPUT: x_self_cond.numpy()} if x_self_cond is not None else {}
+            labels = None  # several classes in one batch, for a class-conditional file
+            if info.num_classes is not None:
+                labels = (torch.arange(batch, dtype=torch.int64) * 7 + index) % info.num_classes
+                feed[LABELS_INPUT] = labels.numpy()
+            extra = () if labels is None else (labels,)
             if info.what == "unet":
                 feed |= {"x": x.numpy(), "t": t_vec.numpy()}
-                args = (x, t_vec, x_self_cond)
+                sc = () if x_self_cond is None else (x_self_cond,)
+                args = (x, t_vec, *sc, *extra)
             else:
                 step = torch.tensor([case])
                 feed |= {"x_t": x.numpy(), "step": step.numpy(), "noise": noise.numpy()}
                 history = (x0_prev,) if info.carries_x0_prev else ()
                 if history:
                     feed[HISTORY_INPUT] = x0_prev.numpy()
-                args = (x, step, noise, *history, x_self_cond)
+                sc = () if x_self_cond is None else (x_self_cond,)
+                args = (x, step, noise, *history, *sc, *extra)
             if not info.carries_x0_prev:
                 x0_prev = None  # the chain reads no history: the reference gets none
             got = session.run(None, feed)
-            expected = reference.outputs(case, t_vec, x, noise, x_self_cond, x0_prev)
+            expected = reference.outputs(case, t_vec, x, noise, x_self_cond, x0_prev, labels)
             own = reference.own_outputs(*args)
             for i, (name, (ref, scale)) in enumerate(expected.items()):
                 max_abs, rel = _error(got[i], ref, scale)
@@ -332,11 +340,13 @@ class _Reference:
             self.own = graph_module(pipeline, info.what, info.dtype, spec, tables)
 
     def outputs(
-        self, case: int, t, x, noise, x_self_cond, x0_prev=None
+        self, case: int, t, x, noise, x_self_cond, x0_prev=None, class_labels=None
     ) -> dict[str, tuple[torch.Tensor, float]]:
         device = self.pipeline.device
         x_sc = x_self_cond.to(device) if x_self_cond is not None else None
-        model_output = self.pipeline.network(x.to(device), t.to(device), x_sc).float().cpu()
+        labels = {} if class_labels is None else {"class_labels": class_labels.to(device)}
+        network = self.pipeline.network
+        model_output = network(x.to(device), t.to(device), x_sc, **labels).float().cpu()
         if self.info.what == "unet":
             return {"model_output": (model_output, _scale(model_output))}
         tables, objective = self.tables, self.pipeline.diffusion.objective

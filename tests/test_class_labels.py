@@ -114,14 +114,6 @@ def test_the_onnx_executor_is_not_asked_for_labels():
         Engine(_pipeline(), cpu_executor="onnxruntime")
 
 
-def test_the_exporter_refuses_a_class_conditional_model(tmp_path):
-    pytest.importorskip("onnx")
-    from ddpm_fast.export import export_onnx
-
-    with pytest.raises(ConfigError, match="class-conditional"):
-        export_onnx(_pipeline(), tmp_path / "m.onnx")
-
-
 def run(capsys, *argv):
     code = main([str(a) for a in argv])
     out, err = capsys.readouterr()
