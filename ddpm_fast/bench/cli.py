@@ -145,8 +145,18 @@ def timed_chains(sampler, batch: int, args: argparse.Namespace) -> list[float]:
     ]
 
 
+class _WholeNames(argparse.HelpFormatter):
+    """Help lines wrapped between words only: a model name such as adm-cifar10 stays whole."""
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        import textwrap
+
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The bench's options on ``parser`` (``ddpm-fast bench`` and benchmarks/sampler.py)."""
+    parser.formatter_class = _WholeNames
     parser.add_argument(
         "model",
         nargs="?",
