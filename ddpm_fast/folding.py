@@ -52,7 +52,7 @@ def time_conditioning(
 def time_embeddings(network: nn.Module, timesteps: torch.Tensor) -> torch.Tensor:
     """A class-conditional network's time embedding at each of ``timesteps``: [n, E] float32."""
     device = next(network.parameters()).device
-    return network.time_embedding(torch.as_tensor(timesteps, device=device)).float().contiguous()
+    return network.embed_timesteps(torch.as_tensor(timesteps, device=device)).float().contiguous()
 
 
 @torch.no_grad()
@@ -60,4 +60,4 @@ def class_embeddings(network: nn.Module) -> torch.Tensor:
     """A class-conditional network's label embedding of every class: [K, E] float32."""
     device = next(network.parameters()).device
     labels = torch.arange(network.config.num_classes, device=device)
-    return network.label_embedding(labels).float().contiguous()
+    return network.embed_labels(labels).float().contiguous()

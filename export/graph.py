@@ -201,7 +201,7 @@ class StepGraph(StepUpdate):
         row = self.time_table[k]
         if self.class_conditional:
             *history, labels = history
-            emb = row + self.conditioner.label_embedding(labels)
+            emb = row + self.conditioner.embed_labels(labels)
             rows = self.conditioner.conditioning_from_embedding(emb)
             row = torch.cat(list(rows.values()), dim=1)  # [B, D]: per sample
         return self.update(x_t, row, self.table[k], self.adds_noise[k], noise, *history)

@@ -65,6 +65,8 @@ CLASS_CONDITIONAL_CONFIGS = {
         use_scale_shift_norm=True,
     )),
 }  # fmt: skip
+# The ADM networks' GroupNorm32 gains (Sequential-indexed keys): near 1, as the others'.
+ADM_NORMS = ("in_layers.0.weight", "out_layers.0.weight", "out.0.weight")
 CASES = {
     name: (family, config) for family, cases in CONFIGS.items() for name, config in cases.items()
 }
@@ -79,7 +81,7 @@ def random_network(name: str, seed: int = 0) -> torch.nn.Module:
     network = FAMILIES[family].Unet(config).eval()
     with torch.no_grad():
         for key, p in network.named_parameters():
-            if key.endswith((".g", "norm.weight", "norm1.weight", "norm2.weight")):
+            if key.endswith((".g", "norm.weight", "norm1.weight", "norm2.weight", *ADM_NORMS)):
                 p.normal_(1.0, 0.2)
             elif key.endswith("bias") or p.dim() == 1:
                 p.normal_(0.0, 0.1)

@@ -157,10 +157,15 @@ BAD = {
         CheckpointError,
         "mis-shaped",
     ),
-    "class embeddings": (
+    "labels as vectors": (
+        lambda f: edit_json(f / "unet" / "config.json", class_embed_type="identity"),
+        CheckpointError,
+        "class_embed_type='identity'",
+    ),
+    "timestep class embedding without a label range": (
         lambda f: edit_json(f / "unet" / "config.json", class_embed_type="timestep"),
         CheckpointError,
-        "class_embed_type='timestep' is not supported",
+        "without num_class_embeds",
     ),
     "conditional block": (
         lambda f: edit_json(
@@ -454,3 +459,29 @@ def test_a_dpm_solver_folder_samples_with_its_solver_by_default(tmp_path, capsys
 
     assert np.abs(images - drawn("dpm++2m-karras")).max() <= 1
     assert np.abs(images - drawn("ddpm")).max() > 10
+
+
+CLASS_FORWARD = FIXTURES / "class_forward.pt"
+
+
+@pytest.mark.parametrize("name", ["class_embedding", "class_timestep_scale_shift"])
+def test_class_embeddings_are_diffusers(name):
+    """UNet2DModel with num_class_embeds (an embedding; the "timestep" type): diffusers' own
+    forward with class labels, and the engine's chain against the reference."""
+    from ddpm_fast.engine import Engine
+
+    case = torch.load(CLASS_FORWARD, weights_only=True)[name]
+    pipeline = ddpm_fast.load(FIXTURES / "class_conditional" / name)
+    assert pipeline.num_classes == pipeline.config.num_class_embeds
+    for c in case["cases"]:
+        with torch.no_grad():
+            out = pipeline.network(case["x"], c["t"], class_labels=c["y"])
+        assert rel_error(out, c["out"]) <= 1e-5
+    options = dict(steps=5, seed=1, class_labels=[1, 2, 3])
+    want = pipeline.sample(3, **options)
+    assert (Engine(pipeline).sample(3, batch_size=2, **options) - want).abs().max() <= 1e-4
+
+
+def test_class_embeddings_with_fourier_features_are_refused():
+    with pytest.raises(ConfigError, match="fourier"):
+        diffusers_unet2d.UnetConfig(time_embedding_type="fourier", num_class_embeds=3)

@@ -34,9 +34,9 @@ The module contract of ``ddpm_fast.models.<family>`` (see :class:`Family`):
     ``forward(x, t, x_self_cond=None, class_labels=None)`` and ``time_conditioning(t,
     class_labels)`` (rows per sample), and splits the conditioning for the engine, which
     tabulates the time part per chain step and gathers the label part per sample:
-    ``time_embedding(t) -> [n, E]``, ``label_embedding(class_labels) -> [n, E]`` and
+    ``embed_timesteps(t) -> [n, E]``, ``embed_labels(class_labels) -> [n, E]`` and
     ``conditioning_from_embedding(emb) -> {name: [n, d]}``, with ``time_conditioning(t, y) ==
-    conditioning_from_embedding(time_embedding(t) + label_embedding(y))``.
+    conditioning_from_embedding(embed_timesteps(t) + embed_labels(y))``.
 ``OPTIONS``
     The names of the network options a user may give (CLI/``load``) where the file cannot tell
     them; ``UNSTORED_DEFAULTS`` the values assumed for those when not given (``info`` lists them).

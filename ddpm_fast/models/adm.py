@@ -415,14 +415,14 @@ class Unet(nn.Module):
     def class_conditional(self) -> bool:
         return self.config.num_classes is not None
 
-    def time_embedding(self, timesteps: torch.Tensor) -> torch.Tensor:
+    def embed_timesteps(self, timesteps: torch.Tensor) -> torch.Tensor:
         """``time_embed`` of the sinusoidal features of ``timesteps * timestep_scale``."""
         t = timesteps
         if self.config.timestep_scale != 1.0:
             t = t.float() * self.config.timestep_scale
         return self.time_embed(timestep_embedding(t, self.config.model_channels)).float()
 
-    def label_embedding(self, class_labels: torch.Tensor) -> torch.Tensor:
+    def embed_labels(self, class_labels: torch.Tensor) -> torch.Tensor:
         if not self.class_conditional:
             raise ValueError("an unconditional ADM network takes no class labels")
         return self.label_emb(class_labels).float()
@@ -438,11 +438,11 @@ class Unet(nn.Module):
     def time_conditioning(
         self, timesteps: torch.Tensor, class_labels: torch.Tensor | None = None
     ) -> dict[str, torch.Tensor]:
-        emb = self.time_embedding(timesteps)
+        emb = self.embed_timesteps(timesteps)
         if self.class_conditional:
             if class_labels is None:
                 raise ValueError("a class-conditional ADM network needs class labels")
-            emb = emb + self.label_embedding(class_labels)
+            emb = emb + self.embed_labels(class_labels)
         elif class_labels is not None:
             raise ValueError("an unconditional ADM network takes no class labels")
         return self.conditioning_from_embedding(emb)

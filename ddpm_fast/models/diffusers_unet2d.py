@@ -6,9 +6,12 @@ conv, + time bias or x (1 + scale) + shift, GroupNorm, SiLU, conv, + shortcut), 
 (GroupNorm, q/k/v linears, scaled_dot_product_attention, out linear, + residual), strided-conv
 downsampling, nearest-neighbour + conv upsampling, positional or Gaussian Fourier time features.
 
-Read here: DownBlock2D, AttnDownBlock2D, UpBlock2D, AttnUpBlock2D, UNetMidBlock2D and the config
-fields listed in :class:`UnetConfig`; anything else (a conditional UNet, class embeddings, other
-block types, ResnetDownsample/Upsample variants) is a ConfigError naming the field.
+Read here: DownBlock2D, AttnDownBlock2D, UpBlock2D, AttnUpBlock2D, UNetMidBlock2D, class
+embeddings (``num_class_embeds`` with ``class_embed_type`` None: an embedding of the labels, added
+to the time embedding; "timestep": the labels through the time features and their own MLP) and
+the config fields listed in :class:`UnetConfig`; anything else (a text-conditional UNet, labels
+given as vectors ("identity"), other block types, ResnetDownsample/Upsample variants) is a
+ConfigError naming the field.
 """
 
 from __future__ import annotations
@@ -35,9 +38,8 @@ FIXED_FIELDS = {
     "upsample_type": "conv",
     "act_fn": "silu",
     "attn_norm_num_groups": None,
-    "class_embed_type": None,
-    "num_class_embeds": None,
 }
+CLASS_EMBED_TYPES = (None, "timestep")
 # Fields read for their own sake nowhere (training-only or bookkeeping).
 IGNORED_FIELDS = {"_class_name", "_diffusers_version", "_name_or_path", "dropout",
                   "num_train_timesteps", "sample_size"}  # fmt: skip
@@ -72,6 +74,8 @@ class UnetConfig:
     norm_eps: float = 1e-5
     resnet_time_scale_shift: str = "default"
     add_attention: bool = True
+    class_embed_type: str | None = None
+    num_class_embeds: int | None = None
     family: str = field(default=FAMILY, init=False)
 
     def __post_init__(self) -> None:
@@ -92,6 +96,7 @@ class UnetConfig:
             raise ConfigError("mid_block_scale_factor must not be 0")
         self.norm_eps = check_real("norm_eps", self.norm_eps, minimum=0)
         _choice("time_embedding_type", self.time_embedding_type, TIME_EMBEDDINGS)
+        self._check_class_embedding()
         _choice("resnet_time_scale_shift", self.resnet_time_scale_shift, TIME_SCALE_SHIFTS)
         for name, known in (("down_block_types", DOWN_BLOCKS), ("up_block_types", UP_BLOCKS)):
             value = getattr(self, name)
@@ -134,9 +139,28 @@ class UnetConfig:
         return False
 
     @property
-    def num_classes(self) -> None:
-        """Class embeddings (num_class_embeds) are not read yet: never class-conditional."""
-        return None
+    def num_classes(self) -> int | None:
+        """The label range of a class-conditional network (``num_class_embeds``), else None."""
+        return self.num_class_embeds
+
+    def _check_class_embedding(self) -> None:
+        if self.class_embed_type == "identity":
+            raise ConfigError(
+                "class_embed_type='identity' (class labels given as embedding vectors) is not "
+                "supported: ddpm-fast's class labels are integers"
+            )
+        _choice("class_embed_type", self.class_embed_type, CLASS_EMBED_TYPES)
+        if self.num_class_embeds is not None:
+            self.num_class_embeds = check_int("num_class_embeds", self.num_class_embeds, minimum=1)
+        elif self.class_embed_type == "timestep":
+            raise ConfigError(
+                "class_embed_type='timestep' without num_class_embeds: the labels' range is not "
+                "stated (set num_class_embeds in config.json)"
+            )
+        if self.num_classes is not None and self.time_embedding_type == "fourier":
+            raise ConfigError(
+                "class embeddings with time_embedding_type='fourier' are not supported"
+            )
 
     @property
     def output_channels(self) -> int:
@@ -434,6 +458,10 @@ class Unet(nn.Module):
             self.time_proj = Timesteps(first, config.flip_sin_to_cos, config.freq_shift)
             time_input = first
         self.time_embedding = TimestepEmbedding(time_input, config.time_dim)
+        if config.class_embed_type == "timestep":
+            self.class_embedding = TimestepEmbedding(time_input, config.time_dim)
+        elif config.num_class_embeds is not None:
+            self.class_embedding = nn.Embedding(config.num_class_embeds, config.time_dim)
 
         n = len(widths)
         self.down_blocks = nn.ModuleList()
@@ -453,25 +481,55 @@ class Unet(nn.Module):
         self.conv_act = nn.SiLU()
         self.conv_out = nn.Conv2d(first, config.out_channels, 3, padding=1)
 
-    def time_conditioning(self, time: torch.Tensor) -> dict[str, torch.Tensor]:
-        """{ResnetBlock2D name: ``time_emb_proj(silu(emb))``} in module order, and with Fourier
-        features ``"output_divisor"``: t itself [n, 1] (the output is divided by it)."""
-        emb = self.time_embedding(self.time_proj(time))
-        cond = {
+    def embed_timesteps(self, time: torch.Tensor) -> torch.Tensor:
+        """The time features through their MLP: [n, time_dim]."""
+        return self.time_embedding(self.time_proj(time))
+
+    def embed_labels(self, class_labels: torch.Tensor) -> torch.Tensor:
+        """diffusers' class_emb: the labels' embedding, or their time features through the
+        class MLP ("timestep")."""
+        if self.config.num_classes is None:
+            raise ValueError("this UNet2DModel takes no class labels")
+        if self.config.class_embed_type == "timestep":
+            return self.class_embedding(self.time_proj(class_labels)).float()
+        return self.class_embedding(class_labels).float()
+
+    def conditioning_from_embedding(self, emb: torch.Tensor) -> dict[str, torch.Tensor]:
+        """{ResnetBlock2D name: ``time_emb_proj(silu(emb))``} in module order."""
+        return {
             name: m.project_time(emb).float()
             for name, m in self.named_modules()
             if isinstance(m, ResnetBlock2D)
         }
+
+    def time_conditioning(
+        self, time: torch.Tensor, class_labels: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        """{ResnetBlock2D name: ``time_emb_proj(silu(emb))``} in module order (emb: the time
+        embedding, plus the class embedding of ``class_labels`` for a class-conditional network),
+        and with Fourier features ``"output_divisor"``: t itself [n, 1] (the output is divided
+        by it)."""
+        emb = self.embed_timesteps(time)
+        if self.config.num_classes is not None:
+            if class_labels is None:
+                raise ValueError("class_labels should be provided when doing class conditioning")
+            emb = emb + self.embed_labels(class_labels)
+        elif class_labels is not None:
+            raise ValueError("this UNet2DModel takes no class labels")
+        cond = self.conditioning_from_embedding(emb)
         if self.config.time_embedding_type == "fourier":
             cond["output_divisor"] = time.float()[:, None]
         return cond
 
-    def forward(self, x, time, x_self_cond=None):
+    def forward(self, x, time, x_self_cond=None, class_labels=None):
         time = torch.as_tensor(time, device=x.device)
         if time.ndim == 0:
             time = time[None]
         time = time * torch.ones(x.shape[0], dtype=time.dtype, device=time.device)
-        return self.forward_conditioned(x, self.time_conditioning(time), x_self_cond)
+        if class_labels is not None:
+            class_labels = torch.as_tensor(class_labels, device=x.device)
+        cond = self.time_conditioning(time, class_labels)
+        return self.forward_conditioned(x, cond, x_self_cond)
 
     def forward_conditioned(self, x, cond: dict[str, torch.Tensor], x_self_cond=None):
         """The forward given ``cond = time_conditioning(time)``."""
