@@ -84,6 +84,19 @@ def labels_for(
     return draw_labels(seed, indices, num_classes)
 
 
+def run_labels(
+    given: list[int] | None, seed: int, num: int, num_classes: int | None
+) -> tuple[list[int] | str | None, list[int] | None]:
+    """What a run of ``num`` images records of its labels (the given list, or "drawn from the
+    seed", which stays true as a run grows: part of its identity, so a resume with other labels
+    is refused), and the labels themselves (``label_ids``); (None, None) for an unconditional
+    model."""
+    if num_classes is None:
+        return None, None
+    recorded = given if given is not None else "drawn from the seed"
+    return recorded, labels_for(given, seed, range(num), 0, num_classes)
+
+
 def parse_labels(text: str) -> int | list[int]:
     """The CLI's ``--class-labels``: "207" or "1,2,3"."""
     try:

@@ -196,11 +196,10 @@ def _model_flags(args: argparse.Namespace) -> dict:
             cli = "--" + name.replace("_", "-")
             raise ConfigError(f"{cli} {given} and --model-flags' --{name} {flags[name]} differ")
         flags[name] = given
-    for name, cli in (("timestep_respacing", "--timestep-respacing"),):
-        if name in flags and hasattr(args, name):
-            if getattr(args, name) is not None and getattr(args, name) != flags[name]:
-                raise ConfigError(f"{cli} and --model-flags' --{name} differ")
-            setattr(args, name, flags[name])
+    if "timestep_respacing" in flags and hasattr(args, "timestep_respacing"):
+        if args.timestep_respacing not in (None, flags["timestep_respacing"]):
+            raise ConfigError("--timestep-respacing and --model-flags' --timestep_respacing differ")
+        args.timestep_respacing = flags["timestep_respacing"]
     if flags.get("use_ddim") and hasattr(args, "sampler"):
         if args.sampler not in (None, "ddim"):
             raise ConfigError(f"--sampler {args.sampler} and --model-flags' --use_ddim True differ")
@@ -380,14 +379,13 @@ def _sample_onnx(args: argparse.Namespace, output: Output) -> int:
         "image_shape": list(info.image_shape),
     }  # fmt: skip
 
-    from .class_labels import check_labels, labels_for, parse_labels
+    from .class_labels import check_labels, parse_labels, run_labels
 
-    given = args.class_labels if args.class_labels is None else parse_labels(args.class_labels)
+    given = None if args.class_labels is None else parse_labels(args.class_labels)
     given = check_labels(given, args.num, info.num_classes, str(args.onnx))
-    labels = None
-    if info.num_classes is not None:  # as Pipeline.sample_to records them
-        run["class_labels"] = given if given is not None else "drawn from the seed"
-        labels = labels_for(given, args.seed, range(args.num), 0, info.num_classes)
+    recorded, labels = run_labels(given, args.seed, args.num, info.num_classes)
+    if recorded is not None:  # as Pipeline.sample_to records them
+        run["class_labels"] = recorded
 
     def draw(num: int, start: int):
         return sampler.sample_batches(

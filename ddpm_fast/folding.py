@@ -55,6 +55,12 @@ def time_embeddings(network: nn.Module, timesteps: torch.Tensor) -> torch.Tensor
     return network.embed_timesteps(torch.as_tensor(timesteps, device=device)).float().contiguous()
 
 
+def conditioning_rows(network: nn.Module, emb: torch.Tensor) -> torch.Tensor:
+    """A class-conditional network's conditioning from its embedding ``emb`` [B, E] (time plus
+    label): every block's projection side by side, [B, D] in ``time_conditioning``'s order."""
+    return torch.cat(list(network.conditioning_from_embedding(emb).values()), dim=1)
+
+
 @torch.no_grad()
 def class_embeddings(network: nn.Module) -> torch.Tensor:
     """A class-conditional network's label embedding of every class: [K, E] float32."""

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .class_labels import check_labels, labels_for
+from .class_labels import check_labels, labels_for, run_labels
 from .errors import ConfigError, NonFiniteError
 from .images import chain_to_images
 from .noise import keyed_noise
@@ -482,12 +482,9 @@ class Pipeline:
             batch_size = group.smallest(self.auto_batch_size(num, device))
         batch_size = resolve_batch_size(num, batch_size)
         run = {**self.run_identity(spec, device), "seed": seed}
-        # The labels are part of the run (a resume with others is refused): the given list, or
-        # drawn from the seed per sample index (the same for any num, so a run can grow).
-        labels = None
-        if self.num_classes is not None:
-            run["class_labels"] = given if given is not None else "drawn from the seed"
-            labels = labels_for(given, seed, range(num), 0, self.num_classes)
+        recorded, labels = run_labels(given, seed, num, self.num_classes)
+        if recorded is not None:
+            run["class_labels"] = recorded
         options = dict(
             steps=spec.steps,
             sampler=spec.kind,

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from ..folding import fold_weights, time_conditioning, time_embeddings
+from ..folding import conditioning_rows, fold_weights, time_conditioning, time_embeddings
 from ..models import family_of
 from ..pipeline import Pipeline
 from ..samplers import ROW, SamplerSpec, StepTables, rule
@@ -172,7 +172,6 @@ class StepGraph(StepUpdate):
         self, pipeline: Pipeline, tables: StepTables, spec: SamplerSpec, dtype: str = "fp32"
     ):
         network = fold_weights(pipeline.network).to("cpu", torch.float32)
-        self_condition = pipeline.config.self_condition
         class_conditional = pipeline.num_classes is not None
         if class_conditional:
             # The conditioning depends on the label through a SiLU: the table holds the time
@@ -184,7 +183,7 @@ class StepGraph(StepUpdate):
             conditioning = time_conditioning(network, tables.timesteps)  # before any fp16 cast
             table = torch.cat(list(conditioning.values()), dim=1)
         super().__init__(pipeline, spec, tables.learned, dtype, network)
-        self.self_condition, self.class_conditional = self_condition, class_conditional
+        self.class_conditional = class_conditional
         if class_conditional:
             self.conditioner = conditioner
         self.register_buffer("time_table", table)
@@ -202,8 +201,7 @@ class StepGraph(StepUpdate):
         if self.class_conditional:
             *history, labels = history
             emb = row + self.conditioner.embed_labels(labels)
-            rows = self.conditioner.conditioning_from_embedding(emb)
-            row = torch.cat(list(rows.values()), dim=1)  # [B, D]: per sample
+            row = conditioning_rows(self.conditioner, emb)  # [B, D]: per sample
         return self.update(x_t, row, self.table[k], self.adds_noise[k], noise, *history)
 
 

@@ -213,7 +213,7 @@ def test_a_classifier_a_super_resolution_model_and_a_missing_key_are_one_line(tm
     with pytest.raises(CheckpointError, match="classifier"):
         ddpm_fast.load(tmp_path / "classifier.pt", image_size=16)
     superres = dict(weights)
-    superres["input_blocks.0.0.weight"] = torch.zeros(32, 12, 3, 3)
+    superres["input_blocks.0.0.weight"] = torch.zeros(32, 6, 3, 3)
     torch.save(superres, tmp_path / "superres.pt")
     with pytest.raises(CheckpointError, match="super-resolution"):
         ddpm_fast.load(tmp_path / "superres.pt", image_size=16)

@@ -302,16 +302,15 @@ class Engine(Pipeline):
     ) -> torch.Tensor:
         chain = self.prepare(tables, spec, x.device)
         keys = philox_keys(seed, indices, device=x.device)
-        labels = class_labels
         with _exact_fp32(self.dtype, x.device):
             if not self._uses_graphs(x.device):  # raises for cuda_graph=True off CUDA
                 if x.device.type == "cpu":
-                    return self._run_on_cpu(chain, x, keys, seed, indices, on_step, labels)
-                return chain.run_eager(x, keys, seed, indices, on_step, labels)
+                    return self._run_on_cpu(chain, x, keys, seed, indices, on_step, class_labels)
+                return chain.run_eager(x, keys, seed, indices, on_step, class_labels)
             captured = self._captured(chain, tuple(x.shape))
             if captured is None:
-                return chain.run_eager(x, keys, seed, indices, on_step, labels)
-            captured.state.reset(x, keys, labels)
+                return chain.run_eager(x, keys, seed, indices, on_step, class_labels)
+            captured.state.reset(x, keys, class_labels)
             for k in range(chain.steps):
                 captured.replay()
                 on_step(k + 1)

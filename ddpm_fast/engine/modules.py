@@ -39,6 +39,7 @@ __all__ = [
     "frozen",
     "image_view",
     "linear_attention",
+    "pointwise_conv",
     "resample",
     "sdpa",
     "swap_stage_blocks",
@@ -71,6 +72,11 @@ class GroupNormAct(nn.Module):
             x, self.groups, self.weight, self.bias, pre_bias=pre_bias,
             scale=scale, shift=shift, eps=self.eps, act=self.act,
         )  # fmt: skip
+
+
+def pointwise_conv(weight: torch.Tensor, bias: torch.Tensor) -> nn.Conv2d:
+    """A linear map over channels (``weight`` [O, I], ``bias`` [O]) as a 1x1 conv."""
+    return conv_holding(weight.detach()[:, :, None, None].contiguous(), bias.detach().contiguous())
 
 
 def take_conv_bias(conv: nn.Conv2d) -> torch.Tensor | None:

@@ -24,7 +24,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..folding import class_embeddings, fold_weights, time_conditioning, time_embeddings
+from ..folding import (
+    class_embeddings,
+    conditioning_rows,
+    fold_weights,
+    time_conditioning,
+    time_embeddings,
+)
 from ..kernels.group_norm import runs_kernel
 from ..models import family_of
 from .families import mapping
@@ -51,22 +57,22 @@ class FastUnet(nn.Module):
         folded = fold_weights(reference)
         self.class_conditional = reference.config.num_classes is not None
         # A class-conditional network's tables give only the layout (names and widths).
-        some = timesteps[:1] if self.class_conditional else timesteps
-        tables = time_conditioning(reference, some, class_labels=self.first_labels(some))
-        if hasattr(fast, "time_tables"):
-            if self.class_conditional:  # the hook's constants, added to every step's rows
-                zero = {name: torch.zeros_like(t) for name, t in tables.items()}
-                offsets = fast.time_tables(folded, zero)
-                self.register_buffer("row_offset", torch.cat(list(offsets.values()), dim=1))
-            tables = fast.time_tables(folded, tables)
+        tables = time_conditioning(
+            reference, timesteps[:1] if self.class_conditional else timesteps
+        )
+        hook = getattr(fast, "time_tables", None)
+        if self.class_conditional:  # the hook's constants, added to every step's rows
+            zero = {name: torch.zeros_like(t) for name, t in tables.items()}
+            offsets = hook(folded, zero) if hook else zero
+            self.register_buffer("row_offset", torch.cat(list(offsets.values()), dim=1))
+        elif hook:
+            tables = hook(folded, tables)
         slices, start = {}, 0
         for name, table in tables.items():
             slices[name], start = (start, table.shape[1]), start + table.shape[1]
         if self.class_conditional:
             self.register_buffer("time_table", time_embeddings(reference, timesteps))
             self.register_buffer("label_table", class_embeddings(reference))
-            if not hasattr(self, "row_offset"):
-                self.register_buffer("row_offset", torch.zeros(1, start, device=timesteps.device))
             self.conditioner = folded  # its projections run per step; build keeps their weights
         else:
             # Every block's conditioning side by side: [steps, sum of widths].
@@ -75,17 +81,12 @@ class FastUnet(nn.Module):
         self.body = fast.build(folded, slices, bias_in_norm)
         self.eval().requires_grad_(False)
 
-    @staticmethod
-    def first_labels(timesteps: torch.Tensor) -> torch.Tensor:
-        return torch.zeros(len(timesteps), dtype=torch.long, device=timesteps.device)
-
     def time_rows(self, step: torch.Tensor, class_labels: torch.Tensor | None) -> torch.Tensor:
         """Every block's conditioning at chain step ``step``: [1, D], or [B, D] per label."""
         if not self.class_conditional:
             return self.time_table.index_select(0, step)  # [1, D], on the device
         emb = self.time_table.index_select(0, step) + self.label_table.index_select(0, class_labels)
-        rows = self.conditioner.conditioning_from_embedding(emb)
-        return torch.cat(list(rows.values()), dim=1) + self.row_offset
+        return conditioning_rows(self.conditioner, emb) + self.row_offset
 
     def forward(self, x, step, x_self_cond=None, class_labels=None):
         return self.body(x, self.time_rows(step, class_labels), x_self_cond)

@@ -410,6 +410,9 @@ class Unet(nn.Module):
         self.out = nn.Sequential(
             normalization(ch), nn.SiLU(), nn.Conv2d(input_ch, c.out_channels, 3, padding=1)
         )
+        # (name, ResBlock) in module order, listed once: the engine's class-conditional step
+        # projects through them every step, with no walk of the module tree.
+        self.timed_blocks = [(n, m) for n, m in self.named_modules() if isinstance(m, ResBlock)]
 
     @property
     def class_conditional(self) -> bool:
@@ -429,11 +432,7 @@ class Unet(nn.Module):
 
     def conditioning_from_embedding(self, emb: torch.Tensor) -> dict[str, torch.Tensor]:
         """{ResBlock name: its ``emb_layers(emb)``}, in module order."""
-        return {
-            name: m.project(emb).float()
-            for name, m in self.named_modules()
-            if isinstance(m, ResBlock)
-        }
+        return {name: m.project(emb).float() for name, m in self.timed_blocks}
 
     def time_conditioning(
         self, timesteps: torch.Tensor, class_labels: torch.Tensor | None = None
@@ -496,7 +495,6 @@ LIBRARY_DEFAULTS = {
     "improved-diffusion": {"num_heads": 4, "num_head_channels": -1, "num_heads_upsample": -1,
                            "use_new_attention_order": False, "rescale_timesteps": True},
 }  # fmt: skip
-GUIDED_ONLY = ("num_head_channels", "use_new_attention_order", "resblock_updown")
 
 
 # The libraries' flag types (script_util's argparse: str2bool for booleans).
@@ -573,15 +571,13 @@ def _library(weights_say: dict, options: dict) -> tuple[str, bool]:
             known = ", ".join(LIBRARIES)
             raise ConfigError(f"library must be one of {known}, got {options['library']!r}")
         return options["library"], False
-    guided = weights_say["resblock_updown"] or any(
-        not float(m).is_integer() for m in weights_say["channel_mult"]
+    guided = (
+        weights_say["resblock_updown"]
+        or any(not float(m).is_integer() for m in weights_say["channel_mult"])
+        or options.get("num_head_channels", -1) != -1
+        or options.get("use_new_attention_order", False)
     )
-    given = [f for f in ("num_head_channels", "use_new_attention_order") if f in options]
-    if (
-        guided
-        or (given and options.get("num_head_channels", -1) != -1)
-        or options.get("use_new_attention_order")
-    ):
+    if guided:
         return "guided-diffusion", False
     return "improved-diffusion", True
 
@@ -643,8 +639,10 @@ def infer_config(weights: dict[str, torch.Tensor], **options) -> UnetConfig:
     if not candidates:
         raise CheckpointError("an ADM UNetModel whose blocks do not follow the libraries' layout")
     say = candidates[0]
-    image = say["out_channels"] // 2 if say["out_channels"] % 2 == 0 else say["out_channels"]
-    if say["in_channels"] > say["out_channels"] or say["in_channels"] == 2 * image != 2:
+    # SuperResModel's first conv takes the 3 image channels and the 3 of the upsampled
+    # low-resolution image (the libraries' images are RGB); no diffusion model takes more
+    # channels than it gives.
+    if say["in_channels"] == 2 * 3 or say["in_channels"] > say["out_channels"]:
         raise CheckpointError(
             f"a super-resolution UNetModel (SuperResModel: its first conv takes "
             f"{say['in_channels']} channels, the image and the upsampled low-resolution image); "

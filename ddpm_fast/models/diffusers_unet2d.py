@@ -480,6 +480,11 @@ class Unet(nn.Module):
         self.conv_norm_out = nn.GroupNorm(config.norm_num_groups, first, eps=config.norm_eps)
         self.conv_act = nn.SiLU()
         self.conv_out = nn.Conv2d(first, config.out_channels, 3, padding=1)
+        # (name, ResnetBlock2D) in module order, listed once: the engine's class-conditional
+        # step projects through them every step, with no walk of the module tree.
+        self.timed_blocks = [
+            (n, m) for n, m in self.named_modules() if isinstance(m, ResnetBlock2D)
+        ]
 
     def embed_timesteps(self, time: torch.Tensor) -> torch.Tensor:
         """The time features through their MLP: [n, time_dim]."""
@@ -496,11 +501,7 @@ class Unet(nn.Module):
 
     def conditioning_from_embedding(self, emb: torch.Tensor) -> dict[str, torch.Tensor]:
         """{ResnetBlock2D name: ``time_emb_proj(silu(emb))``} in module order."""
-        return {
-            name: m.project_time(emb).float()
-            for name, m in self.named_modules()
-            if isinstance(m, ResnetBlock2D)
-        }
+        return {name: m.project_time(emb).float() for name, m in self.timed_blocks}
 
     def time_conditioning(
         self, time: torch.Tensor, class_labels: torch.Tensor | None = None

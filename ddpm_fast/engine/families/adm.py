@@ -18,16 +18,15 @@ import torch
 from torch import nn
 
 from ...models import adm as ref
-from ...models.convs import conv_holding
-from ..modules import GroupNormAct, TimeSlice, Upsample, sdpa, take_conv_bias
+from ..modules import GroupNormAct, TimeSlice, Upsample, pointwise_conv, sdpa, take_conv_bias
 
 
 def _conv1d_as_2d(conv: nn.Conv1d, rows: torch.Tensor | None = None) -> nn.Conv2d:
     """A 1x1 Conv1d as a 1x1 Conv2d, its output rows taken in the order ``rows``."""
-    weight, bias = conv.weight.detach(), conv.bias.detach()
+    weight, bias = conv.weight[:, :, 0], conv.bias
     if rows is not None:
         weight, bias = weight[rows], bias[rows]
-    return conv_holding(weight[..., None].contiguous(), bias.contiguous())
+    return pointwise_conv(weight, bias)
 
 
 def _legacy_rows(heads: int, channels: int) -> torch.Tensor:

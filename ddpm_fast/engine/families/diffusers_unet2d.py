@@ -15,15 +15,14 @@ import torch
 from torch import nn
 
 from ...models import diffusers_unet2d as ref
-from ...models.convs import conv_holding
-from ..modules import GroupNormAct, TimeSlice, Upsample, sdpa, take_conv_bias
+from ..modules import GroupNormAct, TimeSlice, Upsample, pointwise_conv, sdpa, take_conv_bias
 
 
 def _linear_as_conv(*linears: nn.Linear) -> nn.Conv2d:
     """``linears`` (same input) stacked as one 1x1 conv over channels."""
-    weight = torch.cat([m.weight for m in linears]).detach()
-    bias = torch.cat([m.bias for m in linears]).detach()
-    return conv_holding(weight[:, :, None, None], bias)
+    return pointwise_conv(
+        torch.cat([m.weight for m in linears]), torch.cat([m.bias for m in linears])
+    )
 
 
 class FastResnetBlock2D(nn.Module):
