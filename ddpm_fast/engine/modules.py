@@ -6,6 +6,8 @@
 - ``sdpa``: full attention of a [B, 3 * heads * d, H, W] qkv map through
   ``F.scaled_dot_product_attention``;
 - ``TimeSlice``: columns ``[start, start + width)`` of the engine's per-step time row;
+  ``TimedNorm``: a ResBlock's second GroupNorm + SiLU fused with its time conditioning (scale and
+  shift, or a pre-bias);
 - ``Upsample``: nearest-neighbour x2 + conv; ``unshuffle_conv``: a pixel-unshuffle + 1x1 conv
   as one strided conv; ``resample``: the engine's form of a stage's last module;
 - ``StagedUnet``, ``FastResnetBlock``, ``swap_stage_blocks``: what the two
@@ -34,6 +36,7 @@ __all__ = [
     "GroupNormAct",
     "StagedUnet",
     "TimeSlice",
+    "TimedNorm",
     "Upsample",
     "channel_layer_norm",
     "frozen",
@@ -77,6 +80,32 @@ class GroupNormAct(nn.Module):
 def pointwise_conv(weight: torch.Tensor, bias: torch.Tensor) -> nn.Conv2d:
     """A linear map over channels (``weight`` [O, I], ``bias`` [O]) as a 1x1 conv."""
     return conv_holding(weight.detach()[:, :, None, None].contiguous(), bias.detach().contiguous())
+
+
+class TimedNorm(nn.Module):
+    """The second GroupNorm + SiLU of a ResBlock whose time conditioning ``cond`` (its columns
+    of the time row) either scales and shifts the normalised map (``scale_shift``: cond is
+    [scale, shift]) or is added before the norm. In that second form the family's
+    ``time_tables`` has added the conv before's bias to the block's time table, so it is taken
+    off the conv here; with scale-shift the bias becomes the kernel's pre-bias where
+    ``bias_in_norm``."""
+
+    def __init__(self, norm: nn.GroupNorm, conv_before: nn.Conv2d, scale_shift: bool,
+                 bias_in_norm: bool):  # fmt: skip
+        super().__init__()
+        self.scale_shift = scale_shift
+        pre_bias = None
+        if not scale_shift:
+            take_conv_bias(conv_before)
+        elif bias_in_norm:
+            pre_bias = take_conv_bias(conv_before)
+        self.norm = GroupNormAct(norm, "silu", pre_bias)
+
+    def forward(self, h: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        if self.scale_shift:
+            scale, shift = cond.chunk(2, dim=1)
+            return self.norm(h, scale, shift)
+        return self.norm(h, pre_bias=cond)
 
 
 def take_conv_bias(conv: nn.Conv2d) -> torch.Tensor | None:

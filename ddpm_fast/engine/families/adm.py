@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ...models import adm as ref
-from ..modules import GroupNormAct, TimeSlice, Upsample, pointwise_conv, sdpa, take_conv_bias
+from ..modules import GroupNormAct, TimedNorm, TimeSlice, Upsample, pointwise_conv, sdpa
 
 
 def _conv1d_as_2d(conv: nn.Conv1d, rows: torch.Tensor | None = None) -> nn.Conv2d:
@@ -40,16 +40,12 @@ def _legacy_rows(heads: int, channels: int) -> torch.Tensor:
 class FastResBlock(nn.Module):
     def __init__(self, block: ref.ResBlock, time: TimeSlice, bias_in_norm: bool):
         super().__init__()
-        self.scale_shift = block.use_scale_shift_norm
         self.norm1 = GroupNormAct(block.in_layers[0], "silu")
         self.h_upd, self.x_upd = block.h_upd, block.x_upd
         self.conv1 = block.in_layers[2]
-        if self.scale_shift:
-            pre_bias = take_conv_bias(self.conv1) if bias_in_norm else None
-        else:
-            take_conv_bias(self.conv1)  # time_tables added it to the block's time projection
-            pre_bias = None
-        self.norm2 = GroupNormAct(block.out_layers[0], "silu", pre_bias)
+        self.norm2 = TimedNorm(
+            block.out_layers[0], self.conv1, block.use_scale_shift_norm, bias_in_norm
+        )
         self.conv2 = block.out_layers[3]
         self.skip = block.skip_connection
         self.time = time
@@ -57,13 +53,7 @@ class FastResBlock(nn.Module):
     def forward(self, x, time_row):
         h = self.h_upd(self.norm1(x))
         x = self.x_upd(x)
-        h = self.conv1(h)
-        cond = self.time(time_row)
-        if self.scale_shift:
-            scale, shift = cond.chunk(2, dim=1)
-            h = self.norm2(h, scale, shift)
-        else:
-            h = self.norm2(h, pre_bias=cond)
+        h = self.norm2(self.conv1(h), self.time(time_row))
         return self.skip(x) + self.conv2(h)
 
 

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ...models import diffusers_unet2d as ref
-from ..modules import GroupNormAct, TimeSlice, Upsample, pointwise_conv, sdpa, take_conv_bias
+from ..modules import GroupNormAct, TimedNorm, TimeSlice, Upsample, pointwise_conv, sdpa
 
 
 def _linear_as_conv(*linears: nn.Linear) -> nn.Conv2d:
@@ -28,28 +28,16 @@ def _linear_as_conv(*linears: nn.Linear) -> nn.Conv2d:
 class FastResnetBlock2D(nn.Module):
     def __init__(self, block: ref.ResnetBlock2D, time: TimeSlice, bias_in_norm: bool):
         super().__init__()
-        self.scale_shift = block.scale_shift
         self.norm1 = GroupNormAct(block.norm1, "silu")
         self.conv1 = block.conv1
-        if self.scale_shift:
-            pre_bias = take_conv_bias(self.conv1) if bias_in_norm else None
-        else:
-            take_conv_bias(self.conv1)  # time_tables added it to the block's time bias
-            pre_bias = None
-        self.norm2 = GroupNormAct(block.norm2, "silu", pre_bias)
+        self.norm2 = TimedNorm(block.norm2, self.conv1, block.scale_shift, bias_in_norm)
         self.conv2 = block.conv2
         self.conv_shortcut = block.conv_shortcut
         self.factor = block.output_scale_factor
         self.time = time
 
     def forward(self, x, time_row):
-        h = self.conv1(self.norm1(x))
-        cond = self.time(time_row)
-        if self.scale_shift:
-            scale, shift = cond.chunk(2, dim=1)
-            h = self.norm2(h, scale, shift)
-        else:
-            h = self.norm2(h, pre_bias=cond)
+        h = self.norm2(self.conv1(self.norm1(x)), self.time(time_row))
         h = self.conv2(h)
         if self.conv_shortcut is not None:
             x = self.conv_shortcut(x)
