@@ -19,6 +19,7 @@ from .version import __version__
 
 if TYPE_CHECKING:
     from .checkpoints import load_checkpoint, save_pipeline
+    from .diffusers_pipeline import from_diffusers
     from .pipeline import DiffusionConfig, Pipeline
 
 # name -> the submodule that defines it, imported on first access (PEP 562).
@@ -26,6 +27,7 @@ _LAZY = {
     "load_checkpoint": "checkpoints",
     "save_pipeline": "checkpoints",
     "DiffusionConfig": "pipeline",
+    "from_diffusers": "diffusers_pipeline",
     "Pipeline": "pipeline",
 }
 # Submodules that ``import ddpm_fast`` used to import eagerly, reachable as attributes as before.
@@ -70,6 +72,7 @@ __all__ = [
     "DiffusionConfig",
     "Pipeline",
     "__version__",
+    "from_diffusers",
     "load",
     "load_checkpoint",
     "save_pipeline",

@@ -226,12 +226,7 @@ def schedule_from_scheduler(where: str, config: dict) -> tuple[DiffusionConfig, 
 
 def load_folder(path: Path, unet_options: dict, options: dict) -> Pipeline:
     """A Pipeline from a diffusers pipeline folder or bare UNet2DModel folder."""
-    family = diffusers_unet2d
-    if unet_options:
-        raise ConfigError(
-            f"{path}: a {family.FAMILY} folder's config.json says {', '.join(unet_options)}; "
-            "they cannot be given"
-        )
+    check_no_unet_options(str(path), unet_options)
     notes = []
     scheduler = None
     if (path / "model_index.json").is_file():
@@ -247,24 +242,60 @@ def load_folder(path: Path, unet_options: dict, options: dict) -> Pipeline:
         if not scheduler_file.is_file():
             raise CheckpointError(f"{path}: no scheduler/scheduler_config.json")
         scheduler = _read_json(scheduler_file)
-        notes.append(f"read as a diffusers {kind} folder ({family.FAMILY})")
+        notes.append(f"read as a diffusers {kind} folder ({diffusers_unet2d.FAMILY})")
         where = str(scheduler_file)
     else:
         unet_dir = path
-        notes.append(f"read as a diffusers UNet2DModel folder ({family.FAMILY})")
+        notes.append(f"read as a diffusers UNet2DModel folder ({diffusers_unet2d.FAMILY})")
         where = f"{path} (scheduler)"
     if not (unet_dir / "config.json").is_file():
         raise CheckpointError(f"{unet_dir}: no config.json")
-    unet_config = _read_json(unet_dir / "config.json")
-    weights = family.remap_keys(read_unet_weights(unet_dir))
+    return pipeline_from_parts(
+        _read_json(unet_dir / "config.json"),
+        read_unet_weights(unet_dir),
+        scheduler,
+        unet_where=str(unet_dir / "config.json"),
+        scheduler_where=where,
+        options=options,
+        source=str(path),
+        notes=notes,
+    )
+
+
+def check_no_unet_options(where: str, unet_options: dict) -> None:
+    """A UNet2DModel's config says every network option: none can be given."""
+    if unet_options:
+        raise ConfigError(
+            f"{where}: a {diffusers_unet2d.FAMILY} model's config says {', '.join(unet_options)}; "
+            "they cannot be given"
+        )
+
+
+def pipeline_from_parts(
+    unet_config: dict,
+    weights: dict[str, torch.Tensor],
+    scheduler: dict | None,
+    *,
+    unet_where: str,
+    scheduler_where: str,
+    options: dict,
+    source: str,
+    notes: list[str],
+) -> Pipeline:
+    """A Pipeline from a UNet2DModel's config and state_dict and a scheduler's config (None:
+    DDPMScheduler's defaults), wherever they come from: a folder (``load_folder``) or diffusers
+    objects in memory (``ddpm_fast.from_diffusers``). ``unet_where`` and ``scheduler_where``
+    name them in errors."""
+    family = diffusers_unet2d
+    weights = family.remap_keys(weights)
     try:
         config = family.infer_config(weights, unet_config=unet_config)
     except ConfigError as err:
-        raise CheckpointError(f"{unet_dir / 'config.json'}: {err}") from None
-    network = build_network(unet_dir, family, config, weights)
-
+        raise CheckpointError(f"{unet_where}: {err}") from None
+    network = build_network(Path(unet_where).parent, family, config, weights)
+    notes = list(notes)
     if scheduler is None:
-        diffusion, _ = schedule_from_scheduler(where, DEFAULT_SCHEDULER)
+        diffusion, _ = schedule_from_scheduler(scheduler_where, DEFAULT_SCHEDULER)
         defaults = {
             "beta_schedule": "linear betas 1e-4 to 0.02 over 1000 steps",
             "objective": "pred_noise (epsilon)",
@@ -277,13 +308,13 @@ def load_folder(path: Path, unet_options: dict, options: dict) -> Pipeline:
                 + ", ".join(assumed)
             )
     else:
-        diffusion, scheduler_notes = schedule_from_scheduler(where, scheduler)
+        diffusion, scheduler_notes = schedule_from_scheduler(scheduler_where, scheduler)
         notes.extend(scheduler_notes)
     size = unet_config.get("sample_size")
-    if isinstance(size, list) and len(size) == 2 and size[0] == size[1]:
+    if isinstance(size, list | tuple) and len(size) == 2 and size[0] == size[1]:
         size = size[0]
     if size is not None and not isinstance(size, int):
-        raise CheckpointError(f"{unet_dir / 'config.json'}: sample_size {size!r} is not square")
+        raise CheckpointError(f"{unet_where}: sample_size {size!r} is not square")
     diffusion.image_size = size
     diffusion = override_diffusion(DiffusionConfig.from_dict(diffusion.to_dict()), options)
-    return Pipeline(network, diffusion, source=str(path), notes=tuple(notes))
+    return Pipeline(network, diffusion, source=source, notes=tuple(notes))

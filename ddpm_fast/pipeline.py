@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 
 from .class_labels import check_labels, labels_for, run_labels
 from .errors import ConfigError, NonFiniteError
+from .generator_noise import GeneratorNoise, check_generators, generator_noise, resolve_noise
 from .images import chain_to_images
 from .noise import keyed_noise
 from .options import (
@@ -239,6 +240,9 @@ class Pipeline:
 
     backend = "reference"  # what runs the chain, as a run manifest records it
     precision = "fp32"
+    # noise="torch-generator" draws x_T (and DDPM's and DDIM's noise) in this dtype, as diffusers
+    # draws in its unet's (``from_diffusers`` sets it to the pipeline's unet's).
+    generator_dtype = torch.float32
 
     @property
     def config(self):
@@ -339,10 +343,23 @@ class Pipeline:
         initial_noise: torch.Tensor | None = None,
         device: torch.device | str | None = None,
         start_index: int = 0,
-        progress: bool = False,
+        progress: bool | dict = False,
+        noise: str | None = None,
+        generator=None,
     ) -> Iterator[tuple[range, torch.Tensor]]:
         """Yield (sample indices, images in [0, 1]) one batch at a time; see ``sample``."""
         num = check_int("the number of images", num, minimum=1)
+        noise = resolve_noise(noise, generator)
+        if noise == "torch-generator":
+            if initial_noise is not None:
+                raise ConfigError("initial_noise replaces the noise; give it or a generator")
+            if start_index:
+                raise ConfigError(
+                    "start_index picks samples of the Philox stream; a generator's stream has "
+                    "no indices (use noise='philox')"
+                )
+            generator = check_generators(generator, num, check_seed(check_int("seed", seed)))
+            batch_size = num if batch_size is None else batch_size  # diffusers: one batch
         batch_size = resolve_batch_size(num, batch_size)
         # Sample indices are the high 32 bits of the Philox key.
         start_index = check_int("start_index", start_index, minimum=0, maximum=2**32 - num)
@@ -363,19 +380,24 @@ class Pipeline:
         tables = step_tables(self.schedule, spec)
         chain = self if device == self.device else self._on_device(device)
 
+        bar_options = progress if isinstance(progress, dict) else {"disable": not progress}
         bar = tqdm(
+            **{"desc": "sampling", "unit": "step", **bar_options},
             total=math.ceil(num / batch_size) * len(tables),
-            desc="sampling",
-            unit="step",
-            disable=not progress,
         )
         with bar:
             for first in range(0, num, batch_size):
                 rows = range(first, min(first + batch_size, num))
                 indices = range(start_index + rows.start, start_index + rows.stop)
 
+                stream = None
                 if initial_noise is not None:
                     x = initial_noise[rows.start : rows.stop].to(device, torch.float32)
+                elif noise == "torch-generator":
+                    stream = generator_noise(
+                        generator, rows, shape, tables, spec, self.generator_dtype, device
+                    )
+                    x = stream.initial()
                 else:
                     x = chain._initial_noise(seed, indices, shape, device)
                 batch_labels = labels_for(labels, seed, indices, rows.start, self.num_classes)
@@ -383,8 +405,10 @@ class Pipeline:
                     batch_labels = torch.tensor(batch_labels, dtype=torch.int64, device=device)
                 x = chain._run_chain(
                     x, tables, spec, seed=seed, indices=indices, on_step=lambda k: bar.update(),
-                    class_labels=batch_labels,
+                    class_labels=batch_labels, noise=stream,
                 )  # fmt: skip
+                if stream is not None:
+                    stream.finish()
                 check_finite(x, indices)
                 yield indices, chain_to_images(x, self.diffusion.auto_normalize)
 
@@ -546,17 +570,22 @@ class Pipeline:
         indices: range,
         on_step: Callable[[int], None],
         class_labels: torch.Tensor | None = None,
+        noise: GeneratorNoise | None = None,
     ) -> torch.Tensor:
         """The reverse chain of one batch from x_T (on the device it runs on) to x_0: the
         reference loop; ``class_labels`` [batch] int64 on that device for a class-conditional
-        network. ``ddpm_fast.engine.Engine`` runs the same chain its own way."""
+        network; ``noise``: the steps' noise where it is not the Philox stream of ``seed`` and
+        ``indices`` (``noise="torch-generator"``). ``ddpm_fast.engine.Engine`` runs the same
+        chain its own way."""
 
-        def noise(step: int, batch_shape: tuple[int, ...]) -> torch.Tensor:
+        def step_noise(step: int, batch_shape: tuple[int, ...]) -> torch.Tensor:
+            if noise is not None:
+                return noise.of_step(step - 1)
             return keyed_noise(seed, indices, step, batch_shape[1:], device=x.device)
 
         objective = self.diffusion.objective
         return sample_loop(
-            self.network, x, tables, spec, objective, noise, on_step=lambda k, x: on_step(k),
+            self.network, x, tables, spec, objective, step_noise, on_step=lambda k, x: on_step(k),
             class_labels=class_labels,
         )  # fmt: skip
 
@@ -575,7 +604,9 @@ class Pipeline:
         initial_noise: torch.Tensor | None = None,
         device: torch.device | str | None = None,
         start_index: int = 0,
-        progress: bool = False,
+        progress: bool | dict = False,
+        noise: str | None = None,
+        generator=None,
     ) -> torch.Tensor:
         """Draw ``num`` images as an NCHW float32 tensor in [0, 1] (on the CPU).
 
@@ -588,7 +619,16 @@ class Pipeline:
         (None: drawn per sample index from the seed, so image i keeps its label in any batch);
         ``batch_size`` defaults to up to 64; ``initial_noise`` [num, C, H, W] replaces the Philox
         x_T; image i uses the noise of sample ``start_index + i``, so it is the same image for a
-        given seed whatever the batch size; ``progress`` shows a tqdm bar.
+        given seed whatever the batch size; ``progress`` shows a tqdm bar (a dict: tqdm's
+        options for it, such as ``{"leave": False}``).
+
+        ``noise``: "philox" (the default: ddpm-fast's keyed noise, as above) or "torch-generator"
+        (diffusers' stream: x_T and each step's noise drawn from ``generator`` as diffusers'
+        pipelines draw them, so the images are theirs for the same generator; see
+        ``ddpm_fast.generator_noise``). ``generator``: a ``torch.Generator`` or a list of one per
+        image (given: noise defaults to "torch-generator"; None with "torch-generator": a CPU
+        generator seeded with ``seed``). That stream is the batch's: ``batch_size`` defaults to
+        ``num`` (one batch, as diffusers), and each further batch continues the generator.
         """
         batches = self.sample_batches(
             num,
@@ -604,5 +644,7 @@ class Pipeline:
             device=device,
             start_index=start_index,
             progress=progress,
+            noise=noise,
+            generator=generator,
         )
         return torch.cat([images.cpu() for _, images in batches])

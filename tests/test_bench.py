@@ -8,10 +8,12 @@ import json
 import mmap
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
 
+import ddpm_fast
 from ddpm_fast import bench
 from ddpm_fast.bench import cli, diffusers_backend, measure, models
 from ddpm_fast.bench import report as reporting
@@ -19,6 +21,8 @@ from ddpm_fast.errors import ConfigError
 from ddpm_fast.schedule import ScheduleConfig
 
 from .helpers import rel_error
+
+DIFFUSERS_FOLDER = Path(__file__).parent / "fixtures" / "diffusers" / "ddpm_cifar10_small"
 
 
 def bench_args(tmp_path, **overrides) -> argparse.Namespace:
@@ -356,6 +360,17 @@ def test_diffusers_unet_holds_the_same_weights_and_computes_the_same_forward():
         ours = pipeline.network(x, t)
         theirs = unet(x, t).sample
     assert rel_error(theirs, ours) <= 1e-5
+
+
+def test_the_from_diffusers_row_gives_the_diffusers_rows_images():
+    """The drop-in around the diffusers backend's own pipeline object, with the same generator."""
+    pytest.importorskip("diffusers")
+    pipeline = ddpm_fast.load(DIFFUSERS_FOLDER)
+    call = dict(batch_size=2, steps=5, seed=1, device="cpu")
+    theirs = diffusers_backend.DiffusersBackend(pipeline, "cpu").sample(2, **call)
+    ours = diffusers_backend.FromDiffusersBackend(pipeline, "cpu", "fp32").sample(2, **call)
+    assert ((theirs > 0.01) & (theirs < 0.99)).float().mean() > 0.5
+    assert (ours - theirs).abs().max() <= 5e-4
 
 
 def test_the_diffusers_backend_is_timed_like_the_others(tmp_path):

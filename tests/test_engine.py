@@ -346,6 +346,20 @@ def test_graph_replay_is_eager(default_pipeline):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("where", ["cpu", "cuda"])
+def test_graphs_read_torch_generator_noise(default_pipeline, where):
+    """noise="torch-generator": each step's draw is copied into the graph's noise buffer before
+    its replay; the images are the reference's from the same generator (on the CPU or CUDA)."""
+    kwargs = dict(sampler="ddpm", steps=30, noise="torch-generator")
+    want = default_pipeline.sample(4, generator=torch.Generator(where).manual_seed(2), **kwargs)
+    for graphs in (True, False):
+        got = Engine(default_pipeline, cuda_graph=graphs).sample(
+            4, device="cuda", generator=torch.Generator(where).manual_seed(2), **kwargs
+        )
+        torch.testing.assert_close(got, want, rtol=0, atol=CHAIN_ATOL)
+
+
+@pytest.mark.gpu
 def test_the_gpu_engine_gives_the_cpu_reference_images(default_pipeline):
     for chain in (
         dict(sampler="ddim", steps=50),

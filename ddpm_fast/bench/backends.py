@@ -13,7 +13,7 @@ import torch
 
 from ..engine import Engine
 from ..pipeline import Pipeline
-from .diffusers_backend import DiffusersBackend
+from .diffusers_backend import DiffusersBackend, FromDiffusersBackend
 
 BACKENDS = (
     "reference",
@@ -25,6 +25,7 @@ BACKENDS = (
     "engine-torch",
     "onnxruntime",
     "diffusers",
+    "from_diffusers",
 )
 
 
@@ -73,11 +74,15 @@ def make_backend(
         return OnnxBackend(pipeline, device, workdir)
     if name == "diffusers":
         return DiffusersBackend(pipeline, device)
+    if name == "from_diffusers":
+        return FromDiffusersBackend(pipeline, device, dtype, threads)
     raise ValueError(f"unknown backend {name!r}; known: {', '.join(BACKENDS)}")
 
 
 def thread_plan(sampler, batch: int, pipeline: Pipeline) -> str:
     """How a CPU backend used the cores."""
+    if isinstance(sampler, FromDiffusersBackend):
+        sampler = sampler.fast.pipeline  # its engine
     if isinstance(sampler, Engine):
         plan = sampler.thread_plan((batch, *pipeline.image_shape())).describe()
         return f"{sampler.executor()[0]}: {plan}"

@@ -51,12 +51,13 @@ def run(args: argparse.Namespace, save=None) -> dict:
     """Measure every (batch, dtype, backend) cell; ``save(report)`` after each cell, so that a
     run cut short (a time limit, Ctrl-C) keeps every cell it finished."""
     pipeline = model_pipeline(args.model)
-    if "diffusers" in args.backends:  # before any cell: a long run does not end in this error
+    # before any cell: a long run does not end in this error
+    if {"diffusers", "from_diffusers"} & set(args.backends):
         import_diffusers()
         check_diffusers_model(pipeline)
         ddpm_scheduler_config(pipeline.diffusion)
         if args.sampler != "ddpm":
-            raise ConfigError("the diffusers backend runs DDPMPipeline: --sampler ddpm only")
+            raise ConfigError("the diffusers backends run DDPMPipeline: --sampler ddpm only")
     with tempfile.TemporaryDirectory(prefix="ddpm-fast-bench-") as workdir:
         return _run(args, pipeline, Path(workdir), save)
 
@@ -174,8 +175,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=BACKENDS,
         metavar="BACKEND",
         help=f"any of {', '.join(BACKENDS)} (default: reference engine); diffusers: "
-        "diffusers' own DDPMPipeline on a diffusers-unet2d model (pip install "
-        "'ddpm-fast[bench]')",
+        "diffusers' own DDPMPipeline on a diffusers-unet2d model, from_diffusers: ddpm-fast's "
+        "drop-in around that pipeline object (pip install 'ddpm-fast[bench]')",
     )
     parser.add_argument("--steps", type=int, default=10, help="chain steps per measurement")
     parser.add_argument(

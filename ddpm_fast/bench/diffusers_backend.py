@@ -29,16 +29,36 @@ class DiffusersBackend:
         self.device = device
 
     def sample(self, num, *, batch_size, steps, seed, device, sampler="ddpm"):
-        if sampler != "ddpm":
-            raise ConfigError(
-                f"the diffusers backend runs DDPMPipeline: --sampler ddpm, not {sampler}"
-            )
-        if batch_size != num:
-            raise ConfigError("the diffusers backend samples one batch (batch_size = num)")
-        generator = torch.Generator(device).manual_seed(seed)
-        return self.pipeline(
-            batch_size=num, generator=generator, num_inference_steps=steps, output_type="pt"
-        ).images
+        return call_pipeline(self.pipeline, num, batch_size, steps, seed, device, sampler)
+
+
+class FromDiffusersBackend:
+    """``sample`` through ``ddpm_fast.from_diffusers`` around the ``diffusers`` backend's own
+    DDPMPipeline object (the in-memory drop-in: its engine in the bench's dtype), called as that
+    pipeline is called, with the same generator."""
+
+    def __init__(self, pipeline: Pipeline, device: str, dtype: str, threads: int | None = None):
+        from ..diffusers_pipeline import from_diffusers
+
+        pipe = DiffusersBackend(pipeline, device).pipeline
+        self.fast = from_diffusers(pipe, dtype=dtype, threads=threads)
+        self.fast.set_progress_bar_config(disable=True)
+
+    def sample(self, num, *, batch_size, steps, seed, device, sampler="ddpm"):
+        return call_pipeline(self.fast, num, batch_size, steps, seed, device, sampler)
+
+
+def call_pipeline(pipe, num, batch_size, steps, seed, device, sampler):
+    """``pipe(...)`` as a DDPMPipeline is called, for one batch of ``num`` from a generator
+    seeded with ``seed``: images NCHW in [0, 1]."""
+    if sampler != "ddpm":
+        raise ConfigError(f"the diffusers backends run DDPMPipeline: --sampler ddpm, not {sampler}")
+    if batch_size != num:
+        raise ConfigError("the diffusers backends sample one batch (batch_size = num)")
+    generator = torch.Generator(device).manual_seed(seed)
+    return pipe(
+        batch_size=num, generator=generator, num_inference_steps=steps, output_type="pt"
+    ).images
 
 
 def import_diffusers():

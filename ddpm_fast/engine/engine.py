@@ -21,6 +21,7 @@ import torch
 from ..errors import ConfigError
 from ..export.philox import keyed_noise as keyed_noise_numpy
 from ..flops import forward_flops
+from ..generator_noise import GeneratorNoise
 from ..kernels.sampler_step import draws_noise, sampler_step
 from ..noise import keyed_noise, philox_keys
 from ..options import check_int
@@ -68,13 +69,15 @@ def cast_convolutions(network: torch.nn.Module, dtype: torch.dtype) -> None:
 class ChainState:
     """The device buffers one step reads and writes: the chain's state x and the clipped x0
     (fp32: the self-conditioning input and the multistep solvers' x0_prev of the next step),
-    the step index, the noise keys, and a class-conditional network's labels."""
+    the step index, the noise keys, a class-conditional network's labels, and the step's noise
+    where it is given, not drawn by the kernel (``noise="torch-generator"``)."""
 
     x: torch.Tensor
     x0: torch.Tensor
     step: torch.Tensor
     keys: torch.Tensor
     labels: torch.Tensor
+    z: torch.Tensor
 
     @classmethod
     def empty(cls, shape: tuple[int, ...], device: torch.device) -> ChainState:
@@ -84,6 +87,7 @@ class ChainState:
             step=torch.zeros(1, dtype=torch.int64, device=device),
             keys=torch.zeros(shape[0], dtype=torch.int64, device=device),
             labels=torch.zeros(shape[0], dtype=torch.int64, device=device),
+            z=torch.zeros(shape, device=device),
         )
 
     def reset(
@@ -93,6 +97,7 @@ class ChainState:
         self.x0.zero_()
         self.step.zero_()
         self.keys.copy_(keys)
+        self.z.zero_()
         if labels is not None:
             self.labels.copy_(labels)
 
@@ -160,15 +165,20 @@ class PreparedChain:
         )  # fmt: skip
         state.step.add_(1)
 
-    def run_eager(self, x, keys, seed: int, indices: range, on_step, labels=None) -> torch.Tensor:
-        """The chain from x_T = ``x``, step by step without a graph."""
+    def run_eager(
+        self, x, keys, seed: int, indices: range, on_step, labels=None, noise=None
+    ) -> torch.Tensor:
+        """The chain from x_T = ``x``, step by step without a graph; ``noise``: the steps' noise
+        (``of_step(k)``) where it is not the Philox stream."""
         state = ChainState.empty(tuple(x.shape), x.device)
         state.reset(x, keys, labels)
-        # The kernel draws z itself; the PyTorch path is given it.
-        kernel_draws = draws_noise(x)
+        # The kernel draws the Philox z itself; the PyTorch path, and any other noise, is given.
+        kernel_draws = noise is None and draws_noise(x)
         z = None if kernel_draws else torch.zeros_like(x)
         for k in range(self.steps):
-            if not kernel_draws and self.noise_on[k]:
+            if noise is not None and self.noise_on[k]:
+                z = noise.of_step(k)
+            elif not kernel_draws and self.noise_on[k]:
                 z = keyed_noise(seed, indices, k + 1, tuple(x.shape[1:]), device=x.device)
             self.step(state, z)
             on_step(k + 1)
@@ -299,22 +309,28 @@ class Engine(Pipeline):
         indices: range,
         on_step: Callable[[int], None],
         class_labels: torch.Tensor | None = None,
+        noise: GeneratorNoise | None = None,
     ) -> torch.Tensor:
         chain = self.prepare(tables, spec, x.device)
         keys = philox_keys(seed, indices, device=x.device)
+        labels = class_labels
         with _exact_fp32(self.dtype, x.device):
             if not self._uses_graphs(x.device):  # raises for cuda_graph=True off CUDA
                 if x.device.type == "cpu":
-                    return self._run_on_cpu(chain, x, keys, seed, indices, on_step, class_labels)
-                return chain.run_eager(x, keys, seed, indices, on_step, class_labels)
-            captured = self._captured(chain, tuple(x.shape))
+                    return self._run_on_cpu(chain, x, keys, seed, indices, on_step, labels, noise)
+                return chain.run_eager(x, keys, seed, indices, on_step, labels, noise)
+            captured = self._captured(chain, tuple(x.shape), given_noise=noise is not None)
             if captured is None:
-                return chain.run_eager(x, keys, seed, indices, on_step, class_labels)
-            captured.state.reset(x, keys, class_labels)
+                return chain.run_eager(x, keys, seed, indices, on_step, labels, noise)
+            state = captured.state
+            state.reset(x, keys, labels)
             for k in range(chain.steps):
+                if noise is not None and chain.noise_on[k]:
+                    # Drawn on the device before the replay that reads it: no host sync.
+                    state.z.copy_(noise.of_step(k), non_blocking=True)
                 captured.replay()
                 on_step(k + 1)
-            return captured.state.x.clone()
+            return state.x.clone()
 
     def thread_plan(self, shape: tuple[int, ...], chain: PreparedChain | None = None) -> ThreadPlan:
         """How a CPU chain of the batch ``shape`` [B, C, H, W] uses the cores (see
@@ -339,15 +355,23 @@ class Engine(Pipeline):
             split_min_flops=0 if on_ort else None,
         )
 
-    def _run_on_cpu(self, chain, x, keys, seed, indices, on_step, labels=None) -> torch.Tensor:
+    def _run_on_cpu(
+        self, chain, x, keys, seed, indices, on_step, labels=None, noise=None
+    ) -> torch.Tensor:
         """The eager chain on the CPU, under the thread plan for this batch (``run_planned``).
-        The chains read their thread count from PyTorch's, which the plan sets."""
+        The chains read their thread count from PyTorch's, which the plan sets. The parts of a
+        split batch read their rows of a given ``noise``."""
         plan = self._cpu_plan(chain, tuple(x.shape))
+        if noise is not None:
+            noise.split(max(plan.workers, 1))
 
         def run(rows: slice, threads, rows_on_step) -> torch.Tensor:
             part = range(indices.start + rows.start, indices.start + rows.stop)
             part_labels = None if labels is None else labels[rows]
-            return chain.run_eager(x[rows], keys[rows], seed, part, rows_on_step, part_labels)
+            part_noise = None if noise is None else noise.rows(rows)
+            return chain.run_eager(
+                x[rows], keys[rows], seed, part, rows_on_step, part_labels, part_noise
+            )
 
         with torch_threads(plan.threads):
             return run_planned(plan, run, tuple(x.shape), on_step, chain.governors)
@@ -357,18 +381,24 @@ class Engine(Pipeline):
             chain.thread_plans[shape] = self.thread_plan(shape, chain)
         return chain.thread_plans[shape]
 
-    def _captured(self, chain: PreparedChain, shape: tuple[int, ...]) -> CapturedStep | None:
-        """The chain's step captured for this batch shape, or None where capture failed."""
-        if shape not in chain.graphs:
+    def _captured(
+        self, chain: PreparedChain, shape: tuple[int, ...], given_noise: bool = False
+    ) -> CapturedStep | None:
+        """The chain's step captured for this batch shape, or None where capture failed; with
+        ``given_noise`` the step reads its noise from the state's z (which the chain fills
+        before each replay), else the kernel draws the Philox noise."""
+        key = (*shape, given_noise)
+        if key not in chain.graphs:
             if self._graph_pool is None:
                 self._graph_pool = new_graph_pool()
             state = ChainState.empty(shape, chain.device)
+            z = state.z if given_noise else None
             try:
-                chain.graphs[shape] = CapturedStep(
-                    lambda: chain.step(state), state, self._graph_pool
+                chain.graphs[key] = CapturedStep(
+                    lambda: chain.step(state, z), state, self._graph_pool
                 )
             except Exception as error:  # any capture failure: eager still gives the same images
-                chain.graphs[shape] = None
+                chain.graphs[key] = None
                 if not self._warned:
                     self._warned = True
                     warnings.warn(
@@ -377,7 +407,7 @@ class Engine(Pipeline):
                         RuntimeWarning,
                         stacklevel=4,
                     )
-        return chain.graphs[shape]
+        return chain.graphs[key]
 
 
 def _exact_fp32(dtype: torch.dtype, device: torch.device):

@@ -352,15 +352,29 @@ class OrtChain:
         input shape (checked once per executor file with random inputs)."""
         return self.chain.thread_invariant(shape, threads)
 
-    def run_eager(self, x, keys, seed: int, indices: range, on_step, labels=None) -> torch.Tensor:
+    def run_eager(
+        self, x, keys, seed: int, indices: range, on_step, labels=None, noise=None
+    ) -> torch.Tensor:
         """The chain from x_T = ``x`` (the engine draws it with NumPy for these chains, see
-        ``Engine._initial_noise``); ``keys`` is unused (the noise is keyed by seed and indices).
-        ``labels`` is None: class-conditional models never run here (``Engine.executor``)."""
+        ``Engine._initial_noise``); ``keys`` is unused (the noise is keyed by seed and indices,
+        or given: ``noise.of_step(k)``, CPU tensors). ``labels`` is None: class-conditional
+        models never run here (``Engine.executor``)."""
         if labels is not None:
             raise ValueError("the executor file takes no class labels")
         state = x.detach().cpu().numpy()
-        x_0 = self.chain.run(state, seed, indices, torch.get_num_threads, on_step)
+        steps = None if noise is None else NumpyNoise(noise)
+        x_0 = self.chain.run(state, seed, indices, torch.get_num_threads, on_step, noise=steps)
         return torch.from_numpy(x_0)
+
+
+class NumpyNoise:
+    """Given step noise (torch tensors on the CPU) as the NumPy arrays a session is fed."""
+
+    def __init__(self, noise):
+        self.noise = noise
+
+    def of_step(self, k: int) -> np.ndarray:
+        return np.ascontiguousarray(self.noise.of_step(k).numpy())
 
 
 def _private_folder() -> Path:

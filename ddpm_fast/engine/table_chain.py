@@ -218,15 +218,18 @@ class TableChain:
         indices: range,
         threads: Callable[[], int],
         on_step: Callable[[int], None],
+        noise=None,
     ) -> np.ndarray:
         """The chain from x_T = ``x`` [B, C, H, W] float32 for the samples ``indices`` of
-        ``seed`` (their noise: ``step_noise``); each step on the session with ``threads()``
-        intra-op threads (a thread plan's governor may change it between steps)."""
+        ``seed`` (their noise: ``step_noise``, unless ``noise.of_step(k)`` gives it); each step
+        on the session with ``threads()`` intra-op threads (a thread plan's governor may change
+        it between steps)."""
         shape = tuple(x.shape)
         state = np.ascontiguousarray(x, dtype=np.float32)
         zeros = np.zeros_like(state)
         x0 = zeros
-        noise = step_noise(seed, indices, shape[1:], self.tables.steps)
+        if noise is None:
+            noise = step_noise(seed, indices, shape[1:], self.tables.steps)
         for k in range(self.tables.steps):
             z = noise.of_step(k) if self.tables.noise_on[k] else zeros
             state, x0 = self.session(shape, threads()).run(None, self.feeds(state, x0, z, k))

@@ -18,12 +18,19 @@ NAMES = ("ddim",)
 DEFAULT_SPACING = "library"
 USES_ETA = True
 CARRIES_X0_PREV = False
+GENERATOR_DRAWS_FP32 = False  # drawn in the model's dtype, as diffusers' step
 READS_VARIANCE = False
 
 
 def noise_steps(name: str, steps: int, eta: float) -> str:
     """ "1" where step k adds noise: none with eta 0, else every step but the last."""
     return "0" * steps if eta == 0 else "1" * (steps - 1) + "0"
+
+
+def generator_draws(spec, timesteps: np.ndarray) -> np.ndarray:
+    """Where diffusers' DDIMScheduler draws noise from the pipeline's generator: every step where
+    eta > 0, the last too (whose sigma is 0)."""
+    return np.full(len(timesteps), spec.eta > 0)
 
 
 def chain(alphas_cumprod: np.ndarray, spec) -> Chain:

@@ -22,12 +22,19 @@ NAMES = ("ddpm",)
 DEFAULT_SPACING = "library"
 USES_ETA = False
 CARRIES_X0_PREV = False
+GENERATOR_DRAWS_FP32 = False  # drawn in the model's dtype, as diffusers' step
 READS_VARIANCE = True  # learned_range: sigma from the network
 
 
 def noise_steps(name: str, steps: int, eta: float) -> str:
     """ "1" where step k adds noise: every step but the last."""
     return "1" * (steps - 1) + "0"
+
+
+def generator_draws(spec, timesteps: np.ndarray) -> np.ndarray:
+    """Where diffusers' DDPMScheduler draws noise from the pipeline's generator: at every
+    timestep above 0, the last one too where it is (``noise="torch-generator"``)."""
+    return np.asarray(timesteps) > 0
 
 
 def chain(alphas_cumprod: np.ndarray, spec) -> Chain:

@@ -30,11 +30,20 @@ USES_ETA = False
 CARRIES_X0_PREV = True
 READS_VARIANCE = False
 KARRAS_RHO = 7.0
+# diffusers upcasts the SDE step to float32 and draws its noise there.
+GENERATOR_DRAWS_FP32 = True
 
 
 def noise_steps(name: str, steps: int, eta: float) -> str:
     """ "1" where step k adds noise: the SDE variant at every step but the last."""
     return "1" * (steps - 1) + "0" if "-sde" in name else "0" * steps
+
+
+def generator_draws(spec, timesteps: np.ndarray) -> np.ndarray:
+    """Where diffusers' DPMSolverMultistepScheduler draws noise from the pipeline's generator:
+    every step of the SDE variant, the last too (whose noise is multiplied by 0), in float32
+    whatever the model's dtype (``GENERATOR_DRAWS_FP32``)."""
+    return np.full(len(timesteps), "-sde" in spec.kind)
 
 
 def karras_sigmas(sigmas: np.ndarray, steps: int) -> np.ndarray:

@@ -4,8 +4,11 @@ modules below excepted). A new sampler is a new module here; nothing else lists 
 A sampler module defines ``NAMES`` (the names users pick it by), ``DEFAULT_SPACING``,
 ``USES_ETA``, ``CARRIES_X0_PREV`` (its steps read the previous step's x0),
 ``noise_steps(name, steps, eta)`` ("1" where step k adds noise) and ``chain(alphas_cumprod,
-spec)`` returning a :class:`~ddpm_fast.samplers.rule.Chain`. No torch: the CLI and OnnxSampler
-read the registry where torch is not installed.
+spec)`` returning a :class:`~ddpm_fast.samplers.rule.Chain`; for ``noise="torch-generator"``,
+``generator_draws(spec, timesteps)`` (where diffusers' scheduler of the chain draws noise from the
+pipeline's generator, used or not) and ``GENERATOR_DRAWS_FP32`` (it draws in float32, not the
+model's dtype). No torch: the CLI and OnnxSampler read the registry where torch is not
+installed.
 """
 
 from __future__ import annotations
