@@ -26,6 +26,10 @@ from .samplers import SamplerSpec, StepTables
 from .samplers.registry import sampler_module
 
 NOISES = ("philox", "torch-generator")
+# Steps are drawn ahead of the steps that read them, up to this many bytes of float32 at a time (a
+# whole chain's worth where it fits): one copy to the device per block, not one per step, and on
+# CUDA the steps of a block read device memory the copy filled without waiting for the host.
+BLOCK_BYTES = 64 * 2**20
 
 
 def resolve_noise(noise: str | None, generator) -> str:
@@ -67,7 +71,9 @@ class GeneratorNoise:
     add noise, in increasing order (the steps between them where the scheduler draws are drawn
     and dropped), then ``finish()``, which draws the rest, so that the generator ends where
     diffusers' would. Every tensor is drawn on the generator's device in the dtype diffusers
-    draws it in and handed over as float32 on ``device``.
+    draws it in and handed over as float32 on ``device``. Drawing ahead (``BLOCK_BYTES`` of
+    steps at a time) changes nothing but when: the generator gives the same numbers in the same
+    order.
 
     Batch splits (the engine's CPU thread plan) read their rows of the same draws:
     ``split(parts)`` says how many parts will ask for each step, and ``rows(part)`` is the view
@@ -94,6 +100,8 @@ class GeneratorNoise:
                 f"the chain adds noise at step {undrawn[0]}, where diffusers' scheduler draws none"
             )
         self.dtype, self.step_dtype = dtype, step_dtype
+        per_step = 4 * int(np.prod(self.shape))
+        self._block_steps = max(1, BLOCK_BYTES // per_step)
         self._next = 0  # the next chain step whose draw is due
         self._kept: dict[int, list] = {}  # step -> [draw, parts yet to take it]
         self._parts = 1
@@ -101,22 +109,29 @@ class GeneratorNoise:
         self._started = False
 
     def _draw(self, dtype: torch.dtype) -> torch.Tensor:
+        """One draw of the batch's shape, float32, where the generator (the first) lives."""
         if isinstance(self.generator, list):  # randn_tensor: one image from each generator
             one = (1, *self.shape[1:])
-            parts = [torch.randn(one, generator=g, device=g.device, dtype=dtype)
+            home = self.generator[0].device
+            parts = [torch.randn(one, generator=g, device=g.device, dtype=dtype).to(home)
                      for g in self.generator]  # fmt: skip
-            drawn = torch.cat([p.to(self.device) for p in parts])
+            drawn = torch.cat(parts)
         else:
             g = self.generator
             drawn = torch.randn(self.shape, generator=g, device=g.device, dtype=dtype)
-        return drawn.to(self.device, torch.float32)
+        return drawn.float()
+
+    def _to_device(self, drawn: torch.Tensor) -> torch.Tensor:
+        if drawn.device.type == "cpu" and self.device.type == "cuda":
+            return drawn.pin_memory().to(self.device, non_blocking=True)
+        return drawn.to(self.device)
 
     def initial(self) -> torch.Tensor:
         """x_T [B, C, H, W], float32 on the device: the first draw."""
         if self._started:
             raise RuntimeError("x_T is the stream's first draw")
         self._started = True
-        return self._draw(self.dtype)
+        return self._to_device(self._draw(self.dtype))
 
     def split(self, parts: int) -> None:
         """``parts`` readers take each step's draw (one per part of a split batch)."""
@@ -143,15 +158,23 @@ class GeneratorNoise:
             self._advance(len(self.draws))
 
     def _advance(self, end: int) -> None:
+        """Draw every step before ``end`` not drawn yet, and ahead of it up to a block."""
         if not self._started:
             raise RuntimeError("x_T is the stream's first draw")
-        while self._next < end:
-            k = self._next
+        if self._next >= end:
+            return
+        stop = min(len(self.draws), max(end, self._next + self._block_steps))
+        kept = {}
+        for k in range(self._next, stop):
             if self.draws[k]:
                 drawn = self._draw(self.step_dtype)
                 if self.uses[k]:
-                    self._kept[k] = [drawn, self._parts]
-            self._next += 1
+                    kept[k] = drawn
+        self._next = stop
+        if kept:
+            block = self._to_device(torch.stack(list(kept.values())))
+            for row, k in enumerate(kept):
+                self._kept[k] = [block[row], self._parts]
 
 
 class RowsOfNoise:

@@ -57,3 +57,20 @@ def test_what_torch_generator_noise_cannot_be_combined_with(pipeline):
         with pytest.raises(ConfigError, match=named) as error:
             pipeline.sample(1, steps=2, **options)
         assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "dpm++2m-sde"])
+def test_drawing_ahead_changes_nothing_but_when(pipeline, sampler, monkeypatch):
+    """Blocks of one step and a whole chain in one block: the same images, the same generator
+    state after (the numbers and their order are the generator's, whenever they are drawn)."""
+    from ddpm_fast import generator_noise
+
+    runs = []
+    for block_bytes in (1, generator_noise.BLOCK_BYTES):
+        monkeypatch.setattr(generator_noise, "BLOCK_BYTES", block_bytes)
+        g = torch.Generator().manual_seed(1)
+        images = Engine(pipeline).sample(2, sampler=sampler, steps=6, generator=g)
+        runs.append((images, g.get_state()))
+    (one, state_one), (ahead, state_ahead) = runs
+    assert (one - one.mean()).abs().max() > 0.1
+    assert torch.equal(one, ahead) and torch.equal(state_one, state_ahead)
