@@ -20,6 +20,7 @@ from .version import __version__
 if TYPE_CHECKING:
     from .checkpoints import load_checkpoint, save_pipeline
     from .diffusers_pipeline import from_diffusers
+    from .guidance import load_classifier
     from .pipeline import DiffusionConfig, Pipeline
 
 # name -> the submodule that defines it, imported on first access (PEP 562).
@@ -28,6 +29,7 @@ _LAZY = {
     "save_pipeline": "checkpoints",
     "DiffusionConfig": "pipeline",
     "from_diffusers": "diffusers_pipeline",
+    "load_classifier": "guidance",
     "Pipeline": "pipeline",
 }
 # Submodules that ``import ddpm_fast`` used to import eagerly, reachable as attributes as before.
@@ -75,5 +77,6 @@ __all__ = [
     "from_diffusers",
     "load",
     "load_checkpoint",
+    "load_classifier",
     "save_pipeline",
 ]

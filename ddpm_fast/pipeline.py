@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 from .class_labels import check_labels, labels_for, run_labels
 from .errors import ConfigError, NonFiniteError
 from .generator_noise import GeneratorNoise, check_generators, generator_noise, resolve_noise
+from .guidance import check_guidance, check_guided_chain, step_gradients
 from .images import chain_to_images
 from .noise import keyed_noise
 from .options import (
@@ -243,6 +244,7 @@ class Pipeline:
     # noise="torch-generator" draws x_T (and DDPM's and DDIM's noise) in this dtype, as diffusers
     # draws in its unet's (``from_diffusers`` sets it to the pipeline's unet's).
     generator_dtype = torch.float32
+    runs_guidance = True  # classifier guidance (the reference loop; the engine not yet)
 
     @property
     def config(self):
@@ -257,6 +259,30 @@ class Pipeline:
     @property
     def device(self) -> torch.device:
         return next(self.network.parameters()).device
+
+    def guided_classes(self, classifier, classifier_scale, image_shape) -> tuple[int | None, float]:
+        """(the class count labels are drawn from, the checked scale): the classifier's where
+        one guides the chain (an unconditional model takes labels for it only), else the
+        model's."""
+        if classifier is None:
+            return self.num_classes, classifier_scale
+        if not self.runs_guidance:
+            raise ConfigError(
+                f"the {self.backend} does not run classifier guidance yet; sample guided chains "
+                "with the reference Pipeline (ddpm_fast.load)"
+            )
+        where = self.source or "this model"
+        scale = check_guidance(classifier, classifier_scale, image_shape, self.num_classes, where)
+        return classifier.num_classes, scale
+
+    def _guidance(self, classifier, scale, tables, labels):
+        """The chain's classifier gradients (None unguided), with the timesteps the library
+        gives its classifier: the original ones, rescaled as the model's (an ADM network's
+        ``timestep_scale``; 1 for every other family)."""
+        if classifier is None:
+            return None
+        timestep_scale = getattr(self.config, "timestep_scale", 1.0)
+        return step_gradients(classifier, scale, tables.timesteps, timestep_scale, labels)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.network.parameters())
@@ -346,6 +372,8 @@ class Pipeline:
         progress: bool | dict = False,
         noise: str | None = None,
         generator=None,
+        classifier=None,
+        classifier_scale: float = 1.0,
     ) -> Iterator[tuple[range, torch.Tensor]]:
         """Yield (sample indices, images in [0, 1]) one batch at a time; see ``sample``."""
         num = check_int("the number of images", num, minimum=1)
@@ -365,7 +393,6 @@ class Pipeline:
         start_index = check_int("start_index", start_index, minimum=0, maximum=2**32 - num)
         seed = check_seed(check_int("seed", seed))
         spec = self.sampler_spec(sampler, steps, eta, timestep_spacing, timestep_respacing)
-        labels = check_labels(class_labels, num, self.num_classes, self.source or "this model")
         device = resolve_device(device, self.device)
         if initial_noise is not None:
             shape = check_initial_noise(initial_noise, num, self.config.channels)
@@ -377,7 +404,11 @@ class Pipeline:
                 )
         else:
             shape = self.image_shape()
+        classes, classifier_scale = self.guided_classes(classifier, classifier_scale, shape)
+        labels = check_labels(class_labels, num, classes, self.source or "this model")
         tables = step_tables(self.schedule, spec)
+        if classifier is not None:
+            check_guided_chain(tables, spec)
         chain = self if device == self.device else self._on_device(device)
 
         bar_options = progress if isinstance(progress, dict) else {"disable": not progress}
@@ -400,12 +431,14 @@ class Pipeline:
                     x = stream.initial()
                 else:
                     x = chain._initial_noise(seed, indices, shape, device)
-                batch_labels = labels_for(labels, seed, indices, rows.start, self.num_classes)
+                batch_labels = labels_for(labels, seed, indices, rows.start, classes)
                 if batch_labels is not None:
                     batch_labels = torch.tensor(batch_labels, dtype=torch.int64, device=device)
+                guidance = self._guidance(classifier, classifier_scale, tables, batch_labels)
                 x = chain._run_chain(
                     x, tables, spec, seed=seed, indices=indices, on_step=lambda k: bar.update(),
-                    class_labels=batch_labels, noise=stream,
+                    class_labels=batch_labels if self.num_classes is not None else None,
+                    noise=stream, guidance=guidance,
                 )  # fmt: skip
                 if stream is not None:
                     stream.finish()
@@ -482,6 +515,8 @@ class Pipeline:
         device: torch.device | str | None = None,
         progress: bool = False,
         keep_shards: bool = False,
+        classifier=None,
+        classifier_scale: float = 1.0,
         group: Group | None = None,
         say: Callable[[str], None] = lambda message: None,
     ) -> Output:
@@ -495,7 +530,10 @@ class Pipeline:
         output = Output(path)
         num = check_int("the number of images", num, minimum=1)
         spec = self.sampler_spec(sampler, steps, eta, timestep_spacing, timestep_respacing)
-        given = check_labels(class_labels, num, self.num_classes, self.source or "this model")
+        classes, classifier_scale = self.guided_classes(
+            classifier, classifier_scale, self.image_shape()
+        )
+        given = check_labels(class_labels, num, classes, self.source or "this model")
         # A chain it cannot run (diffusers' last-step noise, epsilon at abar = 0) fails here,
         # before anything is written.
         step_tables(self.schedule, spec).rows(self.diffusion.objective)
@@ -506,15 +544,19 @@ class Pipeline:
             batch_size = group.smallest(self.auto_batch_size(num, device))
         batch_size = resolve_batch_size(num, batch_size)
         run = {**self.run_identity(spec, device), "seed": seed}
-        recorded, labels = run_labels(given, seed, num, self.num_classes)
+        recorded, labels = run_labels(given, seed, num, classes)
         if recorded is not None:
             run["class_labels"] = recorded
+        if classifier is not None:  # a resume with another classifier or scale is refused
+            run["classifier"] = {**classifier.identity(), "scale": classifier_scale}
         options = dict(
             steps=spec.steps,
             sampler=spec.kind,
             eta=spec.eta,
             timestep_spacing=spec.timestep_spacing,
             seed=seed,
+            classifier=classifier,
+            classifier_scale=classifier_scale,
         )
         if spec.section_counts:
             options["timestep_respacing"] = ",".join(map(str, spec.section_counts))
@@ -571,12 +613,13 @@ class Pipeline:
         on_step: Callable[[int], None],
         class_labels: torch.Tensor | None = None,
         noise: GeneratorNoise | None = None,
+        guidance=None,
     ) -> torch.Tensor:
         """The reverse chain of one batch from x_T (on the device it runs on) to x_0: the
         reference loop; ``class_labels`` [batch] int64 on that device for a class-conditional
         network; ``noise``: the steps' noise where it is not the Philox stream of ``seed`` and
-        ``indices`` (``noise="torch-generator"``). ``ddpm_fast.engine.Engine`` runs the same
-        chain its own way."""
+        ``indices`` (``noise="torch-generator"``); ``guidance(x, k)``: a classifier's scaled
+        gradient for step k. ``ddpm_fast.engine.Engine`` runs the same chain its own way."""
 
         def step_noise(step: int, batch_shape: tuple[int, ...]) -> torch.Tensor:
             if noise is not None:
@@ -586,7 +629,7 @@ class Pipeline:
         objective = self.diffusion.objective
         return sample_loop(
             self.network, x, tables, spec, objective, step_noise, on_step=lambda k, x: on_step(k),
-            class_labels=class_labels,
+            class_labels=class_labels, guidance=guidance,
         )  # fmt: skip
 
     def sample(
@@ -607,6 +650,8 @@ class Pipeline:
         progress: bool | dict = False,
         noise: str | None = None,
         generator=None,
+        classifier=None,
+        classifier_scale: float = 1.0,
     ) -> torch.Tensor:
         """Draw ``num`` images as an NCHW float32 tensor in [0, 1] (on the CPU).
 
@@ -629,6 +674,11 @@ class Pipeline:
         image (given: noise defaults to "torch-generator"; None with "torch-generator": a CPU
         generator seeded with ``seed``). That stream is the batch's: ``batch_size`` defaults to
         ``num`` (one batch, as diffusers), and each further batch continues the generator.
+
+        ``classifier`` (``ddpm_fast.load_classifier``) and ``classifier_scale``: classifier
+        guidance as guided-diffusion's classifier_sample.py (DDPM and DDIM; see
+        ``ddpm_fast.guidance``); the labels it guides towards are ``class_labels`` (drawn from
+        the seed where None), an unconditional model taking them for the classifier only.
         """
         batches = self.sample_batches(
             num,
@@ -646,5 +696,7 @@ class Pipeline:
             progress=progress,
             noise=noise,
             generator=generator,
+            classifier=classifier,
+            classifier_scale=classifier_scale,
         )
         return torch.cat([images.cpu() for _, images in batches])

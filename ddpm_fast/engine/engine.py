@@ -201,6 +201,7 @@ class Engine(Pipeline):
     """
 
     backend = "engine"
+    runs_guidance = False
 
     def __init__(
         self,
@@ -310,7 +311,10 @@ class Engine(Pipeline):
         on_step: Callable[[int], None],
         class_labels: torch.Tensor | None = None,
         noise: GeneratorNoise | None = None,
+        guidance=None,
     ) -> torch.Tensor:
+        if guidance is not None:  # refused before any work (runs_guidance): never here
+            raise ConfigError("the engine does not run classifier guidance yet")
         chain = self.prepare(tables, spec, x.device)
         keys = philox_keys(seed, indices, device=x.device)
         labels = class_labels

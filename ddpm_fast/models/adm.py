@@ -632,8 +632,8 @@ def infer_config(weights: dict[str, torch.Tensor], **options) -> UnetConfig:
     them (a ConfigError naming both)."""
     if "out.2.weight" not in weights or not _blocks(weights, "output_blocks"):
         raise CheckpointError(
-            "a guided-diffusion classifier (EncoderUNetModel), not a diffusion model: classifier "
-            "guidance is not supported yet"
+            "a guided-diffusion classifier (EncoderUNetModel), not a diffusion model: load it "
+            "with ddpm_fast.load_classifier and pass it as classifier="
         )
     candidates = _shape_fields(weights)
     if not candidates:

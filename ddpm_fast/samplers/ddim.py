@@ -61,4 +61,10 @@ def chain(alphas_cumprod: np.ndarray, spec) -> Chain:
             "noise_on": (sigma > 0).astype(np.float64),
         }
     )
-    return Chain(t, next_timesteps(t), columns)
+    # condition_score: eps' = eps - sqrt(1 - abar) g and x0' from eps' (not clipped again),
+    # i.e. x_next moves by (c_x0 (1 - abar) / sqrt(abar) - c_eps sqrt(1 - abar)) g.
+    # At abar = 0 (a zero terminal SNR schedule) it is infinite: such chains cannot be guided.
+    with np.errstate(divide="ignore"):
+        guide = columns["c_x0"] * (1 - a_t) / np.sqrt(a_t) - columns["c_eps"] * np.sqrt(1 - a_t)
+    guidance = {"guide": guide, "guide_log_var_min": zero, "guide_log_var_max": zero}
+    return Chain(t, next_timesteps(t), columns, guidance=guidance)

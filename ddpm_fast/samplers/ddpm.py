@@ -62,6 +62,7 @@ def chain(alphas_cumprod: np.ndarray, spec) -> Chain:
     sigma = np.where(last, zero, np.sqrt(variance))
     learned = spec.variance == "learned_range"
     noise_on = ~last if learned else sigma > 0
+    log_var_min = np.log(np.maximum(posterior_variance, 1e-20))
     columns = (
         x0_columns(a_t)
         | clip_columns(spec, len(t))
@@ -71,9 +72,28 @@ def chain(alphas_cumprod: np.ndarray, spec) -> Chain:
             "c_x0_prev": zero,
             "c_eps": zero,
             "sigma": sigma,
-            "log_var_min": np.log(np.maximum(posterior_variance, 1e-20)),
+            "log_var_min": log_var_min,
             "log_var_max": np.log(beta),
             "noise_on": noise_on.astype(np.float64),
         }
     )
-    return Chain(t, t_next, columns, learned=learned)
+    guidance = guidance_columns(spec, beta, posterior_variance, log_var_min)
+    return Chain(t, t_next, columns, learned=learned, guidance=guidance)
+
+
+def guidance_columns(spec, beta, posterior_variance, log_var_min) -> dict:
+    """The variance guided-diffusion's condition_mean moves the mean by (mean + variance * g):
+    fixed_small's posterior variance (0 at the last step), fixed_large's beta but at the last
+    step the posterior variance of the one before (the library's), learned_range's log variance
+    bounds with the same last-step lower bound (``posterior_log_variance_clipped``)."""
+    before_last = posterior_variance[-2] if len(beta) > 1 else 0.0
+    if spec.variance == "fixed_large":
+        guide = np.append(beta[:-1], before_last)
+    elif spec.variance == "fixed_small":
+        guide = posterior_variance
+    else:
+        guide = np.zeros_like(beta)
+    low = log_var_min.copy()
+    if len(beta) > 1:
+        low[-1] = log_var_min[-2]
+    return {"guide": guide, "guide_log_var_min": low, "guide_log_var_max": np.log(beta)}

@@ -29,7 +29,8 @@ __all__ = ["OBJECTIVES", "NoiseFn", "SamplerSpec", "StepTables", "chain_tables",
 
 class StepTables:
     """Coefficients for each step k = 0 .. n-1 of a chain (float64 on the CPU): ``timesteps``,
-    ``next_timesteps`` (int64, -1 at the end) and one attribute per column of ``rule.TABLE``."""
+    ``next_timesteps`` (int64, -1 at the end), one attribute per column of ``rule.TABLE``, and
+    ``guidance``: the sampler's ``rule.GUIDANCE`` columns (None where it cannot be guided)."""
 
     def __init__(self, chain: rule.Chain):
         self.timesteps = torch.as_tensor(np.asarray(chain.timesteps, dtype=np.int64))
@@ -37,6 +38,10 @@ class StepTables:
         self.learned = chain.learned
         for name in rule.TABLE:
             setattr(self, name, torch.as_tensor(np.asarray(chain.columns[name], np.float64)))
+        self.guidance = None
+        if chain.guidance is not None:
+            self.guidance = {name: torch.as_tensor(np.asarray(chain.guidance[name], np.float64))
+                             for name in rule.GUIDANCE}  # fmt: skip
 
     def __len__(self) -> int:
         return len(self.timesteps)
@@ -80,11 +85,13 @@ def denoise_step(
     objective: str,
     noise: torch.Tensor | None,
     x0_prev: torch.Tensor | None = None,
+    gradient: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One reverse step from the network's output: returns (x_next, clipped x0).
 
     ``noise`` may be None only where the step adds none (``tables.adds_noise``); ``x0_prev`` is
-    the previous step's x0 (None: zeros, the first step).
+    the previous step's x0 (None: zeros, the first step); ``gradient``: a classifier's scaled
+    gradient at x, which moves the step (``rule.GUIDANCE``; ``ddpm_fast.guidance``).
     """
     c = {name: float(value[k]) for name, value in tables.rows(objective).items()}
     channels = x.shape[1]
@@ -97,11 +104,20 @@ def denoise_step(
     eps = rule.estimate_eps(c["x0_from_xt"], c["x0_from_eps"], x, eps_x0)
     previous = 0.0 if x0_prev is None else x0_prev
     x_next = rule.combine(c["c_x0"], c["c_xt"], c["c_x0_prev"], c["c_eps"], x0, x, previous, eps)
+    if tables.learned and variance_output is None:
+        raise ConfigError("variance 'learned_range' needs a network with learned_variance")
+    if gradient is not None:
+        if tables.guidance is None:
+            raise ConfigError(f"classifier guidance runs with ddpm and ddim, not {spec.kind}")
+        g = {name: float(value[k]) for name, value in tables.guidance.items()}
+        guide = g["guide"]
+        if tables.learned:
+            low, high = g["guide_log_var_min"], g["guide_log_var_max"]
+            guide = rule.learned_log_var(variance_output, low, high).exp()
+        x_next = rule.add_guidance(x_next, guide, gradient)
     if not tables.adds_noise(k):
         return x_next, x0
     if tables.learned:
-        if variance_output is None:
-            raise ConfigError("variance 'learned_range' needs a network with learned_variance")
         log_var = rule.learned_log_var(variance_output, c["log_var_min"], c["log_var_max"])
         sigma = (0.5 * log_var).exp()
     else:
@@ -118,9 +134,11 @@ def sample_loop(
     noise_fn: NoiseFn,
     on_step: Callable[[int, torch.Tensor], None] | None = None,
     class_labels: torch.Tensor | None = None,
+    guidance: Callable[[torch.Tensor, int], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Run the reverse chain from x_T; returns x_0 in [-1, 1] (the network's data range).
-    ``class_labels`` [batch] go to a class-conditional network at every step.
+    ``class_labels`` [batch] go to a class-conditional network at every step; ``guidance(x,
+    k)``: a classifier's scaled gradient at step k's input, which moves its step.
 
     Self-conditioning networks get the previous step's clipped x0 (zeros at the first step), as
     do the multistep solvers. ``on_step(k, x)`` is called after each step k = 1 .. n with its
@@ -133,7 +151,8 @@ def sample_loop(
         labels = {} if class_labels is None else {"class_labels": class_labels}
         model_output = network(x, t, x0 if self_condition else None, **labels)
         noise = noise_fn(k + 1, tuple(x.shape)) if tables.adds_noise(k) else None
-        x, x0 = denoise_step(model_output, x, tables, k, spec, objective, noise, x0)
+        gradient = None if guidance is None else guidance(x, k)
+        x, x0 = denoise_step(model_output, x, tables, k, spec, objective, noise, x0, gradient)
         if on_step is not None:
             on_step(k + 1, x)
     return x

@@ -46,6 +46,11 @@ TABLE = (
     "log_var_max",
     "noise_on",  # 1 where the step adds noise, else 0
 )
+# Classifier guidance (``ddpm_fast.guidance``): the step moves by guide * g, g the classifier's
+# scaled gradient; for learned variance guide is exp(learned_log_var(v, guide_log_var_min,
+# guide_log_var_max)) (DDPM's condition_mean: the model's variance, at the last step too).
+# Columns of the samplers that can be guided (``Chain.guidance``); the PyTorch step reads them.
+GUIDANCE = ("guide", "guide_log_var_min", "guide_log_var_max")
 # One row of the fused step's coefficient table: the objective's (a, b), then the sampler's.
 ROW = ("a", "b", *(name for name in TABLE if name not in ("x0_from_xt_v", "x0_from_v")))
 FLOAT32_MAX = 3.4028234663852886e38  # clamp bound that leaves every finite float32 unchanged
@@ -55,12 +60,14 @@ ZERO_SNR_SCALE = 2.0**64  # 1 / sqrt(abar) at abar = 0 (spacing.x0_columns)
 @dataclass
 class Chain:
     """What a sampler module computes: the timesteps it visits (int, decreasing), the next ones
-    (-1 after the last), its ``TABLE`` columns (float64 arrays) and whether sigma is learned."""
+    (-1 after the last), its ``TABLE`` columns (float64 arrays), whether sigma is learned, and
+    its ``GUIDANCE`` columns where classifier guidance applies to it (else None)."""
 
     timesteps: object
     next_timesteps: object
     columns: dict
     learned: bool = False
+    guidance: dict | None = None
 
     def __post_init__(self) -> None:
         if set(self.columns) != set(TABLE):
@@ -69,6 +76,8 @@ class Chain:
             raise ValueError(
                 f"a sampler's columns must be TABLE's: missing {missing}, extra {extra}"
             )
+        if self.guidance is not None and set(self.guidance) != set(GUIDANCE):
+            raise ValueError(f"a sampler's guidance columns must be {GUIDANCE}")
 
 
 def row_columns(table: Mapping, objective: str) -> dict:
@@ -114,6 +123,11 @@ def learned_log_var(v, log_var_min, log_var_max):
     """learned_range: log sigma^2 interpolated by frac = (v + 1) / 2."""
     frac = (v + 1.0) * 0.5
     return frac * log_var_max + (1.0 - frac) * log_var_min
+
+
+def add_guidance(x_next, guide, gradient):
+    """The classifier's pull on the step's mean: guide * gradient."""
+    return x_next + guide * gradient
 
 
 def add_noise(x_next, noise_on, sigma, z):
