@@ -244,7 +244,6 @@ class Pipeline:
     # noise="torch-generator" draws x_T (and DDPM's and DDIM's noise) in this dtype, as diffusers
     # draws in its unet's (``from_diffusers`` sets it to the pipeline's unet's).
     generator_dtype = torch.float32
-    runs_guidance = True  # classifier guidance (the reference loop; the engine not yet)
 
     @property
     def config(self):
@@ -266,23 +265,22 @@ class Pipeline:
         model's."""
         if classifier is None:
             return self.num_classes, classifier_scale
-        if not self.runs_guidance:
-            raise ConfigError(
-                f"the {self.backend} does not run classifier guidance yet; sample guided chains "
-                "with the reference Pipeline (ddpm_fast.load)"
-            )
         where = self.source or "this model"
         scale = check_guidance(classifier, classifier_scale, image_shape, self.num_classes, where)
         return classifier.num_classes, scale
 
+    def classifier_timestep_scale(self) -> float:
+        """What the library multiplies the timesteps it gives a classifier by: the model's own
+        (an ADM network's ``timestep_scale`` where it rescales timesteps; 1 for every other
+        family); the timesteps are the original ones of a respaced chain."""
+        return getattr(self.config, "timestep_scale", 1.0)
+
     def _guidance(self, classifier, scale, tables, labels):
-        """The chain's classifier gradients (None unguided), with the timesteps the library
-        gives its classifier: the original ones, rescaled as the model's (an ADM network's
-        ``timestep_scale``; 1 for every other family)."""
+        """The chain's classifier gradients ``gradient(x, k)``, None unguided."""
         if classifier is None:
             return None
-        timestep_scale = getattr(self.config, "timestep_scale", 1.0)
-        return step_gradients(classifier, scale, tables.timesteps, timestep_scale, labels)
+        t_scale = self.classifier_timestep_scale()
+        return step_gradients(classifier, scale, tables.timesteps, t_scale, labels)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.network.parameters())

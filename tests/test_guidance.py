@@ -70,6 +70,29 @@ def test_guided_chains_are_the_librarys(key):
         assert (unguided - case["unguided"]).abs().max() <= TOLERANCE
 
 
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("key", sorted(CHAINS))
+def test_engine_guided_chains_are_the_librarys(key, dtype):
+    """The engine's step with the classifier's forward and backward in it (the PyTorch step on
+    the CPU: ONNX Runtime cannot differentiate), fp32 within the bound; bf16 (the classifier
+    and its gradient in fp32) nearer the library than the unguided chain is."""
+    case = CHAINS[key]
+    options = dict(timestep_respacing=case["timestep_respacing"], sampler=case["sampler"],
+                   seed=case["seed"], class_labels=case["labels"].tolist())  # fmt: skip
+    if case["eta"]:
+        options["eta"] = case["eta"]
+    engine = Engine(model(case["model"]), dtype=dtype)
+    guide = classifier(case["classifier"])
+    images = engine.sample(
+        2, classifier=guide, classifier_scale=case["classifier_scale"], **options
+    )
+    error = (images - case["final"]).abs().max()
+    if dtype == "fp32":
+        assert error <= TOLERANCE
+    else:  # seen: 7e-4 to 1.7e-3
+        assert error <= 5e-3 and error < (case["final"] - case["unguided"]).abs().max()
+
+
 def test_the_classifier_flags_are_read_and_checked():
     text = ("--image_size 16 --classifier_attention_resolutions 8 --classifier_depth 1 "
             "--classifier_width 32 --classifier_pool attention --classifier_resblock_updown True "
@@ -115,7 +138,7 @@ def test_bad_guidance_is_one_line_each(tmp_path):
         (big, dict(classifier=guide), "for 16 px images"),
         (pipeline, dict(classifier="clf.pt"), "load_classifier"),
         (pipeline, dict(classifier=guide, sampler="dpm++2m"), "ddpm and ddim"),
-        (Engine(pipeline), dict(classifier=guide), "reference Pipeline"),
+        (Engine(pipeline), dict(classifier=guide, classifier_scale=float("nan")), "finite"),
     ]
     for sampler, options, named in cases:
         with pytest.raises(ConfigError, match=named) as error:
@@ -133,3 +156,24 @@ def test_a_guided_run_records_its_classifier(tmp_path):
     assert guide.identity()["weights_sha256"] in manifest
     with pytest.raises(ddpm_fast.DdpmFastError, match="classifier"):
         pipeline.sample_to(folder, 2, steps=3, classifier=guide, classifier_scale=3.0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("key", sorted(CHAINS))
+def test_the_guided_step_in_a_cuda_graph_is_the_librarys(key):
+    """The classifier's forward and backward captured in the step's graph, with no fallback."""
+    import warnings
+
+    case = CHAINS[key]
+    options = dict(timestep_respacing=case["timestep_respacing"], sampler=case["sampler"],
+                   seed=case["seed"], class_labels=case["labels"].tolist(), device="cuda",
+                   classifier=classifier(case["classifier"]),
+                   classifier_scale=case["classifier_scale"])  # fmt: skip
+    if case["eta"]:
+        options["eta"] = case["eta"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a failed capture warns: fail instead
+        graphed = Engine(model(case["model"]), cuda_graph=True).sample(2, **options)
+    eager = Engine(model(case["model"]), cuda_graph=False).sample(2, **options)
+    assert (graphed - eager).abs().max() <= 1e-5
+    assert (graphed - case["final"]).abs().max() <= TOLERANCE

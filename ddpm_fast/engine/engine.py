@@ -26,10 +26,11 @@ from ..kernels.sampler_step import draws_noise, sampler_step
 from ..noise import keyed_noise, philox_keys
 from ..options import check_int
 from ..pipeline import Pipeline
-from ..samplers import SamplerSpec, StepTables
+from ..samplers import SamplerSpec, StepTables, rule
 from .coefficients import coefficient_table
 from .cpu_conv import use_cpu_convolutions
 from .graph import CapturedStep, new_graph_pool
+from .guided_step import StepGuidance, step_guidance
 from .network import FastUnet
 from .onnx_executor import ExecutorSessions, OrtChain, check_executor, resolve_executor
 from .threads import (
@@ -153,9 +154,14 @@ class PreparedChain:
         """The network's class-label argument: {} for an unconditional network."""
         return {"class_labels": labels} if self.network.class_conditional else {}
 
-    def step(self, state: ChainState, z: torch.Tensor | None = None) -> None:
+    def step(
+        self, state: ChainState, z: torch.Tensor | None = None,
+        guidance: StepGuidance | None = None,
+    ) -> None:  # fmt: skip
         """One denoising step on ``state``, in place; ``z`` is the noise where the kernel does
-        not draw it (the PyTorch path)."""
+        not draw it (the PyTorch path); ``guidance`` moves the step by a classifier's gradient
+        at its input."""
+        g = None if guidance is None else guidance.gradient(state.x, state.step)
         self_cond = self.network_input(state.x0) if self.network.self_condition else None
         labels = self.labels_input(state.labels)
         out = self.network(self.network_input(state.x), state.step, self_cond, **labels)
@@ -163,13 +169,16 @@ class PreparedChain:
             out, state.x, self.coeffs, state.step, state.keys, x0_prev=state.x0, z=z,
             learned=self.learned, out=(state.x, state.x0),
         )  # fmt: skip
+        if guidance is not None:  # after the noise: the same sum, in another order
+            state.x.copy_(rule.add_guidance(state.x, guidance.guide(out, state.step), g))
         state.step.add_(1)
 
     def run_eager(
-        self, x, keys, seed: int, indices: range, on_step, labels=None, noise=None
-    ) -> torch.Tensor:
+        self, x, keys, seed: int, indices: range, on_step, labels=None, noise=None,
+        guidance=None,
+    ) -> torch.Tensor:  # fmt: skip
         """The chain from x_T = ``x``, step by step without a graph; ``noise``: the steps' noise
-        (``of_step(k)``) where it is not the Philox stream."""
+        (``of_step(k)``) where it is not the Philox stream; ``guidance``: a classifier's."""
         state = ChainState.empty(tuple(x.shape), x.device)
         state.reset(x, keys, labels)
         # The kernel draws the Philox z itself; the PyTorch path, and any other noise, is given.
@@ -180,7 +189,7 @@ class PreparedChain:
                 z = noise.of_step(k)
             elif not kernel_draws and self.noise_on[k]:
                 z = keyed_noise(seed, indices, k + 1, tuple(x.shape[1:]), device=x.device)
-            self.step(state, z)
+            self.step(state, z, guidance)
             on_step(k + 1)
         return state.x
 
@@ -201,7 +210,6 @@ class Engine(Pipeline):
     """
 
     backend = "engine"
-    runs_guidance = False
 
     def __init__(
         self,
@@ -245,14 +253,18 @@ class Engine(Pipeline):
             return False
         return self.cuda_graph is not False
 
-    def prepare(self, tables: StepTables, spec: SamplerSpec, device) -> PreparedChain:
+    def prepare(
+        self, tables: StepTables, spec: SamplerSpec, device, torch_step: bool = False
+    ) -> PreparedChain:
         """The prepared chain for ``spec`` on ``device``: built on first use, then cached. Each
         holds a folded copy of the network (and its graphs), so only the most recently used
-        MAX_CHAINS are kept."""
+        MAX_CHAINS are kept. ``torch_step``: the engine's own PyTorch step, not ONNX Runtime's
+        (guided chains: ONNX Runtime cannot differentiate the classifier)."""
         device = torch.device(device)
-        key = (spec, str(device))
+        on_ort = device.type == "cpu" and not torch_step and self.executor()[0] == "onnxruntime"
+        key = (spec, str(device), on_ort)
         chain = self._chains.pop(key, None)
-        if chain is None and device.type == "cpu" and self.executor()[0] == "onnxruntime":
+        if chain is None and on_ort:
             chain = OrtChain(self, tables, spec)
         chain = chain or PreparedChain(self, tables, spec, device)
         self._chains[key] = chain  # most recent last
@@ -263,7 +275,7 @@ class Engine(Pipeline):
     def ort_chain(self, spec: SamplerSpec) -> OrtChain | None:
         """The chain of ``spec`` that ran on ONNX Runtime on the CPU, if one did (the CLI's warm
         start records its tables)."""
-        chain = self._chains.get((spec, "cpu"))
+        chain = self._chains.get((spec, "cpu", True))
         return chain if isinstance(chain, OrtChain) else None
 
     def executor_sessions(self) -> ExecutorSessions:
@@ -290,6 +302,16 @@ class Engine(Pipeline):
             return "torch", "its fp32 weights exceed the 2 GB of one ONNX file"
         return resolve_executor(self.cpu_executor, self.dtype)
 
+    def _guidance(self, classifier, scale, tables, labels):
+        """The engine's guidance of a chain: device tables that the step indexes by its step
+        tensor (``engine.guided_step``), None unguided."""
+        if classifier is None:
+            return None
+        t_scale = self.classifier_timestep_scale()
+        return step_guidance(
+            classifier, scale, tables, t_scale, labels, labels.device, self.config.channels
+        )
+
     def _initial_noise(
         self, seed: int, indices: range, shape: tuple[int, ...], device: torch.device
     ) -> torch.Tensor:
@@ -313,21 +335,20 @@ class Engine(Pipeline):
         noise: GeneratorNoise | None = None,
         guidance=None,
     ) -> torch.Tensor:
-        if guidance is not None:  # refused before any work (runs_guidance): never here
-            raise ConfigError("the engine does not run classifier guidance yet")
-        chain = self.prepare(tables, spec, x.device)
+        chain = self.prepare(tables, spec, x.device, torch_step=guidance is not None)
         keys = philox_keys(seed, indices, device=x.device)
         labels = class_labels
+        run = (seed, indices, on_step, labels, noise, guidance)
         with _exact_fp32(self.dtype, x.device):
             if not self._uses_graphs(x.device):  # raises for cuda_graph=True off CUDA
                 if x.device.type == "cpu":
-                    return self._run_on_cpu(chain, x, keys, seed, indices, on_step, labels, noise)
-                return chain.run_eager(x, keys, seed, indices, on_step, labels, noise)
-            captured = self._captured(chain, tuple(x.shape), given_noise=noise is not None)
+                    return self._run_on_cpu(chain, x, keys, *run)
+                return chain.run_eager(x, keys, *run)
+            captured = self._captured(chain, tuple(x.shape), noise is not None, guidance)
             if captured is None:
-                return chain.run_eager(x, keys, seed, indices, on_step, labels, noise)
+                return chain.run_eager(x, keys, *run)
             state = captured.state
-            state.reset(x, keys, labels)
+            state.reset(x, keys, labels if guidance is None else guidance.labels)
             for k in range(chain.steps):
                 if noise is not None and chain.noise_on[k]:
                     # Drawn on the device before the replay that reads it: no host sync.
@@ -360,11 +381,11 @@ class Engine(Pipeline):
         )
 
     def _run_on_cpu(
-        self, chain, x, keys, seed, indices, on_step, labels=None, noise=None
+        self, chain, x, keys, seed, indices, on_step, labels=None, noise=None, guidance=None
     ) -> torch.Tensor:
         """The eager chain on the CPU, under the thread plan for this batch (``run_planned``).
         The chains read their thread count from PyTorch's, which the plan sets. The parts of a
-        split batch read their rows of a given ``noise``."""
+        split batch read their rows of a given ``noise`` and ``guidance``."""
         plan = self._cpu_plan(chain, tuple(x.shape))
         if noise is not None:
             noise.split(max(plan.workers, 1))
@@ -373,9 +394,11 @@ class Engine(Pipeline):
             part = range(indices.start + rows.start, indices.start + rows.stop)
             part_labels = None if labels is None else labels[rows]
             part_noise = None if noise is None else noise.rows(rows)
+            part_guidance = None if guidance is None else guidance.rows(rows)
             return chain.run_eager(
-                x[rows], keys[rows], seed, part, rows_on_step, part_labels, part_noise
-            )
+                x[rows], keys[rows], seed, part, rows_on_step, part_labels, part_noise,
+                part_guidance,
+            )  # fmt: skip
 
         with torch_threads(plan.threads):
             return run_planned(plan, run, tuple(x.shape), on_step, chain.governors)
@@ -386,20 +409,23 @@ class Engine(Pipeline):
         return chain.thread_plans[shape]
 
     def _captured(
-        self, chain: PreparedChain, shape: tuple[int, ...], given_noise: bool = False
-    ) -> CapturedStep | None:
+        self, chain: PreparedChain, shape: tuple[int, ...], given_noise: bool = False,
+        guidance: StepGuidance | None = None,
+    ) -> CapturedStep | None:  # fmt: skip
         """The chain's step captured for this batch shape, or None where capture failed; with
         ``given_noise`` the step reads its noise from the state's z (which the chain fills
-        before each replay), else the kernel draws the Philox noise."""
-        key = (*shape, given_noise)
+        before each replay), else the kernel draws the Philox noise; with ``guidance`` the
+        classifier's forward and backward are in the graph (its labels the state's)."""
+        key = (*shape, given_noise, None if guidance is None else guidance.key)
         if key not in chain.graphs:
             if self._graph_pool is None:
                 self._graph_pool = new_graph_pool()
             state = ChainState.empty(shape, chain.device)
             z = state.z if given_noise else None
+            guided = None if guidance is None else guidance.with_labels(state.labels)
             try:
                 chain.graphs[key] = CapturedStep(
-                    lambda: chain.step(state, z), state, self._graph_pool
+                    lambda: chain.step(state, z, guided), state, self._graph_pool
                 )
             except Exception as error:  # any capture failure: eager still gives the same images
                 chain.graphs[key] = None
