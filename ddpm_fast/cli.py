@@ -159,6 +159,45 @@ def _sampling_arguments(parser: argparse.ArgumentParser, *, default_num: int) ->
 SAMPLE_NUM = 16  # images `ddpm-fast sample` draws by default
 
 
+def _classifier_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--classifier",
+        metavar="FILE",
+        help="classifier guidance with a guided-diffusion classifier (EncoderUNetModel "
+        "state_dict), as its classifier_sample.py: ddpm and ddim chains, towards --class-labels",
+    )
+    parser.add_argument(
+        "--classifier-scale", type=float, default=1.0, help="the guidance scale (default 1.0)"
+    )
+    parser.add_argument(
+        "--classifier-flags",
+        metavar="FLAGS",
+        help="the classifier's CLASSIFIER_FLAGS as guided-diffusion's README gives them "
+        '("--image_size 64 --classifier_depth 4 ..."; the weights fix the rest)',
+    )
+    parser.add_argument(
+        "--classifier-num-head-channels",
+        type=_positive_int,
+        help="the classifier's attention head width (default 64, as guided-diffusion's)",
+    )
+
+
+def _classifier(args: argparse.Namespace):
+    """The ``--classifier`` of a sample command (None without one), loaded."""
+    if args.classifier is None:
+        for name in ("classifier_flags", "classifier_num_head_channels"):
+            if getattr(args, name) is not None:
+                raise ConfigError(f"--{name.replace('_', '-')} needs --classifier FILE")
+        return None
+    from .guidance import load_classifier
+
+    options = {}
+    if args.classifier_num_head_channels is not None:
+        options["num_head_channels"] = args.classifier_num_head_channels
+    flags = args.classifier_flags
+    return load_classifier(args.classifier, flags, **options)
+
+
 def _threads_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--threads",
@@ -233,8 +272,10 @@ def _batch_size(text: str) -> int | str:
 def _sampling_options(args: argparse.Namespace, pipeline: Pipeline) -> dict:
     """Keyword arguments of Pipeline.sample_batches, checked before any work is done."""
     from .class_labels import check_labels, parse_labels
+    from .guidance import check_guided_chain
     from .options import check_seed
     from .pipeline import resolve_device
+    from .samplers import step_tables
 
     sampler, eta = _chain(args, pipeline)
     respacing = getattr(args, "timestep_respacing", None)
@@ -244,10 +285,16 @@ def _sampling_options(args: argparse.Namespace, pipeline: Pipeline) -> dict:
     batch_size = args.batch_size
     if batch_size != "auto":  # "auto" is measured on each rank's own device, later
         batch_size = resolve_batch_size(args.num, batch_size)
+    classifier = _classifier(args) if hasattr(args, "classifier") else None
+    classes, scale = pipeline.guided_classes(
+        classifier, getattr(args, "classifier_scale", 1.0), pipeline.image_shape()
+    )
+    if classifier is not None:
+        check_guided_chain(step_tables(pipeline.schedule, spec), spec)
     labels = getattr(args, "class_labels", None)
     if labels is not None:
         labels = parse_labels(labels)
-        check_labels(labels, args.num, pipeline.num_classes, pipeline.source or "the model")
+        check_labels(labels, args.num, classes, pipeline.source or "the model")
     options = dict(
         steps=spec.steps,
         sampler=sampler,
@@ -263,6 +310,8 @@ def _sampling_options(args: argparse.Namespace, pipeline: Pipeline) -> dict:
         del options["steps"], options["timestep_spacing"]
     if labels is not None:
         options["class_labels"] = labels
+    if classifier is not None:
+        options.update(classifier=classifier, classifier_scale=scale)
     return options
 
 
@@ -356,6 +405,9 @@ def _sample_onnx(args: argparse.Namespace, output: Output) -> int:
         raise ConfigError(f"{flag} does not apply to --onnx (ONNX Runtime runs the file)")
     if getattr(args, "timestep_respacing", None) is not None:
         raise ConfigError("--timestep-respacing does not apply to --onnx (the file fixes it)")
+    if args.classifier is not None:
+        raise ConfigError("--classifier does not apply to --onnx (ONNX Runtime cannot "
+                          "differentiate the classifier)")  # fmt: skip
     if args.eta is not None:
         _chain(args)  # a bad --eta is the same error as without --onnx
     check_seed(args.seed)
@@ -588,6 +640,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="the engine's precision (default fp32: the reference's images within 1e-4)",
     )
     _threads_argument(sample)
+    _classifier_arguments(sample)
     sample.set_defaults(run=cmd_sample)
 
     quality = commands.add_parser(

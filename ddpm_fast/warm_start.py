@@ -66,7 +66,7 @@ APPLIED = ("num", "seed", "batch_size", "threads", "out", "keep_shards", "run", 
 def warm_key(args: argparse.Namespace) -> str | None:
     """The record key of a ``sample`` command, or None where it cannot start warm (a GPU, the
     reference, another dtype or executor, an ONNX file, several processes, a folder checkpoint,
-    a batch size measured on the device, or warm starts turned off)."""
+    a batch size measured on the device, a classifier, or warm starts turned off)."""
     if os.environ.get(ENV, "1") == "0":
         return None
     executor = args.cpu_executor or os.environ.get(EXECUTOR_ENV) or "auto"
@@ -77,6 +77,7 @@ def warm_key(args: argparse.Namespace) -> str | None:
         or executor == "torch"
         or args.device not in (None, "cpu")
         or args.batch_size == "auto"
+        or getattr(args, "classifier", None) is not None  # guided: the engine's PyTorch step
         or int(os.environ.get("WORLD_SIZE", "1")) > 1
     ):
         return None

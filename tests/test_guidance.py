@@ -177,3 +177,39 @@ def test_the_guided_step_in_a_cuda_graph_is_the_librarys(key):
     eager = Engine(model(case["model"]), cuda_graph=False).sample(2, **options)
     assert (graphed - eager).abs().max() <= 1e-5
     assert (graphed - case["final"]).abs().max() <= TOLERANCE
+
+
+def _flag_string(name: str) -> str:
+    return " ".join(f"--{k} {v}" for k, v in flags(name).items())
+
+
+def test_the_cli_samples_guided_chains(tmp_path, capsys):
+    """``sample MODEL --classifier CLF --classifier-scale S --class-labels 207``: the engine's
+    guided images (fp32), label_ids written; a classifier with --onnx is one line."""
+    import numpy as np
+
+    from ddpm_fast.cli import main
+
+    out = tmp_path / "guided.npz"
+    argv = [
+        str(FIXTURES / "guided_uncond.pt"), "--model-flags", _flag_string("guided_uncond"),
+        "--classifier", str(FIXTURES / "classifier_attention.pt"),
+        "--classifier-flags", _flag_string("classifier_attention"),
+        "--classifier-num-head-channels", str(HEAD_CHANNELS), "--classifier-scale", "10",
+        "--class-labels", "207", "--timestep-respacing", "25", "-n", "2", "--seed", "3",
+    ]  # fmt: skip
+    assert main(["sample", *argv, "--out", str(out)]) == 0
+    want = model("guided_uncond").sample(
+        2, timestep_respacing="25", seed=3, class_labels=207,
+        classifier=classifier("classifier_attention"), classifier_scale=10.0,
+    )  # fmt: skip
+    with np.load(out) as data:
+        assert data["label_ids"].tolist() == [207, 207]
+        images = data["arr_0"].astype(np.float64) / 255
+    assert np.abs(images - want.permute(0, 2, 3, 1).numpy()).max() <= 1 / 255 + 1e-6
+    for extra, named in [
+        (["--classifier-scale", "nan"], "classifier_scale must be finite"),
+        (["--sampler", "dpm++2m"], "ddpm and ddim"),
+    ]:
+        assert main(["sample", *argv, *extra, "--out", str(tmp_path / "x.npz")]) == 2
+        assert named in capsys.readouterr().err
