@@ -177,8 +177,8 @@ fi
 sampler=("$PYTHON" benchmarks/sampler.py "$MODEL" --device "$DEVICE" --out "$OUT")
 
 # Limits and graces (s). Full: 30 (preflight) + (70+5) + (80+5) + (40+10) + (30+5) + (45+5)
-# + 2 x (25+5) (the two models) + 2 x (25+5) (the two ADM models) + (25+5, onnxruntime-gpu only)
-# + (20+5, two GPUs only) + (30+5) = 535 s at most; 480 s on one GPU without onnxruntime-gpu (the
+# + 2 x (25+5) (the two models) + (35+5) + (20+5) (the two ADM models, the first also guided)
+# + (25+5, onnxruntime-gpu only) + (20+5, two GPUs only) + (25+5) = 535 s at most; 480 s on one GPU without onnxruntime-gpu (the
 # lent H200: those two stages skip); --quick: 30 + (70+5) + (35+5) + (20+10) = 175 s. The two
 # models' stages take one batch (1) and 100 steps: their cells are the engine's new mappings (cold Triton compiles for their
 # shapes and dtypes) and a reference of the same size as the headline's; a stage cut keeps the
@@ -295,11 +295,15 @@ if [[ $QUICK == 0 ]]; then
     else
         adm_models=(adm-cifar10) adm_batches=(1) adm_steps=1
     fi
+    # adm-imagenet64 also guided by its classifier (--classifier: engine+guided and
+    # reference+guided rows, the classifier's forward and backward in the engine's step graph).
     for model in "${adm_models[@]}"; do
-        stage "sampler-$model" 25 5 "$OUT/sampler-$model.txt" "$PYTHON" benchmarks/sampler.py \
+        guided=() limit=20
+        if [[ $model == adm-imagenet64 ]]; then guided=(--classifier) limit=35; fi
+        stage "sampler-$model" "$limit" 5 "$OUT/sampler-$model.txt" "$PYTHON" benchmarks/sampler.py \
             "$model" --device "$DEVICE" --out "$OUT" --name "sampler-$model" \
             --batch "${adm_batches[@]}" --steps "$adm_steps" --repeats 1 \
-            --dtype "${model_dtypes[@]}" --backends engine reference
+            --dtype "${model_dtypes[@]}" --backends engine reference "${guided[@]}"
     done
 
     if [[ $ort_cuda == 1 ]]; then
@@ -324,7 +328,7 @@ if [[ $QUICK == 0 ]]; then
             | tee -a "$OUT/stages.txt"
     fi
 
-    stage sampler-autotune 30 5 "$OUT/sampler-autotune.txt" "${sampler[@]}" \
+    stage sampler-autotune 25 5 "$OUT/sampler-autotune.txt" "${sampler[@]}" \
         --name sampler-autotune --batch 1 --steps "$STEPS" --repeats 2 \
         --backends reference compile-max-autotune
 fi

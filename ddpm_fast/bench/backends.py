@@ -50,6 +50,21 @@ class OnnxBackend:
         return self.samplers[sampler, steps].sample(num, batch_size=batch_size, seed=seed)
 
 
+# The backends that run classifier guidance (``--classifier``: NAME+guided rows).
+GUIDED = ("reference", "engine", "engine-eager", "engine-torch")
+GUIDED_SUFFIX = "+guided"
+
+
+class Guided:
+    """A backend's ``sample`` with a classifier guiding every step (scale 1)."""
+
+    def __init__(self, sampler, classifier):
+        self.sampler, self.classifier = sampler, classifier
+
+    def sample(self, num, **options):
+        return self.sampler.sample(num, classifier=self.classifier, classifier_scale=1.0, **options)
+
+
 def make_backend(
     name: str,
     pipeline: Pipeline,
@@ -57,8 +72,14 @@ def make_backend(
     device: str,
     workdir: Path,
     threads: int | None = None,
+    classifier=None,
 ):
-    """An object with the Pipeline's ``sample`` for the backend ``name``."""
+    """An object with the Pipeline's ``sample`` for the backend ``name`` (``NAME+guided``:
+    that backend guided by ``classifier``)."""
+    if name.endswith(GUIDED_SUFFIX):
+        base = make_backend(name.removesuffix(GUIDED_SUFFIX), pipeline, dtype, device, workdir,
+                            threads)  # fmt: skip
+        return Guided(base, classifier)
     if name == "reference":
         return pipeline
     if name.startswith("compile"):
@@ -81,6 +102,8 @@ def make_backend(
 
 def thread_plan(sampler, batch: int, pipeline: Pipeline) -> str:
     """How a CPU backend used the cores."""
+    if isinstance(sampler, Guided):
+        sampler = sampler.sampler
     if isinstance(sampler, FromDiffusersBackend):
         sampler = sampler.fast.pipeline  # its engine
     if isinstance(sampler, Engine):

@@ -15,7 +15,7 @@ from ..engine import DTYPES
 from ..errors import ConfigError
 from ..pipeline import Pipeline
 from ..samplers import SAMPLERS
-from .backends import BACKENDS, make_backend, thread_plan
+from .backends import BACKENDS, GUIDED, GUIDED_SUFFIX, make_backend, thread_plan
 from .diffusers_backend import check_diffusers_model, ddpm_scheduler_config, import_diffusers
 from .measure import (
     BusyProcesses,
@@ -25,7 +25,7 @@ from .measure import (
     timed_chain,
     torch_matmul_ceiling,
 )
-from .models import MODELS, model_pipeline
+from .models import MODELS, model_classifier, model_pipeline
 from .report import HEADER, machine, results_name, row, write_report
 
 
@@ -51,6 +51,15 @@ def run(args: argparse.Namespace, save=None) -> dict:
     """Measure every (batch, dtype, backend) cell; ``save(report)`` after each cell, so that a
     run cut short (a time limit, Ctrl-C) keeps every cell it finished."""
     pipeline = model_pipeline(args.model)
+    classifier = None
+    if getattr(args, "classifier", False):  # each guided backend twice: unguided, then guided
+        classifier = model_classifier(args.model)
+        if not set(args.backends) & set(GUIDED):
+            raise ConfigError(f"--classifier guides the {', '.join(GUIDED)} backends only")
+        if args.sampler not in ("ddpm", "ddim"):
+            raise ConfigError("--classifier: classifier guidance runs with ddpm and ddim")
+        args.backends = [b for n in args.backends
+                         for b in ((n, n + GUIDED_SUFFIX) if n in GUIDED else (n,))]  # fmt: skip
     # before any cell: a long run does not end in this error
     if {"diffusers", "from_diffusers"} & set(args.backends):
         import_diffusers()
@@ -59,10 +68,10 @@ def run(args: argparse.Namespace, save=None) -> dict:
         if args.sampler != "ddpm":
             raise ConfigError("the diffusers backends run DDPMPipeline: --sampler ddpm only")
     with tempfile.TemporaryDirectory(prefix="ddpm-fast-bench-") as workdir:
-        return _run(args, pipeline, Path(workdir), save)
+        return _run(args, pipeline, Path(workdir), save, classifier)
 
 
-def _run(args: argparse.Namespace, pipeline: Pipeline, workdir: Path, save) -> dict:
+def _run(args: argparse.Namespace, pipeline: Pipeline, workdir: Path, save, classifier=None):
     report = {
         "machine": machine(args.device),
         "model": pipeline.source,
@@ -72,6 +81,12 @@ def _run(args: argparse.Namespace, pipeline: Pipeline, workdir: Path, save) -> d
         "ceiling_flops": {},
         "results": [],
     }
+    if classifier is not None:
+        size = sum(p.numel() for p in classifier.network.parameters()) / 1e6
+        report["classifier"] = (
+            f"{classifier.source}, {size:.1f}M parameters, scale 1: the +guided rows run its "
+            "forward and backward every step"
+        )
     floors, base = {}, {}
     for batch, dtype, name in cells(args):
         if dtype not in report["ceiling_flops"]:
@@ -81,7 +96,9 @@ def _run(args: argparse.Namespace, pipeline: Pipeline, workdir: Path, save) -> d
             floors[batch] = network_floor(pipeline, batch)
         floor = floors[batch]
         with precision_flags(dtype):
-            sampler = make_backend(name, pipeline, dtype, args.device, workdir, args.threads)
+            sampler = make_backend(
+                name, pipeline, dtype, args.device, workdir, args.threads, classifier
+            )
             cpu = not args.device.startswith("cuda")
             if not cpu:
                 torch.cuda.reset_peak_memory_stats()
@@ -98,10 +115,12 @@ def _run(args: argparse.Namespace, pipeline: Pipeline, workdir: Path, save) -> d
             threads = thread_plan(sampler, batch, pipeline) if cpu else None
         del sampler  # a compiled network's graphs and an engine's buffers go before the next
         median = statistics.median(ms)
-        if name == "reference":  # the ratio of the cells measured before it, at this batch
-            base[batch] = median
+        # Guided rows are set against the guided reference, unguided ones against the reference.
+        group = (batch, name.endswith(GUIDED_SUFFIX))
+        if name.removesuffix(GUIDED_SUFFIX) == "reference":  # the cells measured before it
+            base[group] = median
             for r in report["results"]:
-                if r["batch"] == batch:
+                if (r["batch"], r["backend"].endswith(GUIDED_SUFFIX)) == group:
                     r["vs_reference"] = median / r["ms_per_step"]
         chain_s = median * args.steps / 1e3
         achieved = floor["flops"] / (median / 1e3)
@@ -119,7 +138,7 @@ def _run(args: argparse.Namespace, pipeline: Pipeline, workdir: Path, save) -> d
                 "first_call_s": first,
                 "warmup_s": max(0.0, first - chain_s),
                 "peak_memory_mb": memory,
-                "vs_reference": base[batch] / median if batch in base else None,
+                "vs_reference": base[group] / median if group in base else None,
                 "cudnn_tf32": tf32,
                 "forward_gflop": floor["flops"] / 1e9,
                 "weight_mb": floor["weight_bytes"] / 2**20,
@@ -197,6 +216,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="also time every cell with N busy processes beside it (one spinning core each)",
     )
     parser.add_argument("--threads", type=int, help="the engine's CPU threads (default: its plan)")
+    parser.add_argument(
+        "--classifier",
+        action="store_true",
+        help="classifier guidance: the reference and engine backends also guided by the model's "
+        "random-weight guided-diffusion classifier (adm-imagenet64, adm-256), scale 1 (rows "
+        "NAME+guided, set against the guided reference)",
+    )
 
 
 def main(args: argparse.Namespace) -> Path:

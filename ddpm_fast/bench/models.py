@@ -17,7 +17,9 @@ import dataclasses
 import torch
 
 from .. import load
-from ..models import adm, dd_pytorch_v1, dd_pytorch_v2, diffusers_unet2d
+from ..errors import ConfigError
+from ..guidance import Classifier
+from ..models import adm, adm_classifier, dd_pytorch_v1, dd_pytorch_v2, diffusers_unet2d
 from ..pipeline import DiffusionConfig, Pipeline
 from ..schedule import ScheduleConfig
 
@@ -136,6 +138,38 @@ MODELS = {
     ),
     "adm-256": ("guided-diffusion's unconditional 256x256 UNetModel", lambda: _adm("adm-256")),
 }
+
+
+# guided-diffusion's classifiers for the ADM models (create_classifier at their image size, the
+# README's flags: width 128, attention at 32, 16 and 8 px, attention pooling, scale-shift norm,
+# up/down ResBlocks; depth 4 at 64 px, 2 at 256), 1000 classes.
+CLASSIFIERS = {
+    "adm-imagenet64": (64, dict(num_res_blocks=4, attention_ds=(2, 4, 8),
+                                channel_mult=(1, 2, 3, 4))),
+    "adm-256": (256, dict(num_res_blocks=2, attention_ds=(8, 16, 32),
+                          channel_mult=(1, 1, 2, 2, 4, 4))),
+}  # fmt: skip
+
+
+def model_classifier(model: str) -> Classifier:
+    """The random-weight classifier (seed 0) of a model of ``CLASSIFIERS``, for ``--classifier``."""
+    if model not in CLASSIFIERS:
+        raise ConfigError(
+            f"--classifier: the bench has classifiers for {', '.join(CLASSIFIERS)}, not {model}"
+        )
+    size, fields = CLASSIFIERS[model]
+    config = adm_classifier.ClassifierConfig(
+        in_channels=3, model_channels=128, num_classes=1000, conv_resample=True,
+        use_scale_shift_norm=True, resblock_updown=True, pool="attention",
+        pool_size=size // 2 ** (len(fields["channel_mult"]) - 1), **fields,
+    )  # fmt: skip
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        network = adm_classifier.EncoderUNet(config)
+        with torch.no_grad():
+            for p in network.parameters():
+                p.normal_(0.0, 0.02)
+    return Classifier(network, size, source=f"{model}'s classifier (random weights)")
 
 
 def model_pipeline(model: str) -> Pipeline:

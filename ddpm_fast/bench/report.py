@@ -91,6 +91,7 @@ def markdown(report: dict) -> str:
         "- fp32 rows: cuDNN TF32 off for every backend (the engine's fp32); sampler "
         f"{report.get('sampler', 'ddpm')}, steps per chain: "
         + ", ".join(sorted({str(r["steps"]) for r in results})),
+        *([f"- classifier: {report['classifier']}"] if report.get("classifier") else []),
         f"- command: `{m['command']}`",
         "",
         *HEADER,
