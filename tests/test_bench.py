@@ -116,8 +116,9 @@ def test_each_cell_is_saved_and_fp32_runs_without_tf32(tmp_path, monkeypatch):
     seen, saved = [], []
     make = bench.make_backend
 
-    def recording(name, pipeline, dtype, device, workdir, threads=None):
-        return Recorder(make(name, pipeline, dtype, device, workdir, threads), seen, name, dtype)
+    def recording(name, pipeline, dtype, device, workdir, threads=None, classifier=None):
+        sampler = make(name, pipeline, dtype, device, workdir, threads, classifier=classifier)
+        return Recorder(sampler, seen, name, dtype)
 
     monkeypatch.setattr(cli, "make_backend", recording)
     # a bf16 4096^3 is slow on CPUs
@@ -389,3 +390,29 @@ def test_the_diffusers_backend_is_timed_like_the_others(tmp_path):
         3, batch_size=3, steps=2, seed=0, device="cpu"
     )
     assert images.shape == (3, 3, 32, 32) and images.min() >= 0 and images.max() <= 1
+
+
+def test_classifier_adds_guided_rows_set_against_the_guided_reference(tmp_path, monkeypatch):
+    """--classifier: each guided backend twice (unguided, then +guided), ratios within each."""
+    from ddpm_fast.bench import models as bench_models
+
+    adm = Path(__file__).parent / "fixtures" / "adm"
+    flags = json.loads((adm / "guided_uncond.json").read_text())
+    pipeline = ddpm_fast.load(adm / "guided_uncond.pt", **flags)
+    classifier_flags = json.loads((adm / "classifier_attention.json").read_text())
+    guide = ddpm_fast.load_classifier(
+        adm / "classifier_attention.pt", num_head_channels=16, **classifier_flags
+    )
+    monkeypatch.setattr(cli, "model_pipeline", lambda model: pipeline)
+    monkeypatch.setattr(cli, "model_classifier", lambda model: guide)
+    monkeypatch.setattr(cli, "torch_matmul_ceiling", lambda *a: 1e9)
+    args = bench_args(tmp_path, batch=[1], repeats=1, steps=2, classifier=True)
+    report = cli.run(args)
+    rows = {r["backend"]: r for r in report["results"]}
+    assert list(rows) == ["engine", "engine+guided", "reference", "reference+guided"]
+    assert rows["reference+guided"]["vs_reference"] == 1.0 == rows["reference"]["vs_reference"]
+    guided = rows["reference+guided"]["ms_per_step"] / rows["engine+guided"]["ms_per_step"]
+    assert rows["engine+guided"]["vs_reference"] == pytest.approx(guided)
+    assert "classifier" in report
+    with pytest.raises(ConfigError, match="has classifiers for"):
+        bench_models.model_classifier("cifar10")

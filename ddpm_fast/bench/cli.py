@@ -97,7 +97,7 @@ def _run(args: argparse.Namespace, pipeline: Pipeline, workdir: Path, save, clas
         floor = floors[batch]
         with precision_flags(dtype):
             sampler = make_backend(
-                name, pipeline, dtype, args.device, workdir, args.threads, classifier
+                name, pipeline, dtype, args.device, workdir, args.threads, classifier=classifier
             )
             cpu = not args.device.startswith("cuda")
             if not cpu:
