@@ -33,8 +33,9 @@ def classifier(name: str, **changes) -> ddpm_fast.guidance.Classifier:
     return ddpm_fast.load_classifier(FIXTURES / f"{name}.pt", **options)
 
 
-def model(name: str) -> ddpm_fast.Pipeline:
-    return ddpm_fast.load(FIXTURES / f"{name}.pt", **flags(name))
+def model(name: str, changes: str = "{}") -> ddpm_fast.Pipeline:
+    """A fixture model, with the flags a chain changed (``changes``: JSON)."""
+    return ddpm_fast.load(FIXTURES / f"{name}.pt", **{**flags(name), **json.loads(changes)})
 
 
 @pytest.mark.parametrize("name", sorted(FORWARD))
@@ -51,7 +52,7 @@ def test_the_classifier_forward_is_the_librarys(name):
 @pytest.mark.parametrize("key", sorted(CHAINS))
 def test_guided_chains_are_the_librarys(key):
     case = CHAINS[key]
-    pipeline = model(case["model"])
+    pipeline = model(case["model"], case["changes"])
     options = dict(timestep_respacing=case["timestep_respacing"], sampler=case["sampler"],
                    seed=case["seed"], class_labels=case["labels"].tolist())  # fmt: skip
     if case["eta"]:
@@ -81,7 +82,7 @@ def test_engine_guided_chains_are_the_librarys(key, dtype):
                    seed=case["seed"], class_labels=case["labels"].tolist())  # fmt: skip
     if case["eta"]:
         options["eta"] = case["eta"]
-    engine = Engine(model(case["model"]), dtype=dtype)
+    engine = Engine(model(case["model"], case["changes"]), dtype=dtype)
     guide = classifier(case["classifier"])
     images = engine.sample(
         2, classifier=guide, classifier_scale=case["classifier_scale"], **options
@@ -91,6 +92,18 @@ def test_engine_guided_chains_are_the_librarys(key, dtype):
         assert error <= TOLERANCE
     else:  # seen: 7e-4 to 1.7e-3
         assert error <= 5e-3 and error < (case["final"] - case["unguided"]).abs().max()
+
+
+def test_labels_are_drawn_per_sample_index_for_the_classifier():
+    """No labels: guided towards the labels drawn from the seed, as class-conditional models."""
+    from ddpm_fast.class_labels import draw_labels
+
+    pipeline = model("guided_uncond")
+    guide = dict(classifier=classifier("classifier_adaptive"), classifier_scale=10.0, steps=4)
+    drawn = pipeline.sample(3, seed=2, **guide)
+    given = pipeline.sample(3, seed=2, class_labels=draw_labels(2, range(3), 1000), **guide)
+    other = pipeline.sample(3, seed=2, class_labels=[5, 6, 7], **guide)
+    assert torch.equal(drawn, given) and (drawn - other).abs().max() > 10 * TOLERANCE
 
 
 def test_the_classifier_flags_are_read_and_checked():
@@ -173,8 +186,10 @@ def test_the_guided_step_in_a_cuda_graph_is_the_librarys(key):
         options["eta"] = case["eta"]
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a failed capture warns: fail instead
-        graphed = Engine(model(case["model"]), cuda_graph=True).sample(2, **options)
-    eager = Engine(model(case["model"]), cuda_graph=False).sample(2, **options)
+        graphed = Engine(model(case["model"], case["changes"]), cuda_graph=True).sample(
+            2, **options
+        )
+    eager = Engine(model(case["model"], case["changes"]), cuda_graph=False).sample(2, **options)
     assert (graphed - eager).abs().max() <= 1e-5
     assert (graphed - case["final"]).abs().max() <= TOLERANCE
 
