@@ -353,14 +353,18 @@ class OrtChain:
         return self.chain.thread_invariant(shape, threads)
 
     def run_eager(
-        self, x, keys, seed: int, indices: range, on_step, labels=None, noise=None
-    ) -> torch.Tensor:
+        self, x, keys, seed: int, indices: range, on_step, labels=None, noise=None,
+        guidance=None,
+    ) -> torch.Tensor:  # fmt: skip
         """The chain from x_T = ``x`` (the engine draws it with NumPy for these chains, see
         ``Engine._initial_noise``); ``keys`` is unused (the noise is keyed by seed and indices,
-        or given: ``noise.of_step(k)``, CPU tensors). ``labels`` is None: class-conditional
-        models never run here (``Engine.executor``)."""
+        or given: ``noise.of_step(k)``, CPU tensors). ``labels`` and ``guidance`` are None:
+        class-conditional models (``Engine.executor``) and guided chains (``Engine.prepare``'s
+        ``torch_step``) never run here."""
         if labels is not None:
             raise ValueError("the executor file takes no class labels")
+        if guidance is not None:
+            raise ValueError("ONNX Runtime cannot differentiate the classifier")
         state = x.detach().cpu().numpy()
         steps = None if noise is None else NumpyNoise(noise)
         x_0 = self.chain.run(state, seed, indices, torch.get_num_threads, on_step, noise=steps)
