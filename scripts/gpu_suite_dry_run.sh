@@ -71,7 +71,8 @@ stages = list(ended)
 expected = ["sampler-headline", "gpu-tests", "kernels"]
 if mode == "full":
     expected += ["sampler-steps", "sampler-compile", "sampler-ddpm-cifar10",
-                 "sampler-dd2-cifar10", "sampler-onnx", "sampler-torchrun", "sampler-autotune"]
+                 "sampler-dd2-cifar10", "sampler-adm-cifar10", "sampler-onnx", "sampler-torchrun",
+                 "sampler-autotune"]
 assert stages == expected, stages
 # A loaded CPU can cut the headline before its first cell; a cell saved is in the right place.
 headline = out / "sampler-headline.json"

@@ -416,3 +416,26 @@ def test_classifier_adds_guided_rows_set_against_the_guided_reference(tmp_path, 
     assert "classifier" in report
     with pytest.raises(ConfigError, match="has classifiers for"):
         bench_models.model_classifier("cifar10")
+
+
+def test_the_cost_model_counts_the_engines_launches_and_adds_them_up():
+    """step_cost on the meta device: the launches do not depend on the batch, the bytes and
+    FLOPs grow with it, and a prediction is its launches' roofline times plus their cost."""
+    import dataclasses
+
+    from ddpm_fast.bench import step_cost
+
+    pipeline = ddpm_fast.load()
+    one, four = (step_cost.count_step(pipeline, b) for b in (1, 4))
+    assert one.counts() == four.counts() and one.total > 10
+    assert one.bytes < four.bytes and one.flops < four.flops
+    assert one.counts()["triton sampler_step_kernel"] == 1
+    gpu = step_cost.GPUS["H100"]
+    p = step_cost.predict(four, gpu, "fp32")
+    assert p.launch_s == pytest.approx(four.total * gpu.launch_s)
+    free = step_cost.predict(four, dataclasses.replace(gpu, launch_s=0.0), "fp32")
+    assert p.step_s == pytest.approx(free.step_s + p.launch_s)
+    # sum of max(bytes / bandwidth, flops / peak) >= all the bytes at the bandwidth
+    assert free.step_s >= four.bytes / gpu.bandwidth * (1 - 1e-9)
+    half = step_cost.count_step(pipeline, 4, torch.bfloat16)
+    assert half.bytes < four.bytes  # bf16 activations and weights

@@ -6,12 +6,12 @@ precision."""
 from __future__ import annotations
 
 import collections
+import copy
 import warnings
 
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import ddpm_fast
 from ddpm_fast.engine import Engine, FastUnet
@@ -109,59 +109,16 @@ def test_the_cpu_convolutions_are_the_convolutions():
         assert rel_error(fast(x), want) <= 1e-5  # the planned path, second call
 
 
-class LaunchCounter(TorchDispatchMode):
-    """ATen ops by name that would each launch work on a GPU: all but views and allocations; a
-    convolution with a bias adds one (CUDA's adds its bias in a kernel of its own)."""
-
-    def __init__(self):
-        super().__init__()
-        self.ops = collections.Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = func.overloadpacket.__name__
-        if not (func.is_view or name.startswith("empty") or name in ("detach", "alias")):
-            self.ops[name] += 1
-            if name == "convolution" and args[2] is not None:
-                self.ops["convolution bias"] += 1
-        return func(*args, **(kwargs or {}))
-
-
 def gpu_step_launches(
     network: FastUnet, monkeypatch, batch: int = 1, size: int = 32
 ) -> collections.Counter:
     """Launches of one engine step (network and sampler update) as the GPU path makes them,
-    counted on the CPU: ATen ops through :class:`LaunchCounter`, and each Triton kernel, with every
-    launcher forced to its kernel and the kernel replaced by a stand-in that counts and runs
-    nothing (the values are garbage; the sequence of launches does not depend on them)."""
-    from ddpm_fast.kernels import channel_norm, group_norm, linear_attention, sampler_step
+    counted on the meta device (``ddpm_fast.bench.step_cost``: ATen ops and every Triton kernel,
+    each launcher forced to its kernel)."""
+    from ddpm_fast.bench import step_cost
 
-    counter = LaunchCounter()
-
-    class Kernel:
-        def __init__(self, name: str):
-            self.name = name
-
-        def __getitem__(self, grid):
-            def launch(*args, **kwargs):
-                counter.ops[f"triton {self.name}"] += 1
-
-            return launch
-
-    for module in (channel_norm, group_norm, linear_attention, sampler_step):
-        monkeypatch.setattr(module, "use_triton", lambda backend, x, kernel: True)
-        for name in dir(module):
-            if name.startswith("_") and name.endswith("_kernel"):
-                monkeypatch.setattr(module, name, Kernel(name.strip("_")))
-    c = network.channels
-    x, x0 = torch.randn(batch, c, size, size), torch.empty(batch, c, size, size)
-    step = torch.zeros(1, dtype=torch.int64)
-    coeffs = torch.zeros(1, sampler_step.NUM_COEFFICIENTS)
-    keys = torch.zeros(batch, dtype=torch.int64)
-    labels = {"class_labels": keys} if network.class_conditional else {}
-    with torch.no_grad(), counter:
-        out = network(x, step, **labels)
-        sampler_step.sampler_step(out, x, coeffs, step, keys, out=(x, x0))
-    return counter.ops
+    shape = (batch, network.channels, size, size)
+    return step_cost.count_network(copy.deepcopy(network), shape).counts()
 
 
 @pytest.mark.parametrize("model", ["adm-cifar10", "adm-imagenet64"])
