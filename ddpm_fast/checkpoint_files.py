@@ -6,6 +6,7 @@ file's weights and checked before it holds them. ``checkpoints`` (single files) 
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -112,6 +113,17 @@ def check_weights(path: Path, network: torch.nn.Module, weights: dict[str, torch
     bad = [k for k, v in weights.items() if not torch.isfinite(v).all()]
     if bad:
         raise CheckpointError(f"{path}: NaN or infinite values in {listing(bad)}")
+
+
+def weights_sha256(network: torch.nn.Module) -> str:
+    """The SHA-256 of a network's state_dict: keys, dtypes, shapes and bytes (what a run
+    manifest records of the weights that fixed its images)."""
+    digest = hashlib.sha256()
+    for key, tensor in sorted(network.state_dict().items()):
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{key} {tensor.dtype} {list(tensor.shape)}\n".encode())
+        digest.update(tensor.flatten().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def build_network(path: Path, family, config, weights: dict[str, torch.Tensor]) -> torch.nn.Module:

@@ -194,9 +194,11 @@ class FastDiffusersPipeline:
             batch_size, steps=steps, batch_size=batch_size, device=self._device, noise=noise,
             progress=dict(self._progress_bar_config), **options,
         )  # fmt: skip
-        images = images.to(self._device, self.unet_dtype)
-        if output_type != "pt":
-            images = images.cpu().permute(0, 2, 3, 1).numpy()
+        images = images.to(self.unet_dtype)  # in the unet's dtype, as diffusers gives them
+        if output_type == "pt":
+            images = images.to(self._device)
+        else:
+            images = images.permute(0, 2, 3, 1).numpy()
             if output_type == "pil":
                 images = _numpy_to_pil(images)
         if not return_dict:

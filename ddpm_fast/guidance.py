@@ -16,14 +16,19 @@ times the diffusion model's ``timestep_scale`` where it rescales timesteps. Labe
 from __future__ import annotations
 
 import copy
-import hashlib
 import os
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from .checkpoint_files import check_weights, file_kind, read_safetensors, read_torch
+from .checkpoint_files import (
+    check_weights,
+    file_kind,
+    read_safetensors,
+    read_torch,
+    weights_sha256,
+)
 from .errors import CheckpointError, ConfigError
 from .models import adm_classifier
 from .options import check_real
@@ -55,12 +60,7 @@ class Classifier:
 
     def identity(self) -> dict:
         """What a run manifest records of it: a hash of its weights and its config."""
-        digest = hashlib.sha256()
-        for key, tensor in sorted(self.network.state_dict().items()):
-            tensor = tensor.detach().cpu().contiguous()
-            digest.update(f"{key} {tensor.dtype} {list(tensor.shape)}\n".encode())
-            digest.update(tensor.flatten().view(torch.uint8).numpy().tobytes())
-        return {"weights_sha256": digest.hexdigest(), "network": self.config.to_dict(),
+        return {"weights_sha256": weights_sha256(self.network), "network": self.config.to_dict(),
                 "image_size": self.image_size}  # fmt: skip
 
     def on(self, device: torch.device) -> adm_classifier.EncoderUNet:

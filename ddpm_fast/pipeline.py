@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import hashlib
 import math
 import os
 from collections.abc import Callable, Iterator
@@ -13,6 +12,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .checkpoint_files import weights_sha256
 from .class_labels import check_labels, labels_for, run_labels
 from .errors import ConfigError, NonFiniteError
 from .generator_noise import GeneratorNoise, check_generators, generator_noise, resolve_noise
@@ -375,6 +375,7 @@ class Pipeline:
     ) -> Iterator[tuple[range, torch.Tensor]]:
         """Yield (sample indices, images in [0, 1]) one batch at a time; see ``sample``."""
         num = check_int("the number of images", num, minimum=1)
+        seed = check_seed(check_int("seed", seed))
         noise = resolve_noise(noise, generator)
         if noise == "torch-generator":
             if initial_noise is not None:
@@ -384,12 +385,11 @@ class Pipeline:
                     "start_index picks samples of the Philox stream; a generator's stream has "
                     "no indices (use noise='philox')"
                 )
-            generator = check_generators(generator, num, check_seed(check_int("seed", seed)))
+            generator = check_generators(generator, num, seed)
             batch_size = num if batch_size is None else batch_size  # diffusers: one batch
         batch_size = resolve_batch_size(num, batch_size)
         # Sample indices are the high 32 bits of the Philox key.
         start_index = check_int("start_index", start_index, minimum=0, maximum=2**32 - num)
-        seed = check_seed(check_int("seed", seed))
         spec = self.sampler_spec(sampler, steps, eta, timestep_spacing, timestep_respacing)
         device = resolve_device(device, self.device)
         if initial_noise is not None:
@@ -445,14 +445,9 @@ class Pipeline:
 
     def identity(self) -> dict:
         """What fixes this model's images: a hash of its weights, and its config."""
-        digest = hashlib.sha256()
-        for key, tensor in sorted(self.network.state_dict().items()):
-            tensor = tensor.detach().cpu().contiguous()
-            digest.update(f"{key} {tensor.dtype} {list(tensor.shape)}\n".encode())
-            digest.update(tensor.flatten().view(torch.uint8).numpy().tobytes())
         config = self.config
         return {
-            "weights_sha256": digest.hexdigest(),
+            "weights_sha256": weights_sha256(self.network),
             "family": config.family,
             "network": config.to_dict(),
             "diffusion": self.diffusion.to_dict(),

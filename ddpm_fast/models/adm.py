@@ -582,35 +582,32 @@ def _library(weights_say: dict, options: dict) -> tuple[str, bool]:
     return "improved-diffusion", True
 
 
-def _shape_fields(weights: dict[str, torch.Tensor]) -> list[dict]:
-    """The configs' fields that the weight shapes fix: one candidate per count of res blocks
-    the block count allows (the caller keeps the one whose layout fits every key)."""
+def encoder_layouts(weights: dict[str, torch.Tensor], blocks: int) -> list[dict]:
+    """The fields of the down half (input blocks) that the weight shapes fix, one candidate per
+    count of res blocks that ``blocks`` = levels * (res blocks + 1) allows: a UNetModel's output
+    blocks, or an EncoderUNetModel's input blocks (the caller keeps the candidate whose layout
+    fits every key)."""
     mc = weights["time_embed.0.weight"].shape[1]
-    n_out = _blocks(weights, "output_blocks")
-    first = weights["input_blocks.0.0.weight"]
     candidates = []
-    for nrb in range(1, n_out):
-        if n_out % (nrb + 1):
+    for nrb in range(1, blocks):
+        if blocks % (nrb + 1):
             continue
-        levels = n_out // (nrb + 1)
+        levels = blocks // (nrb + 1)
         starts = [1 + level * (nrb + 1) for level in range(levels)]
         try:
             widths = [weights[f"input_blocks.{i}.0.in_layers.2.weight"].shape[0] for i in starts]
+            emb = weights["input_blocks.1.0.emb_layers.1.weight"].shape[0]
         except KeyError:
             continue
         down = f"input_blocks.{starts[0] + nrb}.0" if levels > 1 else None
         updown = down is not None and f"{down}.in_layers.0.weight" in weights
-        emb = weights["input_blocks.1.0.emb_layers.1.weight"].shape[0]
         candidates.append(dict(
-            in_channels=first.shape[1],
+            in_channels=weights["input_blocks.0.0.weight"].shape[1],
             model_channels=mc,
-            out_channels=weights["out.2.weight"].shape[0],
             num_res_blocks=nrb,
             attention_ds=tuple(2**level for level, i in enumerate(starts)
                                if f"input_blocks.{i}.1.qkv.weight" in weights),
             channel_mult=tuple(w // mc if w % mc == 0 else w / mc for w in widths),
-            num_classes=weights["label_emb.weight"].shape[0] if "label_emb.weight" in weights
-            else None,
             use_scale_shift_norm=emb == 2 * widths[0],
             resblock_updown=updown,
             conv_resample=updown or down is None or f"{down}.op.weight" in weights,
@@ -618,9 +615,20 @@ def _shape_fields(weights: dict[str, torch.Tensor]) -> list[dict]:
     return candidates
 
 
-def _fits(config: UnetConfig, weights: dict[str, torch.Tensor]) -> bool:
+def _shape_fields(weights: dict[str, torch.Tensor]) -> list[dict]:
+    """The configs' fields that the weight shapes fix (``encoder_layouts`` plus the head)."""
+    labels = weights.get("label_emb.weight")
+    head = dict(out_channels=weights["out.2.weight"].shape[0],
+                num_classes=None if labels is None else labels.shape[0])  # fmt: skip
+    return [{**fields_, **head}
+            for fields_ in encoder_layouts(weights, _blocks(weights, "output_blocks"))]  # fmt: skip
+
+
+def fits(network: type[nn.Module], config, weights: dict[str, torch.Tensor]) -> bool:
+    """Whether ``network(config)``, laid out on the meta device, has the weights' keys and
+    shapes."""
     with torch.device("meta"):
-        skeleton = Unet(config)
+        skeleton = network(config)
     expected = {k: v.shape for k, v in skeleton.state_dict().items()}
     return expected == {k: v.shape for k, v in weights.items()}
 
@@ -669,7 +677,7 @@ def infer_config(weights: dict[str, torch.Tensor], **options) -> UnetConfig:
             if len(candidates) == 1:
                 raise
             continue
-        if _fits(config, weights):
+        if fits(Unet, config, weights):
             fitting.append(config)
     if len(fitting) != 1:
         # One error naming the keys: build the first candidate and let strict loading say.

@@ -29,6 +29,9 @@ from .adm import (
     QKVAttention,
     ResBlock,
     TimestepEmbedSequential,
+    _blocks,
+    encoder_layouts,
+    fits,
     normalization,
     timestep_embedding,
 )
@@ -196,46 +199,21 @@ def _pool(weights: dict[str, torch.Tensor]) -> str:
 
 
 def _candidates(weights: dict[str, torch.Tensor], pool: str, head_channels: int) -> list:
-    mc = weights["time_embed.0.weight"].shape[1]
-    n_in = 1 + max(int(k.split(".")[1]) for k in weights if k.startswith("input_blocks."))
+    """The configs whose layout fits every key: the ADM down half's (``adm.encoder_layouts``)
+    with this head."""
     classes_key = "out.2.c_proj.weight" if pool == "attention" else "out.3.weight"
+    pool_size = 0
+    if pool == "attention":
+        pool_size = math.isqrt(weights["out.2.positional_embedding"].shape[1] - 1)
+    head = dict(num_classes=weights[classes_key].shape[0], pool=pool, pool_size=pool_size,
+                num_head_channels=head_channels)  # fmt: skip
     found = []
-    for nrb in range(1, n_in):
-        if n_in % (nrb + 1):
-            continue
-        levels = n_in // (nrb + 1)
-        starts = [1 + level * (nrb + 1) for level in range(levels)]
+    for fields_ in encoder_layouts(weights, _blocks(weights, "input_blocks")):
         try:
-            widths = [weights[f"input_blocks.{i}.0.in_layers.2.weight"].shape[0] for i in starts]
-            emb = weights["input_blocks.1.0.emb_layers.1.weight"].shape[0]
-        except KeyError:
-            continue
-        down = f"input_blocks.{starts[0] + nrb}.0" if levels > 1 else None
-        updown = down is not None and f"{down}.in_layers.0.weight" in weights
-        pool_size = 0
-        if pool == "attention":
-            pool_size = math.isqrt(weights["out.2.positional_embedding"].shape[1] - 1)
-        try:
-            config = ClassifierConfig(
-                in_channels=weights["input_blocks.0.0.weight"].shape[1],
-                model_channels=mc,
-                num_classes=weights[classes_key].shape[0],
-                num_res_blocks=nrb,
-                attention_ds=tuple(2**level for level, i in enumerate(starts)
-                                   if f"input_blocks.{i}.1.qkv.weight" in weights),
-                channel_mult=tuple(w // mc if w % mc == 0 else w / mc for w in widths),
-                conv_resample=updown or down is None or f"{down}.op.weight" in weights,
-                use_scale_shift_norm=emb == 2 * widths[0],
-                resblock_updown=updown,
-                pool=pool,
-                pool_size=pool_size,
-                num_head_channels=head_channels,
-            )  # fmt: skip
+            config = ClassifierConfig(**fields_, **head)
         except ConfigError:
             continue
-        with torch.device("meta"):
-            expected = {k: v.shape for k, v in EncoderUNet(config).state_dict().items()}
-        if expected == {k: v.shape for k, v in weights.items()}:
+        if fits(EncoderUNet, config, weights):
             found.append(config)
     return found
 
