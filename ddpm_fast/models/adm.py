@@ -558,7 +558,7 @@ def remap_keys(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return weights
 
 
-def _blocks(weights: dict, prefix: str) -> int:
+def count_blocks(weights: dict, prefix: str) -> int:
     """How many ``prefix.N`` blocks hold weights (the highest N + 1)."""
     found = [int(k.split(".")[1]) for k in weights if k.startswith(f"{prefix}.")]
     return max(found) + 1 if found else 0
@@ -620,8 +620,8 @@ def _shape_fields(weights: dict[str, torch.Tensor]) -> list[dict]:
     labels = weights.get("label_emb.weight")
     head = dict(out_channels=weights["out.2.weight"].shape[0],
                 num_classes=None if labels is None else labels.shape[0])  # fmt: skip
-    return [{**fields_, **head}
-            for fields_ in encoder_layouts(weights, _blocks(weights, "output_blocks"))]  # fmt: skip
+    layouts = encoder_layouts(weights, count_blocks(weights, "output_blocks"))
+    return [{**fields_, **head} for fields_ in layouts]
 
 
 def fits(network: type[nn.Module], config, weights: dict[str, torch.Tensor]) -> bool:
@@ -638,7 +638,7 @@ def infer_config(weights: dict[str, torch.Tensor], **options) -> UnetConfig:
     num_heads, num_head_channels, num_heads_upsample, use_new_attention_order,
     rescale_timesteps with diffusion_steps, library; flags the weights fix are checked against
     them (a ConfigError naming both)."""
-    if "out.2.weight" not in weights or not _blocks(weights, "output_blocks"):
+    if "out.2.weight" not in weights or not count_blocks(weights, "output_blocks"):
         raise CheckpointError(
             "a guided-diffusion classifier (EncoderUNetModel), not a diffusion model: load it "
             "with ddpm_fast.load_classifier and pass it as classifier="

@@ -29,7 +29,7 @@ from .adm import (
     QKVAttention,
     ResBlock,
     TimestepEmbedSequential,
-    _blocks,
+    count_blocks,
     encoder_layouts,
     fits,
     normalization,
@@ -208,7 +208,7 @@ def _candidates(weights: dict[str, torch.Tensor], pool: str, head_channels: int)
     head = dict(num_classes=weights[classes_key].shape[0], pool=pool, pool_size=pool_size,
                 num_head_channels=head_channels)  # fmt: skip
     found = []
-    for fields_ in encoder_layouts(weights, _blocks(weights, "input_blocks")):
+    for fields_ in encoder_layouts(weights, count_blocks(weights, "input_blocks")):
         try:
             config = ClassifierConfig(**fields_, **head)
         except ConfigError:
