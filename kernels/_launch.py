@@ -105,15 +105,46 @@ def check_param(name: str, t: torch.Tensor, x: torch.Tensor) -> None:
         raise TypeError(f"{name} must be {x.dtype} (the input's) or float32, got {t.dtype}")
 
 
-def check_out(out: torch.Tensor, shape: tuple[int, ...], x: torch.Tensor) -> None:
-    """``out`` has the result's shape and the input's dtype and device."""
+def check_out(
+    out: torch.Tensor, shape: tuple[int, ...], x: torch.Tensor, also: torch.dtype | None = None
+) -> None:
+    """``out`` has the result's shape and the input's dtype (or ``also``) and device."""
     if not isinstance(out, torch.Tensor):
         raise TypeError(f"out must be a torch.Tensor, got {type(out).__name__}")
-    if tuple(out.shape) != tuple(shape) or out.dtype != x.dtype or out.device != x.device:
+    dtype_ok = out.dtype in (x.dtype, also)
+    if tuple(out.shape) != tuple(shape) or not dtype_ok or out.device != x.device:
         raise ValueError(
             f"out must be {tuple(shape)} {x.dtype} on {x.device}, "
             f"got {tuple(out.shape)} {out.dtype} on {out.device}"
         )
+
+
+def check_residual(
+    residual: torch.Tensor | None, residual_bias: torch.Tensor | None, x: torch.Tensor
+) -> None:
+    """A residual added to an op's output: x's shape (any layout), and an optional [C] bias
+    that comes with it (a residual conv's, taken off that conv)."""
+    if residual is None:
+        if residual_bias is not None:
+            raise ValueError("residual_bias needs a residual")
+        return
+    check_param("residual", residual, x)
+    if residual.shape != x.shape:
+        raise ValueError(f"residual must be {tuple(x.shape)} like x, got {tuple(residual.shape)}")
+    if residual_bias is not None:
+        per_channel("residual_bias", residual_bias, x, x.shape[1])
+
+
+def add_residual(
+    y: torch.Tensor, residual: torch.Tensor | None, residual_bias: torch.Tensor | None
+) -> torch.Tensor:
+    """The PyTorch form of a kernel's residual epilogue: ``y + residual (+ residual_bias)``."""
+    if residual is None:
+        return y
+    y = y + residual.to(y.dtype)
+    if residual_bias is not None:
+        y = y + residual_bias.to(y.dtype).reshape(1, -1, *([1] * (y.dim() - 2)))
+    return y
 
 
 def per_channel(name: str, t: torch.Tensor, x: torch.Tensor, channels: int) -> torch.Tensor:
@@ -247,6 +278,9 @@ def _probe():
 # The interpreter (triton 3.x) casts fp32 to bf16 by truncation where GPUs round to nearest even;
 # under it, the kernels round explicitly, so that CPU tests measure the numbers a GPU computes.
 ROUND_BF16_EXPLICITLY = tl.constexpr(HAS_TRITON and is_interpreted(_probe))
+# The interpreter's tl.dot on bf16 operands is wrong (numpy has no bf16); kernels then multiply the
+# same bf16 values in fp32, whose products are exact: the sums a GPU's bf16 dot makes.
+INTERPRETED = ROUND_BF16_EXPLICITLY
 
 
 @jit

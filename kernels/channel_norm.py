@@ -19,11 +19,13 @@ import torch
 import torch.nn.functional as F
 
 from ._launch import (
+    add_residual,
     cast_to,
     cdiv,
     check_grid,
     check_input,
     check_out,
+    check_residual,
     device_guard,
     jit,
     num_warps,
@@ -51,9 +53,13 @@ def layer_norm_eps(dtype: torch.dtype) -> float:
 def _channel_norm_kernel(
     x_ptr,
     y_ptr,
+    y2_ptr,
     g_ptr,
     sc_ptr,
     sh_ptr,
+    pb_ptr,
+    r_ptr,
+    rb_ptr,
     C,
     HW,
     eps,
@@ -64,6 +70,12 @@ def _channel_norm_kernel(
     syN,
     syC,
     syS,
+    sy2N,
+    sy2C,
+    sy2S,
+    srN,
+    srC,
+    srS,
     sg,
     sscN,
     sscC,
@@ -75,9 +87,14 @@ def _channel_norm_kernel(
     HAS_SCALE: tl.constexpr,
     HAS_SHIFT: tl.constexpr,
     SILU: tl.constexpr,
+    HAS_PRE_BIAS: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,
+    HAS_RES_BIAS: tl.constexpr,
+    HAS_OUT2: tl.constexpr,
 ):
     """Program (block of pixels, sample): the pixels along x, whose limit is 2**31 - 1 programs,
-    not y's 65535. CENTER: LayerNorm, else RMSNorm (F.normalize)."""
+    not y's 65535. CENTER: LayerNorm, else RMSNorm (F.normalize). The pre-bias (a conv's bias)
+    is added before the statistics, the residual after everything."""
     n = tl.program_id(1).to(tl.int64)
     offs_s = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)
     offs_c = tl.arange(0, BLOCK_C)
@@ -85,6 +102,9 @@ def _channel_norm_kernel(
     mask = mask_c[:, None] & (offs_s < HW)[None, :]
     x_ptrs = x_ptr + n * sxN + offs_c[:, None] * sxC + offs_s[None, :] * sxS
     x = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_PRE_BIAS:
+        pb = tl.load(pb_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32)
+        x = tl.where(mask, x + pb[:, None], 0.0)
     if CENTER:
         # Shift by a first estimate of the mean, so that the mean and the variance are of
         # values of the spread's magnitude, however large the mean is.
@@ -107,8 +127,16 @@ def _channel_norm_kernel(
         y = y + sh[:, None]
     if SILU:
         y = silu(y)
+    if HAS_RESIDUAL:
+        r_ptrs = r_ptr + n * srN + offs_c[:, None] * srC + offs_s[None, :] * srS
+        y += tl.load(r_ptrs, mask=mask, other=0.0).to(tl.float32)
+        if HAS_RES_BIAS:
+            y += tl.load(rb_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32)[:, None]
     y_ptrs = y_ptr + n * syN + offs_c[:, None] * syC + offs_s[None, :] * syS
     tl.store(y_ptrs, cast_to(y, y_ptr.dtype.element_ty), mask=mask)
+    if HAS_OUT2:
+        y2_ptrs = y2_ptr + n * sy2N + offs_c[:, None] * sy2C + offs_s[None, :] * sy2S
+        tl.store(y2_ptrs, cast_to(y, y2_ptr.dtype.element_ty), mask=mask)
 
 
 def channel_norm_settings(channels: int, positions: int) -> dict:
@@ -134,6 +162,10 @@ def _launch(
     eps: float,
     gain: float,
     act: str | None,
+    pre_bias: torch.Tensor | None = None,
+    residual: torch.Tensor | None = None,
+    residual_bias: torch.Tensor | None = None,
+    also_out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     n, c, h, w = x.shape
     if out is None:
@@ -143,26 +175,51 @@ def _launch(
     sx, sy = spatial_strides("x", x), spatial_strides("out", out)
     sc = x if scale is None else scale
     sh = x if shift is None else shift
+    pb = x if pre_bias is None else pre_bias
+    r = x if residual is None else residual
+    sr = spatial_strides("residual", r)
+    rb = x if residual_bias is None else residual_bias
+    y2 = out if also_out is None else also_out
+    sy2 = spatial_strides("also_out", y2)
     settings = channel_norm_settings(c, h * w)
     grid = channel_norm_grid(n, h * w, settings["BLOCK_S"])
     with device_guard(x):
         _channel_norm_kernel[grid](
-            x, out, g, sc, sh, c, h * w, eps, gain, *sx, *sy, g.stride(0),
+            x, out, y2, g, sc, sh, pb, r, rb, c, h * w, eps, gain, *sx, *sy, *sy2, *sr,
+            g.stride(0),
             sc.stride(0), sc.stride(1), sh.stride(0), sh.stride(1),
             CENTER=center, HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None,
-            SILU=act == "silu", **settings,
+            SILU=act == "silu", HAS_PRE_BIAS=pre_bias is not None,
+            HAS_RESIDUAL=residual is not None, HAS_RES_BIAS=residual_bias is not None,
+            HAS_OUT2=also_out is not None, **settings,
         )  # fmt: skip
     return out
 
 
-def _check(x: torch.Tensor, g: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+def _check(
+    x: torch.Tensor,
+    g: torch.Tensor,
+    out: torch.Tensor | None,
+    also_out: torch.Tensor | None,
+    residual: torch.Tensor | None,
+    residual_bias: torch.Tensor | None,
+) -> torch.Tensor:
     check_input("x", x, (4,))
     if x.shape[1] > MAX_CHANNELS:
         raise ValueError(f"x {tuple(x.shape)} has more than {MAX_CHANNELS} channels")
     g = per_channel("g", g, x, x.shape[1])
-    if out is not None:
-        check_out(out, x.shape, x)
+    for t in (out, also_out):
+        if t is not None:
+            check_out(t, x.shape, x)
+    check_residual(residual, residual_bias, x)
     return g
+
+
+def _write(y: torch.Tensor, out: torch.Tensor | None, also_out: torch.Tensor | None):
+    """The PyTorch path's result into the outputs the caller gave."""
+    if also_out is not None:
+        also_out.copy_(y)
+    return y if out is None else out.copy_(y)
 
 
 def channel_layer_norm(
@@ -170,20 +227,34 @@ def channel_layer_norm(
     g: torch.Tensor,
     *,
     eps: float | None = None,
+    pre_bias: torch.Tensor | None = None,
+    residual: torch.Tensor | None = None,
+    residual_bias: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
+    also_out: torch.Tensor | None = None,
     backend: str | None = None,
 ) -> torch.Tensor:
     """The seed's LayerNorm over channels: ``(x - mean_c) / sqrt(var_c + eps) * g``.
 
     x [N, C, H, W] (contiguous or channels_last), g [C] or [1, C, 1, 1] (x's dtype or float32);
-    eps defaults to the library's 1e-5 in fp32 and 1e-3 otherwise.
+    eps defaults to the library's 1e-5 in fp32 and 1e-3 otherwise. ``pre_bias`` [C] (the bias of
+    the conv before) is added to x first, ``residual`` (x's shape) to the result: an attention's
+    ``LayerNorm(to_out(h)) + x`` in one pass (``residual_bias`` [C] with it); ``also_out``
+    gets the same values as ``out`` (a skip written into its concatenation).
     """
-    g_flat = _check(x, g, out)
+    g_flat = _check(x, g, out, also_out, residual, residual_bias)
+    if pre_bias is not None:
+        pre_bias = per_channel("pre_bias", pre_bias, x, x.shape[1])
     eps = layer_norm_eps(x.dtype) if eps is None else eps
     if not use_triton(backend, x, _channel_norm_kernel):
+        if pre_bias is not None:
+            x = x + pre_bias.to(x.dtype).reshape(1, -1, 1, 1)
         y = _channel_layer_norm_eager(x, g_flat, eps)
-        return y if out is None else out.copy_(y)
-    return _launch(x, g_flat, None, None, out, center=True, eps=eps, gain=1.0, act=None)
+        return _write(add_residual(y, residual, residual_bias), out, also_out)
+    return _launch(
+        x, g_flat, None, None, out, center=True, eps=eps, gain=1.0, act=None,
+        pre_bias=pre_bias, residual=residual, residual_bias=residual_bias, also_out=also_out,
+    )  # fmt: skip
 
 
 def _channel_layer_norm_eager(x: torch.Tensor, g: torch.Tensor, eps: float) -> torch.Tensor:
@@ -203,35 +274,59 @@ def channel_rms_norm(
     scale: torch.Tensor | None = None,
     shift: torch.Tensor | None = None,
     act: str | None = None,
+    pre_bias: torch.Tensor | None = None,
+    residual: torch.Tensor | None = None,
+    residual_bias: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
+    also_out: torch.Tensor | None = None,
     backend: str | None = None,
 ) -> torch.Tensor:
     """denoising-diffusion-pytorch 2.x's RMSNorm, then scale/shift and SiLU:
-    ``act(F.normalize(x, dim=1) * g * sqrt(C) * (1 + scale) + shift)``.
+    ``act(F.normalize(x, dim=1) * g * sqrt(C) * (1 + scale) + shift)`` (+ ``residual``, x's
+    shape: a ResnetBlock's skip sum in the same pass, with ``residual_bias`` [C]); ``also_out``
+    gets the same values as ``out``; ``pre_bias`` [C] (the conv before's bias) is added to x
+    first.
 
     x [N, C, H, W] (contiguous or channels_last), g [C] or [1, C, 1, 1], scale and shift
     [N or 1, C] or [N or 1, C, 1, 1]; parameters in x's dtype or float32; ``act`` None or "silu".
     """
-    g_flat = _check(x, g, out)
+    g_flat = _check(x, g, out, also_out, residual, residual_bias)
     if act not in ACTIVATIONS:
         raise ValueError(f"act must be one of {ACTIVATIONS}, got {act!r}")
     sc = None if scale is None else per_sample_channel("scale", scale, x)
     sh = None if shift is None else per_sample_channel("shift", shift, x)
+    if pre_bias is not None:
+        pre_bias = per_channel("pre_bias", pre_bias, x, x.shape[1])
     if not use_triton(backend, x, _channel_norm_kernel):
+        if pre_bias is not None:
+            x = x + pre_bias.to(x.dtype).reshape(1, -1, 1, 1)
         y = channel_rms_norm_reference(x, g, scale=scale, shift=shift, act=act)
-        return y if out is None else out.copy_(y)
+        return _write(add_residual(y, residual, residual_bias), out, also_out)
     gain = math.sqrt(x.shape[1])
-    return _launch(x, g_flat, sc, sh, out, center=False, eps=RMS_EPS, gain=gain, act=act)
+    return _launch(
+        x, g_flat, sc, sh, out, center=False, eps=RMS_EPS, gain=gain, act=act,
+        pre_bias=pre_bias, residual=residual, residual_bias=residual_bias, also_out=also_out,
+    )  # fmt: skip
 
 
 def channel_layer_norm_reference(
-    x: torch.Tensor, g: torch.Tensor, *, eps: float | None = None
+    x: torch.Tensor,
+    g: torch.Tensor,
+    *,
+    eps: float | None = None,
+    pre_bias: torch.Tensor | None = None,
+    residual: torch.Tensor | None = None,
+    residual_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The seed's ``LayerNorm.forward``, in x's dtype (pass ``eps`` to emulate another dtype's)."""
+    """The seed's ``LayerNorm.forward``, in x's dtype (pass ``eps`` to emulate another dtype's),
+    after ``x + pre_bias`` and before ``+ residual``."""
     eps = layer_norm_eps(x.dtype) if eps is None else eps
+    if pre_bias is not None:
+        x = x + pre_bias.to(x.dtype).reshape(1, -1, 1, 1)
     var = torch.var(x, dim=1, unbiased=False, keepdim=True)
     mean = torch.mean(x, dim=1, keepdim=True)
-    return (x - mean) * (var + eps).rsqrt() * g.to(x.dtype).reshape(1, -1, 1, 1)
+    y = (x - mean) * (var + eps).rsqrt() * g.to(x.dtype).reshape(1, -1, 1, 1)
+    return add_residual(y, residual, residual_bias)
 
 
 def channel_rms_norm_reference(
@@ -241,6 +336,8 @@ def channel_rms_norm_reference(
     scale: torch.Tensor | None = None,
     shift: torch.Tensor | None = None,
     act: str | None = None,
+    residual: torch.Tensor | None = None,
+    residual_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """2.x's ``RMSNorm.forward`` and its block's scale/shift and SiLU, in x's dtype."""
     c = x.shape[1]
@@ -251,4 +348,4 @@ def channel_rms_norm_reference(
         y = y + shift.to(x.dtype).reshape(shift.shape[0], c, 1, 1)
     if act == "silu":
         y = F.silu(y)
-    return y
+    return add_residual(y, residual, residual_bias)

@@ -24,11 +24,13 @@ import torch
 import torch.nn.functional as F
 
 from ._launch import (
+    add_residual,
     cast_to,
     cdiv,
     check_input,
     check_out,
     check_param,
+    check_residual,
     check_split,
     device_guard,
     jit,
@@ -47,6 +49,8 @@ from ._launch import (
 ACTIVATIONS = (None, "silu")
 # Elements of the smallest tile a split reduction shrinks to (a program's worth of work).
 MIN_SPLIT_TILE = 256
+# A group of at most this many values is never split by itself (group_norm_settings).
+MIN_SPLIT_GROUP = 32768
 
 
 @jit
@@ -96,11 +100,18 @@ def _chunk_stats(
 def _apply_chunk(
     x_base,
     y_base,
+    y2_base,
+    r_base,
     sxC,
     sxS,
     syC,
     syS,
+    sy2C,
+    sy2S,
+    srC,
+    srS,
     pb,
+    rb,
     k,
     mean,
     a,
@@ -111,8 +122,11 @@ def _apply_chunk(
     BLOCK_C: tl.constexpr,
     BLOCK_S: tl.constexpr,
     SILU: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,
+    HAS_OUT2: tl.constexpr,
 ):
-    """y = act((((x - k) + pb) - mean) * a + b) over positions ``[s_begin, s_end)``."""
+    """y = act((((x - k) + pb) - mean) * a + b) (+ residual + rb) over positions
+    ``[s_begin, s_end)``, stored in y (and in y2)."""
     offs_c = tl.arange(0, BLOCK_C)
     mask_c = offs_c < Cg
     for s0 in range(s_begin, s_end, BLOCK_S):
@@ -122,8 +136,14 @@ def _apply_chunk(
         y = ((v.to(tl.float32) - k + pb[:, None]) - mean) * a[:, None] + b[:, None]
         if SILU:
             y = silu(y)
+        if HAS_RESIDUAL:
+            r_ptrs = r_base + offs_c[:, None] * srC + offs_s[None, :] * srS
+            y += tl.load(r_ptrs, mask=mask, other=0.0).to(tl.float32) + rb[:, None]
         y_ptrs = y_base + offs_c[:, None] * syC + offs_s[None, :] * syS
         tl.store(y_ptrs, cast_to(y, y_base.dtype.element_ty), mask=mask)
+        if HAS_OUT2:
+            y2_ptrs = y2_base + offs_c[:, None] * sy2C + offs_s[None, :] * sy2S
+            tl.store(y2_ptrs, cast_to(y, y2_base.dtype.element_ty), mask=mask)
 
 
 @jit
@@ -194,11 +214,14 @@ def _output_coefficients(
 def _group_norm_fused_kernel(
     x_ptr,
     y_ptr,
+    y2_ptr,
     pb_ptr,
     w_ptr,
     b_ptr,
     sc_ptr,
     sh_ptr,
+    r_ptr,
+    rb_ptr,
     G,
     Cg,
     HW,
@@ -209,6 +232,12 @@ def _group_norm_fused_kernel(
     syN,
     syC,
     syS,
+    srN,
+    srC,
+    srS,
+    sy2N,
+    sy2C,
+    sy2S,
     spbN,
     spbC,
     sscN,
@@ -223,6 +252,9 @@ def _group_norm_fused_kernel(
     HAS_SCALE: tl.constexpr,
     HAS_SHIFT: tl.constexpr,
     SILU: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,
+    HAS_RES_BIAS: tl.constexpr,
+    HAS_OUT2: tl.constexpr,
 ):
     """One program per (sample, group): statistics over all of H x W, then the output."""
     n, c0, x_base, pb = _group_setup(
@@ -238,9 +270,12 @@ def _group_norm_fused_kernel(
         BLOCK_C, HAS_WEIGHT, HAS_BIAS, HAS_SCALE, HAS_SHIFT,
     )  # fmt: skip
     y_base = y_ptr + n * syN + c0 * syC
+    y2_base = y2_ptr + n * sy2N + c0 * sy2C
+    r_base = r_ptr + n * srN + c0 * srC
+    rb = _channel_vector(rb_ptr, c0, 1, Cg, 0.0, BLOCK_C, HAS_RES_BIAS)
     _apply_chunk(
-        x_base, y_base, sxC, sxS, syC, syS, pb, k, mean, a, b, Cg, s_begin, s_end,
-        BLOCK_C, BLOCK_S, SILU,
+        x_base, y_base, y2_base, r_base, sxC, sxS, syC, syS, sy2C, sy2S, srC, srS, pb, rb, k,
+        mean, a, b, Cg, s_begin, s_end, BLOCK_C, BLOCK_S, SILU, HAS_RESIDUAL, HAS_OUT2,
     )  # fmt: skip
 
 
@@ -281,11 +316,14 @@ def _group_norm_partial_kernel(
 def _group_norm_apply_kernel(
     x_ptr,
     y_ptr,
+    y2_ptr,
     pb_ptr,
     w_ptr,
     b_ptr,
     sc_ptr,
     sh_ptr,
+    r_ptr,
+    rb_ptr,
     ws_ptr,
     G,
     Cg,
@@ -298,6 +336,12 @@ def _group_norm_apply_kernel(
     syN,
     syC,
     syS,
+    srN,
+    srC,
+    srS,
+    sy2N,
+    sy2C,
+    sy2S,
     spbN,
     spbC,
     sscN,
@@ -313,6 +357,9 @@ def _group_norm_apply_kernel(
     HAS_SCALE: tl.constexpr,
     HAS_SHIFT: tl.constexpr,
     SILU: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,
+    HAS_RES_BIAS: tl.constexpr,
+    HAS_OUT2: tl.constexpr,
 ):
     """Program (sample x group, chunk): merge all chunks' statistics, normalise this chunk."""
     n, c0, x_base, pb = _group_setup(
@@ -339,9 +386,12 @@ def _group_norm_apply_kernel(
     s_begin = tl.program_id(1) * chunk
     s_end = tl.minimum(s_begin + chunk, HW)
     y_base = y_ptr + n * syN + c0 * syC
+    y2_base = y2_ptr + n * sy2N + c0 * sy2C
+    r_base = r_ptr + n * srN + c0 * srC
+    rb = _channel_vector(rb_ptr, c0, 1, Cg, 0.0, BLOCK_C, HAS_RES_BIAS)
     _apply_chunk(
-        x_base, y_base, sxC, sxS, syC, syS, pb, k, mean, a, b, Cg, s_begin, s_end,
-        BLOCK_C, BLOCK_S, SILU,
+        x_base, y_base, y2_base, r_base, sxC, sxS, syC, syS, sy2C, sy2S, srC, srS, pb, rb, k,
+        mean, a, b, Cg, s_begin, s_end, BLOCK_C, BLOCK_S, SILU, HAS_RESIDUAL, HAS_OUT2,
     )  # fmt: skip
 
 
@@ -365,15 +415,18 @@ def group_norm_settings(
     Where the N x G programs would leave the GPU (``sms`` multiprocessors: the device's) idle and
     a group takes more than one tile, or ``split`` asks for chunks, the tile shrinks along H x W
     (by itself down to :data:`MIN_SPLIT_TILE` elements) so that there are that many chunks to
-    cut: at batch 1, 8 groups of 8 channels at 32 x 32 make 256 programs of 8 x 32 rather than 16
-    of 8 x 512. A group that fits one tile is not split: its program is short, and the split's
-    second kernel would cost a launch."""
+    cut: at batch 1, 8 groups of 32 channels at 64 x 64 make 256 programs of 32 x 64 rather than
+    8 of 32 x 128. A group that fits one tile, or of at most :data:`MIN_SPLIT_GROUP` values, is
+    not split: its program is short, and the split's second kernel would cost a launch (about
+    3 us in a CUDA graph: one multiprocessor reads and writes a group of 32,768 fp32 values in
+    about that time)."""
     block_c, block_s = tile_shape(channels // groups, positions)
     sms = sm_count(device) if sms is None else sms
     programs = batch * groups
     wanted = split if split is not None else cdiv(2 * sms, programs)
-    if split is None and positions <= block_s:
-        wanted = 1  # a group in one tile: its program is short, and a split costs a launch
+    small = positions <= block_s or (channels // groups) * positions <= MIN_SPLIT_GROUP
+    if split is None and small:
+        split = wanted = 1  # a short program: a split would cost a launch for little
     if wanted > 1:  # a forced split may go down to 2 positions a tile
         floor = 2 if split is not None else max(2, MIN_SPLIT_TILE // block_c)
         block_s = min(block_s, max(floor, next_power_of_2(cdiv(positions, wanted))))
@@ -398,17 +451,27 @@ def group_norm(
     shift: torch.Tensor | None = None,
     eps: float = 1e-5,
     act: str | None = None,
+    residual: torch.Tensor | None = None,
+    residual_bias: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
+    also_out: torch.Tensor | None = None,
     split: int | None = None,
     backend: str | None = None,
 ) -> torch.Tensor:
-    """``act(GroupNorm(x + pre_bias) * (1 + scale) + shift)`` for x [N, C, H, W], fused.
+    """``act(GroupNorm(x + pre_bias) * (1 + scale) + shift) (+ residual + residual_bias)`` for
+    x [N, C, H, W], fused.
 
     ``weight``/``bias`` [C] are GroupNorm's affine; ``pre_bias``, ``scale``, ``shift`` are
     [N or 1, C] or [N or 1, C, 1, 1] (views such as ``chunk(2, dim=1)`` of one tensor are fine);
-    ``act`` is ``"silu"`` or None. Parameters are x's dtype or float32; the output is x's dtype,
-    in ``out`` when given. ``split`` forces the number of chunks H x W is cut into (None: chosen
-    from the shape and the GPU). ``backend``: see :mod:`ddpm_fast.kernels._launch`.
+    ``act`` is ``"silu"`` or None. ``residual`` [N, C, H, W] (any layout whose H x W is one
+    strided axis) is added after the activation, with ``residual_bias`` [C] (a residual conv's
+    bias): a ResBlock's skip sum in the same pass. Parameters are x's dtype or float32; the
+    output is x's dtype, in ``out`` when given (which may be float32, or a channel slice of a
+    larger tensor: a concatenation written in place); ``also_out``, a second tensor of the same
+    kind that gets the same values (a U-Net's skip, written into its concatenation as it is
+    made). ``split`` forces the number of chunks
+    H x W is cut into (None: chosen from the shape and the GPU). ``backend``: see
+    :mod:`ddpm_fast.kernels._launch`.
     """
     check_input("x", x, (4,))
     n, c, h, w = x.shape
@@ -429,14 +492,20 @@ def group_norm(
                 )
     per_sample = {"pre_bias": pre_bias, "scale": scale, "shift": shift}
     per_sample = {k: per_sample_channel(k, t, x) for k, t in per_sample.items() if t is not None}
+    check_residual(residual, residual_bias, x)
     if out is not None:
-        check_out(out, x.shape, x)
+        check_out(out, x.shape, x, torch.float32)
+    if also_out is not None:
+        check_out(also_out, x.shape, x, torch.float32)
 
     if not use_triton(backend, x, _group_norm_fused_kernel):
         y = group_norm_eager(
             x, num_groups, weight, bias, pre_bias=pre_bias, scale=scale, shift=shift, eps=eps,
             act=act,
         )  # fmt: skip
+        y = add_residual(y, residual, residual_bias)
+        if also_out is not None:
+            also_out.copy_(y)
         return y if out is None else out.copy_(y)
 
     if out is None:
@@ -459,14 +528,22 @@ def group_norm(
     }
     vector_strides = (pb.stride(0), pb.stride(1), sc.stride(0), sc.stride(1))
     vector_strides += (sh.stride(0), sh.stride(1))
+    params["HAS_RESIDUAL"] = residual is not None
+    params["HAS_RES_BIAS"] = residual_bias is not None
+    r = x if residual is None else residual
+    rb = x if residual_bias is None else residual_bias
+    sr = spatial_strides("residual", r)
+    params["HAS_OUT2"] = also_out is not None
+    y2 = out if also_out is None else also_out
+    sy2 = spatial_strides("also_out", y2)
     weight = x if weight is None else weight
     bias = x if bias is None else bias
     cg, hw, chunks, chunk = c // num_groups, h * w, settings["chunks"], settings["chunk"]
     with device_guard(x):
         if chunks == 1:
             _group_norm_fused_kernel[(n * num_groups, 1)](
-                x, out, pb, weight, bias, sc, sh, num_groups, cg, hw, eps, *sx, *sy,
-                *vector_strides, **params,
+                x, out, y2, pb, weight, bias, sc, sh, r, rb, num_groups, cg, hw, eps, *sx, *sy,
+                *sr, *sy2, *vector_strides, **params,
             )  # fmt: skip
             return out
         ws = torch.empty(n * num_groups, chunks, 3, device=x.device, dtype=torch.float32)
@@ -477,8 +554,9 @@ def group_norm(
             HAS_PRE_BIAS=params["HAS_PRE_BIAS"], num_warps=params["num_warps"],
         )  # fmt: skip
         _group_norm_apply_kernel[grid](
-            x, out, pb, weight, bias, sc, sh, ws, num_groups, cg, hw, chunk, eps, *sx, *sy,
-            *vector_strides, BLOCK_P=max(2, next_power_of_2(chunks)), **params,
+            x, out, y2, pb, weight, bias, sc, sh, r, rb, ws, num_groups, cg, hw, chunk, eps,
+            *sx, *sy, *sr, *sy2, *vector_strides, BLOCK_P=max(2, next_power_of_2(chunks)),
+            **params,
         )  # fmt: skip
     return out
 
@@ -527,6 +605,8 @@ def group_norm_reference(
     shift: torch.Tensor | None = None,
     eps: float = 1e-5,
     act: str | None = None,
+    residual: torch.Tensor | None = None,
+    residual_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The unfused PyTorch sequence of :func:`group_norm`, computed in x's dtype."""
     c = x.shape[1]
@@ -545,4 +625,4 @@ def group_norm_reference(
         y = y + vector(shift)
     if act == "silu":
         y = F.silu(y)
-    return y
+    return add_residual(y, residual, residual_bias)

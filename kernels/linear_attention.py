@@ -10,7 +10,8 @@ Per batch and head, with q, k, v of shape [d, N]:
 ``mem_kv`` [2, h, d, M] are 2.x's memory keys and values, prepended to k and v. 1.x has no memory
 and divides v by N: pass ``v_scale=1 / N`` to compute its ``LinearAttention`` exactly.
 
-Two kernels, each one pass over the positions, fp32 throughout: ``_context_kernel`` runs an
+Two kernels, each one pass over the positions, fp32 throughout (one, ``_one_pass_kernel``, doing
+both where the positions are not split): ``_context_kernel`` runs an
 online softmax over a chunk of positions (per-row running max and sum, the context rescaled as
 the max grows) and writes the chunk's (max, sum, context); ``_output_kernel`` merges the chunks
 and the memory (``BLOCK_M`` slots at a time, so that shared memory holds any number), then computes
@@ -40,10 +41,40 @@ from ._launch import (
 )
 
 MAX_HEAD_DIM = 128
+# Up to this many positions (16 x 16) a head's context and output run in one program, one launch:
+# at batch 1 that leaves most of a GPU idle, for a few microseconds less than a second launch.
+ONE_PASS_POSITIONS = 256
 MAX_MEMORY = 256
 # d x BLOCK_M: a tile of memory keys (and of values) of the output kernel: 32 slots at d = 128
 # (90,112 B of shared memory for sm_90 with 16 warps; 64 slots take 164,864 B, 256 take 655,616 B).
 MEMORY_TILE_ELEMENTS = 4096
+
+
+@jit
+def _context_pass(
+    k_base, v_base, D, s_begin, s_end, sC, sN, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr
+):
+    """Online softmax_n(k) v^T over positions ``[s_begin, s_end)``: (max, sum, context)."""
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < D
+    m_i = tl.full([BLOCK_D], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_D], tl.float32)
+    ctx = tl.zeros([BLOCK_D, BLOCK_D], tl.float32)
+    for s0 in range(s_begin, s_end, BLOCK_N):
+        offs_n = s0 + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < s_end
+        k_ptrs = k_base + offs_d[:, None] * sC + offs_n[None, :] * sN
+        kt = tl.load(k_ptrs, mask=mask_d[:, None] & mask_n[None, :], other=0.0).to(tl.float32)
+        kt = tl.where(mask_n[None, :], kt, float("-inf"))  # padded d rows stay finite
+        m_new = tl.maximum(m_i, tl.max(kt, axis=1))
+        alpha = tl.exp(m_i - m_new)
+        p = tl.exp(kt - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v_ptrs = v_base + offs_n[:, None] * sN + offs_d[None, :] * sC
+        vt = tl.load(v_ptrs, mask=mask_n[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
+        ctx = ctx * alpha[:, None] + tl.dot(p, vt, input_precision="ieee")
+        m_i = m_new
+    return m_i, l_i, ctx
 
 
 @jit
@@ -70,26 +101,9 @@ def _context_kernel(
     k_base = qkv_ptr + b * sB + (HD + head * D) * sC
     v_base = qkv_ptr + b * sB + (2 * HD + head * D) * sC
     offs_d = tl.arange(0, BLOCK_D)
-    mask_d = offs_d < D
     s_begin = tl.program_id(1) * chunk
     s_end = tl.minimum(s_begin + chunk, N)
-    m_i = tl.full([BLOCK_D], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_D], tl.float32)
-    ctx = tl.zeros([BLOCK_D, BLOCK_D], tl.float32)
-    for s0 in range(s_begin, s_end, BLOCK_N):
-        offs_n = s0 + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < s_end
-        k_ptrs = k_base + offs_d[:, None] * sC + offs_n[None, :] * sN
-        kt = tl.load(k_ptrs, mask=mask_d[:, None] & mask_n[None, :], other=0.0).to(tl.float32)
-        kt = tl.where(mask_n[None, :], kt, float("-inf"))  # padded d rows stay finite
-        m_new = tl.maximum(m_i, tl.max(kt, axis=1))
-        alpha = tl.exp(m_i - m_new)
-        p = tl.exp(kt - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        v_ptrs = v_base + offs_n[:, None] * sN + offs_d[None, :] * sC
-        vt = tl.load(v_ptrs, mask=mask_n[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
-        ctx = ctx * alpha[:, None] + tl.dot(p, vt, input_precision="ieee")
-        m_i = m_new
+    m_i, l_i, ctx = _context_pass(k_base, v_base, D, s_begin, s_end, sC, sN, BLOCK_D, BLOCK_N)
     w = pid * tl.num_programs(1) + tl.program_id(1)
     tl.store(m_ptr + w * BLOCK_D + offs_d, m_i)
     tl.store(l_ptr + w * BLOCK_D + offs_d, l_i)
@@ -106,6 +120,26 @@ def _memory_keys(mem_base, offs_d, mask_d, m0, M, smD, smM, BLOCK_M: tl.constexp
     ptrs = mem_base + offs_d[:, None] * smD + offs_m[None, :] * smM
     mk = tl.load(ptrs, mask=mask_d[:, None] & mask_m[None, :], other=0.0).to(tl.float32)
     return tl.where(mask_m[None, :], mk, float("-inf"))
+
+
+@jit
+def _output_pass(
+    q_base, o_base, ctx, q_scale, D, s_begin, s_end, sC, sN, soC, soN,
+    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """out = ctx^T (softmax_d(q) * q_scale) over positions ``[s_begin, s_end)``."""
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < D
+    for s0 in range(s_begin, s_end, BLOCK_N):
+        offs_n = s0 + tl.arange(0, BLOCK_N)
+        mask = (offs_n < s_end)[:, None] & mask_d[None, :]
+        qt = tl.load(q_base + offs_n[:, None] * sN + offs_d[None, :] * sC, mask=mask, other=0.0)
+        qt = tl.where(mask_d[None, :], qt.to(tl.float32), float("-inf"))
+        qt = tl.exp(qt - tl.max(qt, axis=1)[:, None])
+        qt = qt * (q_scale / tl.sum(qt, axis=1))[:, None]
+        o = tl.dot(qt, ctx, input_precision="ieee")
+        o_ptrs = o_base + offs_n[:, None] * soN + offs_d[None, :] * soC
+        tl.store(o_ptrs, cast_to(o, o_base.dtype.element_ty), mask=mask)
 
 
 @jit
@@ -178,16 +212,70 @@ def _output_kernel(
     o_base = out_ptr + b * soB + head * D * soC
     s_begin = tl.program_id(1) * chunk
     s_end = tl.minimum(s_begin + chunk, N)
-    for s0 in range(s_begin, s_end, BLOCK_N):
-        offs_n = s0 + tl.arange(0, BLOCK_N)
-        mask = (offs_n < s_end)[:, None] & mask_d[None, :]
-        qt = tl.load(q_base + offs_n[:, None] * sN + offs_d[None, :] * sC, mask=mask, other=0.0)
-        qt = tl.where(mask_d[None, :], qt.to(tl.float32), float("-inf"))
-        qt = tl.exp(qt - tl.max(qt, axis=1)[:, None])
-        qt = qt * (q_scale / tl.sum(qt, axis=1))[:, None]
-        o = tl.dot(qt, ctx, input_precision="ieee")
-        o_ptrs = o_base + offs_n[:, None] * soN + offs_d[None, :] * soC
-        tl.store(o_ptrs, cast_to(o, out_ptr.dtype.element_ty), mask=mask)
+    _output_pass(
+        q_base, o_base, ctx, q_scale, D, s_begin, s_end, sC, sN, soC, soN, BLOCK_D, BLOCK_N
+    )
+
+
+@jit
+def _one_pass_kernel(
+    qkv_ptr,
+    mem_ptr,
+    out_ptr,
+    heads,
+    D,
+    HD,
+    N,
+    M,
+    q_scale,
+    v_scale,
+    sB,
+    sC,
+    sN,
+    smT,
+    smH,
+    smD,
+    smM,
+    soB,
+    soC,
+    soN,
+    BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    HAS_MEM: tl.constexpr,
+):
+    """Program (batch x head): the context over all positions, then the output, in one launch
+    (the two kernels' work where the positions are not split: small images)."""
+    pid = tl.program_id(0)
+    b = (pid // heads).to(tl.int64)
+    head = pid % heads
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < D
+    k_base = qkv_ptr + b * sB + (HD + head * D) * sC
+    v_base = qkv_ptr + b * sB + (2 * HD + head * D) * sC
+    m, l_sum, ctx = _context_pass(k_base, v_base, D, 0, N, sC, sN, BLOCK_D, BLOCK_N)
+    mem_base = mem_ptr + head * smH
+    if HAS_MEM:  # the memory keys join the softmax: a new max, the context rescaled to it
+        m_all = m
+        for m0 in range(0, M, BLOCK_M):
+            mk = _memory_keys(mem_base, offs_d, mask_d, m0, M, smD, smM, BLOCK_M)
+            m_all = tl.maximum(m_all, tl.max(mk, axis=1))
+        alpha = tl.exp(m - m_all)
+        l_sum = l_sum * alpha
+        ctx = ctx * alpha[:, None]
+        for m0 in range(0, M, BLOCK_M):
+            mk = _memory_keys(mem_base, offs_d, mask_d, m0, M, smD, smM, BLOCK_M)
+            p = tl.exp(mk - m_all[:, None])
+            l_sum += tl.sum(p, axis=1)
+            offs_m = m0 + tl.arange(0, BLOCK_M)
+            mv_ptrs = mem_base + smT + offs_m[:, None] * smM + offs_d[None, :] * smD
+            mask = (offs_m < M)[:, None] & mask_d[None, :]
+            mv = tl.load(mv_ptrs, mask=mask, other=0.0).to(tl.float32)
+            ctx += tl.dot(p, mv, input_precision="ieee")
+    ctx = tl.where(mask_d[:, None], ctx * (v_scale / l_sum)[:, None], 0.0)
+    q_base = qkv_ptr + b * sB + head * D * sC
+    o_base = out_ptr + b * soB + head * D * soC
+    _output_pass(q_base, o_base, ctx, q_scale, D, 0, N, sC, sN, soC, soN, BLOCK_D, BLOCK_N)
 
 
 def linear_attention_settings(
@@ -199,12 +287,16 @@ def linear_attention_settings(
     memory: int = 1,
 ) -> dict:
     """Launch settings: tiles (``tl.dot`` wants every side >= 16) and the split of the positions
-    into ``chunks`` of ``chunk`` for the context and the output kernels. The memory slots go
+    into ``chunks`` of ``chunk`` for the context and the output kernels (one chunk: both in one
+    kernel, which images of at most :data:`ONE_PASS_POSITIONS` pixels always take). The memory
+    slots go
     ``BLOCK_M`` at a time: the [d, BLOCK_M] x [BLOCK_M, d] fp32 product's operands take shared
     memory: 256 slots at d = 128 in one tile would take 655,616 B (an H100/H200 has 232,448)."""
     block_d = max(16, next_power_of_2(dim_head))
     block_n = max(16, min(next_power_of_2(positions), 2048 // block_d, 128))
     block_m = max(16, min(next_power_of_2(memory), MEMORY_TILE_ELEMENTS // block_d))
+    if split is None and positions <= ONE_PASS_POSITIONS:
+        split = 1  # one program a head is short: one launch beats filling the GPU
     chunks, chunk = plan_split(batch_heads, positions, block_n, sm_count(device), split)
     return {
         "BLOCK_D": block_d,
@@ -278,13 +370,21 @@ def linear_attention(
     block_d, block_n, chunks, chunk = (
         settings[k] for k in ("BLOCK_D", "BLOCK_N", "chunks", "chunk")
     )
+    mem = qkv if mem_kv is None else mem_kv
+    mem_strides = mem.stride() if mem_kv is not None else (0, 0, 0, 0)
+    warps = settings["num_warps"]
+    if chunks == 1:
+        with device_guard(qkv):
+            _one_pass_kernel[(b * heads,)](
+                qkv, mem, out, heads, d, heads * d, n, memory, q_scale, float(v_scale), *sq,
+                *mem_strides, *so, BLOCK_D=block_d, BLOCK_N=block_n,
+                BLOCK_M=settings["BLOCK_M"], HAS_MEM=mem_kv is not None, num_warps=warps,
+            )  # fmt: skip
+        return out
     partials = b * heads * chunks
     ws_m = torch.empty(partials, block_d, device=qkv.device, dtype=torch.float32)
     ws_l = torch.empty_like(ws_m)
     ws_ctx = torch.empty(partials, block_d, block_d, device=qkv.device, dtype=torch.float32)
-    mem = qkv if mem_kv is None else mem_kv
-    mem_strides = mem.stride() if mem_kv is not None else (0, 0, 0, 0)
-    warps = settings["num_warps"]
     with device_guard(qkv):
         grid = (b * heads, chunks)
         _context_kernel[grid](

@@ -52,11 +52,11 @@ def _labels(batch: int) -> torch.Tensor:
     return torch.tensor([0, 4, 2, 3][:batch])
 
 
-@pytest.mark.parametrize("bias_in_norm", [False, True])
-def test_the_engine_network_with_labels_is_the_reference(bias_in_norm):
+@pytest.mark.parametrize("fuse", [False, True])
+def test_the_engine_network_with_labels_is_the_reference(fuse):
     network = random_network(NAME)
     ts = torch.tensor([99, 50, 1, 0])
-    fast = FastUnet(network, ts, bias_in_norm=bias_in_norm)
+    fast = FastUnet(network, ts, fuse=fuse)
     x = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(1))
     labels = _labels(4)
     with torch.no_grad():

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 import ddpm_fast
 from ddpm_fast.engine import Engine, FastUnet
 from ddpm_fast.engine.cpu_conv import CpuConv2d
+from ddpm_fast.engine.engine import DTYPES
 from ddpm_fast.engine.families.dd_pytorch_v1 import FastBlock
 from ddpm_fast.errors import ConfigError
 from ddpm_fast.models.dd_pytorch_v1 import Unet, UnetConfig
@@ -81,7 +82,7 @@ def test_conv_biases_in_the_group_norm_are_the_reference_network(name):
     here on the PyTorch path, which computes the same sum)."""
     config = CONFIGS[name]
     network = randomized(config)
-    fast = FastUnet(network, torch.tensor([700, 3]), bias_in_norm=True)
+    fast = FastUnet(network, torch.tensor([700, 3]), fuse=True)
     blocks = [m for m in fast.modules() if isinstance(m, FastBlock)]
     assert blocks and all(b.proj.bias is None and b.pre_bias is not None for b in blocks)
     x = torch.randn(2, config.channels, 16, 16)
@@ -124,41 +125,51 @@ def gpu_step_launches(
 @pytest.mark.parametrize("model", ["adm-cifar10", "adm-imagenet64"])
 def test_launches_per_step_of_the_adm_models(model, monkeypatch):
     """OpenAI's ADM U-Nets (ddpm_fast.bench's), one fp32 step at batch 1 as on a GPU: every
-    GroupNorm one fused kernel; a class-conditional model gathers its time and label embeddings
+    GroupNorm fused (one kernel, or two where its reduction is split); a class-conditional model gathers its time and label embeddings
     and runs the blocks' projections in the step. Prints the counts (pytest -s)."""
     from ddpm_fast.bench import model_pipeline
     from ddpm_fast.bench.models import ADM_MODELS
 
     pipeline = model_pipeline(model)
-    fast = FastUnet(pipeline.network, torch.arange(0, 1000, 100), bias_in_norm=True)
+    fast = FastUnet(pipeline.network, torch.arange(0, 1000, 100), fuse=True)
     size = ADM_MODELS[model][0]
     launches = gpu_step_launches(fast, monkeypatch, size=size)
     norms = sum(isinstance(m, torch.nn.GroupNorm) for m in pipeline.network.modules())
     triton = sum(n for op, n in launches.items() if op.startswith("triton"))
     print(f"launches per step, {model} fp32 batch 1: {launches.total()} ({triton} Triton "
           f"kernels): {dict(launches)}")  # fmt: skip
-    assert launches["triton group_norm_fused_kernel"] == norms
+    # each GroupNorm one kernel, or two where a large group is split (partial, apply)
+    split = launches["triton group_norm_partial_kernel"]
+    assert launches["triton group_norm_fused_kernel"] + split == norms
+    assert launches["triton group_norm_apply_kernel"] == split
     assert launches["index_select"] == (2 if pipeline.num_classes else 1)
 
 
-def test_a_step_launches_fewer_kernels(monkeypatch):
-    """The seed's CIFAR-10 U-Net (ddpm_fast.bench's), one step at batch 1 as on a GPU: one gather
-    of the time conditioning for the whole network, and no add of its own for any Block's conv
-    bias where the GroupNorm kernel takes it as its pre-bias. Prints the counts (pytest -s)."""
-    from ddpm_fast.bench import model_pipeline
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_a_step_of_the_seed_launches_fewer_kernels(dtype):
+    """The seed's CIFAR-10 U-Net (ddpm_fast.bench's), one step at batch 1 as on an H100/H200
+    (132 multiprocessors): the fused form (``fuse``: residuals, biases, skips, norms around the
+    attention's 1x1 convs in the kernels) against the same network unfused. One gather of the
+    time conditioning; no add or concatenation of its own but the final block's (of two conv
+    outputs). Prints the counts (pytest -s)."""
+    from ddpm_fast.bench import model_pipeline, step_cost
+    from ddpm_fast.engine.engine import cast_convolutions
 
-    network = model_pipeline("cifar10").network
-    timesteps = torch.arange(0, 1000, 100)
-    separate = gpu_step_launches(FastUnet(network, timesteps, bias_in_norm=False), monkeypatch)
-    fused = FastUnet(network, timesteps, bias_in_norm=True)
-    launches = gpu_step_launches(fused, monkeypatch)
-    blocks = sum(isinstance(m, FastBlock) for m in fused.modules())
-    for label, ops in (("conv biases apart", separate), ("in the GroupNorm", launches)):
-        triton = sum(n for op, n in ops.items() if op.startswith("triton"))
-        print(f"launches per step, {label}: {ops.total()} ({triton} Triton kernels): {dict(ops)}")
+    pipeline = model_pipeline("cifar10")
+    counted = {}
+    for fuse in (False, True):
+        network = FastUnet(pipeline.network, torch.arange(0, 1000, 100), fuse=fuse)
+        cast_convolutions(network, DTYPES[dtype])
+        if dtype != "fp32":
+            network = network.to(memory_format=torch.channels_last)
+        counted[fuse] = step_cost.count_network(network, (1, 3, 32, 32), DTYPES[dtype])
+    launches = counted[True].counts()
+    triton = sum(n for op, n in launches.items() if op.startswith("triton"))
+    print(f"launches per step, cifar10 {dtype} batch 1: {counted[True].total} ({triton} Triton "
+          f"kernels; unfused {counted[False].total}): {dict(launches)}")  # fmt: skip
     assert launches["index_select"] == 1
-    assert launches.total() == separate.total() - blocks
-    assert launches["triton group_norm_fused_kernel"] == blocks
+    assert launches["add"] == 0 and launches["cat"] == 1
+    assert counted[True].total < counted[False].total - 60
 
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
@@ -396,20 +407,20 @@ def test_prepared_chains_are_cached_and_bounded(default_pipeline):
 @pytest.mark.slow
 def test_the_gpu_path_on_the_cpu(monkeypatch):
     """What runs on a GPU, run here: every launcher forced to its Triton kernel (interpreted):
-    fused norms, linear attention, the step drawing its own noise with learned variance; and the
+    fused norms, the attention's projections, linear attention, the step drawing its own noise with learned variance; and the
     CUDA-graph branch of the chain with a stand-in graph that re-runs the captured step at each
     replay. After the warm-up steps the state is reset, and the device-side step index, the
     in-kernel noise and the in-place state give the reference chain, for two batches in a row
     through one captured step."""
     from ddpm_fast.engine import engine as engine_module
     from ddpm_fast.engine.graph import WARMUP_STEPS
-    from ddpm_fast.kernels import HAS_TRITON, channel_norm, group_norm, linear_attention
+    from ddpm_fast.kernels import HAS_TRITON, group_norm, linear_attention, projection
     from ddpm_fast.kernels import sampler_step as step_module
 
     if not HAS_TRITON:
         pytest.skip("triton is not importable")
     launched = set()
-    for module in (group_norm, channel_norm, linear_attention, step_module):
+    for module in (group_norm, projection, linear_attention, step_module):
 
         def spy(backend, x, kernel, module=module, real=module.use_triton):
             if real(backend, x, kernel):
@@ -448,4 +459,4 @@ def test_the_gpu_path_on_the_cpu(monkeypatch):
         want = pipeline.sample(4, **kwargs, **chain)
         torch.testing.assert_close(images, want, rtol=0, atol=CHAIN_ATOL)
     assert Replayed.captures == len(chains)
-    assert launched == {"group_norm", "channel_norm", "linear_attention", "sampler_step"}
+    assert launched == {"group_norm", "projection", "linear_attention", "sampler_step"}

@@ -32,6 +32,8 @@ from ..engine.engine import cast_convolutions
 from ..engine.network import FastUnet
 
 SKIPPED = ("detach", "alias")
+GPU_SMS = 132  # an H100 SXM's and an H200's streaming multiprocessors
+ALLOCATIONS = ("empty", "new_empty")  # no kernel: memory only
 
 
 @dataclass
@@ -81,7 +83,9 @@ def _flops(name: str, args, out) -> int:
     outputs = _tensors([out])
     produced = sum(t.numel() for t in outputs)
     if name == "convolution":
-        weight = args[1]
+        x, weight, transposed = args[0], args[1], args[6]
+        if transposed:  # weight [I, O / groups, k, k]: each input value meets every tap
+            return 2 * x.numel() * math.prod(weight.shape[1:])
         return 2 * produced * math.prod(weight.shape[1:])
     if name in ("mm", "addmm", "bmm", "baddbmm"):
         a = args[1] if name in ("addmm", "baddbmm") else args[0]  # (bias,) a, b
@@ -97,7 +101,7 @@ class _Recorder(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         name = func.overloadpacket.__name__
-        if func.is_view or name.startswith("empty") or name in SKIPPED:
+        if func.is_view or name.startswith(ALLOCATIONS) or name in SKIPPED:
             return out
         moved = _nbytes(_tensors(args)) + _nbytes(_tensors([out]))
         self.step.launches.append(Launch(name, moved, _flops(name, args, out)))
@@ -108,9 +112,11 @@ class _Recorder(TorchDispatchMode):
 
 
 @contextlib.contextmanager
-def _triton_stand_ins(step: StepLaunches):
-    """Every kernel launcher takes its Triton kernel, which records its launch and runs nothing."""
-    from ..kernels import channel_norm, group_norm, linear_attention, sampler_step
+def _triton_stand_ins(step: StepLaunches, sms: int):
+    """Every kernel launcher takes its Triton kernel, which records its launch and runs nothing,
+    and plans its grid for a GPU of ``sms`` multiprocessors (whether a reduction is split in two
+    launches depends on it)."""
+    from ..kernels import channel_norm, group_norm, linear_attention, projection, sampler_step
 
     class Kernel:
         def __init__(self, name: str):
@@ -125,18 +131,22 @@ def _triton_stand_ins(step: StepLaunches):
             return launch
 
     def attention(q, k, v, *args, **kwargs):  # one fused (flash) kernel on CUDA
-        out = torch.empty(*q.shape[:-1], v.shape[-1], dtype=q.dtype, device=q.device)
+        # which writes its output tokens-major: [B, H * W, heads, d] in memory
+        b, heads, n, _ = q.shape
+        out = torch.empty(b, n, heads, v.shape[-1], dtype=q.dtype, device=q.device)
+        out = out.transpose(1, 2)
         flops = 4 * q.shape[:-1].numel() * k.shape[-2] * q.shape[-1]
         step.launches.append(Launch("scaled_dot_product_attention", _nbytes([q, k, v, out]), flops))
         return out
 
     saved = [(F, "scaled_dot_product_attention", F.scaled_dot_product_attention)]
     F.scaled_dot_product_attention = attention
-    for module in (channel_norm, group_norm, linear_attention, sampler_step):
+    for module in (channel_norm, group_norm, linear_attention, projection, sampler_step):
         names = [n for n in dir(module) if n.startswith("_") and n.endswith("_kernel")]
-        for name in ("use_triton", *names):
-            saved.append((module, name, getattr(module, name)))
+        for name in ("use_triton", "sm_count", *names):
+            saved.append((module, name, getattr(module, name, None)))
         module.use_triton = lambda backend, x, kernel: True
+        module.sm_count = lambda device: sms
         for name in names:
             setattr(module, name, Kernel(name.strip("_")))
     try:
@@ -146,17 +156,22 @@ def _triton_stand_ins(step: StepLaunches):
             setattr(module, name, value)
 
 
-def count_step(pipeline, batch: int, dtype: torch.dtype = torch.float32) -> StepLaunches:
+def count_step(
+    pipeline, batch: int, dtype: torch.dtype = torch.float32, sms: int = GPU_SMS
+) -> StepLaunches:
     """The launches of one engine step of ``pipeline``'s network at ``batch`` in ``dtype`` as
-    the CUDA path makes them (convolutions in ``dtype``, channels_last in half precision)."""
-    network = FastUnet(pipeline.network, torch.arange(0, 1000, 100), bias_in_norm=True)
+    the CUDA path makes them on a GPU of ``sms`` multiprocessors (convolutions in ``dtype``,
+    channels_last in half precision)."""
+    network = FastUnet(pipeline.network, torch.arange(0, 1000, 100), fuse=True)
     cast_convolutions(network, dtype)
     if dtype != torch.float32:
         network = network.to(memory_format=torch.channels_last)
-    return count_network(network, (batch, *pipeline.image_shape()), dtype)
+    return count_network(network, (batch, *pipeline.image_shape()), dtype, sms)
 
 
-def count_network(network: FastUnet, shape: tuple[int, ...], dtype=torch.float32) -> StepLaunches:
+def count_network(
+    network: FastUnet, shape: tuple[int, ...], dtype=torch.float32, sms: int = GPU_SMS
+) -> StepLaunches:
     """The launches of one step of a prepared fast network (as ``PreparedChain`` holds it) on
     inputs of ``shape``: the network, then the sampler update."""
     from ..kernels import sampler_step
@@ -173,10 +188,10 @@ def count_network(network: FastUnet, shape: tuple[int, ...], dtype=torch.float32
     labels = {"class_labels": keys} if network.class_conditional else {}
     self_cond = x.to(dtype) if network.self_condition else None
     recorded = StepLaunches()
-    with torch.no_grad(), _triton_stand_ins(recorded), _Recorder(recorded):
+    with torch.no_grad(), _triton_stand_ins(recorded, sms), _Recorder(recorded):
         network_input = x.to(dtype, memory_format=memory_format)
         out = network(network_input, step_index, self_cond, **labels)
-        sampler_step.sampler_step(out, x, coeffs, step_index, keys, out=(x, x0))
+        sampler_step.sampler_step(out, x, coeffs, step_index, keys, x0_prev=x0, out=(x, x0))
     return recorded
 
 

@@ -123,6 +123,17 @@ class CpuConv2d(nn.Module):
         self.conv = conv
         self._plans: dict[tuple[int, ...], Callable] = {}
 
+    def __getattr__(self, name: str):
+        """The wrapped conv's attributes (weight, bias, kernel_size, ...): a module that reads a
+        conv's weight itself (a fused kernel) reads it through the wrapper too."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            modules = self.__dict__.get("_modules", {})
+            if "conv" not in modules:
+                raise
+            return getattr(modules["conv"], name)
+
     def _packed(self, x: torch.Tensor) -> Callable:
         conv = self.conv
         args = (list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups)

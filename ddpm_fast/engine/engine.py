@@ -62,7 +62,8 @@ def cast_convolutions(network: torch.nn.Module, dtype: torch.dtype) -> None:
     network's last); norms and time tables stay fp32, which the kernels take as they are and
     keep the statistics' precision."""
     for module in network.modules():
-        if isinstance(module, torch.nn.Conv2d) and not getattr(module, "keeps_fp32", False):
+        convolution = isinstance(module, torch.nn.Conv2d | torch.nn.ConvTranspose2d)
+        if convolution and not getattr(module, "keeps_fp32", False):
             module.to(dtype)
 
 

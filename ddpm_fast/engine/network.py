@@ -40,20 +40,21 @@ class FastUnet(nn.Module):
     """The engine's network for one chain: ``forward(x, step, x_self_cond=None)`` equals
     ``reference(x, timesteps[step], x_self_cond)``.
 
-    ``bias_in_norm``: convolution biases that a fused GroupNorm follows go into it as its
-    pre-bias (default: where its kernel runs for tensors on ``timesteps``' device)."""
+    ``fuse``: the kernels' form (default: where the kernels run for tensors on ``timesteps``'
+    device): convolution biases, residual sums and skip concatenations go into the fused
+    kernels around them, and an attention's norms and 1x1 convs into projection kernels, each
+    family as far as its mapping says (see :mod:`ddpm_fast.engine.modules`). The same sums, in
+    fewer launches; on the PyTorch path (the CPU) the unfused form is as fast."""
 
-    def __init__(
-        self, reference: nn.Module, timesteps: torch.Tensor, bias_in_norm: bool | None = None
-    ):
+    def __init__(self, reference: nn.Module, timesteps: torch.Tensor, fuse: bool | None = None):
         super().__init__()
         family = family_of(reference)
         fast = mapping(family.FAMILY)
         self.config = reference.config
         self.self_condition = reference.self_condition
         self.channels = reference.channels
-        if bias_in_norm is None:
-            bias_in_norm = runs_kernel(torch.empty(0, device=timesteps.device))
+        if fuse is None:
+            fuse = runs_kernel(torch.empty(0, device=timesteps.device))
         folded = fold_weights(reference)
         self.class_conditional = reference.config.num_classes is not None
         # A class-conditional network's tables give only the layout (names and widths).
@@ -78,7 +79,7 @@ class FastUnet(nn.Module):
             # Every block's conditioning side by side: [steps, sum of widths].
             table = torch.cat(list(tables.values()), dim=1).contiguous()
             self.register_buffer("time_table", table)
-        self.body = fast.build(folded, slices, bias_in_norm)
+        self.body = fast.build(folded, slices, fuse)
         self.eval().requires_grad_(False)
 
     def time_rows(self, step: torch.Tensor, class_labels: torch.Tensor | None) -> torch.Tensor:

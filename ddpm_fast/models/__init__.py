@@ -78,7 +78,7 @@ The tests written once for every family (tests/test_families.py, tests/export/te
 take each family's tiny test networks from tests/families.py; a registered family without them,
 or without an engine mapping, fails ``test_every_family_has_test_networks_and_an_engine_mapping``.
 
-Engine side, ``ddpm_fast.engine.families.<family>`` has ``build(folded, slices, bias_in_norm)
+Engine side, ``ddpm_fast.engine.families.<family>`` has ``build(folded, slices, fuse)
 -> nn.Module``: the fast network, built from the folded reference and the column range
 ``slices[name] = (start, width)`` of each conditioning in the engine's per-step time row; its
 forward is ``(x, time_row [1, D], x_self_cond=None) -> output`` (see

@@ -16,7 +16,7 @@ from __future__ import annotations
 import inspect
 import sys
 
-FLOATS = {"eps", "gain", "q_scale", "v_scale"}
+FLOATS = {"eps", "gain", "q_scale", "v_scale", "eps_in", "eps_out", "gain_in", "gain_out"}
 # Shared memory one block may use (opt-in maximum): A100 (sm_80), H100/H200 (sm_90).
 SHARED_MEMORY = {80: 166_912, 90: 232_448}
 
@@ -38,12 +38,19 @@ def cases():
     """(kernel, pointer types, constexprs[, launch options]) for each compiled case."""
     import torch
 
-    from ddpm_fast.kernels import channel_norm, group_norm, linear_attention, sampler_step
+    from ddpm_fast.kernels import (
+        channel_norm,
+        group_norm,
+        linear_attention,
+        projection,
+        sampler_step,
+    )
 
     gn_flags = ("HAS_PRE_BIAS", "HAS_WEIGHT", "HAS_BIAS", "HAS_SCALE", "HAS_SHIFT", "SILU")
+    gn_flags += ("HAS_RESIDUAL", "HAS_RES_BIAS", "HAS_OUT2")
     on = dict.fromkeys(gn_flags, True)
     off = dict.fromkeys(gn_flags, False)
-    half = {"x_ptr": "bf16", "y_ptr": "bf16"}
+    half = {"x_ptr": "bf16", "y_ptr": "bf16", "y2_ptr": "bf16", "r_ptr": "bf16"}
     yield group_norm._group_norm_fused_kernel, half, {"BLOCK_C": 16, "BLOCK_S": 256, **on}
     # Ints equal to 1 arrive as constants: 1 channel per group, a 1 x 1 image, unit strides.
     ones = {"Cg": 1, "HW": 1, "sxS": 1, "syS": 1, "spbC": 1}
@@ -53,16 +60,33 @@ def cases():
         half,
         {"BLOCK_C": 64, "BLOCK_S": 64, "HAS_PRE_BIAS": True},
     )
-    yield group_norm._group_norm_apply_kernel, {"x_ptr": "fp16", "y_ptr": "fp16"}, {
+    yield group_norm._group_norm_apply_kernel, {"x_ptr": "fp16", "y_ptr": "fp32"}, {
         "BLOCK_C": 128, "BLOCK_S": 32, "BLOCK_P": 64, **on,
     }  # fmt: skip
     cn = {"BLOCK_C": 512, "BLOCK_S": 8}
+    around = ("HAS_PRE_BIAS", "HAS_RESIDUAL", "HAS_RES_BIAS", "HAS_OUT2")
     yield channel_norm._channel_norm_kernel, {}, {
         **cn, "CENTER": True, "HAS_SCALE": False, "HAS_SHIFT": False, "SILU": False,
+        **dict.fromkeys(around, True),
     }  # fmt: skip
     yield channel_norm._channel_norm_kernel, half, {
         **cn, "CENTER": False, "HAS_SCALE": True, "HAS_SHIFT": True, "SILU": True,
+        **dict.fromkeys(around, False),
     }  # fmt: skip
+    # The projection: LayerNorm in (fp32, IEEE dot), and all 512 outputs of a LayerNorm out in
+    # bf16, with the tiles and warps the launcher picks.
+    proj_flags = {"HAS_BIAS": True, "HAS_RESIDUAL": True, "HAS_OUT2": True}
+    qkv = projection.projection_settings(512, 384, 32 * 32, None)
+    warps = {"num_warps": qkv.pop("num_warps")}
+    yield projection._projection_kernel, {}, {
+        **qkv, "NORM_IN": 1, "NORM_OUT": 0, "FP32_DOT": True, **proj_flags,
+    }, warps  # fmt: skip
+    normed = projection.projection_settings(128, 512, 16 * 16, "layer")
+    warps = {"num_warps": normed.pop("num_warps")}
+    bf16_proj = {"x_ptr": "bf16", "w_ptr": "bf16", "r_ptr": "bf16", "y_ptr": "bf16"}
+    yield projection._projection_kernel, {**bf16_proj, "y2_ptr": "bf16"}, {
+        **normed, "NORM_IN": 2, "NORM_OUT": 1, "FP32_DOT": False, **proj_flags,
+    }, warps  # fmt: skip
     la = {"BLOCK_D": 32, "BLOCK_N": 64}
     yield linear_attention._context_kernel, {"qkv_ptr": "bf16"}, la
     yield linear_attention._context_kernel, {}, {"BLOCK_D": 16, "BLOCK_N": 16, "N": 1}
@@ -78,6 +102,10 @@ def cases():
     warps = {"num_warps": wide["num_warps"]}
     yield linear_attention._context_kernel, {}, tiles, warps
     yield linear_attention._output_kernel, {}, {
+        **tiles, "BLOCK_M": wide["BLOCK_M"], "HAS_MEM": True,
+    }, warps  # fmt: skip
+    yield linear_attention._one_pass_kernel, bf16_io, {**la, "BLOCK_M": 16, "HAS_MEM": True}
+    yield linear_attention._one_pass_kernel, {}, {
         **tiles, "BLOCK_M": wide["BLOCK_M"], "HAS_MEM": True,
     }, warps  # fmt: skip
     step_ints = {"step_ptr": "i64", "keys_ptr": "i64"}

@@ -261,6 +261,44 @@ def test_bad_inputs_raise_clear_errors(call, error, message):
     assert_raises(call, error, message)
 
 
+def check_around(x, g, backend="triton"):
+    """The LayerNorm with what an attention's output adds around it: the to_out conv's bias
+    before the statistics, the block's input (in another layout) after."""
+    pre_bias = randn(x.shape[1:2], torch.float32, mean=0.7, seed=7, device=x.device.type)
+    channels_last = x.is_contiguous(memory_format=torch.channels_last)
+    residual = randn(
+        x.shape, x.dtype, mean=-0.4, std=1.5, seed=8, device=x.device.type,
+        channels_last=not channels_last,
+    )  # fmt: skip
+    residual_bias = randn(x.shape[1:2], torch.float32, mean=0.2, seed=9, device=x.device.type)
+    out = poisoned(x.shape, x, channels_last=channels_last)
+    n, c, h, w = x.shape
+    concatenation = poisoned((n, c + 8, h, w), x)  # a skip's: the channels after the first 8
+    kw = {"pre_bias": pre_bias, "residual": residual, "residual_bias": residual_bias}
+    y = channel_layer_norm(x, g, out=out, also_out=concatenation[:, 8:], backend=backend, **kw)
+    kw64 = {k: v.double() for k, v in kw.items()}
+    eps = layer_norm_eps(x.dtype)
+    reference = channel_layer_norm_reference(x.double(), g.double(), eps=eps, **kw64)
+    baseline = None if x.dtype == torch.float32 else channel_layer_norm_reference(x, g, **kw)
+    assert_matches(y, reference, baseline)
+    assert torch.equal(concatenation[:, 8:], y) and torch.isnan(concatenation[:, :8]).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_layer_norm_with_a_pre_bias_and_a_residual(dtype, backend):
+    x, g = layer_case((2, 96, 5, 7), dtype)
+    check_around(x, g, backend)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_rms_norm_with_a_residual(dtype):
+    x, kw = rms_case((2, 64, 5, 6), dtype)
+    kw["residual"] = randn((2, 64, 5, 6), dtype, mean=0.3, seed=9, channels_last=True)
+    kw["residual_bias"] = randn((64,), torch.float32, mean=-0.2, seed=10)
+    check_rms(x, kw)
+
+
 # on a GPU: the compiled kernel
 
 
@@ -280,5 +318,6 @@ def test_bad_inputs_raise_clear_errors(call, error, message):
 def test_compiled_kernels_on_cuda(shape, channels_last, dtype):
     x, g = layer_case(shape, dtype, channels_last=channels_last)
     check_layer(x.cuda(), g.cuda(), backend="auto")
+    check_around(x.cuda(), g.cuda(), backend="auto")
     x, kw = rms_case(shape, dtype, channels_last=channels_last)
     check_rms(x.cuda(), {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in kw.items()})

@@ -225,13 +225,22 @@ def test_settings_cover_every_position_once(batch, channels, groups, side):
 @pytest.mark.parametrize("batch", [1, 2, 16, 128])
 @pytest.mark.parametrize(
     ("channels", "groups", "side"),
-    [(64, 8, 32), (128, 8, 32), (256, 8, 16), (512, 8, 4), (64, 32, 64), (128, 32, 256)],
+    [
+        (64, 8, 32),
+        (128, 8, 32),
+        (256, 8, 16),
+        (512, 8, 4),
+        (64, 32, 64),
+        (128, 32, 256),
+        (256, 8, 64),
+    ],
 )
 def test_a_small_batch_splits_into_enough_programs(batch, channels, groups, side):
     """The CIFAR-10 U-Net's GroupNorms on a 132-multiprocessor GPU: where N x G programs are too
     few, the tile shrinks so that the split gives the GPU work (at least one program per
     multiprocessor where H x W has enough tiles of MIN_SPLIT_TILE elements); no split where a
-    group fits one tile, nor at large batch."""
+    group fits one tile or is small (MIN_SPLIT_GROUP values: a split costs a launch), nor at
+    large batch."""
     sms, positions = 132, side * side
     s = group_norm_settings(batch, channels, groups, positions, torch.device("cpu"), sms=sms)
     programs = batch * groups * s["chunks"]
@@ -239,7 +248,8 @@ def test_a_small_batch_splits_into_enough_programs(batch, channels, groups, side
     assert s["chunk"] % s["BLOCK_S"] == 0
     assert (s["chunks"] - 1) * s["chunk"] < positions <= s["chunks"] * s["chunk"]
     one_tile = _launch.tile_shape(channels // groups, positions)[1] >= positions
-    if batch * groups >= 2 * sms or one_tile:  # no split: it would cost a launch for little
+    small = channels // groups * positions <= gn_module.MIN_SPLIT_GROUP
+    if batch * groups >= 2 * sms or one_tile or small:  # no split: a launch for little
         assert s["chunks"] == 1
     else:
         tile = min(positions * s["BLOCK_C"], gn_module.MIN_SPLIT_TILE)
@@ -364,3 +374,45 @@ def test_compiled_kernel_on_cuda(shape, groups, channels_last, dtype):
         )
         check(x, groups, kw, backend="auto")
         check(x, groups, kw, backend="auto", split=3)
+    kw["residual"] = randn(shape, dtype, seed=21, device="cuda", channels_last=not channels_last)
+    kw["residual_bias"] = randn(shape[1:2], torch.float32, seed=22, device="cuda")
+    check(x, groups, kw, backend="auto")
+    check(x, groups, kw, backend="auto", split=3)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("split", [None, 3], ids=["one_pass", "split"])
+def test_a_residual_and_its_bias_added_after_the_activation(dtype, split):
+    """A ResBlock's ``h + res_conv(x)`` in the norm's pass: the residual (channels_last here,
+    another layout than x) and the residual conv's bias added after SiLU."""
+    x, kw = make_case((2, 64, 5, 6), 8, dtype)
+    kw["residual"] = randn((2, 64, 5, 6), dtype, mean=-0.3, std=1.5, seed=21, channels_last=True)
+    kw["residual_bias"] = randn((64,), torch.float32, mean=0.4, seed=22)
+    check(x, 8, kw, split=split)
+
+
+def test_a_residual_bias_needs_a_residual_and_a_residual_its_shape():
+    x, kw = make_case((2, 64, 4, 4), 8, torch.float32)
+    with pytest.raises(ValueError, match="residual_bias needs a residual"):
+        group_norm(x, 8, residual_bias=torch.zeros(64), backend="triton", **kw)
+    with pytest.raises(ValueError, match="residual must be"):
+        group_norm(x, 8, residual=torch.zeros(2, 64, 4, 5), backend="triton", **kw)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_out_a_channel_slice_of_a_concatenation_and_float32_from_half(backend):
+    """The output written into its slice of a wider buffer (a skip concatenation made in place:
+    the other channels untouched), the same values into a second (``also_out``), and a half
+    input normalised into a float32 output."""
+    x, kw = make_case((2, 32, 4, 4), 8, torch.float32)
+    buffer = poisoned((2, 96, 4, 4), x)
+    skip = poisoned((2, 48, 4, 4), x, channels_last=True)  # also written: a second output
+    y = group_norm(x, 8, out=buffer[:, 32:64], also_out=skip[:, 16:], backend=backend, **kw)
+    assert_matches(y, reference64(x, 8, kw))
+    assert torch.isnan(buffer[:, :32]).all() and torch.isnan(buffer[:, 64:]).all()
+    assert torch.equal(skip[:, 16:], y) and torch.isnan(skip[:, :16]).all()
+    xh, kw = make_case((2, 32, 4, 4), 8, torch.bfloat16)
+    out = poisoned((2, 32, 4, 4), torch.zeros(0))
+    group_norm(xh, 8, out=out, backend=backend, **kw)
+    assert out.dtype == torch.float32  # within bf16's rule (the kernel rounds once, not twice)
+    assert_matches(out.bfloat16(), reference64(xh, 8, kw), group_norm_reference(xh, 8, **kw))

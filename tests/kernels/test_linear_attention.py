@@ -162,6 +162,20 @@ def test_library_2x_math():
     assert rel_error(y, expected) <= 1e-5
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("memory", [None, 4])
+def test_one_launch_where_the_positions_are_not_split(memory, dtype, monkeypatch):
+    """Up to 16 x 16 positions (and wherever one chunk is asked for) one kernel computes a
+    head's context and then its output; the two-kernel path is not launched."""
+    import ddpm_fast.kernels.linear_attention as la
+
+    assert linear_attention_settings(4, 32, 16 * 16, torch.device("cpu"))["chunks"] == 1
+    assert linear_attention_settings(1, 32, 17 * 16, torch.device("cpu"))["chunks"] > 1
+    monkeypatch.setattr(la, "_output_kernel", None)  # the two-kernel path would fail
+    check(*make_case(2, 4, 32, 16, 16, memory, dtype))
+    check(*make_case(1, 2, 16, 20, 21, memory, dtype), split=1)
+
+
 # settings and the CPU path at the big shapes
 
 
@@ -261,3 +275,4 @@ def test_compiled_kernels_on_cuda(shape, dtype):
     qkv, heads, kw = make_case(*shape, dtype, device="cuda")
     check(qkv, heads, kw, backend="auto")
     check(qkv, heads, kw, backend="auto", split=3)
+    check(qkv, heads, kw, backend="auto", split=1)

@@ -1,7 +1,7 @@
 """Each family's mapping onto the shared fast modules, one module per family (see
 ddpm_fast.models for the contract):
 
-- ``build(folded, slices, bias_in_norm) -> nn.Module``, whose forward is
+- ``build(folded, slices, fuse) -> nn.Module``, whose forward is
   ``(x, time_row [1, D], x_self_cond=None)``; ``slices[name] = (start, width)`` of each
   conditioning in the time row;
 - optionally ``time_tables(folded, tables) -> tables``: the family's own change to the per-step

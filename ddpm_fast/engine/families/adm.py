@@ -38,14 +38,12 @@ def _legacy_rows(heads: int, channels: int) -> torch.Tensor:
 
 
 class FastResBlock(nn.Module):
-    def __init__(self, block: ref.ResBlock, time: TimeSlice, bias_in_norm: bool):
+    def __init__(self, block: ref.ResBlock, time: TimeSlice, fuse: bool):
         super().__init__()
         self.norm1 = GroupNormAct(block.in_layers[0], "silu")
         self.h_upd, self.x_upd = block.h_upd, block.x_upd
         self.conv1 = block.in_layers[2]
-        self.norm2 = TimedNorm(
-            block.out_layers[0], self.conv1, block.use_scale_shift_norm, bias_in_norm
-        )
+        self.norm2 = TimedNorm(block.out_layers[0], self.conv1, block.use_scale_shift_norm, fuse)
         self.conv2 = block.out_layers[3]
         self.skip = block.skip_connection
         self.time = time
@@ -71,9 +69,9 @@ class FastAttentionBlock(nn.Module):
         return x + self.proj_out(sdpa(self.qkv(self.norm(x)), self.heads))
 
 
-def _fast_layer(layer: nn.Module, name: str, slices, bias_in_norm: bool) -> nn.Module:
+def _fast_layer(layer: nn.Module, name: str, slices, fuse: bool) -> nn.Module:
     if isinstance(layer, ref.ResBlock):
-        return FastResBlock(layer, TimeSlice(*slices[name]), bias_in_norm)
+        return FastResBlock(layer, TimeSlice(*slices[name]), fuse)
     if isinstance(layer, ref.AttentionBlock):
         return FastAttentionBlock(layer)
     if isinstance(layer, ref.Upsample):
@@ -86,11 +84,10 @@ def _fast_layer(layer: nn.Module, name: str, slices, bias_in_norm: bool) -> nn.M
 class FastBlock(nn.Module):
     """A TimestepEmbedSequential's layers; the ResBlocks read the time row."""
 
-    def __init__(self, block: nn.Sequential, prefix: str, slices, bias_in_norm: bool):
+    def __init__(self, block: nn.Sequential, prefix: str, slices, fuse: bool):
         super().__init__()
         self.layers = nn.ModuleList(
-            _fast_layer(layer, f"{prefix}.{i}", slices, bias_in_norm)
-            for i, layer in enumerate(block)
+            _fast_layer(layer, f"{prefix}.{i}", slices, fuse) for i, layer in enumerate(block)
         )
         self.timed = [isinstance(layer, FastResBlock) for layer in self.layers]
 
@@ -101,16 +98,16 @@ class FastBlock(nn.Module):
 
 
 class FastADMUnet(nn.Module):
-    def __init__(self, folded: ref.Unet, slices: dict[str, tuple[int, int]], bias_in_norm: bool):
+    def __init__(self, folded: ref.Unet, slices: dict[str, tuple[int, int]], fuse: bool):
         super().__init__()
 
         def blocks(modules, prefix: str) -> nn.ModuleList:
             return nn.ModuleList(
-                FastBlock(b, f"{prefix}.{i}", slices, bias_in_norm) for i, b in enumerate(modules)
+                FastBlock(b, f"{prefix}.{i}", slices, fuse) for i, b in enumerate(modules)
             )
 
         self.input_blocks = blocks(folded.input_blocks, "input_blocks")
-        self.middle_block = FastBlock(folded.middle_block, "middle_block", slices, bias_in_norm)
+        self.middle_block = FastBlock(folded.middle_block, "middle_block", slices, fuse)
         self.output_blocks = blocks(folded.output_blocks, "output_blocks")
         self.norm_out = GroupNormAct(folded.out[0], "silu")
         self.conv_out = folded.out[2]
@@ -139,6 +136,6 @@ def time_tables(folded: ref.Unet, tables: dict[str, torch.Tensor]) -> dict[str, 
     return out
 
 
-def build(folded: ref.Unet, slices: dict[str, tuple[int, int]], bias_in_norm: bool) -> nn.Module:
+def build(folded: ref.Unet, slices: dict[str, tuple[int, int]], fuse: bool) -> nn.Module:
     """The engine's network of an ADM reference (see ddpm_fast.models, the engine side)."""
-    return FastADMUnet(folded, slices, bias_in_norm)
+    return FastADMUnet(folded, slices, fuse)

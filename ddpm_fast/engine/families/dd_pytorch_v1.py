@@ -30,7 +30,9 @@ from ..modules import (
     TimeSlice,
     channel_layer_norm,
     linear_attention,
+    projection,
     sdpa,
+    sdpa_heads,
     take_conv_bias,
 )
 from .dd_pytorch_v1_onnx import onnx_form, onnx_time_rows  # noqa: F401 (the mapping's)
@@ -42,32 +44,33 @@ LAYER_NORM_EPS = ref.dtype_eps(torch.float32)
 class FastBlock(nn.Module):
     """``ref.Block``: conv -> GroupNorm -> x * (1 + scale) + shift -> SiLU, the last three fused.
 
-    ``bias_in_norm``: the conv runs without its bias, which the fused GroupNorm adds as its
+    ``fuse``: the conv runs without its bias, which the fused GroupNorm adds as its
     pre-bias (the same sum, one launch fewer where the kernel runs; on the PyTorch path the conv
     adds it for free)."""
 
-    def __init__(self, block: ref.Block, bias_in_norm: bool = False):
+    def __init__(self, block: ref.Block, fuse: bool = False):
         super().__init__()
         self.proj = block.proj  # already a plain conv holding the standardised weight
-        pre_bias = take_conv_bias(self.proj) if bias_in_norm else None
+        pre_bias = take_conv_bias(self.proj) if fuse else None
         self.norm = GroupNormAct(block.norm, "silu", pre_bias)
 
     @property
     def pre_bias(self):
         return self.norm.pre_bias
 
-    def forward(self, x, scale=None, shift=None):
-        return self.norm(self.proj(x), scale, shift)
+    def forward(self, x, scale=None, shift=None, **epilogue):
+        return self.norm(self.proj(x), scale, shift, **epilogue)
 
 
-def _layer_norm(x: torch.Tensor, norm: ref.LayerNorm) -> torch.Tensor:
-    return channel_layer_norm(x, norm.g, eps=LAYER_NORM_EPS)
+def _layer_norm(x: torch.Tensor, norm: ref.LayerNorm, **around) -> torch.Tensor:
+    return channel_layer_norm(x, norm.g, eps=LAYER_NORM_EPS, **around)
 
 
 class FastLinearAttention(nn.Module):
-    """``Residual(PreNorm(LayerNorm, LinearAttention))``."""
+    """``Residual(PreNorm(LayerNorm, LinearAttention))``. ``fuse``: the to_out conv's bias,
+    the residual and the output's second copy (``also_out``) in the last LayerNorm's kernel."""
 
-    def __init__(self, residual: ref.Residual):
+    def __init__(self, residual: ref.Residual, fuse: bool = False):
         super().__init__()
         prenorm = residual.fn
         attention = prenorm.fn
@@ -77,18 +80,38 @@ class FastLinearAttention(nn.Module):
         self.to_qkv = attention.to_qkv
         self.to_out = attention.to_out[0]
         self.out_norm = attention.to_out[1]
+        self.writes_out = fuse
+        self.out_bias = take_conv_bias(self.to_out) if fuse else None
 
-    def forward(self, x):
+    def forward(self, x, out=None, also_out=None):
         h, w = x.shape[-2:]
-        qkv = self.to_qkv(_layer_norm(x, self.norm))
-        out = linear_attention(qkv, self.heads, q_scale=self.scale, v_scale=1.0 / (h * w))
-        return _layer_norm(self.to_out(out), self.out_norm) + x
+        if not self.writes_out:
+            qkv = self.to_qkv(_layer_norm(x, self.norm))
+            y = linear_attention(qkv, self.heads, q_scale=self.scale, v_scale=1.0 / (h * w))
+            return _layer_norm(self.to_out(y), self.out_norm) + x
+        qkv = _normed_qkv(x, self.norm, self.to_qkv)
+        y = linear_attention(qkv, self.heads, q_scale=self.scale, v_scale=1.0 / (h * w))
+        return projection(
+            y, self.to_out.weight, self.out_bias, norm_out="layer", g_out=self.out_norm.g,
+            eps_out=LAYER_NORM_EPS, residual=x, out=torch.empty_like(x) if out is None else out,
+            also_out=also_out,
+        )  # fmt: skip
+
+
+def _normed_qkv(x: torch.Tensor, norm: ref.LayerNorm, to_qkv: nn.Conv2d) -> torch.Tensor:
+    """``to_qkv(LayerNorm(x))`` in one projection kernel, channels_last (each head's [H * W, d]
+    contiguous in d, as scaled_dot_product_attention wants it)."""
+    return projection(
+        x, to_qkv.weight, to_qkv.bias, norm_in="layer", g_in=norm.g, eps_in=LAYER_NORM_EPS
+    )
 
 
 class FastAttention(nn.Module):
-    """``Residual(PreNorm(LayerNorm, Attention))`` through scaled_dot_product_attention."""
+    """``Residual(PreNorm(LayerNorm, Attention))`` through scaled_dot_product_attention.
+    ``fuse``: the norm and the qkv conv in one projection kernel, and the to_out conv with its
+    bias and the residual in another, which reads SDPA's output in place."""
 
-    def __init__(self, residual: ref.Residual):
+    def __init__(self, residual: ref.Residual, fuse: bool = False):
         super().__init__()
         prenorm = residual.fn
         attention = prenorm.fn
@@ -97,24 +120,34 @@ class FastAttention(nn.Module):
         self.scale = attention.scale
         self.to_qkv = attention.to_qkv
         self.to_out = attention.to_out
+        self.fuse = fuse
 
     def forward(self, x):
-        qkv = self.to_qkv(_layer_norm(x, self.norm))
-        return self.to_out(sdpa(qkv, self.heads, self.scale)) + x
+        if not self.fuse:
+            qkv = self.to_qkv(_layer_norm(x, self.norm))
+            return self.to_out(sdpa(qkv, self.heads, self.scale)) + x
+        heads = sdpa_heads(_normed_qkv(x, self.norm, self.to_qkv), self.heads, self.scale)
+        return projection(
+            heads, self.to_out.weight, self.to_out.bias, residual=x, x_heads=True,
+            spatial=tuple(x.shape[2:]), out=torch.empty_like(x),
+        )  # fmt: skip
 
 
 class FastUnetV1(StagedUnet):
     """``forward(x, time_row, x_self_cond=None)`` equals the reference's forward at the
     timestep whose row of the time table ``time_row`` is."""
 
-    def __init__(self, folded: ref.Unet, slices: dict[str, tuple[int, int]], bias_in_norm: bool):
+    def __init__(self, folded: ref.Unet, slices: dict[str, tuple[int, int]], fuse: bool):
         def resnet(name: str) -> FastResnetBlock:
-            fast_block = partial(FastBlock, bias_in_norm=bias_in_norm)
-            return FastResnetBlock(folded.get_submodule(name), TimeSlice(*slices[name]), fast_block)
+            fast_block = partial(FastBlock, fuse=fuse)
+            block = folded.get_submodule(name)
+            return FastResnetBlock(block, TimeSlice(*slices[name]), fast_block, fuse)
 
-        super().__init__(folded, resnet, FastLinearAttention, FastAttention)
+        attention = partial(FastLinearAttention, fuse=fuse)
+        mid_attention = partial(FastAttention, fuse=fuse)
+        super().__init__(folded, resnet, attention, mid_attention, fuse)
 
 
-def build(folded: ref.Unet, slices: dict[str, tuple[int, int]], bias_in_norm: bool) -> nn.Module:
+def build(folded: ref.Unet, slices: dict[str, tuple[int, int]], fuse: bool) -> nn.Module:
     """The engine's network of a folded 1.x Unet (see ddpm_fast.models, the engine side)."""
-    return FastUnetV1(folded, slices, bias_in_norm)
+    return FastUnetV1(folded, slices, fuse)

@@ -1,12 +1,13 @@
 """denoising-diffusion-pytorch 2.x onto the fast modules.
 
 - ``FastBlock``: conv -> one fused channel RMSNorm + scale/shift + SiLU (the channel_norm
-  kernel); RMSNorm has no place for a pre-bias, so the conv keeps its bias (``bias_in_norm`` is
-  1.x's GroupNorm business and is ignored here);
+  kernel); ``fuse`` (where the kernels run): the conv's bias is the kernel's pre-bias, and the
+  second Block's kernel adds the ResnetBlock's residual;
 - ``FastResnetBlock`` (:mod:`ddpm_fast.engine.modules`): its (scale, shift), a slice of the
   step's time row, for its two ``FastBlock``;
 - ``FastLinearAttention``: RMSNorm, 1x1 conv, the linear-attention kernel with the memory
-  key/values (2.x does not divide v by H * W), 1x1 conv and RMSNorm, plus the residual;
+  key/values (2.x does not divide v by H * W), 1x1 conv and RMSNorm, plus the residual (with
+  ``fuse``, the conv's bias and the residual in the last RMSNorm's kernel);
 - ``FastAttention``: RMSNorm, 1x1 conv, memory key/values prepended, scaled_dot_product_attention
   (its default scale, dim_head ** -0.5, is the reference's), 1x1 conv, plus the residual;
 - ``Downsample``'s pixel-unshuffle + 1x1 conv as one 2x2 stride-2 conv (the same sums), and the
@@ -18,32 +19,40 @@ The ONNX Runtime form (``onnx_form``, ``onnx_time_rows``) is its own file beside
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ...kernels.channel_norm import channel_rms_norm
 from ...models import dd_pytorch_v2 as ref
-from ..modules import FastResnetBlock, StagedUnet, TimeSlice, linear_attention
+from ..modules import FastResnetBlock, StagedUnet, TimeSlice, linear_attention, take_conv_bias
 from .dd_pytorch_v2_onnx import onnx_form, onnx_time_rows  # noqa: F401 (the mapping's)
 
 
 class FastBlock(nn.Module):
-    """``ref.Block``: conv -> RMSNorm -> x * (1 + scale) + shift -> SiLU, the last three fused."""
+    """``ref.Block``: conv -> RMSNorm -> x * (1 + scale) + shift -> SiLU, the last three fused.
+    ``fuse``: the conv's bias is the norm kernel's pre-bias."""
 
-    def __init__(self, block: ref.Block):
+    def __init__(self, block: ref.Block, fuse: bool = False):
         super().__init__()
         self.proj = block.proj
         self.g = block.norm.g
+        self.pre_bias = take_conv_bias(self.proj) if fuse else None
 
-    def forward(self, x, scale=None, shift=None):
-        return channel_rms_norm(self.proj(x), self.g, scale=scale, shift=shift, act="silu")
+    def forward(self, x, scale=None, shift=None, **epilogue):
+        return channel_rms_norm(
+            self.proj(x), self.g, scale=scale, shift=shift, act="silu", pre_bias=self.pre_bias,
+            **epilogue,
+        )  # fmt: skip
 
 
 class FastLinearAttention(nn.Module):
-    """``attn(x) + x`` for a ``ref.LinearAttention``."""
+    """``attn(x) + x`` for a ``ref.LinearAttention``. ``fuse``: the to_out conv's bias, the
+    residual and a second copy of the output (``also_out``) in the last RMSNorm's kernel."""
 
-    def __init__(self, attention: ref.LinearAttention):
+    def __init__(self, attention: ref.LinearAttention, fuse: bool = False):
         super().__init__()
         self.g = attention.norm.g
         self.heads = attention.heads
@@ -52,11 +61,18 @@ class FastLinearAttention(nn.Module):
         self.to_qkv = attention.to_qkv
         self.to_out = attention.to_out[0]
         self.out_g = attention.to_out[1].g
+        self.writes_out = fuse
+        self.out_bias = take_conv_bias(self.to_out) if fuse else None
 
-    def forward(self, x):
+    def forward(self, x, out=None, also_out=None):
         qkv = self.to_qkv(channel_rms_norm(x, self.g))
-        out = linear_attention(qkv, self.heads, mem_kv=self.mem_kv, q_scale=self.scale)
-        return channel_rms_norm(self.to_out(out), self.out_g) + x
+        y = linear_attention(qkv, self.heads, mem_kv=self.mem_kv, q_scale=self.scale)
+        if not self.writes_out:
+            return channel_rms_norm(self.to_out(y), self.out_g) + x
+        return channel_rms_norm(
+            self.to_out(y), self.out_g, pre_bias=self.out_bias, residual=x, out=out,
+            also_out=also_out,
+        )  # fmt: skip
 
 
 class FastAttention(nn.Module):
@@ -84,24 +100,24 @@ class FastAttention(nn.Module):
         return self.to_out(out) + x
 
 
-def _attention(module: nn.Module) -> nn.Module:
-    if isinstance(module, ref.LinearAttention):
-        return FastLinearAttention(module)
-    return FastAttention(module)
-
-
 class FastUnetV2(StagedUnet):
     """``forward(x, time_row, x_self_cond=None)`` equals the reference's forward at the
     timestep whose row of the time table ``time_row`` is."""
 
-    def __init__(self, folded: ref.Unet, slices: dict[str, tuple[int, int]]):
+    def __init__(self, folded: ref.Unet, slices: dict[str, tuple[int, int]], fuse: bool):
         def resnet(name: str) -> FastResnetBlock:
-            return FastResnetBlock(folded.get_submodule(name), TimeSlice(*slices[name]), FastBlock)
+            block = folded.get_submodule(name)
+            fast_block = partial(FastBlock, fuse=fuse)
+            return FastResnetBlock(block, TimeSlice(*slices[name]), fast_block, fuse)
 
-        super().__init__(folded, resnet, _attention, FastAttention)
+        def attention(module: nn.Module) -> nn.Module:
+            if isinstance(module, ref.LinearAttention):
+                return FastLinearAttention(module, fuse)
+            return FastAttention(module)
+
+        super().__init__(folded, resnet, attention, FastAttention, fuse)
 
 
-def build(folded: ref.Unet, slices: dict[str, tuple[int, int]], bias_in_norm: bool) -> nn.Module:
-    """The engine's network of a 2.x Unet (see ddpm_fast.models, the engine side); 2.x has
-    nothing that ``bias_in_norm`` moves."""
-    return FastUnetV2(folded, slices)
+def build(folded: ref.Unet, slices: dict[str, tuple[int, int]], fuse: bool) -> nn.Module:
+    """The engine's network of a 2.x Unet (see ddpm_fast.models, the engine side)."""
+    return FastUnetV2(folded, slices, fuse)

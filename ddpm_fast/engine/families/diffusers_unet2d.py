@@ -26,11 +26,11 @@ def _linear_as_conv(*linears: nn.Linear) -> nn.Conv2d:
 
 
 class FastResnetBlock2D(nn.Module):
-    def __init__(self, block: ref.ResnetBlock2D, time: TimeSlice, bias_in_norm: bool):
+    def __init__(self, block: ref.ResnetBlock2D, time: TimeSlice, fuse: bool):
         super().__init__()
         self.norm1 = GroupNormAct(block.norm1, "silu")
         self.conv1 = block.conv1
-        self.norm2 = TimedNorm(block.norm2, self.conv1, block.scale_shift, bias_in_norm)
+        self.norm2 = TimedNorm(block.norm2, self.conv1, block.scale_shift, fuse)
         self.conv2 = block.conv2
         self.conv_shortcut = block.conv_shortcut
         self.factor = block.output_scale_factor
@@ -62,13 +62,13 @@ class FastAttention2D(nn.Module):
 
 
 class FastUnet2D(nn.Module):
-    def __init__(self, folded: ref.Unet, slices: dict[str, tuple[int, int]], bias_in_norm: bool):
+    def __init__(self, folded: ref.Unet, slices: dict[str, tuple[int, int]], fuse: bool):
         super().__init__()
         self.center_input_sample = folded.config.center_input_sample
 
         def resnet(name: str) -> FastResnetBlock2D:
             block = folded.get_submodule(name)
-            return FastResnetBlock2D(block, TimeSlice(*slices[name]), bias_in_norm)
+            return FastResnetBlock2D(block, TimeSlice(*slices[name]), fuse)
 
         def attentions(block) -> nn.ModuleList:
             return nn.ModuleList(FastAttention2D(a) for a in block.attentions)
@@ -135,6 +135,6 @@ def time_tables(folded: ref.Unet, tables: dict[str, torch.Tensor]) -> dict[str, 
     return out
 
 
-def build(folded: ref.Unet, slices: dict[str, tuple[int, int]], bias_in_norm: bool) -> nn.Module:
+def build(folded: ref.Unet, slices: dict[str, tuple[int, int]], fuse: bool) -> nn.Module:
     """The engine's network of a UNet2DModel reference (see ddpm_fast.models, the engine side)."""
-    return FastUnet2D(folded, slices, bias_in_norm)
+    return FastUnet2D(folded, slices, fuse)
