@@ -7,7 +7,14 @@ engine step's launches, bytes and FLOPs, counted on the meta device (no GPU), an
     python benchmarks/gpu_cost.py --out benchmarks/results/gpu-cost-2026-12-07.md
 
 The launch cost and the bandwidths are estimates until the GPU suite measures them: give the
-measured ones with --launch-us and --bandwidth.
+measured ones with --launch-us and --bandwidth, or let the suite's run set them:
+
+    python benchmarks/gpu_cost.py --check benchmarks/results/gpu-<date>   # the suite's report
+
+``--check DIR`` reads the suite's micro.json (benchmarks/gpu_micro.py: launch cost and copy
+bandwidth on that GPU) and its sampler-*.json, and writes DIR/cost-check.md: for every engine
+step the suite timed (CUDA graphs on), the model's prediction with the estimated parameters and
+with the measured ones, beside the measured ms per step.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import json
 import sys
 from pathlib import Path
 
@@ -53,6 +61,72 @@ def rows(models, batches, dtypes, gpus) -> list[str]:
     return lines
 
 
+CHECK_HEADER = [
+    "| stage | model | dtype | batch | launches | predicted ms/step (estimates) | predicted "
+    "(measured launch, bandwidth) | measured ms/step | measured / predicted |",
+    "|---|---|---|---|---|---|---|---|---|",
+]
+
+
+def measured_gpu(micro: dict):
+    """The cost model's GPU for the suite's machine, with its measured launch cost and
+    bandwidth, and the estimate it replaces."""
+    name = micro.get("device", "")
+    estimate = GPUS["H200"] if "H200" in name else GPUS["H100"]
+    measured = dataclasses.replace(
+        estimate, launch_s=micro["launch_s"], bandwidth=micro["copy_bytes_per_s"]
+    )
+    return estimate, measured
+
+
+def check(out: Path) -> list[str]:
+    """cost-check.md of a suite's results folder: prediction against measurement per step."""
+    micro = json.loads((out / "micro.json").read_text())
+    estimate, measured = measured_gpu(micro)
+    lines, counted = [], {}
+    for path in sorted(out.glob("sampler-*.json")):
+        record = json.loads(path.read_text())
+        model = str(record.get("model", "")).split(" ")[0]
+        for row in record.get("results", []):
+            if row.get("backend") != "engine" or row.get("ms_per_step") is None:
+                continue
+            key = (model, row["dtype"], row["batch"])
+            if key not in counted:
+                try:
+                    counted[key] = count_step(
+                        model_pipeline(model), row["batch"], DTYPES[row["dtype"]]
+                    )
+                except (KeyError, ValueError) as error:  # not a bench model: no count
+                    print(f"{path.name}: {model}: {error}", file=sys.stderr)
+                    counted[key] = None
+            step = counted[key]
+            if step is None:
+                continue
+            guess = predict(step, estimate, row["dtype"]).step_s * 1e3
+            model_ms = predict(step, measured, row["dtype"]).step_s * 1e3
+            got = row["ms_per_step"]
+            lines.append(
+                f"| {path.stem} | {model} | {row['dtype']} | {row['batch']} | {step.total} | "
+                f"{guess:.3f} | {model_ms:.3f} | {got:.3f} | {got / model_ms:.2f} |"
+            )
+    per_launch = ", ".join(f"{k} {v * 1e6:.2f} us" for k, v in micro["launch_s_by_op"].items())
+    text = [
+        f"# Cost model against the suite's measurements, {datetime.date.today()}",
+        "",
+        f"- GPU: {micro.get('device')}; launch in a CUDA graph: {per_launch} (model: "
+        f"{measured.launch_s * 1e6:.2f} us, estimate {estimate.launch_s * 1e6:.2f}); copy "
+        f"{measured.bandwidth / 1e12:.2f} TB/s (estimate {estimate.bandwidth / 1e12:.2f})",
+        f"- torch {torch.__version__}; command: `python {' '.join(sys.argv)}`",
+        "",
+        *CHECK_HEADER,
+        *lines,
+        "",
+    ]
+    (out / "cost-check.md").write_text("\n".join(text))
+    print("\n".join(text))
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=list(MODELS))
@@ -62,7 +136,12 @@ def main() -> None:
     parser.add_argument("--bandwidth", type=float, nargs=2, metavar=("H100", "H200"),
                         help="bytes/s a copy reaches on each (default: 3.0e12 4.3e12)")  # fmt: skip
     parser.add_argument("--out", type=Path, help="also write the table as markdown here")
+    parser.add_argument("--check", type=Path, metavar="DIR",
+                        help="a GPU suite's results: write DIR/cost-check.md")  # fmt: skip
     args = parser.parse_args()
+    if args.check is not None:
+        check(args.check)
+        return
     gpus = list(GPUS.values())
     if args.launch_us is not None:
         gpus = [dataclasses.replace(g, launch_s=args.launch_us * 1e-6) for g in gpus]

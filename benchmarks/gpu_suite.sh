@@ -11,8 +11,9 @@
 # this run; then check every import the suite needs, that torch sees a GPU and that Triton compiles
 # and runs a kernel on it, and write machine.txt. A missing piece is one line and exit 3.
 #
-# Stages, in order (the limit in seconds; --quick runs the first three with smaller limits):
+# Stages, in order (the limit in seconds; --quick runs the first four with smaller limits):
 #   sampler-headline  1000-step DDPM at batch 1: the engine in bf16 and fp32, then the reference
+#   micro             the cost model's parameters: a launch in a CUDA graph, a copy's bandwidth
 #   gpu-tests         the tests marked gpu
 #   kernels           the kernel benchmarks (160 cases; --quick: 12) and their summary
 #   sampler-steps     100-step chains at batch 1 and 64: the reference, the engine with and
@@ -28,13 +29,14 @@
 #   sampler-autotune  torch.compile max-autotune at batch 1 (last: its compile is the longest)
 # A stage over its limit gets SIGINT, then SIGKILL after a grace period: pytest-benchmark writes
 # its JSON on SIGINT and the sampler benchmark saves after every cell, so a stage cut short keeps
-# what it finished. The limits plus the graces plus the preflight stay under 8 minutes on one GPU
-# without onnxruntime-gpu, the lent machine (--quick: 3).
+# what it finished. The limits plus the graces plus the preflight stay under 8.5 minutes on one
+# GPU without onnxruntime-gpu, the lent machine (--quick: 3.5).
 # stages.txt says how each stage ended; the last lines printed are the tables.
 #
-# Files in $OUT: preflight.txt, machine.txt, stages.txt, gpu-tests.txt, kernels.json,
-# kernels-pytest.txt, kernels.md (every case), summary.md (kernel speed-ups), and per sampler stage
-# <stage>.md/.json/.txt.
+# Files in $OUT: preflight.txt, machine.txt, stages.txt, micro.json, gpu-tests.txt, kernels.json,
+# kernels-pytest.txt, kernels.md (every case), summary.md (kernel speed-ups), per sampler stage
+# <stage>.md/.json/.txt, and cost-check.md (benchmarks/gpu_cost.py --check: the cost model's
+# prediction beside each measured engine step).
 #
 # DDPM_FAST_SUITE_DEVICE=cpu runs the same control flow on the CPU with tiny sizes (the embedded
 # model, a few steps): scripts/gpu_suite_dry_run.sh. DDPM_FAST_SUITE_LIMIT_SCALE=<percent> scales
@@ -176,10 +178,11 @@ else  # the dry run: the embedded 8 x 8 model, few steps, small batches
 fi
 sampler=("$PYTHON" benchmarks/sampler.py "$MODEL" --device "$DEVICE" --out "$OUT")
 
-# Limits and graces (s). Full: 30 (preflight) + (70+5) + (80+5) + (40+10) + (30+5) + (45+5)
-# + 2 x (25+5) (the two models) + (35+5) + (20+5) (the two ADM models, the first also guided)
-# + (25+5, onnxruntime-gpu only) + (20+5, two GPUs only) + (25+5) = 535 s at most; 480 s on one GPU without onnxruntime-gpu (the
-# lent H200: those two stages skip); --quick: 30 + (70+5) + (35+5) + (20+10) = 175 s. The two
+# Limits and graces (s). Full: 30 (preflight) + (70+5) + (15+5) (micro) + (80+5) + (40+10)
+# + (30+5) + (45+5) + 2 x (25+5) (the two models) + (35+5) + (20+5) (the two ADM models, the first
+# also guided) + (25+5, onnxruntime-gpu only) + (20+5, two GPUs only) + (25+5) = 555 s at most;
+# 500 s on one GPU without onnxruntime-gpu (the lent H200: those two stages skip); --quick: 30 +
+# (70+5) + (15+5) + (35+5) + (20+10) = 195 s. The two
 # models' stages take one batch (1) and 100 steps: their cells are the engine's new mappings (cold Triton compiles for their
 # shapes and dtypes) and a reference of the same size as the headline's; a stage cut keeps the
 # cells it saved (the engine's first).
@@ -201,6 +204,9 @@ fi
 stage sampler-headline 70 5 "$OUT/sampler-headline.txt" "${sampler[@]}" \
     --name sampler-headline --batch 1 --steps "$HEADLINE_STEPS" --repeats "$REPEATS" \
     --dtype bf16 fp32 --backends reference engine
+
+stage micro 15 5 "$OUT/micro.txt" \
+    "$PYTHON" benchmarks/gpu_micro.py --device "$DEVICE" --out "$OUT/micro.json"
 
 stage gpu-tests "$GPU_TESTS" 5 "$OUT/gpu-tests.txt" \
     "$PYTHON" -m pytest -m gpu tests -v --tb=short -p no:cacheprovider --durations=5
@@ -333,6 +339,11 @@ if [[ $QUICK == 0 ]]; then
         --backends reference compile-max-autotune
 fi
 
+# The cost model against what the stages measured (launch cost and bandwidth from micro.json).
+if [[ -f "$OUT/micro.json" ]]; then
+    "$PYTHON" benchmarks/gpu_cost.py --check "$OUT" >"$OUT/cost-check.txt" 2>&1 || status=$?
+fi
+
 echo
 echo "== results in $OUT ($mode, $((SECONDS - started)) s)"
 cat "$OUT/stages.txt"
@@ -347,5 +358,9 @@ done
 if [[ -f "$OUT/summary.md" ]]; then
     echo "-- kernels (median speed-up of the Triton kernel)"
     cat "$OUT/summary.md"
+fi
+if [[ -f "$OUT/cost-check.md" ]]; then
+    echo "-- cost model: predicted and measured ms per step"
+    grep -v '^#' "$OUT/cost-check.md"
 fi
 exit "$status"

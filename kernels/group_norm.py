@@ -67,11 +67,30 @@ def _channel_vector(
 
 
 @jit
+def _edge_bias(eb_ptr, offs_c, mask_c, offs_s, H, W, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+    """[BLOCK_C, BLOCK_S]: what a 3x3, zero-padded conv adds to its output for a constant input
+    at each position: ``sum of T[c, ky, kx]`` over the taps that land inside the H x W image
+    (``eb_ptr`` + c * 9: T of channel c, row major)."""
+    y = offs_s // W
+    x = offs_s % W
+    rows = ((y > 0).to(tl.float32), tl.full([BLOCK_S], 1.0, tl.float32), (y < H - 1).to(tl.float32))
+    cols = ((x > 0).to(tl.float32), tl.full([BLOCK_S], 1.0, tl.float32), (x < W - 1).to(tl.float32))
+    e = tl.zeros([BLOCK_C, BLOCK_S], tl.float32)
+    for ky in tl.static_range(3):
+        for kx in tl.static_range(3):
+            t = tl.load(eb_ptr + offs_c * 9 + ky * 3 + kx, mask=mask_c, other=0.0)
+            e += t.to(tl.float32)[:, None] * (rows[ky] * cols[kx])[None, :]
+    return e
+
+
+@jit
 def _chunk_stats(
-    x_base, sxC, sxS, pb, k, Cg, s_begin, s_end, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr
-):
-    """Mean and centred sum of squares of ``(x - k) + pb`` over the group's channels and positions
-    ``[s_begin, s_end)``: per-channel tiles merged with Chan's formula, then across channels."""
+    x_base, sxC, sxS, pb, k, Cg, s_begin, s_end, eb_base, H, W,
+    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, HAS_EDGE: tl.constexpr,
+):  # fmt: skip
+    """Mean and centred sum of squares of ``(x - k) + pb (+ edge bias)`` over the group's channels
+    and positions ``[s_begin, s_end)``: per-channel tiles merged with Chan's formula, then across
+    channels."""
     offs_c = tl.arange(0, BLOCK_C)
     mask_c = offs_c < Cg
     mean_c = tl.zeros([BLOCK_C], dtype=tl.float32)
@@ -81,7 +100,10 @@ def _chunk_stats(
         mask = mask_c[:, None] & (offs_s < s_end)[None, :]
         ptrs = x_base + offs_c[:, None] * sxC + offs_s[None, :] * sxS
         v = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
-        v = tl.where(mask, (v - k) + pb[:, None], 0.0)
+        v = (v - k) + pb[:, None]
+        if HAS_EDGE:
+            v += _edge_bias(eb_base, offs_c, mask_c, offs_s, H, W, BLOCK_C, BLOCK_S)
+        v = tl.where(mask, v, 0.0)
         n_a = (s0 - s_begin).to(tl.float32)
         n_b = tl.minimum(s_end - s0, BLOCK_S).to(tl.float32)
         tile_mean = tl.sum(v, axis=1) / n_b
@@ -119,11 +141,15 @@ def _apply_chunk(
     Cg,
     s_begin,
     s_end,
+    eb_base,
+    H,
+    W,
     BLOCK_C: tl.constexpr,
     BLOCK_S: tl.constexpr,
     SILU: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr,
     HAS_OUT2: tl.constexpr,
+    HAS_EDGE: tl.constexpr,
 ):
     """y = act((((x - k) + pb) - mean) * a + b) (+ residual + rb) over positions
     ``[s_begin, s_end)``, stored in y (and in y2)."""
@@ -133,7 +159,10 @@ def _apply_chunk(
         offs_s = s0 + tl.arange(0, BLOCK_S)
         mask = mask_c[:, None] & (offs_s < s_end)[None, :]
         v = tl.load(x_base + offs_c[:, None] * sxC + offs_s[None, :] * sxS, mask=mask, other=0.0)
-        y = ((v.to(tl.float32) - k + pb[:, None]) - mean) * a[:, None] + b[:, None]
+        v = v.to(tl.float32) - k + pb[:, None]
+        if HAS_EDGE:
+            v += _edge_bias(eb_base, offs_c, mask_c, offs_s, H, W, BLOCK_C, BLOCK_S)
+        y = (v - mean) * a[:, None] + b[:, None]
         if SILU:
             y = silu(y)
         if HAS_RESIDUAL:
@@ -216,6 +245,7 @@ def _group_norm_fused_kernel(
     y_ptr,
     y2_ptr,
     pb_ptr,
+    eb_ptr,
     w_ptr,
     b_ptr,
     sc_ptr,
@@ -225,6 +255,7 @@ def _group_norm_fused_kernel(
     G,
     Cg,
     HW,
+    W,
     eps,
     sxN,
     sxC,
@@ -247,6 +278,7 @@ def _group_norm_fused_kernel(
     BLOCK_C: tl.constexpr,
     BLOCK_S: tl.constexpr,
     HAS_PRE_BIAS: tl.constexpr,
+    HAS_EDGE: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     HAS_SCALE: tl.constexpr,
@@ -263,7 +295,11 @@ def _group_norm_fused_kernel(
     s_begin = tl.program_id(1) * HW  # 0, as a tensor
     s_end = s_begin + HW
     k = _shift_estimate(x_base, sxC, sxS, Cg, s_begin, s_end, BLOCK_C, BLOCK_S)
-    mean, m2 = _chunk_stats(x_base, sxC, sxS, pb, k, Cg, s_begin, s_end, BLOCK_C, BLOCK_S)
+    eb_base = eb_ptr + c0 * 9
+    mean, m2 = _chunk_stats(
+        x_base, sxC, sxS, pb, k, Cg, s_begin, s_end, eb_base, HW // W, W, BLOCK_C, BLOCK_S,
+        HAS_EDGE,
+    )  # fmt: skip
     rstd = 1.0 / tl.sqrt(m2 / (Cg * HW * 1.0) + eps)
     a, b = _output_coefficients(
         w_ptr, b_ptr, sc_ptr, sh_ptr, n, c0, Cg, rstd, sscN, sscC, sshN, sshC,
@@ -275,7 +311,8 @@ def _group_norm_fused_kernel(
     rb = _channel_vector(rb_ptr, c0, 1, Cg, 0.0, BLOCK_C, HAS_RES_BIAS)
     _apply_chunk(
         x_base, y_base, y2_base, r_base, sxC, sxS, syC, syS, sy2C, sy2S, srC, srS, pb, rb, k,
-        mean, a, b, Cg, s_begin, s_end, BLOCK_C, BLOCK_S, SILU, HAS_RESIDUAL, HAS_OUT2,
+        mean, a, b, Cg, s_begin, s_end, eb_ptr + c0 * 9, HW // W, W, BLOCK_C, BLOCK_S, SILU,
+        HAS_RESIDUAL, HAS_OUT2, HAS_EDGE,
     )  # fmt: skip
 
 
@@ -283,10 +320,12 @@ def _group_norm_fused_kernel(
 def _group_norm_partial_kernel(
     x_ptr,
     pb_ptr,
+    eb_ptr,
     ws_ptr,
     G,
     Cg,
     HW,
+    W,
     chunk,
     sxN,
     sxC,
@@ -296,16 +335,21 @@ def _group_norm_partial_kernel(
     BLOCK_C: tl.constexpr,
     BLOCK_S: tl.constexpr,
     HAS_PRE_BIAS: tl.constexpr,
+    HAS_EDGE: tl.constexpr,
 ):
     """Program (sample x group, chunk): the chunk's shift k, and the mean (less k) and centred
     sum of squares of its values, into ws."""
-    _n, _c0, x_base, pb = _group_setup(
+    _n, c0, x_base, pb = _group_setup(
         x_ptr, pb_ptr, G, Cg, sxN, sxC, spbN, spbC, BLOCK_C, HAS_PRE_BIAS
     )
     s_begin = tl.program_id(1) * chunk
     s_end = tl.minimum(s_begin + chunk, HW)
     k = _shift_estimate(x_base, sxC, sxS, Cg, s_begin, s_end, BLOCK_C, BLOCK_S)
-    mean, m2 = _chunk_stats(x_base, sxC, sxS, pb, k, Cg, s_begin, s_end, BLOCK_C, BLOCK_S)
+    eb_base = eb_ptr + c0 * 9
+    mean, m2 = _chunk_stats(
+        x_base, sxC, sxS, pb, k, Cg, s_begin, s_end, eb_base, HW // W, W, BLOCK_C, BLOCK_S,
+        HAS_EDGE,
+    )  # fmt: skip
     ws = ws_ptr + (tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)) * 3
     tl.store(ws, k)
     tl.store(ws + 1, mean)
@@ -318,6 +362,7 @@ def _group_norm_apply_kernel(
     y_ptr,
     y2_ptr,
     pb_ptr,
+    eb_ptr,
     w_ptr,
     b_ptr,
     sc_ptr,
@@ -328,6 +373,7 @@ def _group_norm_apply_kernel(
     G,
     Cg,
     HW,
+    W,
     chunk,
     eps,
     sxN,
@@ -352,6 +398,7 @@ def _group_norm_apply_kernel(
     BLOCK_S: tl.constexpr,
     BLOCK_P: tl.constexpr,
     HAS_PRE_BIAS: tl.constexpr,
+    HAS_EDGE: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     HAS_SCALE: tl.constexpr,
@@ -391,7 +438,8 @@ def _group_norm_apply_kernel(
     rb = _channel_vector(rb_ptr, c0, 1, Cg, 0.0, BLOCK_C, HAS_RES_BIAS)
     _apply_chunk(
         x_base, y_base, y2_base, r_base, sxC, sxS, syC, syS, sy2C, sy2S, srC, srS, pb, rb, k,
-        mean, a, b, Cg, s_begin, s_end, BLOCK_C, BLOCK_S, SILU, HAS_RESIDUAL, HAS_OUT2,
+        mean, a, b, Cg, s_begin, s_end, eb_ptr + c0 * 9, HW // W, W, BLOCK_C, BLOCK_S, SILU,
+        HAS_RESIDUAL, HAS_OUT2, HAS_EDGE,
     )  # fmt: skip
 
 
@@ -451,6 +499,7 @@ def group_norm(
     shift: torch.Tensor | None = None,
     eps: float = 1e-5,
     act: str | None = None,
+    edge_bias: torch.Tensor | None = None,
     residual: torch.Tensor | None = None,
     residual_bias: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
@@ -463,7 +512,10 @@ def group_norm(
 
     ``weight``/``bias`` [C] are GroupNorm's affine; ``pre_bias``, ``scale``, ``shift`` are
     [N or 1, C] or [N or 1, C, 1, 1] (views such as ``chunk(2, dim=1)`` of one tensor are fine);
-    ``act`` is ``"silu"`` or None. ``residual`` [N, C, H, W] (any layout whose H x W is one
+    ``act`` is ``"silu"`` or None. ``edge_bias`` [C, 3, 3] (float32) is a pre-bias that varies
+    at the image's border: what a 3x3 zero-padded conv makes of a per-channel constant input
+    (the bias of the conv before it, moved through it: tap (ky, kx) adds ``edge_bias[c, ky, kx]``
+    where it lands inside the image). ``residual`` [N, C, H, W] (any layout whose H x W is one
     strided axis) is added after the activation, with ``residual_bias`` [C] (a residual conv's
     bias): a ResBlock's skip sum in the same pass. Parameters are x's dtype or float32; the
     output is x's dtype, in ``out`` when given (which may be float32, or a channel slice of a
@@ -493,12 +545,15 @@ def group_norm(
     per_sample = {"pre_bias": pre_bias, "scale": scale, "shift": shift}
     per_sample = {k: per_sample_channel(k, t, x) for k, t in per_sample.items() if t is not None}
     check_residual(residual, residual_bias, x)
+    check_edge_bias(edge_bias, x)
     if out is not None:
         check_out(out, x.shape, x, torch.float32)
     if also_out is not None:
         check_out(also_out, x.shape, x, torch.float32)
 
     if not use_triton(backend, x, _group_norm_fused_kernel):
+        if edge_bias is not None:
+            x = x + edge_bias_map(edge_bias, h, w).to(x.dtype)
         y = group_norm_eager(
             x, num_groups, weight, bias, pre_bias=pre_bias, scale=scale, shift=shift, eps=eps,
             act=act,
@@ -517,6 +572,7 @@ def group_norm(
     pb, sc, sh = (per_sample.get(k, x) for k in ("pre_bias", "scale", "shift"))
     params = {
         "HAS_PRE_BIAS": pre_bias is not None,
+        "HAS_EDGE": edge_bias is not None,
         "HAS_WEIGHT": weight is not None,
         "HAS_BIAS": bias is not None,
         "HAS_SCALE": scale is not None,
@@ -538,24 +594,26 @@ def group_norm(
     sy2 = spatial_strides("also_out", y2)
     weight = x if weight is None else weight
     bias = x if bias is None else bias
+    eb = x if edge_bias is None else edge_bias
     cg, hw, chunks, chunk = c // num_groups, h * w, settings["chunks"], settings["chunk"]
     with device_guard(x):
         if chunks == 1:
             _group_norm_fused_kernel[(n * num_groups, 1)](
-                x, out, y2, pb, weight, bias, sc, sh, r, rb, num_groups, cg, hw, eps, *sx, *sy,
-                *sr, *sy2, *vector_strides, **params,
+                x, out, y2, pb, eb, weight, bias, sc, sh, r, rb, num_groups, cg, hw, w, eps,
+                *sx, *sy, *sr, *sy2, *vector_strides, **params,
             )  # fmt: skip
             return out
         ws = torch.empty(n * num_groups, chunks, 3, device=x.device, dtype=torch.float32)
         grid = (n * num_groups, chunks)
         _group_norm_partial_kernel[grid](
-            x, pb, ws, num_groups, cg, hw, chunk, *sx, pb.stride(0), pb.stride(1),
+            x, pb, eb, ws, num_groups, cg, hw, w, chunk, *sx, pb.stride(0), pb.stride(1),
             BLOCK_C=params["BLOCK_C"], BLOCK_S=params["BLOCK_S"],
-            HAS_PRE_BIAS=params["HAS_PRE_BIAS"], num_warps=params["num_warps"],
+            HAS_PRE_BIAS=params["HAS_PRE_BIAS"], HAS_EDGE=params["HAS_EDGE"],
+            num_warps=params["num_warps"],
         )  # fmt: skip
         _group_norm_apply_kernel[grid](
-            x, out, y2, pb, weight, bias, sc, sh, r, rb, ws, num_groups, cg, hw, chunk, eps,
-            *sx, *sy, *sr, *sy2, *vector_strides, BLOCK_P=max(2, next_power_of_2(chunks)),
+            x, out, y2, pb, eb, weight, bias, sc, sh, r, rb, ws, num_groups, cg, hw, w, chunk,
+            eps, *sx, *sy, *sr, *sy2, *vector_strides, BLOCK_P=max(2, next_power_of_2(chunks)),
             **params,
         )  # fmt: skip
     return out
@@ -605,11 +663,14 @@ def group_norm_reference(
     shift: torch.Tensor | None = None,
     eps: float = 1e-5,
     act: str | None = None,
+    edge_bias: torch.Tensor | None = None,
     residual: torch.Tensor | None = None,
     residual_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The unfused PyTorch sequence of :func:`group_norm`, computed in x's dtype."""
     c = x.shape[1]
+    if edge_bias is not None:
+        x = x + edge_bias_map(edge_bias, *x.shape[2:]).to(x.dtype)
 
     def vector(t: torch.Tensor) -> torch.Tensor:
         return t.to(x.dtype).reshape(t.shape[0], c, 1, 1)
@@ -626,3 +687,35 @@ def group_norm_reference(
     if act == "silu":
         y = F.silu(y)
     return add_residual(y, residual, residual_bias)
+
+
+def check_edge_bias(edge_bias: torch.Tensor | None, x: torch.Tensor) -> None:
+    """An edge bias is float32 [C, 3, 3], contiguous, on x's device."""
+    if edge_bias is None:
+        return
+    c = x.shape[1]
+    if not isinstance(edge_bias, torch.Tensor) or tuple(edge_bias.shape) != (c, 3, 3):
+        raise ValueError(f"edge_bias must be [{c}, 3, 3] for x {tuple(x.shape)}")
+    if edge_bias.dtype != torch.float32 or not edge_bias.is_contiguous():
+        raise TypeError("edge_bias must be contiguous float32")
+    if edge_bias.device != x.device:
+        raise ValueError(f"edge_bias is on {edge_bias.device} but the input is on {x.device}")
+
+
+def edge_bias_map(edge_bias: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """The [1, C, H, W] map of an edge bias: tap (ky, kx) counts where row y + ky - 1 and column
+    x + kx - 1 are inside the image (zero padding)."""
+
+    def inside(size: int) -> torch.Tensor:  # [3, size]: tap k lands inside at position i
+        i = torch.arange(size, device=edge_bias.device)
+        offsets = torch.arange(3, device=edge_bias.device)[:, None] - 1
+        return ((i + offsets >= 0) & (i + offsets < size)).to(edge_bias.dtype)
+
+    return torch.einsum("cyx,yh,xw->chw", edge_bias, inside(h), inside(w))[None]
+
+
+def edge_bias_of(conv_weight: torch.Tensor, bias_in: torch.Tensor) -> torch.Tensor:
+    """The edge bias of a 3x3 zero-padded conv (weight [O, I, 3, 3]) whose input carries the
+    per-channel constant ``bias_in`` [I]: ``T[o, ky, kx] = sum_i W[o, i, ky, kx] bias_in[i]``."""
+    t = torch.einsum("oiyx,i->oyx", conv_weight.detach().double(), bias_in.detach().double())
+    return t.float().contiguous()

@@ -24,12 +24,15 @@ import torch
 from ..samplers import rule
 from ._launch import (
     HAS_TRITON,
+    cast_to,
     cdiv,
     check_grid,
     check_input,
+    check_out,
     device_guard,
     jit,
     program_offset,
+    spatial_strides,
     tl,
     use_triton,
 )
@@ -85,11 +88,17 @@ def _sampler_step_kernel(
     z_ptr,
     x_next_ptr,
     x0_ptr,
+    xc_ptr,
     numel,
     out_stride,
+    HW,
+    sxcN,
+    sxcC,
+    sxcS,
     NCOEF: tl.constexpr,
     LEARNED: tl.constexpr,
     DRAW: tl.constexpr,
+    HAS_CAST: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     """Program (block of a sample's C*H*W elements, sample). DRAW: draw z with tl.randn, else
@@ -132,6 +141,9 @@ def _sampler_step_kernel(
     x_next = _add_noise(x_next, tl.load(row + COL_NOISE_ON), sigma, z)
     tl.store(x_next_ptr + base + offs, x_next, mask=mask)
     tl.store(x0_ptr + base + offs, x0, mask=mask)
+    if HAS_CAST:  # the next step's network input, in its dtype and layout
+        xc = xc_ptr + program_offset(1, sxcN) + (offs // HW) * sxcC + (offs % HW) * sxcS
+        tl.store(xc, cast_to(x_next, xc_ptr.dtype.element_ty), mask=mask)
 
 
 def _check(
@@ -176,6 +188,7 @@ def sampler_step(
     z: torch.Tensor | None = None,
     learned: bool = False,
     out: tuple[torch.Tensor, torch.Tensor] | None = None,
+    also_out: torch.Tensor | None = None,
     backend: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(x_next, x0) of chain step ``step`` (an int64 tensor of one element on x's device).
@@ -183,10 +196,15 @@ def sampler_step(
     ``x0_prev``: the previous step's x0 (None: zeros). The kernel draws z from ``keys`` (int64
     [B]: sample_index << 32 | seed) unless ``z`` is given; the PyTorch reference needs ``z``.
     ``out`` = (x_next, x0) buffers: x0 may be ``x0_prev`` itself (the engine's chain state);
-    otherwise they may alias nothing that is read. ``backend``: see
-    :mod:`ddpm_fast.kernels._launch`.
+    otherwise they may alias nothing that is read. ``also_out``: x_next written again, in this
+    tensor's dtype and layout (x's shape): the next step's network input, with no cast of its
+    own. ``backend``: see :mod:`ddpm_fast.kernels._launch`.
     """
     _check(model_output, x, coeffs, learned)
+    if also_out is not None:
+        check_out(also_out, x.shape, also_out)
+        if also_out.device != x.device:
+            raise ValueError(f"also_out is on {also_out.device} but x is on {x.device}")
     if x0_prev is None:
         x0_prev = torch.zeros_like(x)
     elif x0_prev.shape != x.shape or x0_prev.dtype != torch.float32 or not x0_prev.is_contiguous():
@@ -212,6 +230,8 @@ def sampler_step(
         x_next, x0 = sampler_step_reference(
             model_output, x, coeffs[step.reshape(1)][0], z, x0_prev=x0_prev, learned=learned
         )
+        if also_out is not None:
+            also_out.copy_(x_next)
         if out is None:
             return x_next, x0
         return out[0].copy_(x_next), out[1].copy_(x0)
@@ -220,11 +240,14 @@ def sampler_step(
         raise ValueError(f"keys must be int64 [{b}] when z is not given")
     x_next, x0 = out if out is not None else (torch.empty_like(x), torch.empty_like(x))
     model_output = model_output.contiguous()
+    xc = x_next if also_out is None else also_out
+    xc_strides = spatial_strides("also_out", xc)
     with device_guard(x):
         _sampler_step_kernel[check_grid((cdiv(numel, BLOCK), b), "sampler_step")](
             model_output, x, x0_prev, coeffs, step, keys if z is None else x, x if z is None else z,
-            x_next, x0, numel, model_output.stride(0), NCOEF=NUM_COEFFICIENTS, LEARNED=learned,
-            DRAW=z is None, BLOCK=BLOCK, num_warps=4,
+            x_next, x0, xc, numel, model_output.stride(0), x.shape[2] * x.shape[3], *xc_strides,
+            NCOEF=NUM_COEFFICIENTS, LEARNED=learned, DRAW=z is None,
+            HAS_CAST=also_out is not None, BLOCK=BLOCK, num_warps=4,
         )  # fmt: skip
     return x_next, x0
 

@@ -68,7 +68,7 @@ assert "torch:" in machine and "triton:" in machine, machine
 assert log.index("preflight: ok in") < log.index("== sampler-headline"), "preflight after a stage"
 ended = dict(line.split(None, 1) for line in (out / "stages.txt").read_text().splitlines())
 stages = list(ended)
-expected = ["sampler-headline", "gpu-tests", "kernels"]
+expected = ["sampler-headline", "micro", "gpu-tests", "kernels"]
 if mode == "full":
     expected += ["sampler-steps", "sampler-compile", "sampler-ddpm-cifar10",
                  "sampler-dd2-cifar10", "sampler-adm-cifar10", "sampler-onnx", "sampler-torchrun",
@@ -81,6 +81,9 @@ cells = [(r["backend"], r["dtype"]) for r in report["results"]]
 expected_cells = [("engine", "bf16"), ("engine", "fp32"), ("reference", "fp32")]
 assert cells == expected_cells[: len(cells)], cells
 assert len(cells) == 3 or not ended["sampler-headline"].startswith("ok"), (cells, ended)
+micro = json.loads((out / "micro.json").read_text())
+assert micro["launch_s"] > 0 and micro["copy_bytes_per_s"] > 0, micro
+assert (out / "cost-check.md").exists(), "no cost-check.md"
 kernels = out / "kernels.json"
 n = len(json.loads(kernels.read_text())["benchmarks"]) if kernels.exists() else 0
 cut = sum("cut at" in how for how in ended.values())

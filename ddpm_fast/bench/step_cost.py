@@ -188,10 +188,16 @@ def count_network(
     labels = {"class_labels": keys} if network.class_conditional else {}
     self_cond = x.to(dtype) if network.self_condition else None
     recorded = StepLaunches()
+    # The chain state's copy of x in the network's dtype and layout, which the step kernel
+    # writes (PreparedChain.new_state): no cast a step.
+    x_in = torch.empty(shape, dtype=dtype, device="meta", memory_format=memory_format)
+    converts = dtype != torch.float32 or channels_last
     with torch.no_grad(), _triton_stand_ins(recorded, sms), _Recorder(recorded):
-        network_input = x.to(dtype, memory_format=memory_format)
-        out = network(network_input, step_index, self_cond, **labels)
-        sampler_step.sampler_step(out, x, coeffs, step_index, keys, x0_prev=x0, out=(x, x0))
+        out = network(x_in if converts else x, step_index, self_cond, **labels)
+        sampler_step.sampler_step(
+            out, x, coeffs, step_index, keys, x0_prev=x0, out=(x, x0),
+            also_out=x_in if converts else None,
+        )  # fmt: skip
     return recorded
 
 

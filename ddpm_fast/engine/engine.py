@@ -80,6 +80,7 @@ class ChainState:
     keys: torch.Tensor
     labels: torch.Tensor
     z: torch.Tensor
+    x_in: torch.Tensor | None = None  # x in the network's dtype and layout, where they differ
 
     @classmethod
     def empty(cls, shape: tuple[int, ...], device: torch.device) -> ChainState:
@@ -96,6 +97,8 @@ class ChainState:
         self, x_t: torch.Tensor, keys: torch.Tensor, labels: torch.Tensor | None = None
     ) -> None:
         self.x.copy_(x_t)
+        if self.x_in is not None:
+            self.x_in.copy_(x_t)
         self.x0.zero_()
         self.step.zero_()
         self.keys.copy_(keys)
@@ -165,14 +168,28 @@ class PreparedChain:
         g = None if guidance is None else guidance.gradient(state.x, state.step)
         self_cond = self.network_input(state.x0) if self.network.self_condition else None
         labels = self.labels_input(state.labels)
-        out = self.network(self.network_input(state.x), state.step, self_cond, **labels)
+        x_in = self.network_input(state.x) if state.x_in is None else state.x_in
+        out = self.network(x_in, state.step, self_cond, **labels)
         sampler_step(
             out, state.x, self.coeffs, state.step, state.keys, x0_prev=state.x0, z=z,
-            learned=self.learned, out=(state.x, state.x0),
+            learned=self.learned, out=(state.x, state.x0), also_out=state.x_in,
         )  # fmt: skip
         if guidance is not None:  # after the noise: the same sum, in another order
             state.x.copy_(rule.add_guidance(state.x, guidance.guide(out, state.step), g))
+            if state.x_in is not None:
+                state.x_in.copy_(state.x)
         state.step.add_(1)
+
+    def new_state(self, shape: tuple[int, ...]) -> ChainState:
+        """A chain state on this chain's device; where the step kernel runs (the GPU path) and
+        the network takes x in another dtype or layout, with the buffer the kernel writes it to
+        for the next step (``x_in``: no cast of its own a step)."""
+        state = ChainState.empty(shape, self.device)
+        probe = torch.empty(0, device=self.device)
+        converts = self.dtype != torch.float32 or self.channels_last
+        if converts and draws_noise(probe):
+            state.x_in = self.network_input(state.x).clone()
+        return state
 
     def run_eager(
         self, x, keys, seed: int, indices: range, on_step, labels=None, noise=None,
@@ -180,7 +197,7 @@ class PreparedChain:
     ) -> torch.Tensor:  # fmt: skip
         """The chain from x_T = ``x``, step by step without a graph; ``noise``: the steps' noise
         (``of_step(k)``) where it is not the Philox stream; ``guidance``: a classifier's."""
-        state = ChainState.empty(tuple(x.shape), x.device)
+        state = self.new_state(tuple(x.shape))
         state.reset(x, keys, labels)
         # The kernel draws the Philox z itself; the PyTorch path, and any other noise, is given.
         kernel_draws = noise is None and draws_noise(x)
@@ -421,7 +438,7 @@ class Engine(Pipeline):
         if key not in chain.graphs:
             if self._graph_pool is None:
                 self._graph_pool = new_graph_pool()
-            state = ChainState.empty(shape, chain.device)
+            state = chain.new_state(shape)
             z = state.z if given_noise else None
             guided = None if guidance is None else guidance.with_labels(state.labels)
             try:

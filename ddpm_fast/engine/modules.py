@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..kernels.channel_norm import channel_layer_norm
-from ..kernels.group_norm import group_norm
+from ..kernels.group_norm import edge_bias_of, group_norm
 from ..kernels.linear_attention import linear_attention
 from ..kernels.projection import projection
 from ..models.convs import conv_holding
@@ -72,13 +72,21 @@ class GroupNormAct(nn.Module):
         self.pre_bias = None
         if pre_bias is not None:
             self.pre_bias = nn.Parameter(pre_bias.detach().reshape(1, -1).clone(), False)
+        self.edge_bias = None
+
+    def add_edge_bias(self, edge_bias: torch.Tensor) -> None:
+        """Add to the kernel's edge bias ([C, 3, 3]: a conv bias moved through the 3x3 conv
+        before this norm, see :func:`ddpm_fast.kernels.group_norm.group_norm`)."""
+        if self.edge_bias is not None:
+            edge_bias = self.edge_bias + edge_bias
+        self.edge_bias = nn.Parameter(edge_bias.detach().float().contiguous(), False)
 
     def forward(self, x, scale=None, shift=None, pre_bias=None, **epilogue):
         """``epilogue``: the kernel's ``residual``, ``residual_bias``, ``out``, ``also_out``."""
         if pre_bias is None:
             pre_bias = self.pre_bias
         return group_norm(
-            x, self.groups, self.weight, self.bias, pre_bias=pre_bias,
+            x, self.groups, self.weight, self.bias, pre_bias=pre_bias, edge_bias=self.edge_bias,
             scale=scale, shift=shift, eps=self.eps, act=self.act, **epilogue,
         )  # fmt: skip
 
@@ -258,6 +266,32 @@ class FastResnetBlock(nn.Module):
         if fuse and isinstance(self.res_conv, nn.Conv2d):
             self.res_bias = take_conv_bias(self.res_conv)
 
+    def takes_input_bias(self) -> bool:
+        """Whether :meth:`take_input_bias` can: the first Block's norm takes an edge bias after
+        its 3x3 zero-padded conv, and the residual is the input itself or a 1x1 conv of it."""
+        proj = self.block1.proj
+        conv3 = (proj.kernel_size, proj.stride, proj.padding, proj.dilation, proj.groups)
+        res = self.res_conv
+        res_ok = isinstance(res, nn.Identity) or (
+            isinstance(res, nn.Conv2d) and res.kernel_size == (1, 1) and res.groups == 1
+        )
+        edge_ok = getattr(self.block1, "takes_edge_bias", False)
+        return self.fuse and edge_ok and conv3 == ((3, 3), (1, 1), (1, 1), (1, 1), 1) and res_ok
+
+    def take_input_bias(self, bias_in: torch.Tensor) -> None:
+        """The block's input carries the per-channel constant ``bias_in`` [in_channels] (a conv
+        bias taken off its producer): the first conv's share goes into its norm as an edge bias,
+        the residual's into ``res_bias``. The same sums; the producer's bias add is gone."""
+        bias_in = bias_in.detach().double()
+        self.block1.add_edge_bias(edge_bias_of(self.block1.proj.weight, bias_in))
+        if isinstance(self.res_conv, nn.Conv2d):
+            delta = self.res_conv.weight.detach().double()[:, :, 0, 0] @ bias_in
+        else:
+            delta = bias_in
+        if self.res_bias is not None:
+            delta = delta + self.res_bias.detach().double()
+        self.res_bias = nn.Parameter(delta.float(), requires_grad=False)
+
     def forward(self, x, time_row, out=None, also_out=None):
         scale, shift = self.time(time_row).chunk(2, dim=1)  # views
         h = self.block1(x, scale, shift)
@@ -333,6 +367,8 @@ class StagedUnet(nn.Module):
         self.ups = nn.ModuleList(stage(f"ups.{i}", m) for i, m in enumerate(folded.ups))
         self.final_res_block = resnet("final_res_block")
         self.final_conv = folded.final_conv
+        if fuse:
+            self._forward_conv_biases()
         # Half precision: the last conv stays fp32 (one small conv). Near t = T the sampler takes
         # x0 = sqrt(1 / abar) x - sqrt(1 / abar - 1) out, ~157 x the output's bf16 rounding; on
         # the default model's bf16 chains (DDIM 50) this halves the images' rms error.
@@ -365,6 +401,28 @@ class StagedUnet(nn.Module):
             x = upsample(x)
         x = self.final_res_block(torch.cat((x, r), dim=1), t)
         return self.final_conv(x.float())
+
+    def _forward_conv_biases(self) -> None:
+        """Each conv whose output only ResnetBlocks read (the first conv, the resamplings) hands
+        its bias to those blocks (``take_input_bias``): no bias add of its own, as cuDNN's
+        would be. Where one of its readers cannot take it, the conv keeps it."""
+        final_offset = self.final_res_block.in_channels - self.init_conv.out_channels
+        feeds = [(self.init_conv, [(self.downs[0][0], 0), (self.final_res_block, final_offset)])]
+        for i, stage in enumerate(self.downs):
+            reader = self.downs[i + 1][0] if i + 1 < len(self.downs) else self.mid_block1
+            feeds.append((stage[3], [(reader, 0)]))
+        for i, stage in enumerate(self.ups):
+            reader = self.ups[i + 1][0] if i + 1 < len(self.ups) else self.final_res_block
+            feeds.append((stage[3], [(reader, 0)]))
+        for conv, readers in feeds:
+            bias = getattr(conv, "bias", None)
+            if bias is None or not all(block.takes_input_bias() for block, _ in readers):
+                continue
+            for block, offset in readers:
+                bias_in = torch.zeros(block.in_channels, dtype=torch.float64)
+                bias_in[offset : offset + bias.numel()] = bias.detach().double()
+                block.take_input_bias(bias_in)
+            conv.bias = None
 
     def _skip_readers(self) -> list[FastResnetBlock]:
         """The up path's ResnetBlocks in the order they read the skips (the reverse of the order

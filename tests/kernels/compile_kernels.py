@@ -47,7 +47,7 @@ def cases():
     )
 
     gn_flags = ("HAS_PRE_BIAS", "HAS_WEIGHT", "HAS_BIAS", "HAS_SCALE", "HAS_SHIFT", "SILU")
-    gn_flags += ("HAS_RESIDUAL", "HAS_RES_BIAS", "HAS_OUT2")
+    gn_flags += ("HAS_RESIDUAL", "HAS_RES_BIAS", "HAS_OUT2", "HAS_EDGE")
     on = dict.fromkeys(gn_flags, True)
     off = dict.fromkeys(gn_flags, False)
     half = {"x_ptr": "bf16", "y_ptr": "bf16", "y2_ptr": "bf16", "r_ptr": "bf16"}
@@ -58,7 +58,7 @@ def cases():
     yield (
         group_norm._group_norm_partial_kernel,
         half,
-        {"BLOCK_C": 64, "BLOCK_S": 64, "HAS_PRE_BIAS": True},
+        {"BLOCK_C": 64, "BLOCK_S": 64, "HAS_PRE_BIAS": True, "HAS_EDGE": True},
     )
     yield group_norm._group_norm_apply_kernel, {"x_ptr": "fp16", "y_ptr": "fp32"}, {
         "BLOCK_C": 128, "BLOCK_S": 32, "BLOCK_P": 64, **on,
@@ -110,10 +110,12 @@ def cases():
     }, warps  # fmt: skip
     step_ints = {"step_ptr": "i64", "keys_ptr": "i64"}
     step = {"NCOEF": sampler_step.NUM_COEFFICIENTS, "BLOCK": sampler_step.BLOCK}
-    yield sampler_step._sampler_step_kernel, {**step_ints, "out_ptr": "bf16"}, {
-        **step, "LEARNED": True, "DRAW": True,
+    yield sampler_step._sampler_step_kernel, {**step_ints, "out_ptr": "bf16", "xc_ptr": "bf16"}, {
+        **step, "LEARNED": True, "DRAW": True, "HAS_CAST": True,
     }  # fmt: skip
-    yield sampler_step._sampler_step_kernel, step_ints, {**step, "LEARNED": False, "DRAW": False}
+    yield sampler_step._sampler_step_kernel, step_ints, {
+        **step, "LEARNED": False, "DRAW": False, "HAS_CAST": False,
+    }  # fmt: skip
 
 
 def main() -> int:

@@ -350,6 +350,42 @@ def test_transposed_input_runs_on_the_reference_path():
     assert torch.equal(group_norm(x, 8, backend="torch"), group_norm_reference(x, 8))
 
 
+def edge_case(shape, dtype=torch.float32):
+    """An edge bias made the way the engine makes it: a 3x3 conv's weights and the constant
+    (bias) its input carries."""
+    from ddpm_fast.kernels.group_norm import edge_bias_of
+
+    c = shape[1]
+    weight = randn((c, 5, 3, 3), torch.float32, std=0.4, seed=31)
+    return edge_bias_of(weight, randn((5,), torch.float32, mean=0.5, seed=32))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize(("shape", "split"), [((2, 64, 5, 6), None), ((1, 48, 9, 11), 3),
+                                              ((2, 32, 1, 1), None), ((1, 32, 1, 7), None)],
+                         ids=str)  # fmt: skip
+def test_an_edge_bias_is_the_conv_of_a_constant(shape, split, dtype):
+    """The pre-bias a 3x3 zero-padded conv makes of its input's per-channel bias: constant
+    inside, less at the border rows and columns (and on 1-pixel images)."""
+    x, kw = make_case(shape, 8, dtype)
+    kw["edge_bias"] = edge_case(shape)
+    check(x, 8, kw, split=split)
+
+
+def test_the_edge_bias_map_is_the_conv_of_the_bias():
+    from ddpm_fast.kernels.group_norm import edge_bias_map, edge_bias_of
+
+    weight = torch.randn(6, 4, 3, 3, dtype=torch.float64)
+    bias = torch.randn(4, dtype=torch.float64)
+    for h, w in [(5, 7), (1, 1), (2, 3)]:
+        constant = bias.reshape(1, 4, 1, 1).expand(1, 4, h, w)
+        want = torch.nn.functional.conv2d(constant, weight, padding=1)
+        got = edge_bias_map(edge_bias_of(weight, bias).double(), h, w)
+        assert torch.allclose(got, want, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="edge_bias must be"):
+        group_norm(X, 8, edge_bias=torch.zeros(3, 3, 3), backend="triton")
+
+
 # on a GPU: the compiled kernel
 
 
@@ -374,6 +410,8 @@ def test_compiled_kernel_on_cuda(shape, groups, channels_last, dtype):
         )
         check(x, groups, kw, backend="auto")
         check(x, groups, kw, backend="auto", split=3)
+    kw["edge_bias"] = edge_case(shape).cuda()
+    check(x, groups, kw, backend="auto")
     kw["residual"] = randn(shape, dtype, seed=21, device="cuda", channels_last=not channels_last)
     kw["residual_bias"] = randn(shape[1:2], torch.float32, seed=22, device="cuda")
     check(x, groups, kw, backend="auto")

@@ -114,6 +114,22 @@ def test_the_kernel_given_noise_is_its_reference(case):
 
 
 @needs_triton
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_the_next_input_written_in_the_networks_dtype_and_layout(dtype, backend):
+    """``also_out``: x_next a second time, cast (rounded to nearest) into the network's input
+    buffer, channels_last: the next step's input with no cast of its own."""
+    _, coeffs, learned, x, out = setup("pred_noise", SamplerSpec("ddim", 8, eta=0.5))
+    z = randn(x.shape, seed=3)
+    cast = poisoned(x.shape, torch.zeros(0, dtype=dtype), channels_last=True)
+    x_next, _ = sampler_step(
+        out, x, coeffs, torch.tensor([2]), z=z, learned=learned, also_out=cast, backend=backend
+    )
+    assert cast.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(cast, x_next.to(dtype))
+
+
+@needs_triton
 def test_the_in_kernel_noise_is_the_philox_stream():
     """A row that keeps only sigma * z shows z: the stream of ``keyed_noise`` for step k + 1."""
     row = dict.fromkeys(COEFFICIENTS, 0.0) | {"x0_from_eps": 1.0, "sigma": 1.0, "noise_on": 1.0}

@@ -54,9 +54,14 @@ class FastBlock(nn.Module):
         pre_bias = take_conv_bias(self.proj) if fuse else None
         self.norm = GroupNormAct(block.norm, "silu", pre_bias)
 
+    takes_edge_bias = True  # its GroupNorm kernel does (StagedUnet moves conv biases into it)
+
     @property
     def pre_bias(self):
         return self.norm.pre_bias
+
+    def add_edge_bias(self, edge_bias: torch.Tensor) -> None:
+        self.norm.add_edge_bias(edge_bias)
 
     def forward(self, x, scale=None, shift=None, **epilogue):
         return self.norm(self.proj(x), scale, shift, **epilogue)
