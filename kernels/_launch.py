@@ -305,3 +305,11 @@ def silu(y):
     """y * sigmoid(y), with exp of -|y| only (no overflow for large |y|)."""
     e = tl.exp(-tl.abs(y))
     return y * tl.where(y >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+
+
+def write_traced(y: torch.Tensor, out: torch.Tensor | None, also_out: torch.Tensor | None):
+    """A functional custom op's result ``y`` in the launcher's outputs: copies in the compiled
+    graph (see :mod:`ddpm_fast.kernels.custom_ops`)."""
+    if also_out is not None:
+        also_out.copy_(y)
+    return y if out is None else out.copy_(y)

@@ -36,7 +36,9 @@ from ._launch import (
     tile_shape,
     tl,
     use_triton,
+    write_traced,
 )
+from .custom_ops import traced
 
 ACTIVATIONS = (None, "silu")
 # All channels of a pixel sit in one tile; wider inputs would need a loop over channels.
@@ -246,6 +248,11 @@ def channel_layer_norm(
     if pre_bias is not None:
         pre_bias = per_channel("pre_bias", pre_bias, x, x.shape[1])
     eps = layer_norm_eps(x.dtype) if eps is None else eps
+    if traced():  # torch.compile / torch.export: one op of their graph
+        y = torch.ops.ddpm_fast.channel_norm(
+            x, g, False, eps, None, None, "", pre_bias, residual, residual_bias, backend or ""
+        )
+        return write_traced(y, out, also_out)
     if not use_triton(backend, x, _channel_norm_kernel):
         if pre_bias is not None:
             x = x + pre_bias.to(x.dtype).reshape(1, -1, 1, 1)
@@ -297,6 +304,12 @@ def channel_rms_norm(
     sh = None if shift is None else per_sample_channel("shift", shift, x)
     if pre_bias is not None:
         pre_bias = per_channel("pre_bias", pre_bias, x, x.shape[1])
+    if traced():  # torch.compile / torch.export: one op of their graph
+        y = torch.ops.ddpm_fast.channel_norm(
+            x, g, True, RMS_EPS, scale, shift, act or "", pre_bias, residual, residual_bias,
+            backend or "",
+        )  # fmt: skip
+        return write_traced(y, out, also_out)
     if not use_triton(backend, x, _channel_norm_kernel):
         if pre_bias is not None:
             x = x + pre_bias.to(x.dtype).reshape(1, -1, 1, 1)

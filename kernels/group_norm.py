@@ -44,7 +44,9 @@ from ._launch import (
     tile_shape,
     tl,
     use_triton,
+    write_traced,
 )
+from .custom_ops import traced
 
 ACTIVATIONS = (None, "silu")
 # Elements of the smallest tile a split reduction shrinks to (a program's worth of work).
@@ -550,6 +552,13 @@ def group_norm(
         check_out(out, x.shape, x, torch.float32)
     if also_out is not None:
         check_out(also_out, x.shape, x, torch.float32)
+
+    if traced():  # torch.compile / torch.export: one op of their graph
+        y = torch.ops.ddpm_fast.group_norm(
+            x, num_groups, weight, bias, pre_bias, scale, shift, eps, act or "", edge_bias,
+            residual, residual_bias, split or 0, backend or "",
+        )  # fmt: skip
+        return write_traced(y, out, also_out)
 
     if not use_triton(backend, x, _group_norm_fused_kernel):
         if edge_bias is not None:

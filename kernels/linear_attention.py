@@ -38,7 +38,9 @@ from ._launch import (
     spatial_strides,
     tl,
     use_triton,
+    write_traced,
 )
+from .custom_ops import traced
 
 MAX_HEAD_DIM = 128
 # Up to this many positions (16 x 16) a head's context and output run in one program, one launch:
@@ -350,6 +352,12 @@ def linear_attention(
     if out is not None:
         check_out(out, out_shape, qkv)
     q_scale = d**-0.5 if q_scale is None else float(q_scale)
+
+    if traced():  # torch.compile / torch.export: one op of their graph
+        y = torch.ops.ddpm_fast.linear_attention(
+            qkv, heads, mem_kv, q_scale, float(v_scale), split or 0, backend or "", heads * d
+        )
+        return write_traced(y, out, None)
 
     if not use_triton(backend, qkv, _context_kernel):
         y = linear_attention_reference(

@@ -47,7 +47,9 @@ from ._launch import (
     spatial_strides,
     tl,
     use_triton,
+    write_traced,
 )
+from .custom_ops import traced
 
 NORMS = (None, "layer", "rms")
 _NORM_CODE = {None: 0, "layer": 1, "rms": 2}
@@ -261,6 +263,13 @@ def projection(
             check_out(t, shape, x, torch.float32)
     eps_in = _norm_eps(norm_in, eps_in, x.dtype)
     eps_out = _norm_eps(norm_out, eps_out, x.dtype)
+
+    if traced():  # torch.compile / torch.export: one op of their graph
+        y = torch.ops.ddpm_fast.projection(
+            x, weight, bias, norm_in or "", g_in, eps_in, norm_out or "", g_out, eps_out,
+            residual, x_heads, h, w, backend or "",
+        )  # fmt: skip
+        return write_traced(y, out, also_out)
 
     if not use_triton(backend, x, _projection_kernel):
         y = projection_reference(

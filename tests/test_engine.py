@@ -493,3 +493,21 @@ def test_the_step_writes_the_next_steps_input(dtype, monkeypatch):
     got = engine.sample(2, **kwargs)
     assert states and all(s.x_in is not None for s in states)
     assert torch.equal(got, want)
+
+
+@pytest.mark.slow
+def test_a_compiled_engine_gives_the_reference_chain():
+    """Engine(compile=True): the fast network through torch.compile (inductor, the kernels as
+    custom ops; here the engine's PyTorch step on the CPU), the reference's images."""
+    torch.manual_seed(0)
+    config = UnetConfig(dim=8, dim_mults=(1, 2))
+    diffusion = DiffusionConfig(image_size=8, schedule=ScheduleConfig("linear", 100))
+    pipeline = Pipeline(randomized(config), diffusion)
+    kwargs = dict(sampler="ddim", steps=3, seed=3)
+    engine = Engine(pipeline, compile=True, cpu_executor="torch")
+    got = engine.sample(2, **kwargs)
+    torch.testing.assert_close(got, pipeline.sample(2, **kwargs), rtol=0, atol=CHAIN_ATOL)
+    chain = next(iter(engine._chains.values()))
+    assert type(chain.network).__name__ == "OptimizedModule"
+    with pytest.raises(ConfigError, match="compile must be True or False"):
+        Engine(pipeline, compile="yes")

@@ -134,7 +134,8 @@ def test_the_engine_network_through_the_kernels(name, monkeypatch):
     assert rel_error(got, want) <= NETWORK_TOLERANCE
 
 
-@pytest.mark.parametrize("name", CASES)
+# The two families whose U-Net walk writes skips into concatenations (the shared StagedUnet).
+@pytest.mark.parametrize("name", ["v1-selfcond-learned-var", "v2-selfcond-learned-var-full-attn"])
 def test_the_fused_network_in_bf16_channels_last_through_the_kernels(name, monkeypatch):
     """The CUDA path's half-precision form, interpreted here: convolutions in bf16, the network
     channels_last, so that the skips written into their concatenations, the residuals and the

@@ -118,12 +118,16 @@ class PreparedChain:
         self.noise_on = [tables.adds_noise(k) for k in range(self.steps)]
         network = FastUnet(engine.network, tables.timesteps.to(device))
         cast_convolutions(network, self.dtype)
-        if device.type == "cpu":
+        if device.type == "cpu" and not engine.compile:
             use_cpu_convolutions(network)
         self.channels_last = engine.channels_last_on(device)
         if self.channels_last:
             network = network.to(memory_format=torch.channels_last)
         self.network = network.to(device)
+        if engine.compile:
+            # inductor fuses the glue between the kernels, each one custom op of its graph
+            # (ddpm_fast.kernels.custom_ops); the engine's CUDA graph captures the compiled step.
+            self.network = torch.compile(self.network, fullgraph=True, dynamic=False)
         table = coefficient_table(tables, spec, engine.diffusion.objective)
         self.coeffs = table.to(device)
         self.graphs: dict[tuple[int, ...], CapturedStep | None] = {}
@@ -223,6 +227,10 @@ class Engine(Pipeline):
     ``cpu_executor``: what runs fp32 chains on the CPU: "onnxruntime" (the step exported once,
     see ``engine.onnx_executor``), "torch" (the engine's own PyTorch step) or "auto" (the
     first where onnx and onnxruntime are installed); default: $DDPM_FAST_CPU_EXECUTOR, else auto.
+    ``compile``: the fast network through ``torch.compile`` (inductor, the kernels as custom
+    ops it sees; inside the engine's CUDA graph), for the engine's PyTorch step (CUDA, or the CPU
+    with ``cpu_executor="torch"``); off by default: each new chain and batch shape compiles first
+    (the tiny test U-Net on a 2-core CPU: about 50 s cold, 7 s from inductor's cache).
     ``sample``/``sample_batches`` take the reference Pipeline's arguments and give the same images
     for the same seed, within the dtype's tolerance.
     """
@@ -238,6 +246,7 @@ class Engine(Pipeline):
         channels_last: bool | None = None,
         threads: int | None = None,
         cpu_executor: str | None = None,
+        compile: bool = False,
     ):
         super().__init__(
             pipeline.network, pipeline.diffusion, source=pipeline.source, notes=pipeline.notes
@@ -250,6 +259,9 @@ class Engine(Pipeline):
             threads = check_int("threads", threads, minimum=1, maximum=MAX_THREADS)
         self.threads = threads
         self.cpu_executor = check_executor(cpu_executor)
+        if not isinstance(compile, bool):
+            raise ConfigError(f"compile must be True or False, got {compile!r}")
+        self.compile = compile
         if self.cpu_executor == "onnxruntime":
             self.executor()  # a ConfigError now, not at the first chain, where it cannot run
         self._flops_per_sample: dict[tuple[int, ...], int] = {}
