@@ -15,6 +15,7 @@ import functools
 import logging
 import os
 import types
+from typing import Optional
 
 import torch
 
@@ -307,9 +308,27 @@ def silu(y):
     return y * tl.where(y >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
 
 
+OPS_NAMESPACE = "ddpm_fast"  # torch.ops.ddpm_fast.<op>: each kernel file registers its own
+# The custom ops' annotation of an optional tensor: torch 2.4's schema inference reads the typing
+# form only (not Tensor | None).
+OptionalTensor = Optional[torch.Tensor]  # noqa: UP045
+
+
+def traced() -> bool:
+    """Whether torch.compile or torch.export is tracing the caller: a launcher then calls its
+    custom op (``torch.ops.ddpm_fast.<op>``, one op of their graph, its shapes from a fake
+    implementation) instead of being traced into."""
+    return torch.compiler.is_compiling()
+
+
+def none_if_empty(value):
+    """The launchers' None, which the custom ops' schemas spell as an empty string or 0."""
+    return value or None
+
+
 def write_traced(y: torch.Tensor, out: torch.Tensor | None, also_out: torch.Tensor | None):
     """A functional custom op's result ``y`` in the launcher's outputs: copies in the compiled
-    graph (see :mod:`ddpm_fast.kernels.custom_ops`)."""
+    graph, where inductor may fuse them."""
     if also_out is not None:
         also_out.copy_(y)
     return y if out is None else out.copy_(y)

@@ -17,8 +17,11 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 from ._launch import (
+    OPS_NAMESPACE,
+    OptionalTensor,
     add_residual,
     cast_to,
     cdiv,
@@ -28,6 +31,7 @@ from ._launch import (
     check_residual,
     device_guard,
     jit,
+    none_if_empty,
     num_warps,
     per_channel,
     per_sample_channel,
@@ -35,10 +39,10 @@ from ._launch import (
     spatial_strides,
     tile_shape,
     tl,
+    traced,
     use_triton,
     write_traced,
 )
-from .custom_ops import traced
 
 ACTIVATIONS = (None, "silu")
 # All channels of a pixel sit in one tile; wider inputs would need a loop over channels.
@@ -362,3 +366,38 @@ def channel_rms_norm_reference(
     if act == "silu":
         y = F.silu(y)
     return add_residual(y, residual, residual_bias)
+
+
+# The launcher as a custom op (torch.compile / torch.export see one op; see _launch.traced): its
+# implementation is the launcher, into an output allocated as its fake implementation does.
+
+
+@torch.library.custom_op(f"{OPS_NAMESPACE}::channel_norm", mutates_args=())
+def channel_norm_op(
+    x: Tensor,
+    g: Tensor,
+    rms: bool,
+    eps: float,
+    scale: OptionalTensor,
+    shift: OptionalTensor,
+    act: str,
+    pre_bias: OptionalTensor,
+    residual: OptionalTensor,
+    residual_bias: OptionalTensor,
+    backend: str,
+) -> Tensor:
+
+    around = {"pre_bias": pre_bias, "residual": residual, "residual_bias": residual_bias}
+    if rms:
+        return channel_rms_norm(
+            x, g, scale=scale, shift=shift, act=none_if_empty(act), out=torch.empty_like(x),
+            backend=none_if_empty(backend), **around,
+        )  # fmt: skip
+    return channel_layer_norm(
+        x, g, eps=eps, out=torch.empty_like(x), backend=none_if_empty(backend), **around
+    )
+
+
+@channel_norm_op.register_fake
+def _(x, *args) -> Tensor:
+    return torch.empty_like(x)

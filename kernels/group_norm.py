@@ -22,8 +22,11 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 from ._launch import (
+    OPS_NAMESPACE,
+    OptionalTensor,
     add_residual,
     cast_to,
     cdiv,
@@ -35,6 +38,7 @@ from ._launch import (
     device_guard,
     jit,
     next_power_of_2,
+    none_if_empty,
     num_warps,
     per_sample_channel,
     plan_split,
@@ -43,10 +47,10 @@ from ._launch import (
     spatial_strides,
     tile_shape,
     tl,
+    traced,
     use_triton,
     write_traced,
 )
-from .custom_ops import traced
 
 ACTIVATIONS = (None, "silu")
 # Elements of the smallest tile a split reduction shrinks to (a program's worth of work).
@@ -728,3 +732,36 @@ def edge_bias_of(conv_weight: torch.Tensor, bias_in: torch.Tensor) -> torch.Tens
     per-channel constant ``bias_in`` [I]: ``T[o, ky, kx] = sum_i W[o, i, ky, kx] bias_in[i]``."""
     t = torch.einsum("oiyx,i->oyx", conv_weight.detach().double(), bias_in.detach().double())
     return t.float().contiguous()
+
+
+# The launcher as a custom op (torch.compile / torch.export see one op; see _launch.traced): its
+# implementation is the launcher, into an output allocated as its fake implementation does.
+
+
+@torch.library.custom_op(f"{OPS_NAMESPACE}::group_norm", mutates_args=())
+def group_norm_op(
+    x: Tensor,
+    num_groups: int,
+    weight: OptionalTensor,
+    bias: OptionalTensor,
+    pre_bias: OptionalTensor,
+    scale: OptionalTensor,
+    shift: OptionalTensor,
+    eps: float,
+    act: str,
+    edge_bias: OptionalTensor,
+    residual: OptionalTensor,
+    residual_bias: OptionalTensor,
+    split: int,
+    backend: str,
+) -> Tensor:
+    return group_norm(
+        x, num_groups, weight, bias, pre_bias=pre_bias, scale=scale, shift=shift, eps=eps,
+        act=none_if_empty(act), edge_bias=edge_bias, residual=residual, residual_bias=residual_bias,
+        out=torch.empty_like(x), split=none_if_empty(split), backend=none_if_empty(backend),
+    )  # fmt: skip
+
+
+@group_norm_op.register_fake
+def _(x, *args) -> Tensor:
+    return torch.empty_like(x)

@@ -22,8 +22,11 @@ several chunks so that the GPU fills (:func:`plan_split`).
 from __future__ import annotations
 
 import torch
+from torch import Tensor
 
 from ._launch import (
+    OPS_NAMESPACE,
+    OptionalTensor,
     cast_to,
     check_input,
     check_out,
@@ -32,15 +35,16 @@ from ._launch import (
     device_guard,
     jit,
     next_power_of_2,
+    none_if_empty,
     num_warps,
     plan_split,
     sm_count,
     spatial_strides,
     tl,
+    traced,
     use_triton,
     write_traced,
 )
-from .custom_ops import traced
 
 MAX_HEAD_DIM = 128
 # Up to this many positions (16 x 16) a head's context and output run in one program, one launch:
@@ -451,3 +455,36 @@ def linear_attention_reference(
         context = context * (q_scale * v_scale)
     out = torch.einsum("b h d e, b h d n -> b h e n", context, q)
     return out.reshape(b, heads * d, *spatial)
+
+
+# The launcher as a custom op (torch.compile / torch.export see one op; see _launch.traced): its
+# implementation is the launcher, into an output allocated as its fake implementation does.
+
+
+@torch.library.custom_op(f"{OPS_NAMESPACE}::linear_attention", mutates_args=())
+def linear_attention_op(
+    qkv: Tensor,
+    heads: int,
+    mem_kv: OptionalTensor,
+    q_scale: float,
+    v_scale: float,
+    split: int,
+    backend: str,
+    out_channels: int,
+) -> Tensor:
+    return linear_attention(
+        qkv, heads, mem_kv=mem_kv, q_scale=q_scale, v_scale=v_scale,
+        out=_attention_out(qkv, out_channels), split=none_if_empty(split),
+        backend=none_if_empty(backend),
+    )  # fmt: skip
+
+
+def _attention_out(qkv: Tensor, channels: int) -> Tensor:
+    """The op's output: [B, channels, ...] in qkv's memory format."""
+    shape = (qkv.shape[0], channels, *qkv.shape[2:])
+    return torch.empty(shape, dtype=qkv.dtype, device=qkv.device, memory_format=_memory_format(qkv))
+
+
+@linear_attention_op.register_fake
+def _(qkv, heads, mem_kv, q_scale, v_scale, split, backend, out_channels) -> Tensor:
+    return _attention_out(qkv, out_channels)

@@ -29,9 +29,12 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 from ._launch import (
     INTERPRETED,
+    OPS_NAMESPACE,
+    OptionalTensor,
     add_residual,
     cast_to,
     cdiv,
@@ -43,13 +46,14 @@ from ._launch import (
     device_guard,
     jit,
     next_power_of_2,
+    none_if_empty,
     per_channel,
     spatial_strides,
     tl,
+    traced,
     use_triton,
     write_traced,
 )
-from .custom_ops import traced
 
 NORMS = (None, "layer", "rms")
 _NORM_CODE = {None: 0, "layer": 1, "rms": 2}
@@ -365,3 +369,45 @@ def projection_reference(
     y = F.conv2d(x, weight, None if bias is None else bias.to(x.dtype))
     y = _norm_reference(y, norm_out, g_out, _norm_eps(norm_out, eps_out, x.dtype))
     return add_residual(y, residual, None)
+
+
+# The launcher as a custom op (torch.compile / torch.export see one op; see _launch.traced): its
+# implementation is the launcher, into an output allocated as its fake implementation does.
+
+
+@torch.library.custom_op(f"{OPS_NAMESPACE}::projection", mutates_args=())
+def projection_op(
+    x: Tensor,
+    weight: Tensor,
+    bias: OptionalTensor,
+    norm_in: str,
+    g_in: OptionalTensor,
+    eps_in: float,
+    norm_out: str,
+    g_out: OptionalTensor,
+    eps_out: float,
+    residual: OptionalTensor,
+    x_heads: bool,
+    height: int,
+    width: int,
+    backend: str,
+) -> Tensor:
+
+    out = _projection_out(x, weight, height, width)
+    return projection(
+        x, weight, bias, norm_in=none_if_empty(norm_in), g_in=g_in, eps_in=eps_in,
+        norm_out=none_if_empty(norm_out), g_out=g_out, eps_out=eps_out, residual=residual,
+        x_heads=x_heads, spatial=(height, width), out=out, backend=none_if_empty(backend),
+    )  # fmt: skip
+
+
+def _projection_out(x: Tensor, weight: Tensor, height: int, width: int) -> Tensor:
+    """The op's output: [N, O, H, W] channels_last, x's dtype."""
+    shape = (x.shape[0], weight.shape[0], height, width)
+    return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
+
+
+@projection_op.register_fake
+def _(x, weight, *args) -> Tensor:
+    height, width = args[-3], args[-2]
+    return _projection_out(x, weight, height, width)

@@ -126,7 +126,7 @@ class PreparedChain:
         self.network = network.to(device)
         if engine.compile:
             # inductor fuses the glue between the kernels, each one custom op of its graph
-            # (ddpm_fast.kernels.custom_ops); the engine's CUDA graph captures the compiled step.
+            # (torch.ops.ddpm_fast.*); the engine's CUDA graph captures the compiled step.
             self.network = torch.compile(self.network, fullgraph=True, dynamic=False)
         table = coefficient_table(tables, spec, engine.diffusion.objective)
         self.coeffs = table.to(device)

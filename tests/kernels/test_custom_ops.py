@@ -8,7 +8,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-import ddpm_fast.kernels.custom_ops  # noqa: F401 (registers the ops)
+import ddpm_fast.kernels.channel_norm  # each kernel file registers its op
+import ddpm_fast.kernels.group_norm
+import ddpm_fast.kernels.linear_attention
+import ddpm_fast.kernels.projection  # noqa: F401
 
 from .common import randn
 
