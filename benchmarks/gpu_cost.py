@@ -1,4 +1,4 @@
-"""The GPU cost model (``ddpm_fast.bench.step_cost``): for each bench model, batch and dtype, the
+"""The GPU cost model (``ddpm_fast.engine.step_cost``): for each bench model, batch and dtype, the
 engine step's launches, bytes and FLOPs, counted on the meta device (no GPU), and the step and a
 1000-step chain predicted on an H100 and an H200 from a roofline plus a cost per launch.
 
@@ -30,8 +30,8 @@ import torch
 
 from ddpm_fast.bench import model_pipeline
 from ddpm_fast.bench.models import MODELS as BENCH_MODELS
-from ddpm_fast.bench.step_cost import GPUS, count_step, predict
 from ddpm_fast.engine import DTYPES
+from ddpm_fast.engine.step_cost import GPUS, count_step, predict
 
 MODELS = ("cifar10", "ddpm-cifar10", "dd2-cifar10", "adm-cifar10", "adm-imagenet64", "adm-256")
 HEADER = [

@@ -1,4 +1,4 @@
-"""The two parameters of the GPU cost model (``ddpm_fast.bench.step_cost``) measured on this GPU:
+"""The two parameters of the GPU cost model (``ddpm_fast.engine.step_cost``) measured on this GPU:
 the cost of one launch inside a CUDA graph, and the bandwidth a device-to-device copy reaches.
 
     python benchmarks/gpu_micro.py --out micro.json [--device cuda]

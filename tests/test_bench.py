@@ -423,7 +423,7 @@ def test_the_cost_model_counts_the_engines_launches_and_adds_them_up():
     FLOPs grow with it, and a prediction is its launches' roofline times plus their cost."""
     import dataclasses
 
-    from ddpm_fast.bench import step_cost
+    from ddpm_fast.engine import step_cost
 
     pipeline = ddpm_fast.load()
     one, four = (step_cost.count_step(pipeline, b) for b in (1, 4))
@@ -439,3 +439,34 @@ def test_the_cost_model_counts_the_engines_launches_and_adds_them_up():
     assert free.step_s >= four.bytes / gpu.bandwidth * (1 - 1e-9)
     half = step_cost.count_step(pipeline, 4, torch.bfloat16)
     assert half.bytes < four.bytes  # bf16 activations and weights
+
+
+def test_the_auto_batch_follows_the_cost_model_within_a_memory_budget(monkeypatch):
+    """``batch_size="auto"`` on CUDA, here with a fake device and memory budget: the largest
+    batch memory holds, but no larger than the smallest power of two within 5% of the best
+    predicted images per second (the cost model's; a bigger batch then gains little)."""
+    from ddpm_fast.bench import model_pipeline
+    from ddpm_fast.engine import Engine, step_cost
+    from ddpm_fast.engine import engine as engine_module
+    from ddpm_fast.pipeline import Pipeline
+
+    pipeline = model_pipeline("cifar10")
+    gpu = step_cost.GPUS["H200"]
+    network = step_cost.gpu_network(pipeline, torch.float32)
+
+    def rate(batch):
+        step = step_cost.count_network(network, (batch, *pipeline.image_shape()))
+        return batch / step_cost.predict(step, gpu, "fp32").step_s
+
+    chosen = step_cost.throughput_batch(pipeline, 1000, torch.float32, gpu)
+    best = max(rate(b) for b in [1 << k for k in range(10)] + [1000])
+    assert 1 < chosen < 1000 and chosen & (chosen - 1) == 0  # the seed's knee: 128 on an H200
+    assert rate(chosen) >= 0.95 * best > rate(chosen // 2)
+    assert step_cost.throughput_batch(pipeline, 3, torch.float32, gpu) <= 3
+    # The engine on "CUDA": the memory budget (the pipeline's measurement) caps it.
+    monkeypatch.setattr(Pipeline, "auto_batch_size", lambda self, num, device=None: min(num, 700))
+    monkeypatch.setattr(engine_module, "resolve_device", lambda d, default: torch.device("cuda"))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
+    engine = Engine(pipeline)
+    assert engine.auto_batch_size(5000) == chosen
+    assert engine.auto_batch_size(2) == step_cost.throughput_batch(pipeline, 2, torch.float32, gpu)

@@ -465,7 +465,7 @@ def test_the_half_precision_engine_is_within_twice_pytorchs_own_error(dtype):
     run in ``dtype`` (flash-attention's rule)."""
     import copy
 
-    from ddpm_fast.engine.engine import cast_convolutions
+    from ddpm_fast.engine.network import cast_convolutions
 
     case = network_fixtures()["full_attn_self_cond"]
     network = library_unet("full_attn_self_cond")

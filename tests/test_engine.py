@@ -115,9 +115,9 @@ def gpu_step_launches(
     network: FastUnet, monkeypatch, batch: int = 1, size: int = 32
 ) -> collections.Counter:
     """Launches of one engine step (network and sampler update) as the GPU path makes them,
-    counted on the meta device (``ddpm_fast.bench.step_cost``: ATen ops and every Triton kernel,
+    counted on the meta device (``ddpm_fast.engine.step_cost``: ATen ops and every Triton kernel,
     each launcher forced to its kernel)."""
-    from ddpm_fast.bench import step_cost
+    from ddpm_fast.engine import step_cost
 
     shape = (batch, network.channels, size, size)
     return step_cost.count_network(copy.deepcopy(network), shape).counts()
@@ -154,8 +154,9 @@ def test_a_step_of_the_seed_launches_at_most_130_kernels(dtype):
     attention's 1x1 convs in the kernels) against the same network unfused. One gather of the
     time conditioning; no add or concatenation of its own but the final block's (of two conv
     outputs), and no conv bias of its own. Prints the counts (pytest -s)."""
-    from ddpm_fast.bench import model_pipeline, step_cost
-    from ddpm_fast.engine.engine import cast_convolutions
+    from ddpm_fast.bench import model_pipeline
+    from ddpm_fast.engine import step_cost
+    from ddpm_fast.engine.network import cast_convolutions
 
     pipeline = model_pipeline("cifar10")
     counted = {}

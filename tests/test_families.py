@@ -142,7 +142,7 @@ def test_the_fused_network_in_bf16_channels_last_through_the_kernels(name, monke
     transposed upsamplings are channel slices and layouts the kernels take by their strides.
     Within bf16's precision of the fp32 reference (the same network unfused and in fp32 is
     checked to 1e-4 above)."""
-    from ddpm_fast.engine.engine import cast_convolutions
+    from ddpm_fast.engine.network import cast_convolutions
     from ddpm_fast.kernels import HAS_TRITON
 
     if not HAS_TRITON:

@@ -25,14 +25,15 @@ from ..generator_noise import GeneratorNoise
 from ..kernels.sampler_step import draws_noise, sampler_step
 from ..noise import keyed_noise, philox_keys
 from ..options import check_int
-from ..pipeline import Pipeline
+from ..pipeline import Pipeline, resolve_device
 from ..samplers import SamplerSpec, StepTables, rule
 from .coefficients import coefficient_table
 from .cpu_conv import use_cpu_convolutions
 from .graph import CapturedStep, new_graph_pool
 from .guided_step import StepGuidance, step_guidance
-from .network import FastUnet
+from .network import FastUnet, cast_convolutions
 from .onnx_executor import ExecutorSessions, OrtChain, check_executor, resolve_executor
+from .step_cost import gpu_for, throughput_batch
 from .threads import (
     MAX_THREADS,
     ThreadGovernor,
@@ -55,16 +56,6 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     if dtype in DTYPES:
         return DTYPES[dtype]
     raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-
-
-def cast_convolutions(network: torch.nn.Module, dtype: torch.dtype) -> None:
-    """Convolutions (weights and biases) in ``dtype``, but those marked ``keeps_fp32`` (the
-    network's last); norms and time tables stay fp32, which the kernels take as they are and
-    keep the statistics' precision."""
-    for module in network.modules():
-        convolution = isinstance(module, torch.nn.Conv2d | torch.nn.ConvTranspose2d)
-        if convolution and not getattr(module, "keeps_fp32", False):
-            module.to(dtype)
 
 
 @dataclass
@@ -282,6 +273,17 @@ class Engine(Pipeline):
                 raise ConfigError(f"cuda_graph=True needs a CUDA device, not {device}")
             return False
         return self.cuda_graph is not False
+
+    def auto_batch_size(self, num: int, device: torch.device | str | None = None) -> int:
+        """As the pipeline's (the largest batch the device's free memory holds), and on CUDA no
+        larger than where the cost model's predicted images per second stop growing
+        (:func:`ddpm_fast.engine.step_cost.throughput_batch`, within 5% of its best)."""
+        fits = super().auto_batch_size(num, device)
+        device = resolve_device(device, self.device)
+        if device.type != "cuda" or fits <= 1:
+            return fits
+        gpu = gpu_for(torch.cuda.get_device_name(device))
+        return throughput_batch(self, fits, self.dtype, gpu)
 
     def prepare(
         self, tables: StepTables, spec: SamplerSpec, device, torch_step: bool = False

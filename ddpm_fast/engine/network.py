@@ -91,3 +91,13 @@ class FastUnet(nn.Module):
 
     def forward(self, x, step, x_self_cond=None, class_labels=None):
         return self.body(x, self.time_rows(step, class_labels), x_self_cond)
+
+
+def cast_convolutions(network: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Convolutions (weights and biases) in ``dtype``, but those marked ``keeps_fp32`` (the
+    network's last); norms and time tables stay fp32, which the kernels take as they are and
+    keep the statistics' precision."""
+    for module in network.modules():
+        convolution = isinstance(module, torch.nn.Conv2d | torch.nn.ConvTranspose2d)
+        if convolution and not getattr(module, "keeps_fp32", False):
+            module.to(dtype)

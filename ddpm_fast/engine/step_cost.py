@@ -14,6 +14,8 @@ exactly, anything else one per output element).
 peak) plus a launch cost each (the gap between two kernels of a CUDA graph plus a small kernel's
 ramp). The parameters are the GPU's: dense peaks from the data sheets, and the bandwidth a copy
 reaches and the launch cost, which the GPU suite is to measure (``GPUS``: estimates until then).
+``throughput_batch`` picks a run's batch from it (``batch_size="auto"`` on CUDA: the largest that
+fits memory, but no larger than where the predicted throughput stops growing).
 benchmarks/gpu_cost.py prints the table; tests/test_engine.py counts launches with it.
 """
 
@@ -28,8 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from ..engine.engine import cast_convolutions
-from ..engine.network import FastUnet
+from .network import FastUnet, cast_convolutions
 
 SKIPPED = ("detach", "alias")
 GPU_SMS = 132  # an H100 SXM's and an H200's streaming multiprocessors
@@ -162,11 +163,18 @@ def count_step(
     """The launches of one engine step of ``pipeline``'s network at ``batch`` in ``dtype`` as
     the CUDA path makes them on a GPU of ``sms`` multiprocessors (convolutions in ``dtype``,
     channels_last in half precision)."""
+    network = gpu_network(pipeline, dtype)
+    return count_network(network, (batch, *pipeline.image_shape()), dtype, sms)
+
+
+def gpu_network(pipeline, dtype: torch.dtype) -> FastUnet:
+    """``pipeline``'s fast network as the CUDA path prepares it, on the meta device (counted at
+    any batch without being built again)."""
     network = FastUnet(pipeline.network, torch.arange(0, 1000, 100), fuse=True)
     cast_convolutions(network, dtype)
     if dtype != torch.float32:
         network = network.to(memory_format=torch.channels_last)
-    return count_network(network, (batch, *pipeline.image_shape()), dtype, sms)
+    return network.to("meta")
 
 
 def count_network(
@@ -218,6 +226,8 @@ GPUS = {
     "H100": Gpu("H100 SXM", 3.0e12, {"fp32": 67e12, "bf16": 790e12, "fp16": 790e12}, 3e-6),
     "H200": Gpu("H200 SXM", 4.3e12, {"fp32": 67e12, "bf16": 790e12, "fp16": 790e12}, 3e-6),
 }
+# throughput_batch: the smallest batch within this share of the best predicted images per second.
+THROUGHPUT_SHARE = 0.95
 MATMULS = ("convolution", "mm", "addmm", "bmm", "baddbmm", "scaled_dot_product_attention")
 
 
@@ -239,3 +249,30 @@ def predict(step: StepLaunches, gpu: Gpu, dtype: str) -> Prediction:
         total += max(memory_s, compute_s)
     launches = step.total * gpu.launch_s
     return Prediction(total + launches, launches, memory_bound)
+
+
+def gpu_for(name: str) -> Gpu:
+    """The cost model's parameters for a CUDA device of this name: an H200's, else an H100's (the
+    estimate for any other GPU too, until the suite measures one)."""
+    return GPUS["H200"] if "H200" in name else GPUS["H100"]
+
+
+def throughput_batch(
+    pipeline, fits: int, dtype: torch.dtype, gpu: Gpu, share: float = THROUGHPUT_SHARE
+) -> int:
+    """A run's batch by the cost model: at most ``fits`` (what the device's memory holds), and
+    the smallest power of two (or ``fits``) whose predicted images per second on ``gpu`` are
+    within ``share`` of the best of them: past that point a larger batch holds more memory and
+    gains little (at batch 1 the launches dominate a step; from some batch on it grows with the
+    batch)."""
+    if fits < 1:
+        raise ValueError(f"fits must be a positive batch, got {fits}")
+    candidates = sorted({1 << k for k in range(fits.bit_length()) if 1 << k <= fits} | {fits})
+    precision = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+    network, shape = gpu_network(pipeline, dtype), pipeline.image_shape()
+    rates = {}
+    for batch in candidates:
+        step = count_network(network, (batch, *shape), dtype)
+        rates[batch] = batch / predict(step, gpu, precision).step_s
+    best = max(rates.values())
+    return next(batch for batch in candidates if rates[batch] >= share * best)
