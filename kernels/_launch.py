@@ -326,9 +326,9 @@ def none_if_empty(value):
     return value or None
 
 
-def write_traced(y: torch.Tensor, out: torch.Tensor | None, also_out: torch.Tensor | None):
-    """A functional custom op's result ``y`` in the launcher's outputs: copies in the compiled
-    graph, where inductor may fuse them."""
+def write_outputs(y: torch.Tensor, out: torch.Tensor | None, also_out: torch.Tensor | None):
+    """``y`` copied into the outputs a launcher was given (``out``, ``also_out``), where it was not
+    computed in them: on the PyTorch path, and a custom op's result in a compiled graph."""
     if also_out is not None:
         also_out.copy_(y)
     return y if out is None else out.copy_(y)

@@ -41,7 +41,7 @@ from ._launch import (
     tl,
     traced,
     use_triton,
-    write_traced,
+    write_outputs,
 )
 
 ACTIVATIONS = (None, "silu")
@@ -221,13 +221,6 @@ def _check(
     return g
 
 
-def _write(y: torch.Tensor, out: torch.Tensor | None, also_out: torch.Tensor | None):
-    """The PyTorch path's result into the outputs the caller gave."""
-    if also_out is not None:
-        also_out.copy_(y)
-    return y if out is None else out.copy_(y)
-
-
 def channel_layer_norm(
     x: torch.Tensor,
     g: torch.Tensor,
@@ -256,12 +249,12 @@ def channel_layer_norm(
         y = torch.ops.ddpm_fast.channel_norm(
             x, g, False, eps, None, None, "", pre_bias, residual, residual_bias, backend or ""
         )
-        return write_traced(y, out, also_out)
+        return write_outputs(y, out, also_out)
     if not use_triton(backend, x, _channel_norm_kernel):
         if pre_bias is not None:
             x = x + pre_bias.to(x.dtype).reshape(1, -1, 1, 1)
         y = _channel_layer_norm_eager(x, g_flat, eps)
-        return _write(add_residual(y, residual, residual_bias), out, also_out)
+        return write_outputs(add_residual(y, residual, residual_bias), out, also_out)
     return _launch(
         x, g_flat, None, None, out, center=True, eps=eps, gain=1.0, act=None,
         pre_bias=pre_bias, residual=residual, residual_bias=residual_bias, also_out=also_out,
@@ -313,12 +306,12 @@ def channel_rms_norm(
             x, g, True, RMS_EPS, scale, shift, act or "", pre_bias, residual, residual_bias,
             backend or "",
         )  # fmt: skip
-        return write_traced(y, out, also_out)
+        return write_outputs(y, out, also_out)
     if not use_triton(backend, x, _channel_norm_kernel):
         if pre_bias is not None:
             x = x + pre_bias.to(x.dtype).reshape(1, -1, 1, 1)
         y = channel_rms_norm_reference(x, g, scale=scale, shift=shift, act=act)
-        return _write(add_residual(y, residual, residual_bias), out, also_out)
+        return write_outputs(add_residual(y, residual, residual_bias), out, also_out)
     gain = math.sqrt(x.shape[1])
     return _launch(
         x, g_flat, sc, sh, out, center=False, eps=RMS_EPS, gain=gain, act=act,

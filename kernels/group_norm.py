@@ -49,7 +49,7 @@ from ._launch import (
     tl,
     traced,
     use_triton,
-    write_traced,
+    write_outputs,
 )
 
 ACTIVATIONS = (None, "silu")
@@ -562,7 +562,7 @@ def group_norm(
             x, num_groups, weight, bias, pre_bias, scale, shift, eps, act or "", edge_bias,
             residual, residual_bias, split or 0, backend or "",
         )  # fmt: skip
-        return write_traced(y, out, also_out)
+        return write_outputs(y, out, also_out)
 
     if not use_triton(backend, x, _group_norm_fused_kernel):
         if edge_bias is not None:
@@ -571,10 +571,7 @@ def group_norm(
             x, num_groups, weight, bias, pre_bias=pre_bias, scale=scale, shift=shift, eps=eps,
             act=act,
         )  # fmt: skip
-        y = add_residual(y, residual, residual_bias)
-        if also_out is not None:
-            also_out.copy_(y)
-        return y if out is None else out.copy_(y)
+        return write_outputs(add_residual(y, residual, residual_bias), out, also_out)
 
     if out is None:
         out = torch.empty_like(x)  # keeps channels_last

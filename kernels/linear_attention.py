@@ -43,7 +43,7 @@ from ._launch import (
     tl,
     traced,
     use_triton,
-    write_traced,
+    write_outputs,
 )
 
 MAX_HEAD_DIM = 128
@@ -361,7 +361,7 @@ def linear_attention(
         y = torch.ops.ddpm_fast.linear_attention(
             qkv, heads, mem_kv, q_scale, float(v_scale), split or 0, backend or "", heads * d
         )
-        return write_traced(y, out, None)
+        return write_outputs(y, out, None)
 
     if not use_triton(backend, qkv, _context_kernel):
         y = linear_attention_reference(

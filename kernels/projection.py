@@ -52,7 +52,7 @@ from ._launch import (
     tl,
     traced,
     use_triton,
-    write_traced,
+    write_outputs,
 )
 
 NORMS = (None, "layer", "rms")
@@ -273,16 +273,14 @@ def projection(
             x, weight, bias, norm_in or "", g_in, eps_in, norm_out or "", g_out, eps_out,
             residual, x_heads, h, w, backend or "",
         )  # fmt: skip
-        return write_traced(y, out, also_out)
+        return write_outputs(y, out, also_out)
 
     if not use_triton(backend, x, _projection_kernel):
         y = projection_reference(
             x, weight, bias, norm_in=norm_in, g_in=g_in, eps_in=eps_in, norm_out=norm_out,
             g_out=g_out, eps_out=eps_out, residual=residual, x_heads=x_heads, spatial=spatial,
         )  # fmt: skip
-        if also_out is not None:
-            also_out.copy_(y)
-        return y if out is None else out.copy_(y)
+        return write_outputs(y, out, also_out)
 
     if out is None:
         out = torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)

@@ -67,8 +67,8 @@ class FastBlock(nn.Module):
         return self.norm(self.proj(x), scale, shift, **epilogue)
 
 
-def _layer_norm(x: torch.Tensor, norm: ref.LayerNorm, **around) -> torch.Tensor:
-    return channel_layer_norm(x, norm.g, eps=LAYER_NORM_EPS, **around)
+def _layer_norm(x: torch.Tensor, norm: ref.LayerNorm) -> torch.Tensor:
+    return channel_layer_norm(x, norm.g, eps=LAYER_NORM_EPS)
 
 
 class FastLinearAttention(nn.Module):
